@@ -1,0 +1,175 @@
+"""Sockets on the bus: a publisher that never blocks, a receiver that never dies on bad input.
+
+Every stage connects both ways to the proxy (`voicebus bus`); nothing but the proxy binds. On tcp://
+the proxy is a CURVE server and every peer needs the client keypair from `voicebus keys`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+from common.config import BusConfig
+from common.envelope import EnvelopeError, Message, decode, encode
+from common.log import RateLimitedLog
+
+SEND_HWM = 20_000  # ~6 min of 20 ms audio frames: a stalled peer makes the proxy drop, never us block
+RECV_HWM = 20_000
+LINGER_MS = 200
+SERVER_KEY = "server"
+CLIENT_KEY = "client"
+AUTHORIZED_DIR = "authorized"
+
+log = logging.getLogger("voicebus.bus")
+
+
+class CurveKeyError(RuntimeError):
+    pass
+
+
+def generate_keys(directory: Path) -> dict[str, Path]:
+    """Write a server and a client keypair, and authorize the client's public key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    server_public, server_secret = zmq.auth.create_certificates(directory, SERVER_KEY)
+    client_public, client_secret = zmq.auth.create_certificates(directory, CLIENT_KEY)
+    authorized = directory / AUTHORIZED_DIR
+    authorized.mkdir(exist_ok=True)
+    (authorized / Path(client_public).name).write_bytes(Path(client_public).read_bytes())
+    for secret in (server_secret, client_secret):
+        Path(secret).chmod(0o600)
+    return {"server_public": Path(server_public), "server_secret": Path(server_secret),
+            "client_public": Path(client_public), "client_secret": Path(client_secret),
+            "authorized": authorized}
+
+
+def _load(directory: Path, name: str, secret: bool) -> tuple[bytes, bytes | None]:
+    path = directory / (f"{name}.key_secret" if secret else f"{name}.key")
+    if not path.exists():
+        raise CurveKeyError(f"missing CURVE key {path} (create keys with `voicebus keys -o {directory}`)")
+    return zmq.auth.load_certificate(path)
+
+
+def apply_client_curve(sock: zmq.Socket, curve_dir: Path) -> None:
+    server_public, _ = _load(curve_dir, SERVER_KEY, secret=False)
+    client_public, client_secret = _load(curve_dir, CLIENT_KEY, secret=True)
+    sock.curve_serverkey = server_public
+    sock.curve_publickey = client_public
+    sock.curve_secretkey = client_secret
+
+
+def apply_server_curve(sock: zmq.Socket, curve_dir: Path) -> None:
+    public, secret = _load(curve_dir, SERVER_KEY, secret=True)
+    sock.curve_server = True
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+def _secure(sock: zmq.Socket, cfg: BusConfig) -> None:
+    if cfg.is_tcp and cfg.curve_dir is not None:
+        apply_client_curve(sock, cfg.curve_dir)
+
+
+def connect_pub(ctx: zmq.Context, cfg: BusConfig) -> zmq.Socket:
+    sock = ctx.socket(zmq.PUB)
+    sock.sndhwm = SEND_HWM
+    sock.linger = LINGER_MS
+    _secure(sock, cfg)
+    sock.connect(cfg.pub)
+    return sock
+
+
+def connect_sub(ctx: zmq.Context, cfg: BusConfig, prefixes: list[str]) -> zmq.Socket:
+    sock = ctx.socket(zmq.SUB)
+    sock.rcvhwm = RECV_HWM
+    sock.linger = 0
+    _secure(sock, cfg)
+    for prefix in prefixes or [""]:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("ascii"))
+    sock.connect(cfg.sub)
+    return sock
+
+
+class Publisher:
+    """Sends without ever blocking: if ZeroMQ's queue is full the message is dropped and counted."""
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.sock = sock
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, message: Message) -> bool:
+        try:
+            self.sock.send_multipart(encode(message), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+
+class Receiver:
+    """Decodes what a SUB socket delivers; counts bad messages by reason and seq gaps by publisher."""
+
+    def __init__(self, sock: zmq.Socket, name: str = "receiver") -> None:
+        self.sock = sock
+        self.received = 0
+        self.bad: Counter[str] = Counter()
+        self.gaps = 0
+        self._last_seq: dict[str, int] = {}
+        self._warn = RateLimitedLog(logging.getLogger(f"voicebus.{name}"))
+
+    @property
+    def bad_total(self) -> int:
+        return sum(self.bad.values())
+
+    def recv(self, timeout_ms: int | None = None) -> Message | None:
+        """The next valid message, or None on timeout or on a bad one (which is counted)."""
+        if timeout_ms is not None and not self.sock.poll(timeout_ms):
+            return None
+        frames = self.sock.recv_multipart()
+        return self.accept(frames)
+
+    def accept(self, frames: list[bytes]) -> Message | None:
+        try:
+            message = decode(frames)
+        except EnvelopeError as exc:
+            self.bad[exc.reason] += 1
+            self._warn.warning(exc.reason, f"bad_message reason={exc.reason} detail={exc}")
+            return None
+        self.received += 1
+        self._count_gap(message)
+        return message
+
+    def _count_gap(self, message: Message) -> None:
+        src, seq = message.header.src, message.header.seq
+        last = self._last_seq.get(src)
+        self._last_seq[src] = seq
+        if last is None or seq <= last:  # first message, or the publisher restarted
+            return
+        if seq > last + 1:
+            self.gaps += seq - last - 1
+
+
+def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0) -> bool:
+    """True once a probe published on the bus comes back through the proxy."""
+    from common.envelope import Stamper  # local: only the launcher and tests need it
+
+    pub = connect_pub(ctx, cfg)
+    sub = connect_sub(ctx, cfg, ["bus.probe"])
+    stamper = Stamper("probe", "")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            pub.send_multipart(encode(stamper.event("bus.probe", {}, time.time_ns())), flags=zmq.NOBLOCK)
+            if sub.poll(50):
+                return True
+        return False
+    finally:
+        pub.close(0)
+        sub.close(0)

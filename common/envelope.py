@@ -1,0 +1,167 @@
+"""The voicebus wire format: one message is three ZeroMQ frames.
+
+    frame 0  topic    ASCII, dotted: b"audio.user", b"rt.response.done", b"health.gateway"
+    frame 1  header   msgpack map: v, src, seq, t_ns, session (+ data for events;
+                      + rate, channels, fmt, pts, t_capture_ns for audio)
+    frame 2  payload  raw s16le PCM for audio topics; absent for events
+
+The topic's first segment picks the header model from `HEADER_TYPES`; nothing on the wire ever
+names a class. `decode` raises `EnvelopeError` with a short reason that receivers count.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MAX_TOPIC_BYTES = 128
+MAX_HEADER_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+BYTES_PER_SAMPLE = 2  # s16le is the only sample format on the bus
+TOPIC_PATTERN = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)*$")
+
+
+class EnvelopeError(ValueError):
+    """A frame set that is not a voicebus message; `reason` is a short, countable label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class Header(BaseModel):
+    """Fields every message carries. Unknown extra fields are kept (forward compatibility)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    v: int = Field(ge=1)
+    src: str = Field(min_length=1, max_length=64)
+    seq: int = Field(ge=0)
+    t_ns: int = Field(ge=0)
+    session: str = Field(max_length=128)
+
+
+class EventHeader(Header):
+    """An event: its content travels in `data`, there is no payload frame."""
+
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class AudioHeader(Header):
+    """A frame of raw PCM: the payload's format is always stated here, never assumed."""
+
+    rate: int = Field(ge=1000, le=384_000)
+    channels: int = Field(ge=1, le=32)
+    fmt: Literal["s16le"] = "s16le"
+    pts: int = Field(ge=0)  # index of the first sample (per channel) in this stream
+    t_capture_ns: int = Field(ge=0)  # wall clock of the first sample's capture, carried end to end
+
+
+# topic's first segment -> header model; anything else is an event
+HEADER_TYPES: dict[str, type[Header]] = {"audio": AudioHeader}
+
+
+def header_type(topic: str) -> type[Header]:
+    return HEADER_TYPES.get(topic.split(".", 1)[0], EventHeader)
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    header: Header
+    payload: bytes = b""
+    raw_header: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.header.data if isinstance(self.header, EventHeader) else {}
+
+    @property
+    def samples(self) -> int:
+        """Samples per channel in an audio payload (derived, never stored)."""
+        if not isinstance(self.header, AudioHeader):
+            return 0
+        return len(self.payload) // (BYTES_PER_SAMPLE * self.header.channels)
+
+    @property
+    def duration_ms(self) -> float:
+        if not isinstance(self.header, AudioHeader):
+            return 0.0
+        return 1000.0 * self.samples / self.header.rate
+
+
+def encode(message: Message) -> list[bytes]:
+    """Frames for `socket.send_multipart`; header fields that are None are left out."""
+    header = message.header.model_dump(exclude_none=True)
+    frames = [message.topic.encode("ascii"), msgpack.packb(header, use_bin_type=True)]
+    if message.payload:
+        frames.append(bytes(message.payload) if isinstance(message.payload, memoryview) else message.payload)
+    return frames
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse and validate one multipart message, or raise EnvelopeError saying why not."""
+    if len(frames) not in (2, 3):
+        raise EnvelopeError("part_count", f"{len(frames)} frames")
+    topic_bytes, header_bytes = bytes(frames[0]), bytes(frames[1])
+    payload = bytes(frames[2]) if len(frames) == 3 else b""
+    if len(topic_bytes) > MAX_TOPIC_BYTES or len(header_bytes) > MAX_HEADER_BYTES:
+        raise EnvelopeError("oversize", "topic or header")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise EnvelopeError("oversize", f"payload {len(payload)} bytes")
+    try:
+        topic = topic_bytes.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise EnvelopeError("bad_topic", "not ASCII") from exc
+    if not TOPIC_PATTERN.match(topic):
+        raise EnvelopeError("bad_topic", repr(topic[:40]))
+    try:
+        fields = msgpack.unpackb(header_bytes, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise EnvelopeError("bad_msgpack", type(exc).__name__) from exc
+    if not isinstance(fields, dict):
+        raise EnvelopeError("bad_header", "not a map")
+    model = header_type(topic)
+    try:
+        header = model.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise EnvelopeError("bad_header", f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+    except (TypeError, ValueError) as exc:
+        raise EnvelopeError("bad_header", str(exc)[:80]) from exc
+    if header.v != SCHEMA_VERSION:
+        raise EnvelopeError("bad_version", str(header.v))
+    if isinstance(header, AudioHeader):
+        if len(payload) % (BYTES_PER_SAMPLE * header.channels):
+            raise EnvelopeError("bad_audio", f"{len(payload)} bytes is not whole s16le frames")
+    elif payload:
+        raise EnvelopeError("unexpected_payload", topic)
+    return Message(topic=topic, header=header, payload=payload, raw_header=header_bytes)
+
+
+class Stamper:
+    """Builds headers for one publisher: `src`, `session`, and a `seq` that rises by one."""
+
+    def __init__(self, src: str, session: str) -> None:
+        self.src = src
+        self.session = session
+        self.seq = 0
+
+    def _base(self, t_ns: int) -> dict[str, Any]:
+        base = {"v": SCHEMA_VERSION, "src": self.src, "seq": self.seq, "t_ns": t_ns, "session": self.session}
+        self.seq += 1
+        return base
+
+    def event(self, topic: str, data: dict[str, Any], t_ns: int) -> Message:
+        return Message(topic, EventHeader(**self._base(t_ns), data=data))
+
+    def audio(self, topic: str, pcm: bytes, *, rate: int, channels: int, pts: int, t_capture_ns: int,
+              t_ns: int, **extra: Any) -> Message:
+        header = AudioHeader(**self._base(t_ns), rate=rate, channels=channels, pts=pts,
+                             t_capture_ns=t_capture_ns, **extra)
+        return Message(topic, header, pcm)

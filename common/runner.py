@@ -1,0 +1,107 @@
+"""The one loop every stage runs in: sockets, signals, heartbeats, counters, clean exit."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import zmq
+
+from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
+from common.config import BusConfig, session_id
+from common.log import kv
+from common.stage import Output, Stage
+
+HEARTBEAT_INTERVAL_S = 1.0
+POLL_MS = 50
+MAX_MESSAGES_PER_TURN = 256  # keep the inbox and timers served under a flood
+BUS_WAIT_LOG_INTERVAL_S = 5.0
+
+
+def run_stage(stage: Stage, cfg: BusConfig) -> int:
+    """Run `stage` until SIGINT/SIGTERM or until it finishes; return the process exit code."""
+    log = logging.getLogger(f"voicebus.{stage.name}")
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        log.info(kv("stop_requested", signal=signal.Signals(signum).name))
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    ctx = zmq.Context()
+    publisher = Publisher(connect_pub(ctx, cfg))
+    receiver = Receiver(connect_sub(ctx, cfg, stage.subscriptions), stage.name) if stage.subscriptions else None
+    stage.out = Output(stage.name, session_id(), publisher.send)
+    handler_errors = 0
+    started = time.monotonic()
+
+    def heartbeat(state: str) -> None:
+        counters = {"state": state, "uptime_s": round(time.monotonic() - started, 1),
+                    "in": receiver.received if receiver else 0, "out": publisher.sent,
+                    "bad": receiver.bad_total if receiver else 0, "gaps": receiver.gaps if receiver else 0,
+                    "dropped": publisher.dropped + stage.inbox.dropped, "errors": handler_errors}
+        counters.update(stage.counters())
+        stage.out.event(f"health.{stage.name}", counters)
+
+    try:
+        while not stopping and not wait_for_bus(ctx, cfg, timeout_s=BUS_WAIT_LOG_INTERVAL_S):
+            log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub))
+        if stopping:
+            return 0
+        stage.start()
+        log.info(kv("started", subscriptions=",".join(stage.subscriptions) or "-", session=stage.out.stamper.session))
+        poller = zmq.Poller()
+        if receiver:
+            poller.register(receiver.sock, zmq.POLLIN)
+        poller.register(stage.inbox.read_fd, zmq.POLLIN)
+        next_beat = time.monotonic()
+        next_tick = time.monotonic()
+        while not stopping and not stage.finished:
+            now = time.monotonic()
+            if now >= next_beat:
+                heartbeat("running")
+                next_beat = now + HEARTBEAT_INTERVAL_S
+            if stage.tick_interval_s and now >= next_tick:
+                stage.tick()
+                next_tick = now + stage.tick_interval_s
+            wait_until = min(next_beat, next_tick) if stage.tick_interval_s else next_beat
+            ready = dict(poller.poll(max(0, min(POLL_MS, int((wait_until - now) * 1000) + 1))))
+            if stage.inbox.read_fd in ready:
+                for item in stage.inbox.drain():
+                    stage.on_inbox(item)
+            if receiver and receiver.sock in ready:
+                for _ in range(MAX_MESSAGES_PER_TURN):
+                    try:
+                        frames = receiver.sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    message = receiver.accept(frames)
+                    if message is None:
+                        continue
+                    try:
+                        stage.handle(message)
+                    except Exception:  # one bad message never kills a stage: count it, say where
+                        handler_errors += 1
+                        log.exception(kv("handler_error", topic=message.topic, src=message.header.src,
+                                         seq=message.header.seq))
+        return stage.exit_code
+    except Exception:
+        log.exception(kv("stage_failed", stage=stage.name))
+        return 1
+    finally:
+        try:
+            stage.stop()
+        except Exception:
+            log.exception(kv("stop_failed"))
+        heartbeat("stopped")
+        log.info(kv("stopped", out=publisher.sent, dropped=publisher.dropped,
+                    bad=receiver.bad_total if receiver else 0, gaps=receiver.gaps if receiver else 0))
+        publisher.sock.close(linger=200)
+        if receiver:
+            receiver.sock.close(linger=0)
+        stage.inbox.close()
+        ctx.term()

@@ -1,0 +1,102 @@
+"""`voicebus bus`: the XSUB/XPUB proxy every stage connects to.
+
+Publishers connect to the XSUB side, subscribers to the XPUB side; `zmq.proxy_steerable` forwards
+messages one way and subscriptions the other. A slow subscriber fills its own XPUB queue and loses
+messages there (receivers see seq gaps); no publisher is ever stalled.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from common.bus import AUTHORIZED_DIR, apply_server_curve, connect_pub, wait_for_bus
+from common.config import BusConfig, session_id
+from common.envelope import Stamper, encode
+from common.log import kv
+
+PROXY_HWM = 50_000
+HEARTBEAT_INTERVAL_S = 1.0
+CONTROL_ENDPOINT = "inproc://voicebus-bus-control"
+
+log = logging.getLogger("voicebus.bus")
+
+
+class BusRefused(RuntimeError):
+    pass
+
+
+def _proxy(xsub: zmq.Socket, xpub: zmq.Socket, control: zmq.Socket) -> None:
+    try:
+        zmq.proxy_steerable(xsub, xpub, None, control)
+    except zmq.ContextTerminated:
+        pass
+    finally:
+        for sock in (xsub, xpub, control):
+            sock.close(linger=0)
+
+
+def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
+    if cfg.is_tcp and cfg.curve_dir is None and not insecure:
+        raise BusRefused("a tcp:// bus needs CURVE keys: create them with `voicebus keys -o DIR` and pass "
+                         "--curve-dir DIR (or VOICEBUS_CURVE_DIR), or accept an open bus with --insecure")
+    ctx = zmq.Context()
+    if wait_for_bus(ctx, cfg, timeout_s=0.3):
+        ctx.term()
+        raise BusRefused(f"a bus already answers at {cfg.pub} / {cfg.sub}; not starting a second one")
+    authenticator = None
+    if cfg.is_tcp and cfg.curve_dir is not None:
+        authenticator = ThreadAuthenticator(ctx, log=logging.getLogger("voicebus.bus.auth"))
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=str(cfg.curve_dir / AUTHORIZED_DIR))
+
+    xsub, xpub = ctx.socket(zmq.XSUB), ctx.socket(zmq.XPUB)
+    xsub.rcvhwm = xpub.sndhwm = PROXY_HWM
+    for sock, endpoint in ((xsub, cfg.pub), (xpub, cfg.sub)):
+        if authenticator is not None:
+            apply_server_curve(sock, cfg.curve_dir)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise BusRefused(f"cannot bind {endpoint}: {exc}") from exc
+    control_server = ctx.socket(zmq.PAIR)
+    control_server.bind(CONTROL_ENDPOINT)
+    control = ctx.socket(zmq.PAIR)
+    control.connect(CONTROL_ENDPOINT)
+    thread = threading.Thread(target=_proxy, args=(xsub, xpub, control_server), name="proxy", daemon=True)
+    thread.start()
+
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    heartbeat = connect_pub(ctx, cfg)
+    stamper = Stamper("bus", session_id())
+    started = time.monotonic()
+    log.info(kv("bus_ready", pub=cfg.pub, sub=cfg.sub, curve=authenticator is not None))
+    try:
+        while not stopping:
+            data = {"state": "running", "uptime_s": round(time.monotonic() - started, 1)}
+            heartbeat.send_multipart(encode(stamper.event("health.bus", data, time.time_ns())), flags=zmq.NOBLOCK)
+            deadline = time.monotonic() + HEARTBEAT_INTERVAL_S
+            while not stopping and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        control.send(b"TERMINATE")
+        thread.join(timeout=1.0)
+        heartbeat.close(linger=0)
+        control.close(linger=0)
+        if authenticator is not None:
+            authenticator.stop()
+        ctx.term()
+        log.info(kv("bus_stopped"))
+    return 0

@@ -1,0 +1,122 @@
+"""`voicebus`: one command per process, plus the tools to run, watch and debug them."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from common.config import bus_config, new_session_id
+from common.log import setup_logging
+
+
+def bus_options(func):
+    """--pub/--sub/--curve-dir/--log-level, shared by every command that touches the bus."""
+
+    @click.option("--pub", envvar="VOICEBUS_BUS_PUB", help="Endpoint publishers connect to (proxy's XSUB).")
+    @click.option("--sub", envvar="VOICEBUS_BUS_SUB", help="Endpoint subscribers connect to (proxy's XPUB).")
+    @click.option("--curve-dir", envvar="VOICEBUS_CURVE_DIR", type=click.Path(file_okay=False),
+                  help="Directory from `voicebus keys` (required for tcp:// endpoints).")
+    @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL",
+                  type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+    @functools.wraps(func)
+    def wrapper(*args, pub, sub, curve_dir, log_level, **kwargs):
+        setup_logging(log_level)
+        return func(*args, cfg=bus_config(pub, sub, curve_dir), **kwargs)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """voicebus: a realtime voice assistant where every stage is a process on a ZeroMQ bus.
+
+    Offline by default: with no OPENAI_API_KEY the gateway talks to the local simulator.
+    """
+
+
+@main.command()
+@bus_options
+@click.option("--insecure", is_flag=True, help="Allow a tcp:// bus without CURVE keys.")
+def bus(cfg, insecure):
+    """Run the XSUB/XPUB proxy that every stage connects to."""
+    from services.bus import BusRefused, run_bus
+
+    try:
+        sys.exit(run_bus(cfg, insecure))
+    except BusRefused as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("-o", "--output", "directory", required=True, type=click.Path(file_okay=False),
+              help="Directory for the server and client keypairs.")
+def keys(directory):
+    """Generate CURVE keypairs for a tcp:// bus."""
+    from common.bus import generate_keys
+
+    written = generate_keys(Path(directory))
+    for role, path in written.items():
+        click.echo(f"{role:<14} {path}")
+    click.echo(f"start the bus and every stage with --curve-dir {directory} (or VOICEBUS_CURVE_DIR)")
+
+
+@main.command()
+@bus_options
+@click.argument("prefixes", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--count", type=int, help="Exit after this many messages.")
+@click.option("--duration", type=float, help="Exit after this many seconds.")
+@click.option("--stats", "stats_interval", type=float, default=5.0, show_default=True,
+              help="Seconds between rate/gap summaries (0: only at exit).")
+@click.option("--quiet", is_flag=True, help="Only the summaries, not each message.")
+def tap(cfg, prefixes, as_json, count, duration, stats_interval, quiet):
+    """Watch the bus live: topic, src, seq, size; rates, gaps and bad frames per topic."""
+    from services.tap import run_tap
+
+    sys.exit(run_tap(cfg, list(prefixes), as_json, count, duration, stats_interval, quiet))
+
+
+@main.command()
+@bus_options
+@click.option("--stages", default=None, help="Comma-separated stages to start (default: the whole pipeline).")
+@click.option("--arg", "stage_args", multiple=True, metavar="STAGE=ARGS",
+              help="Extra arguments for one stage, e.g. --arg 'mic=--wav question.wav'. Repeatable.")
+@click.option("--session", default=None, help="Conversation name for headers and traces (default: new).")
+def up(cfg, stages, stage_args, session):
+    """Start the bus and the pipeline's stages; restart any that crash; Ctrl-C stops all."""
+    from services.launcher import run_up
+    from services.pipeline import pipeline_specs
+
+    extra: dict[str, list[str]] = {}
+    for item in stage_args:
+        name, _, args = item.partition("=")
+        extra.setdefault(name.strip(), []).extend(shlex.split(args))
+    names = [s.strip() for s in stages.split(",")] if stages else None
+    try:
+        specs, env_extra = pipeline_specs(names, extra)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sys.exit(run_up(cfg, specs, session or new_session_id(), env_extra))
+
+
+@main.command()
+@bus_options
+@click.option("--rate", "rate_out", type=int, default=24_000, show_default=True, help="Output rate (Hz).")
+@click.option("--backend", type=click.Choice(["resampy", "soxr"]), default="resampy", show_default=True,
+              help="resampy: one-shot-exact kernel; soxr: ~50x cheaper.")
+@click.option("--filter", "filter_name", type=click.Choice(["kaiser_best", "kaiser_fast"]), default="kaiser_best",
+              show_default=True, help="resampy filter.")
+def resample(cfg, rate_out, backend, filter_name):
+    """Stage: audio.mic (any rate/channels) -> audio.user (24 kHz mono s16le), seam-free."""
+    from common.runner import run_stage
+    from services.resampler import ResampleStage
+
+    sys.exit(run_stage(ResampleStage(rate_out, backend, filter_name), cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Fixtures that start the real things: a bus process on ipc:// in a private 0700 dir, processes
+that are always stopped, and (for audio tests) the PulseAudio rig via scripts/pulse-up.sh."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from common.config import BusConfig
+from tests.helpers import BusClient, Procs
+
+
+@pytest.fixture
+def run_dir():
+    # short path: ipc:// socket paths are limited to ~107 bytes
+    path = Path(tempfile.mkdtemp(prefix="vb-", dir="/tmp"))
+    os.chmod(path, 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def bus_cfg(run_dir: Path) -> BusConfig:
+    return BusConfig(pub=f"ipc://{run_dir}/pub.sock", sub=f"ipc://{run_dir}/sub.sock")
+
+
+@pytest.fixture
+def base_env(run_dir: Path, bus_cfg: BusConfig) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOICEBUS_", "OPENAI_", "WANDB_"))}
+    env.update(VOICEBUS_RUN_DIR=str(run_dir), VOICEBUS_BUS_PUB=bus_cfg.pub, VOICEBUS_BUS_SUB=bus_cfg.sub,
+               VOICEBUS_SESSION="test-session", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture
+def procs(base_env, tmp_path):
+    tracker = Procs(base_env, tmp_path)
+    yield tracker
+    tracker.stop_all()
+
+
+@pytest.fixture
+def bus(procs, bus_cfg) -> BusConfig:
+    """A running `voicebus bus` process."""
+    procs.voicebus("bus")
+    return bus_cfg
+
+
+@pytest.fixture
+def client_factory(bus):
+    made: list[BusClient] = []
+
+    def make(prefixes: list[str], **kwargs) -> BusClient:
+        made.append(BusClient(bus, prefixes, **kwargs))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def client_factory_no_bus(bus_cfg):
+    """Bus clients for tests where something else (the launcher) starts the bus."""
+    made: list[BusClient] = []
+
+    def make(prefixes: list[str], **kwargs) -> BusClient:
+        made.append(BusClient(bus_cfg, prefixes, **kwargs))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()

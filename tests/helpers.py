@@ -1,0 +1,125 @@
+"""Test helpers: start real `voicebus` processes, read the real bus, wait for events (never sleep-and-hope)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import zmq
+
+from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
+from common.config import BusConfig
+from common.envelope import Message, Stamper
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Procs:
+    """Every process a test starts, stopped (TERM, then KILL) at teardown."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.started: list[subprocess.Popen] = []
+
+    def voicebus(self, *args: str, env: dict[str, str] | None = None, name: str | None = None,
+                 stdout: int | None = None) -> subprocess.Popen:
+        name = name or args[0]
+        log_file = open(self.log_dir / f"{name}-{len(self.started)}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO,
+                                env={**self.env, **(env or {})}, stdout=stdout if stdout is not None else log_file,
+                                stderr=log_file)
+        proc.log_path = log_file.name  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+    def log_of(self, proc: subprocess.Popen) -> str:
+        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.started):
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class BusClient:
+    """A test's own publisher and subscriber on the real bus."""
+
+    def __init__(self, cfg: BusConfig, prefixes: list[str], src: str = "test", session: str = "test") -> None:
+        self.ctx = zmq.Context()
+        self.receiver = Receiver(connect_sub(self.ctx, cfg, prefixes), "test")
+        self.publisher = Publisher(connect_pub(self.ctx, cfg))
+        self.stamper = Stamper(src, session)
+        assert wait_for_bus(self.ctx, cfg, timeout_s=10), "bus did not answer"
+        self.seen: list[Message] = []
+
+    def send_event(self, topic: str, data: dict | None = None) -> None:
+        self.publisher.send(self.stamper.event(topic, data or {}, time.time_ns()))
+
+    def wait_for(self, predicate: Callable[[Message], bool], timeout_s: float = 10.0) -> Message:
+        """The first message (seen before or arriving now) that matches, or AssertionError."""
+        for message in self.seen:
+            if predicate(message):
+                return message
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            message = self.receiver.recv(timeout_ms=50)
+            if message is None:
+                continue
+            self.seen.append(message)
+            if predicate(message):
+                return message
+        raise AssertionError(f"no matching message within {timeout_s}s; saw topics "
+                             f"{sorted({m.topic for m in self.seen})}")
+
+    def collect(self, duration_s: float) -> list[Message]:
+        deadline = time.monotonic() + duration_s
+        while time.monotonic() < deadline:
+            message = self.receiver.recv(timeout_ms=20)
+            if message is not None:
+                self.seen.append(message)
+        return self.seen
+
+    def close(self) -> None:
+        self.receiver.sock.close(0)
+        self.publisher.sock.close(0)
+        self.ctx.term()
+
+
+def children_of(pid: int) -> set[int]:
+    """All descendants of `pid`, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
