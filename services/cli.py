@@ -118,5 +118,42 @@ def resample(cfg, rate_out, backend, filter_name):
     sys.exit(run_stage(ResampleStage(rate_out, backend, filter_name), cfg))
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
+@click.option("--port", type=int, default=8765, show_default=True, envvar="VOICEBUS_SIM_PORT",
+              help="Port (0: pick a free one and print it).")
+@click.option("--api-key", default=None, help="Accept only this bearer key (default: any non-empty key).")
+@click.option("--pace", type=click.Choice(["realtime", "fast"]), default="realtime", show_default=True,
+              help="Stream assistant audio at 1x (after a short burst) or as fast as possible.")
+@click.option("--chunk-ms", type=int, default=100, show_default=True, help="Audio per response delta.")
+@click.option("--burst-ms", type=int, default=300, show_default=True, help="Audio sent ahead of real time.")
+@click.option("--think-ms", type=int, default=0, show_default=True, help="Delay before the first audio delta.")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False),
+              help='JSON reply rules: [{"match": REGEX, "reply": "... {transcript} ..."}].')
+@click.option("--fault", "fault_kinds", multiple=True,
+              type=click.Choice(["drop_mid_response", "error_event", "unknown_event", "malformed_json", "slow"]),
+              help="Misbehave on purpose (repeatable); per connection also via ?fault=KIND.")
+@click.option("--fault-count", type=int, default=None, help="Fire each fault this many times in all.")
+@click.option("--fault-after", type=int, default=3, show_default=True, help="drop_mid_response: after N deltas.")
+@click.option("--fault-delay-ms", type=int, default=200, show_default=True, help="slow: delay per event.")
+@click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
+def simulate(host, port, api_key, pace, chunk_ms, burst_ms, think_ms, rules, fault_kinds, fault_count, fault_after,
+             fault_delay_ms, log_level):
+    """Local stand-in for the OpenAI Realtime + chat-completions audio APIs (the offline default)."""
+    from services.simulator.faults import Fault
+    from services.simulator.realtime import Options
+    from services.simulator.replies import Replies
+    from services.simulator.server import run_simulator
+
+    setup_logging(log_level)
+    try:
+        replies = Replies.from_file(Path(rules)) if rules else Replies()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--rules") from exc
+    faults = [Fault(kind, after_deltas=fault_after, delay_ms=fault_delay_ms, count=fault_count) for kind in fault_kinds]
+    options = Options(pace=pace, chunk_ms=chunk_ms, burst_ms=burst_ms, think_ms=think_ms, replies=replies)
+    sys.exit(run_simulator(host, port, options, faults, api_key))
+
+
 if __name__ == "__main__":
     main()

@@ -75,3 +75,31 @@ def client_factory_no_bus(bus_cfg):
     yield make
     for client in made:
         client.close()
+
+
+@pytest.fixture
+def simulator(procs):
+    """Start `voicebus simulate --port 0 ARGS...`; returns its base URL (http://127.0.0.1:PORT/v1)."""
+    import re
+    import select
+    import subprocess
+    import time
+
+    def start(*args: str, env: dict[str, str] | None = None) -> str:
+        proc = procs.voicebus("simulate", "--port", "0", *args, stdout=subprocess.PIPE, env=env, name="simulate")
+        deadline = time.monotonic() + 60
+        line = b""
+        while time.monotonic() < deadline and not line.endswith(b"\n"):
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if ready:
+                chunk = proc.stdout.read1(4096)
+                if not chunk:
+                    break
+                line += chunk
+            elif proc.poll() is not None:
+                break
+        match = re.search(rb"http://[\d.]+:(\d+)/v1", line)
+        assert match, f"simulator did not start: {line!r}\n{procs.log_of(proc)}"
+        return match.group(0).decode()
+
+    return start

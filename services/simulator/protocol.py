@@ -1,0 +1,193 @@
+"""Session configuration and event shapes for both Realtime protocols (GA and beta).
+
+Client events are validated with the openai SDK's own client-event unions; the session is kept in
+one protocol-neutral form and rendered as the GA nested object or the beta flat one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+Protocol = Literal["ga", "beta"]
+SIMULATOR_MODEL_PREFIX = "voicebus-simulator/"
+SIMULATOR_NAME = "voicebus-simulator (local, not OpenAI)"
+BETA_FALLBACK_MODEL = "gpt-4o-realtime-preview"
+PCM_RATE = 24_000
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+@dataclass
+class VadConfig:
+    type: str = "server_vad"
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
+@dataclass
+class SessionConfig:
+    model: str
+    instructions: str = ""
+    voice: str = "alloy"
+    output_modalities: list[str] = field(default_factory=lambda: ["audio"])
+    transcription_model: str | None = None
+    vad: VadConfig | None = field(default_factory=VadConfig)
+    id: str = field(default_factory=lambda: new_id("sess_voicebus_sim"))
+
+
+_client_models: dict[str, dict[str, type]] = {}
+
+
+def client_event_models(protocol: Protocol) -> dict[str, type]:
+    """type literal -> the SDK's model class for that client event (an explicit table, built once)."""
+    if protocol not in _client_models:
+        if protocol == "ga":
+            from openai.types.realtime import RealtimeClientEvent
+        else:
+            from openai.types.beta.realtime import RealtimeClientEvent
+        members = typing.get_args(typing.get_args(RealtimeClientEvent)[0])
+        _client_models[protocol] = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+    return _client_models[protocol]
+
+
+class ClientEventError(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def validate_client_event(event: dict[str, Any], protocol: Protocol) -> None:
+    """Raise ClientEventError (message, param) if the SDK's model for this event type rejects it."""
+    model = client_event_models(protocol).get(event.get("type"))
+    if model is None:
+        raise ClientEventError(f"Invalid value: '{event.get('type')}'.", "type")
+    try:
+        model.model_validate(event)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+        if first["type"] == "missing":
+            raise ClientEventError(f"Missing required parameter: '{where}'.", where, "missing_required_parameter") from exc
+        raise ClientEventError(f"Invalid '{where}': {first['msg']}", where) from exc
+
+
+def _vad_from(raw: dict[str, Any] | None, current: VadConfig | None) -> VadConfig | None:
+    if raw is None:
+        return None
+    base = current or VadConfig()
+    vad = VadConfig(type=raw.get("type", base.type),
+                    threshold=raw.get("threshold", base.threshold),
+                    prefix_padding_ms=raw.get("prefix_padding_ms", base.prefix_padding_ms),
+                    silence_duration_ms=raw.get("silence_duration_ms", base.silence_duration_ms),
+                    create_response=raw.get("create_response", base.create_response),
+                    interrupt_response=raw.get("interrupt_response", base.interrupt_response))
+    if vad.threshold is None:
+        vad.threshold = base.threshold
+    if not 0.0 <= float(vad.threshold) <= 1.0:
+        raise ClientEventError("threshold must be between 0 and 1", "session.turn_detection.threshold")
+    return vad
+
+
+def apply_session_update(config: SessionConfig, session: dict[str, Any], protocol: Protocol) -> None:
+    """Apply a validated `session.update` payload; semantic problems raise ClientEventError."""
+    if "instructions" in session:
+        config.instructions = session["instructions"] or ""
+    if protocol == "ga":
+        if session.get("type") not in (None, "realtime"):
+            raise ClientEventError("the simulator only serves session.type 'realtime'", "session.type")
+        if "output_modalities" in session:
+            config.output_modalities = list(session["output_modalities"])
+        audio = session.get("audio") or {}
+        audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
+        for direction, fmt in (("input", audio_in.get("format")), ("output", audio_out.get("format"))):
+            if fmt and (fmt.get("type") != "audio/pcm" or fmt.get("rate", PCM_RATE) != PCM_RATE):
+                raise ClientEventError("the simulator serves audio/pcm at 24000 Hz only",
+                                       f"session.audio.{direction}.format")
+        if "voice" in audio_out:
+            config.voice = audio_out["voice"]
+        if "transcription" in audio_in:
+            config.transcription_model = (audio_in["transcription"] or {}).get("model")
+        if "turn_detection" in audio_in:
+            config.vad = _vad_from(audio_in["turn_detection"], config.vad)
+    else:
+        if "modalities" in session:
+            config.output_modalities = [m for m in session["modalities"] if m == "audio"] or ["text"]
+        for key in ("input_audio_format", "output_audio_format"):
+            if session.get(key, "pcm16") != "pcm16":
+                raise ClientEventError("the simulator serves pcm16 only", f"session.{key}")
+        if "voice" in session:
+            config.voice = session["voice"]
+        if "input_audio_transcription" in session:
+            config.transcription_model = (session["input_audio_transcription"] or {}).get("model")
+        if "turn_detection" in session:
+            config.vad = _vad_from(session["turn_detection"], config.vad)
+
+
+def _vad_dict(vad: VadConfig | None) -> dict[str, Any] | None:
+    if vad is None:
+        return None
+    return {"type": vad.type, "threshold": vad.threshold, "prefix_padding_ms": vad.prefix_padding_ms,
+            "silence_duration_ms": vad.silence_duration_ms, "create_response": vad.create_response,
+            "interrupt_response": vad.interrupt_response}
+
+
+def _beta_model(requested: str) -> str:
+    from openai.types.beta.realtime.session import Session
+
+    known = typing.get_args(typing.get_args(Session.model_fields["model"].annotation)[0])
+    return requested if requested in known else BETA_FALLBACK_MODEL
+
+
+def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
+    """The session object for session.created/updated. Its model says this is the simulator."""
+    model = SIMULATOR_MODEL_PREFIX + config.model
+    transcription = {"model": config.transcription_model} if config.transcription_model else None
+    if protocol == "ga":
+        pcm = {"type": "audio/pcm", "rate": PCM_RATE}
+        return {"type": "realtime", "object": "realtime.session", "id": config.id, "model": model,
+                "instructions": config.instructions, "output_modalities": config.output_modalities,
+                "audio": {"input": {"format": pcm, "transcription": transcription,
+                                    "turn_detection": _vad_dict(config.vad)},
+                          "output": {"format": pcm, "voice": config.voice, "speed": 1.0}}}
+    modalities = ["audio", "text"] if "audio" in config.output_modalities else ["text"]
+    # the beta Session type allows only known model names, so there the simulator says who it is
+    # in an extra `server` field (and in its id and logs)
+    return {"id": config.id, "object": "realtime.session", "model": _beta_model(config.model),
+            "server": SIMULATOR_NAME, "modalities": modalities,
+            "instructions": config.instructions, "voice": config.voice, "input_audio_format": "pcm16",
+            "output_audio_format": "pcm16", "input_audio_transcription": transcription,
+            "turn_detection": _vad_dict(config.vad)}
+
+
+def user_item(item_id: str, transcript: str | None, protocol: Protocol, text: str | None = None) -> dict[str, Any]:
+    content = ({"type": "input_text", "text": text} if text is not None
+               else {"type": "input_audio", "transcript": transcript})
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+            "content": [content]}
+
+
+def assistant_item(item_id: str, transcript: str | None, status: str, protocol: Protocol,
+                   audio: bool = True) -> dict[str, Any]:
+    if audio:
+        kind = "output_audio" if protocol == "ga" else "audio"
+        content = [{"type": kind, "transcript": transcript}] if transcript is not None else []
+    else:
+        kind = "output_text" if protocol == "ga" else "text"
+        content = [{"type": kind, "text": transcript}] if transcript is not None else []
+    return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
+            "content": content}
+
+
+def error_payload(message: str, *, code: str = "invalid_value", param: str | None = None,
+                  event_id: str | None = None, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id}

@@ -1,0 +1,466 @@
+"""One Realtime websocket connection: session, input buffer, VAD, conversation, responses.
+
+Events are built under their GA names and renamed for beta clients on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.log import kv
+from common.realtime_names import to_beta
+from common.resample import pcm_to_mono_float
+from common.speech import Transcriber, synthesize
+from services.simulator.faults import Fault, FaultBudget
+from services.simulator.protocol import (
+    ClientEventError,
+    Protocol,
+    SessionConfig,
+    apply_session_update,
+    assistant_item,
+    error_payload,
+    new_id,
+    render_session,
+    user_item,
+    validate_client_event,
+)
+from services.simulator.replies import Replies
+from services.simulator.vad import EnergyVad
+
+RATE = 24_000
+BYTES_PER_MS = RATE * 2 // 1000
+MAX_APPEND_BASE64 = 15 * 1024 * 1024  # the API's per-event limit
+MIN_COMMIT_MS = 100
+IDLE_BUFFER_MS = 2000  # input kept while nobody speaks (covers prefix padding)
+
+log = logging.getLogger("voicebus.simulator")
+
+
+@dataclass
+class Options:
+    pace: str = "realtime"  # "realtime": audio deltas paced at 1x after a burst; "fast": no waiting
+    chunk_ms: int = 100
+    burst_ms: int = 300
+    think_ms: int = 0
+    replies: Replies = field(default_factory=Replies)
+
+
+@dataclass
+class Item:
+    id: str
+    role: str
+    transcript: str | None = None
+    text: str | None = None
+    audio: bytes = b""  # user audio as committed; assistant audio as generated
+    audio_sent_ms: float = 0.0  # assistant: how much of it went out as deltas
+
+
+@dataclass
+class Response:
+    id: str
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+    task: asyncio.Task | None = None
+
+
+class ConnectionDropped(Exception):
+    pass
+
+
+class RealtimeConnection:
+    def __init__(self, send_text: Callable[[str], Awaitable[None]], drop: Callable[[], None], protocol: Protocol,
+                 model: str, options: Options, faults: list[Fault], budget: FaultBudget,
+                 transcriber: Transcriber) -> None:
+        self._send_text, self._drop = send_text, drop
+        self.protocol = protocol
+        self.config = SessionConfig(model=model)
+        self.options, self.faults, self.budget, self.transcriber = options, faults, budget, transcriber
+        self.vad = self._new_vad()
+        self.buffer = bytearray()
+        self.buffer_start_ms = 0  # session ms of buffer[0]
+        self.items: dict[str, Item] = {}
+        self.order: list[str] = []
+        self.response: Response | None = None
+        self.speech_item_id: str | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.slow = next((f for f in faults if f.kind == "slow"), None)
+
+    def _new_vad(self) -> EnergyVad:
+        vad = self.config.vad
+        if vad is None:
+            return EnergyVad(RATE)
+        return EnergyVad(RATE, vad.threshold, vad.prefix_padding_ms, vad.silence_duration_ms)
+
+    # --- sending -----------------------------------------------------------------------------
+    async def send(self, ga_type: str, **fields: Any) -> None:
+        wire = ga_type if self.protocol == "ga" else to_beta(ga_type)
+        if wire is None:
+            return
+        if self.slow is not None and self.budget.take(self.slow):
+            await asyncio.sleep(self.slow.delay_ms / 1000)
+        await self._send_text(json.dumps({"type": wire, "event_id": new_id("event"), **fields}))
+
+    async def error(self, message: str, *, code: str = "invalid_value", param: str | None = None,
+                    event_id: str | None = None, kind: str = "invalid_request_error") -> None:
+        log.info(kv("client_error", code=code, message=repr(message[:120])))
+        await self.send("error", error=error_payload(message, code=code, param=param, event_id=event_id, kind=kind))
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() and not isinstance(task.exception(), ConnectionDropped):
+            log.error(kv("task_failed", error=repr(task.exception())))
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        log.info(kv("session_start", protocol=self.protocol, model=self.config.model, id=self.config.id))
+        await self.send("session.created", session=render_session(self.config, self.protocol))
+
+    def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def on_text(self, text: str) -> None:
+        try:
+            event = json.loads(text)
+        except ValueError:
+            await self.error("The server could not parse the event: invalid JSON.", code="invalid_json")
+            return
+        if not isinstance(event, dict):
+            await self.error("An event must be a JSON object.", code="invalid_json")
+            return
+        event_type, event_id = event.get("type"), event.get("event_id")
+        handler = self.HANDLERS.get(event_type) if isinstance(event_type, str) else None
+        if handler is None:
+            await self.error(f"Invalid value: '{event_type}'. Supported values are: {', '.join(self.HANDLERS)}.",
+                             param="type", event_id=event_id)
+            return
+        if event_type == "input_audio_buffer.append" and len(str(event.get("audio", ""))) > MAX_APPEND_BASE64:
+            await self.error(f"Audio too large: at most {MAX_APPEND_BASE64} base64 characters per append.",
+                             param="audio", event_id=event_id)
+            return
+        try:
+            validate_client_event(event, self.protocol)
+            await handler(self, event)
+        except ClientEventError as exc:
+            await self.error(str(exc), code=exc.code, param=exc.param, event_id=event_id)
+
+    # --- client events -----------------------------------------------------------------------
+    async def on_session_update(self, event: dict[str, Any]) -> None:
+        apply_session_update(self.config, event.get("session") or {}, self.protocol)
+        if self.config.vad is not None:
+            self.vad.configure(self.config.vad.threshold, self.config.vad.prefix_padding_ms,
+                               self.config.vad.silence_duration_ms)
+        await self.send("session.updated", session=render_session(self.config, self.protocol))
+
+    async def on_append(self, event: dict[str, Any]) -> None:
+        try:
+            pcm = base64.b64decode(event["audio"], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ClientEventError("Invalid 'audio': not base64-encoded data.", "audio") from exc
+        if len(pcm) % 2:
+            raise ClientEventError("Invalid 'audio': pcm16 needs an even number of bytes.", "audio")
+        self.buffer += pcm
+        if self.config.vad is None:
+            return
+        for vad_event in self.vad.feed(pcm_to_mono_float(pcm, 1)):
+            if vad_event.kind == "started":
+                await self._speech_started(vad_event.audio_ms)
+            else:
+                await self._speech_stopped(vad_event.audio_ms)
+        if not self.vad.in_speech:
+            self._trim_buffer(self.vad.position_ms - IDLE_BUFFER_MS)
+
+    def _trim_buffer(self, keep_from_ms: int) -> None:
+        cut_ms = keep_from_ms - self.buffer_start_ms
+        if cut_ms > 0:
+            del self.buffer[:cut_ms * BYTES_PER_MS]
+            self.buffer_start_ms = keep_from_ms
+
+    def _buffer_slice(self, start_ms: int, end_ms: int) -> bytes:
+        start = max(0, (start_ms - self.buffer_start_ms) * BYTES_PER_MS)
+        return bytes(self.buffer[start:max(start, (end_ms - self.buffer_start_ms) * BYTES_PER_MS)])
+
+    async def _speech_started(self, audio_start_ms: int) -> None:
+        self.speech_item_id = new_id("item")
+        await self.send("input_audio_buffer.speech_started", audio_start_ms=audio_start_ms,
+                        item_id=self.speech_item_id)
+        if self.response is not None and self.config.vad and self.config.vad.interrupt_response:
+            self._cancel_response("turn_detected")
+
+    async def _speech_stopped(self, audio_end_ms: int) -> None:
+        item_id = self.speech_item_id or new_id("item")
+        log.info(kv("speech_stopped", audio_end_ms=audio_end_ms, t_ns=time.time_ns()))
+        await self.send("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
+        pcm = self._buffer_slice(self.vad.speech_start_ms, audio_end_ms)
+        self._trim_buffer(audio_end_ms)
+        create = bool(self.config.vad and self.config.vad.create_response)
+        await self._commit(item_id, pcm, create_response=create)
+
+    async def on_commit(self, event: dict[str, Any]) -> None:
+        if len(self.buffer) < MIN_COMMIT_MS * BYTES_PER_MS:
+            raise ClientEventError(f"Error committing input audio buffer: buffer too small. Expected at least "
+                                   f"{MIN_COMMIT_MS}ms of audio, but buffer only has "
+                                   f"{len(self.buffer) / BYTES_PER_MS:.2f}ms of audio.", None,
+                                   "input_audio_buffer_commit_empty")
+        pcm = bytes(self.buffer)
+        self.buffer_start_ms += len(self.buffer) // BYTES_PER_MS
+        self.buffer.clear()
+        await self._commit(new_id("item"), pcm, create_response=False)
+
+    async def on_clear(self, event: dict[str, Any]) -> None:
+        self.buffer_start_ms += len(self.buffer) // BYTES_PER_MS
+        self.buffer.clear()
+        await self.send("input_audio_buffer.cleared")
+
+    async def _commit(self, item_id: str, pcm: bytes, create_response: bool) -> None:
+        previous = self.order[-1] if self.order else None
+        self.items[item_id] = Item(item_id, "user", audio=pcm)
+        self.order.append(item_id)
+        await self.send("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
+        item = user_item(item_id, None, self.protocol)
+        await self.send("conversation.item.added", item=item, previous_item_id=previous)
+        await self.send("conversation.item.done", item=item, previous_item_id=previous)
+        self._spawn(self._transcribe_then_respond(item_id, create_response))
+
+    async def _transcribe_then_respond(self, item_id: str, create_response: bool) -> None:
+        item = self.items[item_id]
+        item.transcript = await asyncio.to_thread(self.transcriber.transcribe, item.audio, RATE)
+        log.info(kv("heard", item_id=item_id, transcript=repr(item.transcript)))
+        if self.config.transcription_model:
+            await self.send("conversation.item.input_audio_transcription.completed", item_id=item_id,
+                            content_index=0, transcript=item.transcript,
+                            usage={"type": "duration", "seconds": round(len(item.audio) / (2 * RATE), 3)})
+        if create_response and self.response is None:
+            self._start_response()
+
+    async def on_item_create(self, event: dict[str, Any]) -> None:
+        raw = event["item"]
+        if raw.get("type") != "message" or raw.get("role") not in ("user", "assistant", "system"):
+            raise ClientEventError("The simulator accepts message items only.", "item.type")
+        texts = [part.get("text") or part.get("transcript") or "" for part in raw.get("content") or []]
+        item_id = raw.get("id") or new_id("item")
+        previous = self.order[-1] if self.order else None
+        self.items[item_id] = Item(item_id, raw["role"], text=" ".join(t for t in texts if t))
+        self.order.append(item_id)
+        item = {**raw, "id": item_id, "object": "realtime.item", "status": "completed"}
+        await self.send("conversation.item.added", item=item, previous_item_id=previous)
+        await self.send("conversation.item.done", item=item, previous_item_id=previous)
+
+    async def on_item_delete(self, event: dict[str, Any]) -> None:
+        item_id = event["item_id"]
+        if item_id not in self.items:
+            raise ClientEventError(f"Item with item_id not found: {item_id}", "item_id", "item_not_found")
+        del self.items[item_id]
+        self.order.remove(item_id)
+        await self.send("conversation.item.deleted", item_id=item_id)
+
+    async def on_item_retrieve(self, event: dict[str, Any]) -> None:
+        item = self.items.get(event["item_id"])
+        if item is None:
+            raise ClientEventError(f"Item with item_id not found: {event['item_id']}", "item_id", "item_not_found")
+        rendered = (user_item(item.id, item.transcript, self.protocol, item.text) if item.role == "user"
+                    else assistant_item(item.id, item.transcript, "completed", self.protocol))
+        await self.send("conversation.item.retrieved", item=rendered)
+
+    async def on_truncate(self, event: dict[str, Any]) -> None:
+        item = self.items.get(event["item_id"])
+        if item is None:
+            raise ClientEventError(f"Item with item_id not found: {event['item_id']}", "item_id", "item_not_found")
+        if item.role != "assistant" or not item.audio:
+            raise ClientEventError("Only model output audio messages can be truncated", "item_id")
+        audio_end_ms = int(event["audio_end_ms"])
+        if audio_end_ms > item.audio_sent_ms:
+            raise ClientEventError(f"Audio content of {int(item.audio_sent_ms)}ms is already shorter than "
+                                   f"{audio_end_ms}ms", "audio_end_ms")
+        full_ms = len(item.audio) / BYTES_PER_MS
+        item.transcript = cut_transcript(item.text or "", audio_end_ms / full_ms if full_ms else 0.0)
+        item.audio_sent_ms = audio_end_ms
+        item.audio = item.audio[:audio_end_ms * BYTES_PER_MS]
+        log.info(kv("truncated", item_id=item.id, audio_end_ms=audio_end_ms, transcript=repr(item.transcript)))
+        await self.send("conversation.item.truncated", item_id=item.id, content_index=event["content_index"],
+                        audio_end_ms=audio_end_ms)
+
+    async def on_response_create(self, event: dict[str, Any]) -> None:
+        if self.response is not None:
+            raise ClientEventError("Conversation already has an active response in progress.", None,
+                                   "conversation_already_has_active_response")
+        self._start_response()
+
+    async def on_response_cancel(self, event: dict[str, Any]) -> None:
+        if self.response is None:
+            raise ClientEventError("Cancellation failed: no active response found", None, "response_cancel_not_active")
+        self._cancel_response("client_cancelled")
+
+    async def on_output_buffer_clear(self, event: dict[str, Any]) -> None:
+        raise ClientEventError("output_audio_buffer.clear is for WebRTC and SIP connections only", "type")
+
+    HANDLERS: dict[str, Callable[[RealtimeConnection, dict[str, Any]], Awaitable[None]]] = {
+        "session.update": on_session_update,
+        "input_audio_buffer.append": on_append,
+        "input_audio_buffer.commit": on_commit,
+        "input_audio_buffer.clear": on_clear,
+        "conversation.item.create": on_item_create,
+        "conversation.item.delete": on_item_delete,
+        "conversation.item.retrieve": on_item_retrieve,
+        "conversation.item.truncate": on_truncate,
+        "response.create": on_response_create,
+        "response.cancel": on_response_cancel,
+        "output_audio_buffer.clear": on_output_buffer_clear,
+    }
+
+    # --- responses ---------------------------------------------------------------------------
+    def _start_response(self) -> None:
+        self.response = Response(new_id("resp"))
+        self.response.task = self._spawn(self._respond(self.response))
+
+    def _cancel_response(self, reason: str) -> None:
+        if self.response is not None and not self.response.cancelled.is_set():
+            self.response.reason = reason
+            self.response.cancelled.set()
+
+    def _last_user_words(self) -> str:
+        for item_id in reversed(self.order):
+            item = self.items[item_id]
+            if item.role == "user":
+                return item.text or item.transcript or ""
+        return ""
+
+    async def _fault(self, kind: str) -> bool:
+        for fault in self.faults:
+            if fault.kind == kind and self.budget.take(fault):
+                log.info(kv("fault", kind=kind))
+                return True
+        return False
+
+    async def _respond(self, response: Response) -> None:
+        audio_out = "audio" in self.config.output_modalities
+        reply = self.options.replies.reply(self._last_user_words())
+        base = {"id": response.id, "object": "realtime.response", "conversation_id": "conv_sim",
+                "output_modalities": ["audio"] if audio_out else ["text"]}
+        await self.send("response.created", response={**base, "status": "in_progress", "output": []})
+        if await self._fault("error_event"):
+            await self.error("The simulator was asked to fail here.", code="simulated_error", kind="server_error")
+        if await self._fault("unknown_event"):
+            await self._send_text(json.dumps({"type": "simulator.mystery_event", "event_id": new_id("event")}))
+        if await self._fault("malformed_json"):
+            await self._send_text('{"type": "response.output_audio.delta", "delta": ')
+        item = Item(new_id("item"), "assistant", text=reply)
+        previous = self.order[-1] if self.order else None
+        self.items[item.id] = item
+        self.order.append(item.id)
+        ids = {"response_id": response.id, "item_id": item.id, "output_index": 0, "content_index": 0}
+        await self.send("response.output_item.added", response_id=response.id, output_index=0,
+                        item=assistant_item(item.id, None, "in_progress", self.protocol, audio_out))
+        await self.send("conversation.item.added", item=assistant_item(item.id, None, "in_progress", self.protocol,
+                                                                       audio_out), previous_item_id=previous)
+        spoken = await (self._stream_audio(response, item, reply, ids) if audio_out
+                        else self._stream_text(response, reply, ids))
+        item.transcript = spoken if item.transcript is None else item.transcript
+        cancelled = response.cancelled.is_set()
+        status = "cancelled" if cancelled else "completed"
+        done_item = assistant_item(item.id, item.transcript, "incomplete" if cancelled else "completed",
+                                   self.protocol, audio_out)
+        await self.send("response.output_item.done", response_id=response.id, output_index=0, item=done_item)
+        await self.send("conversation.item.done", item=done_item, previous_item_id=previous)
+        details = {"type": "cancelled", "reason": response.reason} if cancelled else None
+        await self.send("response.done", response={**base, "status": status, "status_details": details,
+                                                   "output": [done_item], "usage": self._usage(item)})
+        self.response = None
+
+    async def _stream_audio(self, response: Response, item: Item, reply: str, ids: dict[str, Any]) -> str:
+        await self.send("response.content_part.added", **ids, part={"type": "audio", "transcript": ""})
+        item.audio = await asyncio.to_thread(synthesize, reply, self.config.voice, RATE)
+        if self.options.think_ms:
+            await asyncio.sleep(self.options.think_ms / 1000)
+        words = reply.split()
+        chunk_bytes = self.options.chunk_ms * BYTES_PER_MS
+        total_ms = len(item.audio) / BYTES_PER_MS
+        started = time.monotonic()
+        said = 0
+        drop = next((f for f in self.faults if f.kind == "drop_mid_response"), None)
+        for index, offset in enumerate(range(0, len(item.audio), chunk_bytes)):
+            if response.cancelled.is_set():
+                break
+            chunk = item.audio[offset:offset + chunk_bytes]
+            if index == 0:
+                log.info(kv("first_audio_delta", response_id=response.id, t_ns=time.time_ns()))
+            await self.send("response.output_audio.delta", **ids, delta=base64.b64encode(chunk).decode())
+            item.audio_sent_ms += len(chunk) / BYTES_PER_MS
+            due = math.ceil(len(words) * item.audio_sent_ms / total_ms) if total_ms else len(words)
+            while said < min(due, len(words)):
+                await self.send("response.output_audio_transcript.delta", **ids,
+                                delta=("" if said == 0 else " ") + words[said])
+                said += 1
+            if drop is not None and index + 1 == drop.after_deltas and self.budget.take(drop):
+                log.info(kv("fault", kind="drop_mid_response", after_deltas=index + 1))
+                self._drop()
+                raise ConnectionDropped()
+            if self.options.pace == "realtime":
+                ahead_s = (item.audio_sent_ms - self.options.burst_ms) / 1000 - (time.monotonic() - started)
+                if ahead_s > 0:
+                    with contextlib.suppress(TimeoutError):  # woken early by a cancel
+                        await asyncio.wait_for(response.cancelled.wait(), timeout=ahead_s)
+            else:
+                await asyncio.sleep(0)
+        transcript = " ".join(words[:said]) if response.cancelled.is_set() else reply
+        await self.send("response.output_audio.done", **ids)
+        await self.send("response.output_audio_transcript.done", **ids, transcript=transcript)
+        await self.send("response.content_part.done", **ids, part={"type": "audio", "transcript": transcript})
+        return transcript
+
+    async def _stream_text(self, response: Response, reply: str, ids: dict[str, Any]) -> str:
+        await self.send("response.content_part.added", **ids, part={"type": "text", "text": ""})
+        for index, word in enumerate(reply.split()):
+            if response.cancelled.is_set():
+                break
+            await self.send("response.output_text.delta", **ids, delta=("" if index == 0 else " ") + word)
+        await self.send("response.output_text.done", **ids, text=reply)
+        await self.send("response.content_part.done", **ids, part={"type": "text", "text": reply})
+        return reply
+
+    def _usage(self, item: Item) -> dict[str, Any]:
+        """Plausible token counts: ~10 audio tokens/s in, ~20/s out, a word ~1.3 text tokens."""
+        user_ms = sum(len(i.audio) / BYTES_PER_MS for i in self.items.values() if i.role == "user")
+        audio_in = math.ceil(user_ms / 100)
+        text_in = math.ceil(1.3 * (len(self.config.instructions.split()) + sum(
+            len((i.transcript or i.text or "").split()) for i in self.items.values() if i.id != item.id)))
+        cached = text_in // 2 if len(self.order) > 2 else 0
+        audio_out = math.ceil(item.audio_sent_ms / 50)
+        text_out = math.ceil(1.3 * len((item.transcript or "").split()))
+        return {"total_tokens": audio_in + text_in + audio_out + text_out, "input_tokens": audio_in + text_in,
+                "output_tokens": audio_out + text_out,
+                "input_token_details": {"text_tokens": text_in, "audio_tokens": audio_in, "cached_tokens": cached,
+                                        "cached_tokens_details": {"text_tokens": cached, "audio_tokens": 0}},
+                "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out}}
+
+
+def cut_transcript(text: str, fraction: float) -> str:
+    """The words whose (character-proportional) time falls within the first `fraction` of the audio."""
+    if fraction >= 1.0:
+        return text
+    words = text.split()
+    kept: list[str] = []
+    position = 0
+    for word in words:
+        position += len(word) + 1
+        if position / max(len(text), 1) > fraction:
+            break
+        kept.append(word)
+    return " ".join(kept)
+

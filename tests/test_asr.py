@@ -1,0 +1,26 @@
+"""Transcript quality of the simulator's ASR on flite speech in several voices (target WER <= 10 %)."""
+
+from __future__ import annotations
+
+from common.speech import Transcriber, word_error_rate
+from tests.speech import SENTENCES, speech_pcm
+
+
+def test_word_error_rate_helper():
+    assert word_error_rate("a b c", "a b c") == (0, 3)
+    assert word_error_rate("a b c", "a x c d") == (2, 3)
+    assert word_error_rate("a b", "") == (2, 2)
+
+
+def test_pocketsphinx_wer_on_flite_sentences():
+    transcriber = Transcriber()
+    edits = words = 0
+    rows = []
+    for text, voice in SENTENCES:
+        heard = transcriber.transcribe(speech_pcm(text, voice, 24000), 24000)
+        e, n = word_error_rate(text, heard)
+        edits, words = edits + e, words + n
+        rows.append(f"{voice:6} {e}/{n} {text!r} -> {heard!r}")
+    wer = edits / words
+    print(f"\nWER {wer:.1%} over {len(SENTENCES)} sentences\n" + "\n".join(rows))
+    assert wer <= 0.10, "\n".join(rows)

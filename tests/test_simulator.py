@@ -1,0 +1,348 @@
+"""The simulator driven by real clients: the openai SDK (GA realtime, chat completions) and
+websocket-client (beta, raw events). Every event it emits is validated with the SDK's unions."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+import wave
+from pathlib import Path
+
+import openai
+import pytest
+import websocket
+from openai import OpenAI
+from pydantic import TypeAdapter, ValidationError
+
+from common.realtime_names import to_beta
+from tests.realtime_client import RawRealtime
+from tests.speech import speech_pcm, with_silence
+
+QUESTION = "what is the weather like today"
+GA_SESSION = {"type": "realtime", "audio": {"input": {
+    "transcription": {"model": "whisper-1"},
+    "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300,
+                       "silence_duration_ms": 600}}}}
+BETA_SESSION = {"modalities": ["audio", "text"], "input_audio_transcription": {"model": "whisper-1"},
+                "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300,
+                                   "silence_duration_ms": 600}}
+
+
+def _server_event_adapter(beta: bool) -> TypeAdapter:
+    if beta:
+        from openai.types.beta.realtime import RealtimeServerEvent
+    else:
+        from openai.types.realtime import RealtimeServerEvent
+    return TypeAdapter(RealtimeServerEvent)
+
+
+def emittable_types() -> set[str]:
+    """Every event type the simulator's code can send, read from its source."""
+    source = (Path(__file__).parent.parent / "services/simulator/realtime.py").read_text()
+    return set(re.findall(r'self\.send\(\s*"([a-z_.]+)"', source)) | {"error"}
+
+
+def test_sdk_ga_spoken_turn(simulator):
+    base_url = simulator("--pace", "fast")
+    client = OpenAI(base_url=base_url, api_key="sk-test")
+    pcm = with_silence(speech_pcm(QUESTION), 24000)
+    events = []
+    with client.realtime.connect(model="gpt-realtime") as conn:
+        conn.session.update(session=GA_SESSION)
+        for offset in range(0, len(pcm), 4800):
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[offset:offset + 4800]).decode())
+        for event in conn:
+            events.append(event)
+            if event.type == "response.done":
+                break
+    by_type = {}
+    for event in events:
+        by_type.setdefault(event.type, []).append(event)
+    assert by_type["session.created"][0].session.model.startswith("voicebus-simulator/")
+    started = by_type["input_audio_buffer.speech_started"][0]
+    stopped = by_type["input_audio_buffer.speech_stopped"][0]
+    # speech begins 0.5 s in (minus flite's own lead-in and the 300 ms prefix padding) and ends
+    # 600 ms of silence after the words
+    assert 0 <= started.audio_start_ms <= 500
+    speech_ms = len(speech_pcm(QUESTION)) / 48
+    assert 500 + 600 <= stopped.audio_end_ms <= 500 + speech_ms + 700
+    transcript = by_type["conversation.item.input_audio_transcription.completed"][0].transcript
+    assert transcript == QUESTION
+    audio = b"".join(base64.b64decode(e.delta) for e in by_type["response.output_audio.delta"])
+    assert len(audio) > 24000  # over half a second of speech
+    assert by_type["response.output_audio_transcript.done"][0].transcript == f"I heard: {QUESTION}"
+    done = by_type["response.done"][0]
+    assert done.response.status == "completed" and done.response.usage.output_token_details.audio_tokens > 0
+
+
+def _walk(conn: RawRealtime, beta: bool) -> None:
+    """Drive every behaviour once: spoken turn, truncate, clear, text turn, retrieve/delete, errors, cancel."""
+    conn.until("session.created")
+    conn.send({"type": "session.update", "session": BETA_SESSION if beta else GA_SESSION})
+    conn.until("session.updated")
+    conn.append(with_silence(speech_pcm(QUESTION), 24000))
+    done = conn.until("response.done", 60)
+    item_id = done["response"]["output"][0]["id"]
+    conn.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0, "audio_end_ms": 500})
+    conn.until("conversation.item.truncated")
+    conn.send({"type": "input_audio_buffer.clear"})
+    conn.until("input_audio_buffer.cleared")
+    conn.send({"type": "conversation.item.create", "event_id": "evt_text",
+               "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hello"}]}})
+    text_item = conn.until("conversation.item.created" if beta else "conversation.item.added")["item"]["id"]
+    conn.send({"type": "session.update", "session": {"modalities": ["text"]} if beta
+               else {"type": "realtime", "output_modalities": ["text"]}})
+    conn.until("session.updated")
+    conn.send({"type": "response.create"})
+    conn.until("response.done")
+    conn.send({"type": "conversation.item.retrieve", "item_id": text_item})
+    conn.until("conversation.item.retrieved")
+    conn.send({"type": "conversation.item.delete", "item_id": text_item})
+    conn.until("conversation.item.deleted")
+    conn.send({"type": "session.update", "session": {"modalities": ["audio", "text"], "turn_detection": None}
+               if beta else {"type": "realtime", "output_modalities": ["audio"],
+                             "audio": {"input": {"turn_detection": None}}}})
+    conn.until("session.updated")
+    conn.append(speech_pcm("hello there"))
+    conn.send({"type": "input_audio_buffer.commit"})
+    conn.until("input_audio_buffer.committed")
+    conn.send({"type": "response.create"})
+    conn.until("response.created")
+    conn.send({"type": "response.cancel"})
+    cancelled = conn.until("response.done", 60)
+    assert cancelled["response"]["status"] == "cancelled"
+    conn.send({"type": "no.such.event", "event_id": "evt_bad"})
+    assert conn.until("error")["error"]["event_id"] == "evt_bad"
+
+
+@pytest.mark.parametrize("beta", [False, True], ids=["ga", "beta"])
+def test_every_emitted_event_validates_against_sdk_union(simulator, beta):
+    base_url = simulator("--pace", "fast")
+    conn = RawRealtime(base_url, model="gpt-4o-realtime-preview" if beta else "gpt-realtime", beta=beta)
+    try:
+        _walk(conn, beta)
+    finally:
+        conn.close()
+    adapter = _server_event_adapter(beta)
+    for event in conn.events:
+        adapter.validate_python(event)  # raises on any event the SDK would not accept
+    seen = {e["type"] for e in conn.events}
+    wanted = {t if not beta else to_beta(t) for t in emittable_types()} - {None}
+    assert wanted <= seen, f"never exercised: {sorted(wanted - seen)}"
+    if beta:
+        assert "response.audio.delta" in seen and "response.output_audio.delta" not in seen
+    else:
+        assert "response.output_audio.delta" in seen and "response.audio.delta" not in seen
+
+
+def test_beta_spoken_turn_with_websocket_client(simulator):
+    conn = RawRealtime(simulator("--pace", "fast"), model="gpt-4o-realtime-preview", beta=True)
+    try:
+        created = conn.until("session.created")
+        assert created["session"]["model"] == "gpt-4o-realtime-preview"
+        assert created["session"]["server"].startswith("voicebus-simulator")
+        conn.send({"type": "session.update", "session": BETA_SESSION})
+        conn.until("session.updated")
+        conn.append(with_silence(speech_pcm(QUESTION, "slt"), 24000))
+        conn.until("response.done", 60)
+    finally:
+        conn.close()
+    assert conn.of_type("conversation.item.input_audio_transcription.completed")[0]["transcript"] == QUESTION
+    assert len(conn.audio("response.audio.delta")) > 24000
+    assert conn.of_type("response.audio_transcript.done")[0]["transcript"] == f"I heard: {QUESTION}"
+
+
+def test_truncate_cuts_transcript_and_rejects_overlong_and_user_items(simulator):
+    conn = RawRealtime(simulator("--pace", "fast"))
+    try:
+        conn.send({"type": "session.update", "session": GA_SESSION})
+        conn.append(with_silence(speech_pcm(QUESTION), 24000))
+        done = conn.until("response.done", 60)
+        item_id = done["response"]["output"][0]["id"]
+        user_item_id = conn.of_type("input_audio_buffer.committed")[0]["item_id"]
+        sent_ms = len(conn.audio()) / 48
+        conn.send({"type": "conversation.item.truncate", "event_id": "evt_long", "item_id": item_id,
+                   "content_index": 0, "audio_end_ms": int(sent_ms) + 500})
+        error = conn.until("error")["error"]
+        assert error["event_id"] == "evt_long" and "already shorter than" in error["message"]
+        conn.send({"type": "conversation.item.truncate", "event_id": "evt_user", "item_id": user_item_id,
+                   "content_index": 0, "audio_end_ms": 10})
+        assert "Only model output audio" in conn.until("error")["error"]["message"]
+        conn.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                   "audio_end_ms": int(sent_ms * 0.4)})
+        assert conn.until("conversation.item.truncated")["audio_end_ms"] == int(sent_ms * 0.4)
+        conn.send({"type": "conversation.item.retrieve", "item_id": item_id})
+        transcript = conn.until("conversation.item.retrieved")["item"]["content"][0]["transcript"]
+    finally:
+        conn.close()
+    full = f"I heard: {QUESTION}"
+    assert transcript and full.startswith(transcript) and len(transcript) < len(full)
+
+
+def test_speech_during_response_interrupts_it(simulator):
+    conn = RawRealtime(simulator("--pace", "realtime"))
+    try:
+        conn.send({"type": "session.update", "session": GA_SESSION})
+        conn.append(with_silence(speech_pcm(QUESTION), 24000, tail_s=0.8))
+        conn.until("response.output_audio.delta", 30)
+        conn.append(speech_pcm("stop"))
+        started = conn.until("input_audio_buffer.speech_started")
+        done = conn.until("response.done", 30)
+    finally:
+        conn.close()
+    assert started["type"] == "input_audio_buffer.speech_started"
+    assert done["response"]["status"] == "cancelled"
+    assert done["response"]["status_details"]["reason"] == "turn_detected"
+
+
+@pytest.mark.parametrize(("frame", "expect_event_id", "message_part"), [
+    ("{not json", None, "invalid JSON"),
+    (json.dumps([1, 2]), None, "JSON object"),
+    (json.dumps({"type": "no.such", "event_id": "e1"}), "e1", "Invalid value"),
+    (json.dumps({"type": "input_audio_buffer.append", "event_id": "e2"}), "e2", "audio"),  # missing field
+    (json.dumps({"type": "input_audio_buffer.append", "event_id": "e3", "audio": "!!!notbase64"}), "e3", "base64"),
+    (json.dumps({"type": "input_audio_buffer.append", "event_id": "e4", "audio": "A" * (16 * 1024 * 1024)}), "e4",
+     "too large"),
+    (json.dumps({"type": "session.update", "event_id": "e5", "session": {"type": "realtime", "audio": {
+        "input": {"turn_detection": {"type": "server_vad", "threshold": 7}}}}}), "e5", "threshold"),
+    (json.dumps({"type": "response.cancel", "event_id": "e6"}), "e6", "no active response"),
+    (json.dumps({"type": "input_audio_buffer.commit", "event_id": "e7"}), "e7", "buffer too small"),
+])
+def test_bad_client_input_gets_error_and_connection_survives(simulator, frame, expect_event_id, message_part):
+    conn = RawRealtime(simulator("--pace", "fast"))
+    try:
+        conn.until("session.created")
+        conn.ws.send(frame)
+        error = conn.until("error")["error"]
+        conn.send({"type": "session.update", "session": {"type": "realtime"}})
+        conn.until("session.updated")  # still alive
+    finally:
+        conn.close()
+    assert error["event_id"] == expect_event_id
+    assert message_part.lower() in error["message"].lower()
+
+
+def test_auth_is_required(simulator):
+    base_url = simulator("--api-key", "sk-right")
+    with pytest.raises(websocket.WebSocketBadStatusException) as info:
+        RawRealtime(base_url, key="sk-wrong")
+    assert info.value.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=base_url, api_key="sk-wrong").chat.completions.create(
+            model="gpt-4o-audio-preview", messages=[{"role": "user", "content": "hi"}])
+    RawRealtime(base_url, key="sk-right").close()
+
+
+# --- faults ------------------------------------------------------------------------------------
+
+def _spoken(conn: RawRealtime) -> None:
+    conn.send({"type": "session.update", "session": GA_SESSION})
+    conn.append(with_silence(speech_pcm(QUESTION), 24000))
+
+
+def test_fault_drop_mid_response(simulator):
+    conn = RawRealtime(simulator("--pace", "fast"), query="fault=drop_mid_response&fault_after=2")
+    _spoken(conn)
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+        for _ in range(500):
+            conn.recv(10)
+    assert len(conn.of_type("response.output_audio.delta")) == 2
+    assert not conn.of_type("response.done")
+
+
+@pytest.mark.parametrize("kind", ["error_event", "unknown_event", "malformed_json"])
+def test_fault_bad_events_then_response_completes(simulator, kind):
+    conn = RawRealtime(simulator("--pace", "fast"), query=f"fault={kind}")
+    _spoken(conn)
+    frames: list[str] = []
+    try:
+        while True:
+            conn.ws.settimeout(30)
+            frame = conn.ws.recv()
+            frames.append(frame)
+            if '"response.done"' in frame:
+                break
+    finally:
+        conn.close()
+    parsed, unparseable = [], []
+    for frame in frames:
+        try:
+            parsed.append(json.loads(frame))
+        except ValueError:
+            unparseable.append(frame)
+    types = [e["type"] for e in parsed]
+    if kind == "error_event":
+        assert any(e["type"] == "error" and e["error"]["code"] == "simulated_error" for e in parsed)
+    elif kind == "unknown_event":
+        unknown = [e for e in parsed if e["type"] == "simulator.mystery_event"]
+        assert unknown
+        with pytest.raises(ValidationError):
+            _server_event_adapter(False).validate_python(unknown[0])
+    else:
+        assert len(unparseable) == 1
+    assert types[-1] == "response.done"
+
+
+def test_fault_slow_delays_every_event(simulator):
+    base_url = simulator("--fault", "slow", "--fault-delay-ms", "400")
+    started = time.monotonic()
+    conn = RawRealtime(base_url)
+    conn.until("session.created")
+    conn.send({"type": "session.update", "session": {"type": "realtime"}})
+    conn.until("session.updated")
+    conn.close()
+    assert time.monotonic() - started >= 0.8  # two events, each held back 400 ms
+
+
+def test_fault_count_limits_across_connections(simulator):
+    base_url = simulator("--pace", "fast")
+    query = "fault=drop_mid_response&fault_after=1&fault_count=1"
+    first = RawRealtime(base_url, query=query)
+    _spoken(first)
+    with pytest.raises((websocket.WebSocketConnectionClosedException, ConnectionError, OSError)):
+        for _ in range(500):
+            first.recv(10)
+    second = RawRealtime(base_url, query=query)
+    _spoken(second)
+    second.until("response.done", 60)
+    second.close()
+
+
+# --- chat completions --------------------------------------------------------------------------
+
+def test_chat_completions_streams_pcm16_audio(simulator):
+    client = OpenAI(base_url=simulator(), api_key="sk-test")
+    stream = client.chat.completions.create(
+        model="gpt-4o-audio-preview", modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"},
+        messages=[{"role": "user", "content": "tell me a joke"}], stream=True, stream_options={"include_usage": True})
+    pcm, transcript, usage = b"", "", None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            audio = getattr(choice.delta, "audio", None)
+            if audio:
+                pcm += base64.b64decode(audio.data) if audio.data else b""
+                transcript += audio.transcript or ""
+    assert transcript == "I heard: tell me a joke"
+    assert len(pcm) > 24000 and len(pcm) % 2 == 0
+    assert usage is not None and usage.completion_tokens_details.audio_tokens > 0
+
+
+def test_chat_completions_whole_wav_and_bad_requests(simulator):
+    client = OpenAI(base_url=simulator(), api_key="sk-test")
+    reply = client.chat.completions.create(
+        model="gpt-4o-audio-preview", modalities=["text", "audio"], audio={"voice": "ash", "format": "wav"},
+        messages=[{"role": "user", "content": "hello"}])
+    data = base64.b64decode(reply.choices[0].message.audio.data)
+    with wave.open(io.BytesIO(data)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24000, 1, 2)
+        assert wav.getnframes() > 12000
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4o-audio-preview", modalities=["text", "audio"],
+                                       audio={"voice": "ash", "format": "wav"}, stream=True,
+                                       messages=[{"role": "user", "content": "hello"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="gpt-4o-audio-preview", messages=[])
