@@ -5,7 +5,7 @@ filter at every border: clicks, and near-silence with 10 ms chunks. Here the fil
 continuous input history, so the concatenated output equals one-shot resampling of the whole signal.
 
 Backends:
-- `resampy` (default): resampy's own numba kernel (`resample_f_s`) with its filter table scaled
+- `resampy` (default): resampy's own numba kernel (`_resample_loop_s`) with its filter table scaled
   once at construction. Output sample t sits at input time t * rate_in / rate_out exactly as in
   `resampy.resample`; it is emitted once the filter's right wing (~2 ms at 48 kHz) has arrived.
 - `soxr`: `soxr.ResampleStream`, ~50x cheaper, compared to one-shot `soxr.resample`.
@@ -40,10 +40,12 @@ class _ResampyStream:
     """resampy's kernel over a sliding window of input, filter prepared once."""
 
     def __init__(self, rate_in: int, rate_out: int, filter_name: str) -> None:
+        from resampy import interpn
         from resampy.filters import get_filter
-        from resampy.interpn import resample_f_s
 
-        self._kernel = resample_f_s
+        # the jitted loop itself: the public gufunc wrapper re-parses its signature on every call,
+        # which costs more than the filtering for a 20 ms frame
+        self._kernel = getattr(interpn, "_resample_loop_s", interpn.resample_f_s)
         interp_win, self._num_table, _ = get_filter(filter_name)
         ratio = rate_out / rate_in
         if ratio < 1:
