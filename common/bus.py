@@ -114,14 +114,14 @@ class Publisher:
 
 
 class Receiver:
-    """Decodes what a SUB socket delivers; counts bad messages by reason and seq gaps by publisher."""
+    """Decodes what a SUB socket delivers; counts bad messages by reason and seq gaps per (src, topic)."""
 
     def __init__(self, sock: zmq.Socket, name: str = "receiver") -> None:
         self.sock = sock
         self.received = 0
         self.bad: Counter[str] = Counter()
         self.gaps = 0
-        self._last_seq: dict[str, int] = {}
+        self._last_seq: dict[tuple[str, str], int] = {}
         self._warn = RateLimitedLog(logging.getLogger(f"voicebus.{name}"))
 
     @property
@@ -147,9 +147,9 @@ class Receiver:
         return message
 
     def _count_gap(self, message: Message) -> None:
-        src, seq = message.header.src, message.header.seq
-        last = self._last_seq.get(src)
-        self._last_seq[src] = seq
+        key, seq = (message.header.src, message.topic), message.header.seq
+        last = self._last_seq.get(key)
+        self._last_seq[key] = seq
         if last is None or seq <= last:  # first message, or the publisher restarted
             return
         if seq > last + 1:

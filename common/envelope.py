@@ -145,23 +145,27 @@ def decode(frames: list[bytes]) -> Message:
 
 
 class Stamper:
-    """Builds headers for one publisher: `src`, `session`, and a `seq` that rises by one."""
+    """Builds headers for one publisher: `src`, `session`, and a `seq` that rises by one per topic.
+
+    One counter per topic (not per publisher) so that a subscriber that filters by prefix still sees
+    consecutive numbers and can count what the bus really lost.
+    """
 
     def __init__(self, src: str, session: str) -> None:
         self.src = src
         self.session = session
-        self.seq = 0
+        self.seqs: dict[str, int] = {}
 
-    def _base(self, t_ns: int) -> dict[str, Any]:
-        base = {"v": SCHEMA_VERSION, "src": self.src, "seq": self.seq, "t_ns": t_ns, "session": self.session}
-        self.seq += 1
-        return base
+    def _base(self, topic: str, t_ns: int) -> dict[str, Any]:
+        seq = self.seqs.get(topic, 0)
+        self.seqs[topic] = seq + 1
+        return {"v": SCHEMA_VERSION, "src": self.src, "seq": seq, "t_ns": t_ns, "session": self.session}
 
     def event(self, topic: str, data: dict[str, Any], t_ns: int) -> Message:
-        return Message(topic, EventHeader(**self._base(t_ns), data=data))
+        return Message(topic, EventHeader(**self._base(topic, t_ns), data=data))
 
     def audio(self, topic: str, pcm: bytes, *, rate: int, channels: int, pts: int, t_capture_ns: int,
               t_ns: int, **extra: Any) -> Message:
-        header = AudioHeader(**self._base(t_ns), rate=rate, channels=channels, pts=pts,
+        header = AudioHeader(**self._base(topic, t_ns), rate=rate, channels=channels, pts=pts,
                              t_capture_ns=t_capture_ns, **extra)
         return Message(topic, header, pcm)

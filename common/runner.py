@@ -11,7 +11,7 @@ import zmq
 from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
 from common.config import BusConfig, session_id
 from common.log import kv
-from common.stage import Output, Stage
+from common.stage import Output, Stage, StageError
 
 HEARTBEAT_INTERVAL_S = 1.0
 POLL_MS = 50
@@ -89,6 +89,9 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                         log.exception(kv("handler_error", topic=message.topic, src=message.header.src,
                                          seq=message.header.seq))
         return stage.exit_code
+    except StageError as exc:
+        log.error(kv("stage_error", stage=stage.name, error=repr(str(exc))))
+        return 2
     except Exception:
         log.exception(kv("stage_failed", stage=stage.name))
         return 1

@@ -20,6 +20,10 @@ from common.envelope import Message, Stamper
 INBOX_LIMIT = 4096
 
 
+class StageError(RuntimeError):
+    """A problem the user can fix (no such device, bad file): logged as one line, exit code 2."""
+
+
 class Inbox:
     """A bounded, thread-safe hand-off to the runner thread, with a pipe the runner can poll."""
 

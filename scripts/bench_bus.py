@@ -38,7 +38,7 @@ LATENCY_SECONDS = 3.0
 def make_message(stamper: Stamper, kind: str, mono_ns: int):
     if kind == "audio":
         return stamper.audio("audio.mic", b"\x01\x00" * (AUDIO_BYTES // 2), rate=48000, channels=1,
-                             pts=stamper.seq * 960, t_capture_ns=mono_ns, t_ns=mono_ns)
+                             pts=stamper.seqs.get("audio.mic", 0) * 960, t_capture_ns=mono_ns, t_ns=mono_ns)
     return stamper.event("rt.response.output_audio_transcript.delta", {"delta": "hello", "item_id": "item_1"}, mono_ns)
 
 

@@ -118,6 +118,73 @@ def resample(cfg, rate_out, backend, filter_name):
     sys.exit(run_stage(ResampleStage(rate_out, backend, filter_name), cfg))
 
 
+def _list_devices_and_exit() -> None:
+    from common.audio_devices import describe_devices, list_devices, open_pyaudio
+
+    pa = open_pyaudio()
+    try:
+        click.echo(describe_devices(list_devices(pa)))
+    finally:
+        pa.terminate()
+    sys.exit(0)
+
+
+@main.command()
+@bus_options
+@click.option("--device", help="Input device: index or name substring (default: the system default).")
+@click.option("--list-devices", is_flag=True, help="Print PortAudio devices and exit.")
+@click.option("--rate", type=int, default=None, help="Capture rate (default: the device's native rate).")
+@click.option("--channels", type=int, default=1, show_default=True)
+@click.option("--frame-ms", type=int, default=20, show_default=True, help="Audio per frame on the bus.")
+@click.option("--wav", "wav_path", type=click.Path(dir_okay=False), help="Read this WAV instead of a device.")
+@click.option("--loop", is_flag=True, help="With --wav: start again at the end.")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="With --wav: pace (0 = as fast as possible).")
+@click.option("--lead-silence", type=float, default=0.0, show_default=True, help="With --wav: seconds of silence first.")
+def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, speed, lead_silence):
+    """Stage: capture a device (or a WAV) and publish audio.mic frames."""
+    from common.runner import run_stage
+    from common.wavio import WavError
+    from services.mic import DeviceSource, MicStage, WavSource
+
+    if list_devices:
+        _list_devices_and_exit()
+    try:
+        source = (WavSource(wav_path, frame_ms, speed, loop, lead_silence) if wav_path
+                  else DeviceSource(device, rate, channels, frame_ms))
+    except WavError as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(run_stage(MicStage(source), cfg))
+
+
+@main.command()
+@bus_options
+@click.option("--device", help="Output device: index or name substring (default: the system default).")
+@click.option("--list-devices", is_flag=True, help="Print PortAudio devices and exit.")
+@click.option("--rate", type=int, default=24_000, show_default=True, help="Output stream rate.")
+@click.option("--jitter-ms", type=int, default=40, show_default=True, help="Audio buffered before playing starts.")
+@click.option("--period-ms", type=int, default=5, show_default=True,
+              help="Output period: small periods make a flush audible for less time.")
+@click.option("--wav", "wav_path", type=click.Path(dir_okay=False), help="Write what would play into this WAV.")
+def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path):
+    """Stage: play audio.assistant; flush on player.flush; publish player.state."""
+    from common.runner import run_stage
+    from services.player import DeviceSink, PlayerStage, WavSink
+
+    if list_devices:
+        _list_devices_and_exit()
+    sink = WavSink(wav_path, period_ms) if wav_path else DeviceSink(device, period_ms)
+    sys.exit(run_stage(PlayerStage(sink, rate, jitter_ms), cfg))
+
+
+@main.command()
+@bus_options
+def doctor(cfg):
+    """Check audio devices, PulseAudio, the bus, stage heartbeats and API keys; say how to fix problems."""
+    from services.doctor import run_doctor
+
+    sys.exit(run_doctor(cfg))
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (loopback by default).")
 @click.option("--port", type=int, default=8765, show_default=True, envvar="VOICEBUS_SIM_PORT",

@@ -10,7 +10,9 @@ from services.launcher import ProcessSpec
 
 # stage name -> `voicebus` arguments, in start order
 STAGES: dict[str, list[str]] = {
+    "mic": ["mic"],
     "resample": ["resample"],
+    "player": ["player"],
 }
 DEFAULT_STAGES = list(STAGES)
 

@@ -103,3 +103,27 @@ def simulator(procs):
         return match.group(0).decode()
 
     return start
+
+
+@pytest.fixture(scope="session")
+def pulse():
+    """The virtual PulseAudio rig (scripts/pulse-up.sh) in a private runtime dir; torn down after.
+
+    Not skipped when PulseAudio is missing: scripts/setup.sh installs it, and a test that needs
+    audio fails loudly rather than passing by omission.
+    """
+    import subprocess
+    import time
+
+    from tests.helpers import REPO
+
+    runtime = Path(tempfile.mkdtemp(prefix="vb-pulse-", dir="/tmp"))
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    result = subprocess.run(["bash", str(REPO / "scripts/pulse-up.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, f"pulse-up.sh failed:\n{result.stdout}\n{result.stderr}"
+    time.sleep(1.0)  # the recipe: give a fresh daemon a second before opening streams
+    audio_env = {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SINK": "voicebus_speaker", "PULSE_SOURCE": "voicebus_mic"}
+    yield audio_env
+    subprocess.run(["bash", str(REPO / "scripts/pulse-down.sh")], env=env, capture_output=True, timeout=30)
+    shutil.rmtree(runtime, ignore_errors=True)

@@ -75,7 +75,7 @@ def test_seq_gaps_are_counted_by_tap(bus, procs):
         stamper = Stamper("gappy", "s")
         time.sleep(0.5)  # tap subscribes asynchronously; nothing observable to wait on without a message
         for seq in (0, 1, 4):
-            stamper.seq = seq
+            stamper.seqs["demo.x"] = seq
             client.publisher.send(stamper.event("demo.x", {"n": seq}, time.time_ns()))
         out, _ = tap.communicate(timeout=10)
     finally:

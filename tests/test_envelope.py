@@ -30,10 +30,11 @@ def test_event_round_trip_and_seq_rises():
     stamper = Stamper("gateway", "s1")
     first = stamper.event("rt.response.done", {"usage": {"total_tokens": 5}}, 1)
     second = stamper.event("player.flush", {}, 2)
+    third = stamper.event("rt.response.done", {}, 3)
     assert decode(encode(first)) == first
     assert isinstance(decode(encode(first)).header, EventHeader)
     assert len(encode(second)) == 2  # events have no payload frame
-    assert (first.header.seq, second.header.seq) == (0, 1)
+    assert (first.header.seq, second.header.seq, third.header.seq) == (0, 0, 1)  # one counter per topic
 
 
 def _header(**over):

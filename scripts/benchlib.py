@@ -1,0 +1,82 @@
+"""Shared pieces of the benchmark scripts: process CPU from /proc, percentiles, a private bus + pulse."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> str:
+    model = "unknown cpu"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pct(values, q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
+
+
+class Rig:
+    """A private run dir with a bus and (optionally) the virtual PulseAudio devices."""
+
+    def __init__(self, with_pulse: bool) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="vb-bench-", dir="/tmp"))
+        self.env = {**os.environ, "VOICEBUS_RUN_DIR": str(self.dir), "VOICEBUS_BUS_PUB": f"ipc://{self.dir}/pub.sock",
+                    "VOICEBUS_BUS_SUB": f"ipc://{self.dir}/sub.sock", "VOICEBUS_LOG_LEVEL": "WARNING"}
+        self.procs: list[subprocess.Popen] = []
+        self.pulse_env: dict[str, str] = {}
+        if with_pulse:
+            runtime = self.dir / "pulse"
+            runtime.mkdir()
+            env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+            subprocess.run(["bash", str(REPO / "scripts/pulse-up.sh")], env=env, check=True, capture_output=True)
+            time.sleep(1.0)
+            self.pulse_env = {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SINK": "voicebus_speaker",
+                              "PULSE_SOURCE": "voicebus_mic"}
+        self.start("bus")
+
+    def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO,
+                                env={**self.env, **self.pulse_env, **(extra_env or {})},
+                                stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{args[0]}.log", "ab"))  # noqa: SIM115
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self.pulse_env:
+            subprocess.run(["bash", str(REPO / "scripts/pulse-down.sh")], env={**os.environ, **self.pulse_env},
+                           capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)

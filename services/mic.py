@@ -1,0 +1,161 @@
+"""`voicebus mic`: capture audio and publish `audio.mic` frames (20 ms, native rate, s16le).
+
+The PortAudio callback only copies the frame and its timing into the stage inbox (a lock, a deque
+append and a one-byte pipe write); the runner thread publishes it. ZeroMQ sockets therefore stay on
+one thread, and the callback never waits on the bus.
+
+`t_capture_ns` is the wall-clock time of the frame's first sample. With a device it comes from
+PortAudio's `input_buffer_adc_time` mapped onto the wall clock when PortAudio provides it
+(`clock="adc"`), else from the callback time minus the frame length (`clock="callback"`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from common.audio_devices import open_pyaudio, pick_device
+from common.log import kv
+from common.stage import Stage
+from common.wavio import read_wav
+
+log = logging.getLogger("voicebus.mic")
+MAX_ADC_SKEW_S = 1.0  # adc time further than this from "now" is not trusted
+
+
+@dataclass(frozen=True)
+class CapturedFrame:
+    pcm: bytes
+    t_capture_ns: int
+    overflow: bool = False
+    t_callback_ns: int = 0  # when PortAudio (or the WAV clock) handed the frame over
+
+
+END_OF_SOURCE = object()
+
+
+class DeviceSource:
+    """A PyAudio input stream in callback mode."""
+
+    def __init__(self, device: str | None, rate: int | None, channels: int, frame_ms: int) -> None:
+        self.wanted, self.rate, self.channels, self.frame_ms = device, rate, channels, frame_ms
+        self.clock = "callback"
+        self._pa = None
+        self._stream = None
+
+    def start(self, put) -> None:
+        import pyaudio
+
+        self._pa = open_pyaudio()
+        device = pick_device(self._pa, self.wanted, "input")
+        self.rate = self.rate or device.default_rate
+        self.channels = min(self.channels, device.max_input_channels)
+        frames = self.rate * self.frame_ms // 1000
+        frame_ns = int(self.frame_ms * 1e6)
+
+        def callback(in_data: bytes, _count: int, time_info: dict[str, float], status: int):
+            now_ns = time.time_ns()
+            adc, current = time_info.get("input_buffer_adc_time", 0.0), time_info.get("current_time", 0.0)
+            if adc > 0 and current > 0 and 0 <= current - adc < MAX_ADC_SKEW_S:
+                self.clock = "adc"
+                t_capture = now_ns - int((current - adc) * 1e9)
+            else:
+                t_capture = now_ns - frame_ns
+            put(CapturedFrame(in_data, t_capture, bool(status & pyaudio.paInputOverflow), now_ns))
+            return None, pyaudio.paContinue
+
+        self._stream = self._pa.open(format=pyaudio.paInt16, channels=self.channels, rate=self.rate, input=True,
+                                     input_device_index=device.index, frames_per_buffer=frames,
+                                     stream_callback=callback)
+        log.info(kv("device_open", device=repr(device.name), rate=self.rate, channels=self.channels,
+                    frame_ms=self.frame_ms, latency_ms=round(self._stream.get_input_latency() * 1000, 1)))
+
+    def stop(self) -> None:
+        if self._stream is not None:
+            self._stream.stop_stream()
+            self._stream.close()
+        if self._pa is not None:
+            self._pa.terminate()
+
+
+class WavSource:
+    """A WAV file played into the bus at real-time pace (or faster), like a microphone would."""
+
+    clock = "wav"
+
+    def __init__(self, path: str, frame_ms: int, speed: float = 1.0, loop: bool = False,
+                 lead_silence_s: float = 0.0) -> None:
+        self.audio = read_wav(path)  # raises WavError with a clear message
+        self.rate, self.channels, self.frame_ms = self.audio.rate, self.audio.channels, frame_ms
+        self.speed, self.loop, self.lead_silence_s = speed, loop, lead_silence_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, put) -> None:
+        self._thread = threading.Thread(target=self._run, args=(put,), name="wav-source", daemon=True)
+        self._thread.start()
+        log.info(kv("wav_open", rate=self.rate, channels=self.channels, seconds=round(self.audio.seconds, 2),
+                    speed=self.speed, loop=self.loop))
+
+    def _run(self, put) -> None:
+        frame_bytes = self.rate * self.frame_ms // 1000 * 2 * self.channels
+        lead = bytes(int(self.lead_silence_s * self.rate) * 2 * self.channels)
+        pcm = lead + self.audio.pcm
+        period_s = self.frame_ms / 1000 / self.speed if self.speed > 0 else 0.0
+        started = time.monotonic()
+        index = 0
+        while not self._stop.is_set():
+            for offset in range(0, len(pcm), frame_bytes):
+                if self._stop.is_set():
+                    return
+                due = started + index * period_s
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self._stop.wait(delay)
+                now_ns = time.time_ns()
+                put(CapturedFrame(pcm[offset:offset + frame_bytes], now_ns, t_callback_ns=now_ns))
+                index += 1
+            if not self.loop:
+                break
+        put(END_OF_SOURCE)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+
+class MicStage(Stage):
+    name = "mic"
+
+    def __init__(self, source: DeviceSource | WavSource, topic: str = "audio.mic") -> None:
+        super().__init__()
+        self.source, self.topic = source, topic
+        self.pts = 0
+        self.overflows = 0
+        self.frames = 0
+
+    def start(self) -> None:
+        self.source.start(self.inbox.put)
+
+    def on_inbox(self, item: Any) -> None:
+        if item is END_OF_SOURCE:
+            log.info(kv("end_of_source", frames=self.frames, seconds=round(self.pts / self.source.rate, 2)))
+            self.finished = True
+            return
+        frame: CapturedFrame = item
+        self.overflows += frame.overflow
+        self.out.audio(self.topic, frame.pcm, rate=self.source.rate, channels=self.source.channels, pts=self.pts,
+                       t_capture_ns=frame.t_capture_ns, clock=self.source.clock, t_callback_ns=frame.t_callback_ns)
+        self.pts += len(frame.pcm) // (2 * self.source.channels)
+        self.frames += 1
+
+    def stop(self) -> None:
+        self.source.stop()
+
+    def counters(self) -> dict[str, Any]:
+        return {"frames": self.frames, "overflows": self.overflows, "clock": self.source.clock,
+                "rate": self.source.rate, "channels": self.source.channels}

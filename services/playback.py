@@ -1,0 +1,117 @@
+"""The player's jitter buffer: filled from the bus, drained by the audio clock (device or WAV).
+
+Both sides meet under one lock held for microseconds; the drain side always gets exactly the
+samples it asked for (silence where there is nothing to play), so the device never starves.
+`played` counts samples handed to the output per `item_id`: what the user has heard, up to the
+output's own latency, which the state reports beside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+BYTES_PER_SAMPLE = 2
+ITEMS_REMEMBERED = 16
+
+
+@dataclass
+class Segment:
+    item_id: str
+    content_index: int
+    response_id: str
+    pcm: bytes
+    offset: int = 0  # bytes already played
+    received_at: float = 0.0  # monotonic time the frame reached the player
+
+
+class PlaybackBuffer:
+    def __init__(self, rate: int, jitter_ms: int) -> None:
+        self.rate = rate
+        self.jitter_bytes = rate * jitter_ms // 1000 * BYTES_PER_SAMPLE
+        self.jitter_s = jitter_ms / 1000
+        self._lock = threading.Lock()
+        self._segments: deque[Segment] = deque()
+        self._buffered = 0
+        self._last_arrival = 0.0
+        self.playing = False
+        self.current: Segment | None = None
+        self.played: OrderedDict[str, int] = OrderedDict()  # item_id -> samples handed to the output
+        self.received: OrderedDict[str, int] = OrderedDict()
+        self.underruns = 0
+        self._starved_item: str | None = None
+        self.item_changed = False
+        self.handoff_ms: deque[float] = deque(maxlen=500)  # frame received -> first sample handed to output
+
+    @staticmethod
+    def _bump(table: OrderedDict[str, int], key: str, samples: int) -> None:
+        table[key] = table.get(key, 0) + samples
+        table.move_to_end(key)
+        while len(table) > ITEMS_REMEMBERED:
+            table.popitem(last=False)
+
+    def push(self, segment: Segment) -> None:
+        with self._lock:
+            self._segments.append(segment)
+            self._buffered += len(segment.pcm)
+            self._last_arrival = time.monotonic()
+            self._bump(self.received, segment.item_id, len(segment.pcm) // BYTES_PER_SAMPLE)
+            if self._starved_item == segment.item_id:
+                self.underruns += 1  # the item ran dry and then continued: the listener heard a gap
+                self._starved_item = None
+
+    def pull(self, samples: int) -> bytes:
+        """Exactly `samples` mono s16le samples for the output; silence where nothing is ready."""
+        wanted = samples * BYTES_PER_SAMPLE
+        with self._lock:
+            if not self.playing:
+                waited = time.monotonic() - self._last_arrival
+                if self._buffered and (self._buffered >= self.jitter_bytes or waited >= self.jitter_s):
+                    self.playing = True
+                else:
+                    return bytes(wanted)
+            out = bytearray()
+            while len(out) < wanted and self._segments:
+                segment = self._segments[0]
+                if self.current is None or segment.item_id != self.current.item_id:
+                    self.item_changed = True
+                self.current = segment
+                if segment.offset == 0 and segment.received_at:
+                    self.handoff_ms.append(1000 * (time.monotonic() - segment.received_at))
+                take = segment.pcm[segment.offset:segment.offset + wanted - len(out)]
+                out += take
+                segment.offset += len(take)
+                self._buffered -= len(take)
+                self._bump(self.played, segment.item_id, len(take) // BYTES_PER_SAMPLE)
+                if segment.offset >= len(segment.pcm):
+                    self._segments.popleft()
+            if len(out) < wanted:
+                self.playing = False
+                self._starved_item = self.current.item_id if self.current else None
+                out += bytes(wanted - len(out))
+            return bytes(out)
+
+    def flush(self) -> int:
+        """Drop everything not yet played; returns the ms dropped."""
+        with self._lock:
+            dropped = self._buffered
+            self._segments.clear()
+            self._buffered = 0
+            self.playing = False
+            self._starved_item = None
+        return round(1000 * dropped / BYTES_PER_SAMPLE / self.rate)
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            current = self.current
+            item_id = current.item_id if current else None
+            state = {"item_id": item_id, "content_index": current.content_index if current else None,
+                     "response_id": current.response_id if current else None,
+                     "played_ms": round(1000 * self.played.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
+                     "received_ms": round(1000 * self.received.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
+                     "buffered_ms": round(1000 * self._buffered / BYTES_PER_SAMPLE / self.rate, 1),
+                     "playing": self.playing, "underruns": self.underruns}
+            self.item_changed = False
+        return state

@@ -1,0 +1,177 @@
+"""`voicebus player`: play `audio.assistant` through a device (or into a WAV), flush on barge-in.
+
+Publishes `player.state` on every item change, on flush, and every 100 ms while playing; the
+gateway truncates the assistant's item at the `played_ms` reported here, never at a wall-clock guess.
+Small output periods (5 ms by default) keep a flush audible for ~10 ms instead of ~200 ms: the
+ALSA pulse plugin sizes PulseAudio's buffer from the period.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from common.audio_devices import open_pyaudio, pick_device
+from common.envelope import AudioHeader, Message
+from common.log import RateLimitedLog, kv
+from common.resample import StreamResampler
+from common.stage import Stage
+from common.wavio import WavWriter
+from services.playback import PlaybackBuffer, Segment
+
+STATE_INTERVAL_S = 0.1
+IDLE_STATE_INTERVAL_S = 1.0
+MIN_RATE, MAX_RATE = 8000, 192_000
+WAV_HEADER_SYNC_S = 1.0
+
+log = logging.getLogger("voicebus.player")
+
+
+class DeviceSink:
+    def __init__(self, device: str | None, period_ms: int) -> None:
+        self.wanted, self.period_ms = device, period_ms
+        self.latency_ms = 0.0
+        self._pa = self._stream = None
+        self.output_underflows = 0
+
+    def start(self, buffer: PlaybackBuffer) -> None:
+        import pyaudio
+
+        self._pa = open_pyaudio()
+        device = pick_device(self._pa, self.wanted, "output")
+        frames = buffer.rate * self.period_ms // 1000
+
+        def callback(_in_data, frame_count: int, _time_info, status: int):
+            if status & pyaudio.paOutputUnderflow:
+                self.output_underflows += 1
+            return buffer.pull(frame_count), pyaudio.paContinue
+
+        self._stream = self._pa.open(format=pyaudio.paInt16, channels=1, rate=buffer.rate, output=True,
+                                     output_device_index=device.index, frames_per_buffer=frames,
+                                     stream_callback=callback)
+        self.latency_ms = round(self._stream.get_output_latency() * 1000, 1)
+        log.info(kv("device_open", device=repr(device.name), rate=buffer.rate, period_ms=self.period_ms,
+                    latency_ms=self.latency_ms))
+
+    def stop(self) -> None:
+        if self._stream is not None:
+            self._stream.stop_stream()
+            self._stream.close()
+        if self._pa is not None:
+            self._pa.terminate()
+
+
+class WavSink:
+    """Writes what a device would have played, in real time, silence included."""
+
+    def __init__(self, path: str, period_ms: int) -> None:
+        self.path, self.period_ms = path, period_ms
+        self.latency_ms = 0.0
+        self.output_underflows = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.writer: WavWriter | None = None
+
+    def start(self, buffer: PlaybackBuffer) -> None:
+        self.writer = WavWriter(self.path, buffer.rate, 1)
+        self._thread = threading.Thread(target=self._run, args=(buffer,), name="wav-sink", daemon=True)
+        self._thread.start()
+        log.info(kv("wav_sink", path=self.path, rate=buffer.rate, period_ms=self.period_ms))
+
+    def _run(self, buffer: PlaybackBuffer) -> None:
+        samples = buffer.rate * self.period_ms // 1000
+        started = time.monotonic()
+        last_sync = started
+        periods = 0
+        while not self._stop.is_set():
+            delay = started + periods * self.period_ms / 1000 - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+                continue
+            self.writer.write(buffer.pull(samples))
+            periods += 1
+            if time.monotonic() - last_sync >= WAV_HEADER_SYNC_S:
+                self.writer.flush()
+                last_sync = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+        if self.writer is not None:
+            self.writer.close()
+
+
+class PlayerStage(Stage):
+    name = "player"
+    subscriptions = ["audio.assistant", "player.flush"]
+    tick_interval_s = STATE_INTERVAL_S
+
+    def __init__(self, sink: DeviceSink | WavSink, rate: int = 24_000, jitter_ms: int = 40) -> None:
+        super().__init__()
+        self.sink = sink
+        self.buffer = PlaybackBuffer(rate, jitter_ms)
+        self.converters: dict[tuple[int, int], StreamResampler] = {}
+        self.dropped_frames = 0
+        self.flushes = 0
+        self._last_state = 0.0
+        self._warn = RateLimitedLog(log)
+
+    def start(self) -> None:
+        self.sink.start(self.buffer)
+
+    def handle(self, message: Message) -> None:
+        if message.topic == "player.flush":
+            self.flush(message.data)
+        elif message.topic == "audio.assistant" and isinstance(message.header, AudioHeader):
+            self.enqueue(message)
+
+    def enqueue(self, message: Message) -> None:
+        header = message.header
+        assert isinstance(header, AudioHeader)
+        if not MIN_RATE <= header.rate <= MAX_RATE or header.channels > 8:
+            self.dropped_frames += 1
+            self._warn.warning("format", kv("dropped_frame", reason="unsupported_format", rate=header.rate,
+                                            channels=header.channels))
+            return
+        pcm = message.payload
+        if (header.rate, header.channels) != (self.buffer.rate, 1):
+            key = (header.rate, header.channels)
+            if key not in self.converters:
+                self.converters[key] = StreamResampler(header.rate, self.buffer.rate, header.channels)
+                log.info(kv("converting", rate_in=header.rate, channels=header.channels, rate_out=self.buffer.rate))
+            pcm = self.converters[key].feed(pcm)
+        extra = header.model_extra or {}
+        self.buffer.push(Segment(str(extra.get("item_id", "")), int(extra.get("content_index", 0)),
+                                 str(extra.get("response_id", "")), pcm, received_at=time.monotonic()))
+
+    def flush(self, data: dict[str, Any]) -> None:
+        dropped_ms = self.buffer.flush()
+        self.flushes += 1
+        for converter in self.converters.values():
+            converter.flush()
+        state = self.publish_state(flushed=True, dropped_ms=dropped_ms, reason=data.get("reason", ""))
+        log.info(kv("flushed", item_id=state["item_id"], played_ms=state["played_ms"], dropped_ms=dropped_ms))
+
+    def publish_state(self, **extra: Any) -> dict[str, Any]:
+        state = {**self.buffer.snapshot(), "latency_ms": self.sink.latency_ms, **extra}
+        self.out.event("player.state", state)
+        self._last_state = time.monotonic()
+        return state
+
+    def tick(self) -> None:
+        interval = STATE_INTERVAL_S if self.buffer.playing else IDLE_STATE_INTERVAL_S
+        if self.buffer.item_changed or time.monotonic() - self._last_state >= interval - 0.005:
+            self.publish_state()
+
+    def stop(self) -> None:
+        self.sink.stop()
+
+    def counters(self) -> dict[str, Any]:
+        handoff = sorted(self.buffer.handoff_ms)
+        percentiles = {f"handoff_p{p}_ms": round(handoff[min(len(handoff) - 1, len(handoff) * p // 100)], 2)
+                       for p in (50, 99)} if handoff else {}
+        return {**percentiles, "underruns": self.buffer.underruns, "dropped_frames": self.dropped_frames, "flushes": self.flushes,
+                "output_underflows": self.sink.output_underflows}
