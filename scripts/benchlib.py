@@ -20,7 +20,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 def machine() -> str:
     model = "unknown cpu"
     try:
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return f"{model}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"

@@ -140,7 +140,9 @@ def _list_devices_and_exit() -> None:
 @click.option("--loop", is_flag=True, help="With --wav: start again at the end.")
 @click.option("--speed", type=float, default=1.0, show_default=True, help="With --wav: pace (0 = as fast as possible).")
 @click.option("--lead-silence", type=float, default=0.0, show_default=True, help="With --wav: seconds of silence first.")
-def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, speed, lead_silence):
+@click.option("--tail-silence", type=float, default=0.0, show_default=True,
+              help="With --wav: seconds of silence after (lets server VAD see the end of speech).")
+def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, speed, lead_silence, tail_silence):
     """Stage: capture a device (or a WAV) and publish audio.mic frames."""
     from common.runner import run_stage
     from common.wavio import WavError
@@ -149,7 +151,7 @@ def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, spe
     if list_devices:
         _list_devices_and_exit()
     try:
-        source = (WavSource(wav_path, frame_ms, speed, loop, lead_silence) if wav_path
+        source = (WavSource(wav_path, frame_ms, speed, loop, lead_silence, tail_silence) if wav_path
                   else DeviceSource(device, rate, channels, frame_ms))
     except WavError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -174,6 +176,52 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path):
         _list_devices_and_exit()
     sink = WavSink(wav_path, period_ms) if wav_path else DeviceSink(device, period_ms)
     sys.exit(run_stage(PlayerStage(sink, rate, jitter_ms), cfg))
+
+
+@main.command()
+@bus_options
+@click.option("--url", help="Full websocket URL (default: derived from OPENAI_BASE_URL as the openai SDK does, "
+              "or the local simulator when OPENAI_API_KEY is unset).")
+@click.option("--model", default="gpt-realtime", show_default=True, help="Realtime model (beta: gpt-4o-realtime-preview).")
+@click.option("--protocol", type=click.Choice(["ga", "beta"]), default="ga", show_default=True,
+              help="GA protocol, or beta (`OpenAI-Beta: realtime=v1`).")
+@click.option("--instructions", default=None, help="System instructions for the assistant.")
+@click.option("--voice", default="alloy", show_default=True)
+@click.option("--transcription-model", default="whisper-1", show_default=True, help="'none' to disable.")
+@click.option("--vad-threshold", type=float, default=0.3, show_default=True)
+@click.option("--vad-prefix-ms", type=int, default=300, show_default=True)
+@click.option("--vad-silence-ms", type=int, default=600, show_default=True)
+@click.option("--echo-guard", is_flag=True, help="Without headphones: forward mic audio during playback only when "
+              "it is louder than the playback (no self-interruption).")
+@click.option("--echo-guard-ratio", type=float, default=1.0, show_default=True,
+              help="Mic level must exceed playback level times this.")
+@click.option("--ws-log", type=click.Path(dir_okay=False), help="Websocket traffic log (JSON lines, audio elided).")
+@click.option("--max-session-min", type=float, default=55.0, show_default=True,
+              help="Reconnect before the server's 60-minute session limit.")
+def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_threshold, vad_prefix_ms,
+            vad_silence_ms, echo_guard, echo_guard_ratio, ws_log, max_session_min):
+    """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
+    from common.config import openai_target, realtime_ws_url
+    from common.runner import run_stage
+    from services.gateway.bargein import EchoGuard
+    from services.gateway.session import SessionSettings
+    from services.gateway.stage import GatewayStage
+
+    target = openai_target()
+    if target.is_simulator:
+        click.echo(f"gateway: OPENAI_API_KEY is not set: using the local simulator at {target.base_url} "
+                   "(start it with `voicebus simulate`; `voicebus up` does)", err=True)
+    headers = [f"Authorization: Bearer {target.api_key}"] + (["OpenAI-Beta: realtime=v1"] if protocol == "beta" else [])
+    settings = SessionSettings(model=model, voice=voice,
+                               transcription_model=None if transcription_model == "none" else transcription_model,
+                               vad_threshold=vad_threshold, vad_prefix_padding_ms=vad_prefix_ms,
+                               vad_silence_duration_ms=vad_silence_ms)
+    if instructions:
+        settings.instructions = instructions
+    stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,
+                         EchoGuard(echo_guard_ratio) if echo_guard else None, Path(ws_log) if ws_log else None,
+                         max_session_min * 60, "simulator" if target.is_simulator else "openai")
+    sys.exit(run_stage(stage, cfg))
 
 
 @main.command()

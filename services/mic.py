@@ -87,10 +87,11 @@ class WavSource:
     clock = "wav"
 
     def __init__(self, path: str, frame_ms: int, speed: float = 1.0, loop: bool = False,
-                 lead_silence_s: float = 0.0) -> None:
+                 lead_silence_s: float = 0.0, tail_silence_s: float = 0.0) -> None:
         self.audio = read_wav(path)  # raises WavError with a clear message
         self.rate, self.channels, self.frame_ms = self.audio.rate, self.audio.channels, frame_ms
-        self.speed, self.loop, self.lead_silence_s = speed, loop, lead_silence_s
+        self.speed, self.loop = speed, loop
+        self.lead_silence_s, self.tail_silence_s = lead_silence_s, tail_silence_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -102,8 +103,9 @@ class WavSource:
 
     def _run(self, put) -> None:
         frame_bytes = self.rate * self.frame_ms // 1000 * 2 * self.channels
-        lead = bytes(int(self.lead_silence_s * self.rate) * 2 * self.channels)
-        pcm = lead + self.audio.pcm
+        silence_s = bytes(self.rate * 2 * self.channels)
+        pcm = (silence_s * 60)[:int(self.lead_silence_s * self.rate) * 2 * self.channels] + self.audio.pcm + \
+            (silence_s * 60)[:int(self.tail_silence_s * self.rate) * 2 * self.channels]
         period_s = self.frame_ms / 1000 / self.speed if self.speed > 0 else 0.0
         started = time.monotonic()
         index = 0

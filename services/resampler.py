@@ -43,6 +43,7 @@ class ResampleStage(Stage):
         self.ref_t_capture_ns = 0
         self.bridged_samples = 0
         self.resets = 0
+        self.t_callback_ns = 0
 
     def counters(self) -> dict[str, Any]:
         return {"bridged_samples": self.bridged_samples, "resets": self.resets, "backend": self.backend}
@@ -78,6 +79,8 @@ class ResampleStage(Stage):
     def _feed(self, pcm: bytes, pts: int, header: AudioHeader) -> None:
         self.ref_pts, self.ref_t_capture_ns = pts, header.t_capture_ns
         assert self.resampler is not None
+        # the mic callback that delivered this frame is what released the output: carry its time on
+        self.t_callback_ns = (header.model_extra or {}).get("t_callback_ns", 0)
         self._emit(self.resampler.feed(pcm), pts, header.t_capture_ns)
 
     def _emit(self, pcm: bytes, ref_pts: int, ref_t_capture_ns: int) -> None:
@@ -88,7 +91,7 @@ class ResampleStage(Stage):
         input_pos = self.first_pts_in + self.resampler.input_position(first_out)
         t_capture_ns = max(0, int(ref_t_capture_ns + (input_pos - ref_pts) * 1e9 / self.resampler.rate_in))
         self.out.audio(self.output_topic, pcm, rate=self.rate_out, channels=1, pts=self.pts_out_base + first_out,
-                       t_capture_ns=t_capture_ns)
+                       t_capture_ns=t_capture_ns, t_callback_ns=self.t_callback_ns)
 
     def stop(self) -> None:
         """End of stream: what the filter still holds goes out, so nothing is lost at the tail."""

@@ -43,3 +43,14 @@ def resampled(pcm: bytes, rate_in: int, rate_out: int) -> bytes:
     from common.resample import pcm_to_mono_float
 
     return float_to_pcm(resample_oneshot(pcm_to_mono_float(pcm, 1), rate_in, rate_out))
+
+
+def compose(parts: list[tuple[str, object]], rate: int, voice: str = "slt") -> bytes:
+    """[("say", "text"), ("silence", 1.5), ...] -> one mono s16le utterance at `rate`."""
+    out = b""
+    for kind, value in parts:
+        if kind == "say":
+            out += speech_pcm(str(value), voice, rate)
+        else:
+            out += bytes(int(float(value) * rate) * 2)
+    return out

@@ -21,6 +21,7 @@ from common.log import kv
 from common.realtime_names import to_beta
 from common.resample import pcm_to_mono_float
 from common.speech import Transcriber, synthesize
+from common.transcripts import cut_transcript
 from services.simulator.faults import Fault, FaultBudget
 from services.simulator.protocol import (
     ClientEventError,
@@ -448,19 +449,4 @@ class RealtimeConnection:
                 "input_token_details": {"text_tokens": text_in, "audio_tokens": audio_in, "cached_tokens": cached,
                                         "cached_tokens_details": {"text_tokens": cached, "audio_tokens": 0}},
                 "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out}}
-
-
-def cut_transcript(text: str, fraction: float) -> str:
-    """The words whose (character-proportional) time falls within the first `fraction` of the audio."""
-    if fraction >= 1.0:
-        return text
-    words = text.split()
-    kept: list[str] = []
-    position = 0
-    for word in words:
-        position += len(word) + 1
-        if position / max(len(text), 1) > fraction:
-            break
-        kept.append(word)
-    return " ".join(kept)
 

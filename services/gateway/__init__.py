@@ -1,0 +1,1 @@
+"""`voicebus gateway`: the only process that talks to the Realtime API."""

@@ -1,0 +1,126 @@
+"""Barge-in and echo guard: what is audible now, where to truncate, which mic frames to forward.
+
+Pure logic, fed by the stage: assistant audio received per item, the player's reports, and the
+level of what is being played. Truncation uses the position the player reports as played, never a
+wall-clock estimate, and never goes past the audio received for that item.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RATE = 24_000
+LEVEL_WINDOW_MS = 20
+ECHO_LOOKBACK_MS = 250  # echo reaches the mic this long after the sample was handed to the output
+ECHO_LOOKAHEAD_MS = 60
+WARMUP_MS = 150
+ITEMS_REMEMBERED = 16
+
+
+@dataclass
+class AssistantItem:
+    item_id: str
+    response_id: str
+    content_index: int
+    received_samples: int = 0
+    levels: list[float] = field(default_factory=list)  # RMS per 20 ms of received audio
+    transcript: str = ""
+    truncated: bool = False
+
+    @property
+    def received_ms(self) -> float:
+        return 1000 * self.received_samples / RATE
+
+
+class AudibleTracker:
+    """Assistant items and what the player says about them."""
+
+    def __init__(self) -> None:
+        self.items: OrderedDict[str, AssistantItem] = OrderedDict()
+        self.player: dict = {}
+        self.playback_started_at: float | None = None  # monotonic, for the echo-guard warm-up
+
+    def add_audio(self, item_id: str, response_id: str, content_index: int, pcm: bytes) -> AssistantItem:
+        item = self.items.get(item_id)
+        if item is None:
+            item = self.items[item_id] = AssistantItem(item_id, response_id, content_index)
+            while len(self.items) > ITEMS_REMEMBERED:
+                self.items.popitem(last=False)
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+        step = RATE * LEVEL_WINDOW_MS // 1000
+        start = item.received_samples % step
+        if item.levels and start:  # finish the partial window first
+            head, samples = samples[:step - start], samples[step - start:]
+            item.levels[-1] = max(item.levels[-1], _rms(head))
+        for offset in range(0, len(samples), step):
+            item.levels.append(_rms(samples[offset:offset + step]))
+        item.received_samples += len(pcm) // 2
+        return item
+
+    def on_player_state(self, state: dict, now: float) -> None:
+        if state.get("playing") and not self.player.get("playing"):
+            self.playback_started_at = now
+        self.player = state
+
+    def audible_item(self) -> AssistantItem | None:
+        """The assistant item the user is hearing (or about to hear), if any."""
+        item_id = self.player.get("item_id")
+        if item_id in self.items:
+            item = self.items[item_id]
+            if self.player.get("playing") or self.player.get("buffered_ms", 0) > 0 or \
+                    self.player.get("played_ms", 0) < item.received_ms - 1:
+                return item
+        if self.items:  # audio received that the player has not started yet
+            last = next(reversed(self.items.values()))
+            if last.item_id != item_id and last.received_samples > 0:
+                return last
+        return None
+
+    def truncate_at_ms(self, item: AssistantItem, played_ms: float) -> int:
+        """audio_end_ms for conversation.item.truncate: what was played, capped at what was received."""
+        return int(min(played_ms, item.received_ms))
+
+    def playback_level(self) -> float:
+        """Loudest level around what the player is playing now (the echo the mic may pick up)."""
+        item = self.items.get(self.player.get("item_id"))
+        if item is None or not item.levels:
+            return 0.0
+        played_ms = self.player.get("played_ms", 0.0)
+        first = max(0, int((played_ms - ECHO_LOOKBACK_MS) // LEVEL_WINDOW_MS))
+        last = int((played_ms + ECHO_LOOKAHEAD_MS) // LEVEL_WINDOW_MS) + 1
+        window = item.levels[first:last]
+        return max(window) if window else 0.0
+
+
+class EchoGuard:
+    """Forward a mic frame while the assistant is audible only if it is clearly louder than the playback.
+
+    Frames it holds back are replaced by silence, not dropped, so the server's audio clock (and
+    every audio_start_ms/audio_end_ms it reports) stays aligned with the capture.
+    """
+
+    def __init__(self, ratio: float = 1.0, floor: float = 0.01) -> None:
+        self.ratio, self.floor = ratio, floor
+        self.gated_frames = 0
+        self.passed_frames = 0
+
+    def admit(self, pcm: bytes, tracker: AudibleTracker, now: float) -> bool:
+        playing = tracker.player.get("playing")
+        if not playing:
+            return True
+        level = _rms(np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768)
+        started = tracker.playback_started_at
+        warming = started is not None and (now - started) * 1000 < WARMUP_MS
+        threshold = max(self.floor, tracker.playback_level() * self.ratio) * (2.0 if warming else 1.0)
+        if level > threshold:
+            self.passed_frames += 1
+            return True
+        self.gated_frames += 1
+        return False
+
+
+def _rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(samples * samples))) if len(samples) else 0.0

@@ -1,0 +1,55 @@
+"""What the gateway sends: `session.update` from config, and the conversation replayed after a reconnect.
+
+Built as the openai SDK's client-event param types (TypedDicts), GA or beta shaped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PCM = {"type": "audio/pcm", "rate": 24000}
+
+
+@dataclass
+class SessionSettings:
+    model: str = "gpt-realtime"
+    instructions: str = "You are a helpful voice assistant. Keep answers short."
+    voice: str = "alloy"
+    transcription_model: str | None = "whisper-1"
+    vad_type: str = "server_vad"
+    vad_threshold: float = 0.3  # the notebook's values
+    vad_prefix_padding_ms: int = 300
+    vad_silence_duration_ms: int = 600
+
+
+def session_update(settings: SessionSettings, protocol: str) -> dict[str, Any]:
+    vad: dict[str, Any] = {"type": settings.vad_type, "threshold": settings.vad_threshold,
+                           "prefix_padding_ms": settings.vad_prefix_padding_ms,
+                           "silence_duration_ms": settings.vad_silence_duration_ms,
+                           "create_response": True, "interrupt_response": True}
+    transcription = {"model": settings.transcription_model} if settings.transcription_model else None
+    if protocol == "ga":
+        from openai.types.realtime import SessionUpdateEventParam
+
+        event: SessionUpdateEventParam = {"type": "session.update", "session": {
+            "type": "realtime", "instructions": settings.instructions, "output_modalities": ["audio"],
+            "audio": {"input": {"format": PCM, "transcription": transcription, "turn_detection": vad},
+                      "output": {"format": PCM, "voice": settings.voice}}}}
+        return dict(event)
+    from openai.types.beta.realtime import SessionUpdateEventParam as BetaSessionUpdate
+
+    beta: BetaSessionUpdate = {"type": "session.update", "session": {
+        "modalities": ["audio", "text"], "instructions": settings.instructions, "voice": settings.voice,
+        "input_audio_format": "pcm16", "output_audio_format": "pcm16", "input_audio_transcription": transcription,
+        "turn_detection": vad}}
+    return dict(beta)
+
+
+def replay_item(role: str, text: str, protocol: str) -> dict[str, Any]:
+    """A conversation.item.create restoring one turn as text after a reconnect (a new server session)."""
+    if role == "user":
+        content = [{"type": "input_text", "text": text}]
+    else:
+        content = [{"type": "output_text" if protocol == "ga" else "text", "text": text}]
+    return {"type": "conversation.item.create", "item": {"type": "message", "role": role, "content": content}}

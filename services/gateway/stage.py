@@ -1,0 +1,248 @@
+"""The gateway stage: audio.user -> websocket; server events -> rt.*, audio.assistant; barge-in."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgpack
+
+from common.envelope import AudioHeader, Message
+from common.log import RateLimitedLog, kv
+from common.stage import Stage
+from common.transcripts import cut_transcript
+from services.gateway.bargein import AudibleTracker, EchoGuard
+from services.gateway.events import parse_server_event, strip_audio
+from services.gateway.session import SessionSettings, replay_item, session_update
+from services.gateway.socket import RealtimeSocket, SocketEvent
+
+RATE = 24_000
+FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before truncating with the last one
+MAX_EVENT_HEADER_BYTES = 60_000
+RESUME_TURNS = 20
+
+log = logging.getLogger("voicebus.gateway")
+
+
+class GatewayStage(Stage):
+    name = "gateway"
+    subscriptions = ["audio.user", "player.state"]
+    tick_interval_s = 0.05
+
+    def __init__(self, url: str, headers: list[str], protocol: str, settings: SessionSettings,
+                 echo_guard: EchoGuard | None = None, ws_log: Path | None = None, max_session_s: float = 55 * 60,
+                 target_label: str = "") -> None:
+        super().__init__()
+        self.protocol, self.settings, self.echo_guard = protocol, settings, echo_guard
+        self.socket = RealtimeSocket(url, headers, self.inbox.put, max_session_s)
+        self.url_for_logs = url.split("?", 1)[0]
+        self.target_label = target_label
+        self.tracker = AudibleTracker()
+        self.response_active: str | None = None
+        self.pending_truncate: dict[str, Any] | None = None
+        self.conversation: OrderedDict[str, tuple[str, str]] = OrderedDict()  # item_id -> (role, text)
+        self.ws_log_path = ws_log
+        self._ws_log: TextIO | None = None
+        self._warn = RateLimitedLog(log)
+        self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
+                       "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0}
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.ws_log_path is not None:
+            self.ws_log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._ws_log = open(self.ws_log_path, "a")  # noqa: SIM115 - closed in stop()
+        log.info(kv("connecting", url=self.url_for_logs, protocol=self.protocol, target=self.target_label or "-"))
+        self.socket.start()
+
+    def stop(self) -> None:
+        self.socket.stop()
+        if self._ws_log is not None:
+            self._ws_log.close()
+
+    def counters(self) -> dict[str, Any]:
+        extra = {"connected": self.socket.connected}
+        if self.echo_guard is not None:
+            extra.update(echo_gated_frames=self.echo_guard.gated_frames, echo_passed_frames=self.echo_guard.passed_frames)
+        return {**self.counts, **extra}
+
+    # --- sending ---------------------------------------------------------------------------
+    def send(self, event: dict[str, Any]) -> bool:
+        sent = self.socket.send(json.dumps(event))
+        stripped = strip_audio(event)
+        self._log_ws("out", stripped)
+        if sent:
+            self._publish_event(f"rt.sent.{event['type']}", {"event": stripped, "protocol": self.protocol})
+        return sent
+
+    def _log_ws(self, direction: str, event: dict[str, Any]) -> None:
+        if self._ws_log is not None:
+            self._ws_log.write(json.dumps({"t_ns": time.time_ns(), "dir": direction, "event": event}) + "\n")
+            self._ws_log.flush()
+
+    def _publish_event(self, topic: str, data: dict[str, Any]) -> None:
+        if len(msgpack.packb(data, use_bin_type=True, default=str)) > MAX_EVENT_HEADER_BYTES:
+            data = {"event": {"type": data.get("event", {}).get("type")}, "omitted": "too large for the bus"}
+        self.out.event(topic, data)
+
+    # --- bus input -------------------------------------------------------------------------
+    def handle(self, message: Message) -> None:
+        if message.topic == "audio.user" and isinstance(message.header, AudioHeader):
+            self._forward_audio(message)
+        elif message.topic == "player.state":
+            self.tracker.on_player_state(message.data, time.monotonic())
+            if self.pending_truncate is not None and message.data.get("flushed"):
+                self._truncate(message.data.get("played_ms", 0.0), source="player_flush_state")
+
+    def _forward_audio(self, message: Message) -> None:
+        header = message.header
+        if header.rate != RATE or header.channels != 1:
+            self._warn.warning("format", kv("dropped_audio", reason="not 24 kHz mono", rate=header.rate,
+                                            channels=header.channels))
+            return
+        if not self.socket.connected:
+            self.counts["dropped_disconnected"] += 1
+            return
+        pcm = message.payload
+        if self.echo_guard is not None and not self.echo_guard.admit(pcm, self.tracker, time.monotonic()):
+            pcm = bytes(len(pcm))  # silence keeps the server's audio clock in step with capture
+        if self.socket.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})):
+            self.counts["appended"] += 1
+            stripped = {"type": "input_audio_buffer.append", "audio_bytes": len(pcm), "pts": header.pts,
+                        "t_capture_ns": header.t_capture_ns,
+                        "t_callback_ns": (header.model_extra or {}).get("t_callback_ns", 0)}
+            self._log_ws("out", stripped)
+            self._publish_event("rt.sent.input_audio_buffer.append", {"event": stripped, "protocol": self.protocol})
+        else:
+            self.counts["dropped_disconnected"] += 1
+
+    # --- socket input ----------------------------------------------------------------------
+    def on_inbox(self, item: SocketEvent) -> None:
+        if item.kind == "message":
+            self._on_server_text(item.text, item.t_recv_ns)
+        elif item.kind == "connected":
+            self._on_connected(item.attempt)
+        elif item.kind == "closed":
+            self._on_closed(item.reason, item.attempt)
+
+    def _on_connected(self, attempt: int) -> None:
+        resumed = self.socket.connects > 1
+        log.info(kv("connected", url=self.url_for_logs, attempt=attempt, resumed=resumed))
+        self.send(session_update(self.settings, self.protocol))
+        replayed = 0
+        if resumed:
+            for role, text in list(self.conversation.values())[-RESUME_TURNS:]:
+                if text:
+                    self.send(replay_item(role, text, self.protocol))
+                    replayed += 1
+        self._publish_event("rt.gateway.connected", {"attempt": attempt, "resumed": resumed,
+                                                     "replayed_items": replayed, "protocol": self.protocol})
+
+    def _on_closed(self, reason: str, attempt: int) -> None:
+        was_active = self.response_active is not None
+        self.response_active = None
+        self.pending_truncate = None
+        if not reason.startswith("connect failed"):
+            self.counts["reconnects"] += 1
+        log.warning(kv("disconnected", reason=repr(reason), attempt=attempt, response_lost=was_active))
+        self._publish_event("rt.gateway.disconnected", {"reason": reason, "attempt": attempt,
+                                                        "response_lost": was_active})
+
+    def _on_server_text(self, text: str, t_recv_ns: int) -> None:
+        parsed = parse_server_event(text, self.protocol)  # type: ignore[arg-type]
+        self.counts["events_in"] += 1
+        if parsed.type == "unknown":
+            self.counts["unknown_events"] += 1
+            self._warn.warning(parsed.problem, kv("unknown_event", reason=parsed.problem,
+                                                  wire_type=parsed.data.get("wire_type", "-")))
+            self._log_ws("in", parsed.data)
+            self._publish_event("rt.unknown", {**parsed.data, "protocol": self.protocol, "t_recv_ns": t_recv_ns})
+            return
+        data = parsed.data
+        self._log_ws("in", data)
+        kind = parsed.type
+        if kind == "response.output_audio.delta":
+            self._on_audio_delta(data, parsed.audio, t_recv_ns)
+        self._publish_event(f"rt.{kind}", {"event": data, "protocol": self.protocol, "t_recv_ns": t_recv_ns})
+        if kind == "error":
+            self.counts["server_errors"] += 1
+            error = data.get("error", {})
+            log.warning(kv("server_error", code=error.get("code"), message=repr(str(error.get("message"))[:200])))
+        elif kind == "response.created":
+            self.response_active = data["response"].get("id")
+        elif kind == "response.done":
+            self.response_active = None
+        elif kind == "response.output_audio_transcript.delta":
+            item = self.tracker.items.get(data["item_id"])
+            if item is not None:
+                item.transcript += data.get("delta", "")
+        elif kind == "response.output_audio_transcript.done":
+            item = self.tracker.items.get(data["item_id"])
+            if item is not None and not item.truncated:
+                item.transcript = data.get("transcript", "")
+                self._remember(data["item_id"], "assistant", item.transcript)
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            self._remember(data["item_id"], "user", data.get("transcript", ""))
+        elif kind == "input_audio_buffer.speech_started":
+            self._barge_in()
+
+    def _on_audio_delta(self, data: dict[str, Any], pcm: bytes, t_recv_ns: int) -> None:
+        before = self.tracker.items[data["item_id"]].received_samples if data["item_id"] in self.tracker.items else 0
+        self.tracker.add_audio(data["item_id"], data["response_id"], data["content_index"], pcm)
+        self.out.audio("audio.assistant", pcm, rate=RATE, channels=1, pts=before, t_capture_ns=t_recv_ns,
+                       item_id=data["item_id"], response_id=data["response_id"], content_index=data["content_index"])
+
+    def _remember(self, item_id: str, role: str, text: str) -> None:
+        self.conversation[item_id] = (role, text)
+        while len(self.conversation) > 4 * RESUME_TURNS:
+            self.conversation.popitem(last=False)
+
+    # --- barge-in --------------------------------------------------------------------------
+    def _barge_in(self) -> None:
+        item = self.tracker.audible_item()
+        if item is None or item.truncated:
+            return
+        self.counts["barge_ins"] += 1
+        self._publish_event("player.flush", {"reason": "barge_in", "item_id": item.item_id})
+        if self.response_active is not None:
+            self.send({"type": "response.cancel"})
+        self.pending_truncate = {"item_id": item.item_id, "deadline": time.monotonic() + FLUSH_WAIT_S}
+        log.info(kv("barge_in", item_id=item.item_id, received_ms=round(item.received_ms),
+                    cancelled=self.response_active is not None))
+
+    def tick(self) -> None:
+        if self.pending_truncate is not None and time.monotonic() > self.pending_truncate["deadline"]:
+            # no flushed state from the player in time: fall back to its last report, and say so
+            self._truncate(self.tracker.player.get("played_ms", 0.0) if
+                           self.tracker.player.get("item_id") == self.pending_truncate["item_id"] else 0.0,
+                           source="last_player_state")
+
+    def _truncate(self, played_ms: float, source: str) -> None:
+        pending, self.pending_truncate = self.pending_truncate, None
+        item = self.tracker.items.get(pending["item_id"]) if pending else None
+        if item is None or item.truncated:
+            return
+        item.truncated = True
+        audio_end_ms = self.tracker.truncate_at_ms(item, played_ms)
+        heard = cut_transcript(item.transcript, audio_end_ms / item.received_ms) if item.received_ms else ""
+        if audio_end_ms <= 0:
+            # nothing was heard: truncating at 0 is an API error; the honest conversation has no such reply
+            self.send({"type": "conversation.item.delete", "item_id": item.item_id})
+            self.conversation.pop(item.item_id, None)
+        else:
+            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                       "content_index": item.content_index, "audio_end_ms": audio_end_ms})
+            self._remember(item.item_id, "assistant", heard)
+        self.counts["truncations"] += 1
+        log.info(kv("truncated", item_id=item.item_id, audio_end_ms=audio_end_ms, played_ms=played_ms,
+                    received_ms=round(item.received_ms), source=source))
+        self._publish_event("rt.gateway.truncated", {"item_id": item.item_id, "response_id": item.response_id,
+                                                     "audio_end_ms": audio_end_ms, "played_ms": played_ms,
+                                                     "received_ms": round(item.received_ms, 1),
+                                                     "deleted": audio_end_ms <= 0, "transcript_heard": heard,
+                                                     "transcript_generated": item.transcript, "source": source})

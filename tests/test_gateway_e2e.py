@@ -1,0 +1,149 @@
+"""The gateway in a real pipeline (bus, mic --wav, resample, gateway, player) against the simulator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.audio_rig import MonitorRecorder, align
+from tests.pipeline import speak, start_stages
+from tests.speech import compose, speech_pcm
+
+QUESTION = "what is the weather like today"
+PREFIXES = ["rt.", "audio.assistant", "player.", "health."]
+
+
+def _of(client, topic):
+    return [m for m in client.seen if m.topic == topic]
+
+
+@pytest.mark.parametrize("protocol", ["ga", "beta"])
+def test_spoken_question_gets_transcript_audio_and_done(procs, client_factory, simulator, tmp_path, protocol):
+    sim = simulator("--pace", "fast")
+    client = client_factory(PREFIXES)
+    model = "gpt-realtime" if protocol == "ga" else "gpt-4o-realtime-preview"
+    start_stages(procs, client, sim, gateway_args=("--protocol", protocol, "--model", model),
+                 player_args=("--wav", str(tmp_path / "played.wav")))
+    speak(procs, speech_pcm(QUESTION, "slt", 48000), 48000, tmp_path, speed=2.0)
+    done = client.wait_for(lambda m: m.topic == "rt.response.done", timeout_s=60)
+    transcript = client.wait_for(lambda m: m.topic == "rt.conversation.item.input_audio_transcription.completed")
+    assert transcript.data["event"]["transcript"] == QUESTION
+    assert transcript.data["protocol"] == protocol
+    assert done.data["event"]["response"]["status"] == "completed"
+    audio = [m for m in _of(client, "audio.assistant")]
+    assert audio and {(m.header.rate, m.header.channels) for m in audio} == {(24000, 1)}
+    pcm = np.frombuffer(b"".join(m.payload for m in audio), dtype="<i2")
+    assert len(pcm) > 24000 and np.abs(pcm).max() > 1000  # over a second of non-silent speech
+    item_ids = {m.header.model_extra["item_id"] for m in audio}
+    assert len(item_ids) == 1
+    # GA names on the bus whatever the protocol
+    assert _of(client, "rt.response.output_audio.delta") and not _of(client, "rt.response.audio.delta")
+
+
+@pytest.mark.audio
+def test_barge_in_flushes_player_and_truncates_at_played_position(procs, client_factory, simulator, tmp_path,
+                                                                   pulse):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"match": ".*", "reply": "Once upon a time there was a little robot who lived "
+                                  "in a quiet town by the sea and every morning it walked down to the harbour to "
+                                  "count the boats and talk to the fishermen about the weather."}]))
+    sim = simulator("--pace", "realtime", "--rules", str(rules))
+    client = client_factory(PREFIXES)
+    start_stages(procs, client, sim, env=pulse)
+    recorder = MonitorRecorder(pulse)
+    utterance = compose([("say", QUESTION), ("silence", 4.0), ("say", "stop please")], 48000)
+    speak(procs, utterance, 48000, tmp_path, tail_s=2.0)
+    flush = client.wait_for(lambda m: m.topic == "player.flush", timeout_s=60)
+    flushed = client.wait_for(lambda m: m.topic == "player.state" and m.data.get("flushed"), timeout_s=5)
+    truncate = client.wait_for(lambda m: m.topic == "rt.sent.conversation.item.truncate", timeout_s=5)
+    client.wait_for(lambda m: m.topic == "rt.conversation.item.truncated", timeout_s=5)
+    summary = client.wait_for(lambda m: m.topic == "rt.gateway.truncated", timeout_s=5)
+    client.collect(0.5)
+    recording = recorder.stop()
+    started = [m for m in _of(client, "rt.input_audio_buffer.speech_started")]
+    assert len(started) == 2 and flush.header.t_ns >= started[1].header.t_ns
+    audio_end_ms = truncate.data["event"]["audio_end_ms"]
+    assert abs(audio_end_ms - flushed.data["played_ms"]) <= 40
+    assert 500 < audio_end_ms < summary.data["received_ms"]
+    # what the speaker actually produced: the item's audio up to audio_end_ms, then silence within 30 ms
+    item_id = truncate.data["event"]["item_id"]
+    source = np.frombuffer(b"".join(m.payload for m in _of(client, "audio.assistant")
+                                    if m.header.model_extra["item_id"] == item_id), dtype="<i2").astype(float)
+    offset, ncc = align(recording, source[:audio_end_ms * 24])
+    assert ncc >= 0.9
+    tail = recording[offset + (audio_end_ms + 40) * 24:]
+    assert np.abs(tail).max(initial=0) < 300, "item audio after the truncation point reached the speaker"
+    last_loud = offset + np.flatnonzero(np.abs(recording[offset:]) > 300)[-1]
+    silent_after_ms = (recorder.time_of(last_loud) - flushed.header.t_ns) / 1e6
+    print(f"audio_end_ms={audio_end_ms} played_ms={flushed.data['played_ms']} silent {silent_after_ms:.1f} ms "
+          f"after flush; heard {summary.data['transcript_heard']!r}")
+    assert silent_after_ms <= 30
+    generated = summary.data["transcript_generated"]
+    assert summary.data["transcript_heard"] and generated.startswith(summary.data["transcript_heard"])
+    assert len(summary.data["transcript_heard"]) < len(generated)
+
+
+@pytest.mark.parametrize("fault", ["drop_mid_response", "error_event", "unknown_event", "malformed_json"])
+def test_gateway_survives_every_fault_and_next_turn_works(procs, client_factory, simulator, tmp_path, fault):
+    sim = simulator("--pace", "fast", "--fault", fault, "--fault-count", "1")
+    client = client_factory(PREFIXES)
+    start_stages(procs, client, sim, player_args=("--wav", str(tmp_path / "p.wav")))
+    gateway = procs.started[-3]
+    utterance = compose([("say", QUESTION), ("silence", 3.0), ("say", "please tell me a short story")], 48000)
+    speak(procs, utterance, 48000, tmp_path, speed=2.0, tail_s=2.0)
+    second = client.wait_for(lambda m: m.topic == "rt.conversation.item.input_audio_transcription.completed"
+                             and "story" in m.data["event"]["transcript"], timeout_s=60)
+    done = client.wait_for(lambda m: m.topic == "rt.response.done" and m.header.t_ns > second.header.t_ns,
+                           timeout_s=60)
+    assert done.data["event"]["response"]["status"] == "completed"
+    assert gateway.poll() is None, "the gateway must never exit"
+    if fault == "drop_mid_response":
+        client.wait_for(lambda m: m.topic == "rt.gateway.disconnected")
+        resumed = client.wait_for(lambda m: m.topic == "rt.gateway.connected" and m.data["resumed"])
+        assert resumed.data["replayed_items"] >= 1  # the first user turn, restored as text
+        beat = client.wait_for(lambda m: m.topic == "health.gateway" and m.data["reconnects"] >= 1, timeout_s=5)
+        assert beat.data["connected"]
+    elif fault == "error_event":
+        error = client.wait_for(lambda m: m.topic == "rt.error")
+        assert error.data["event"]["error"]["code"] == "simulated_error"
+    else:
+        unknown = client.wait_for(lambda m: m.topic == "rt.unknown")
+        assert unknown.data["reason"] == ("unknown_type" if fault == "unknown_event" else "malformed_json")
+        client.wait_for(lambda m: m.topic == "health.gateway" and m.data["unknown_events"] == 1, timeout_s=5)
+
+
+def test_api_key_never_leaves_the_process(procs, client_factory, simulator, tmp_path):
+    fake_key = "sk-voicebus-FAKE-KEY-1234567890-do-not-leak"
+    sim = simulator("--pace", "fast")
+    env = {"OPENAI_API_KEY": fake_key, "OPENAI_BASE_URL": sim}
+    tap_out = open(tmp_path / "tap.jsonl", "wb")  # noqa: SIM115 - closed below
+    tap = procs.voicebus("tap", "--json", "--stats", "0", stdout=tap_out.fileno())
+    client = client_factory(["rt.", "health."])
+    start_stages(procs, client, sim, env=env, gateway_args=("--ws-log", str(tmp_path / "ws.jsonl")),
+                 player_args=("--wav", str(tmp_path / "played.wav")))
+    speak(procs, speech_pcm(QUESTION, "slt", 48000), 48000, tmp_path, speed=2.0, env=env)
+    client.wait_for(lambda m: m.topic == "rt.response.done", timeout_s=60)
+    procs.stop_all()
+    tap_out.close()
+    assert tap.returncode is not None
+    scanned = 0
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            scanned += 1
+            assert fake_key.encode() not in path.read_bytes(), f"API key found in {path}"
+    for message in client.seen:
+        assert fake_key not in repr(message.header)
+    assert scanned >= 8  # process logs, ws log, tap capture, WAVs
+    assert (tmp_path / "ws.jsonl").stat().st_size > 0 and (tmp_path / "tap.jsonl").stat().st_size > 0
+
+
+def test_gateway_without_simulator_keeps_retrying_and_says_why(procs, client_factory, tmp_path):
+    client = client_factory(["rt.gateway.", "health.gateway"])
+    procs.voicebus("gateway", env={"VOICEBUS_SIM_URL": "http://127.0.0.1:9/v1"})
+    first = client.wait_for(lambda m: m.topic == "rt.gateway.disconnected", timeout_s=30)
+    assert first.data["reason"].startswith("connect failed")
+    client.wait_for(lambda m: m.topic == "rt.gateway.disconnected" and m.data["attempt"] >= 2, timeout_s=10)
+    beat = client.wait_for(lambda m: m.topic == "health.gateway", timeout_s=5)
+    assert beat.data["connected"] is False

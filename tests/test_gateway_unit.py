@@ -1,0 +1,78 @@
+"""Gateway logic without sockets: event parsing and naming, barge-in arithmetic, echo guard."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+
+from services.gateway.bargein import AudibleTracker, EchoGuard
+from services.gateway.events import parse_server_event, strip_audio
+from services.gateway.session import SessionSettings, replay_item, session_update
+from services.simulator.protocol import validate_client_event
+from tests.speech import tone
+
+
+def test_beta_names_become_ga_and_audio_is_stripped():
+    pcm = tone(440, 0.1, 24000)
+    raw = {"type": "response.audio.delta", "event_id": "e", "response_id": "r", "item_id": "i", "output_index": 0,
+           "content_index": 0, "delta": base64.b64encode(pcm).decode()}
+    parsed = parse_server_event(json.dumps(raw), "beta")
+    assert parsed.type == "response.output_audio.delta"
+    assert parsed.audio == pcm
+    assert "delta" not in parsed.data and parsed.data["delta_bytes"] == len(pcm)
+    ga = parse_server_event(json.dumps({**raw, "type": "response.output_audio.delta"}), "ga")
+    assert ga.type == parsed.type and ga.audio == pcm
+
+
+def test_unknown_malformed_and_invalid_events_become_unknown():
+    assert parse_server_event("{nope", "ga").problem == "malformed_json"
+    assert parse_server_event(json.dumps({"type": "server.new_thing", "event_id": "e"}), "ga").problem == "unknown_type"
+    assert parse_server_event(json.dumps({"type": "response.done", "event_id": "e"}), "ga").problem == "invalid"
+    assert parse_server_event(json.dumps([1]), "ga").problem == "not_an_event"
+    # a GA-only event is unknown to a beta session
+    assert parse_server_event(json.dumps({"type": "conversation.item.done", "event_id": "e", "item": {
+        "type": "message", "role": "user", "content": []}}), "beta").problem == "unknown_type"
+
+
+def test_strip_audio_recurses_into_item_content():
+    item = {"type": "message", "content": [{"type": "input_audio", "audio": "QUJD", "transcript": "hi"}]}
+    stripped = strip_audio({"type": "conversation.item.retrieved", "item": item})
+    assert stripped["item"]["content"][0] == {"type": "input_audio", "audio_bytes": 3, "transcript": "hi"}
+
+
+def test_outgoing_events_validate_against_sdk_client_types():
+    for protocol in ("ga", "beta"):
+        validate_client_event(session_update(SessionSettings(), protocol), protocol)
+        validate_client_event(replay_item("user", "hello", protocol), protocol)
+        validate_client_event(replay_item("assistant", "hi there", protocol), protocol)
+
+
+def test_truncate_uses_played_position_capped_by_received_audio():
+    tracker = AudibleTracker()
+    item = tracker.add_audio("item_1", "resp_1", 0, tone(300, 1.0, 24000))
+    assert item.received_ms == 1000
+    assert tracker.truncate_at_ms(item, 640.4) == 640
+    assert tracker.truncate_at_ms(item, 1500) == 1000  # never past what the server sent
+    tracker.on_player_state({"item_id": "item_1", "played_ms": 640, "playing": True, "buffered_ms": 300}, 0.0)
+    assert tracker.audible_item() is item
+    tracker.on_player_state({"item_id": "item_1", "played_ms": 1000, "playing": False, "buffered_ms": 0}, 1.0)
+    assert tracker.audible_item() is None  # fully played: nothing to interrupt
+    second = tracker.add_audio("item_2", "resp_2", 0, tone(300, 0.2, 24000))
+    assert tracker.audible_item() is second  # received, not yet started by the player
+
+
+def test_echo_guard_gates_echo_and_passes_louder_user_speech():
+    tracker = AudibleTracker()
+    tracker.add_audio("item_1", "resp_1", 0, tone(300, 2.0, 24000, amplitude=0.5))
+    tracker.on_player_state({"item_id": "item_1", "played_ms": 0, "playing": True}, now=0.0)
+    tracker.on_player_state({"item_id": "item_1", "played_ms": 800, "playing": True}, now=0.8)
+    guard = EchoGuard()
+    echo = (np.frombuffer(tone(300, 0.02, 24000, amplitude=0.15), dtype="<i2")).tobytes()  # -10 dB coupling
+    user = tone(180, 0.02, 24000, amplitude=0.9)
+    assert not guard.admit(echo, tracker, now=1.0)
+    assert guard.admit(user, tracker, now=1.0)
+    tracker.on_player_state({"item_id": "item_1", "played_ms": 2000, "playing": False}, now=2.5)
+    assert guard.admit(echo, tracker, now=2.6)  # nothing playing: everything passes
+    assert (guard.gated_frames, guard.passed_frames) == (1, 1)
