@@ -156,11 +156,16 @@ class Receiver:
             self.gaps += seq - last - 1
 
 
-def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0) -> bool:
-    """True once a probe published on the bus comes back through the proxy."""
+def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0, pub: zmq.Socket | None = None) -> bool:
+    """True once a probe published on the bus comes back through the proxy.
+
+    Pass the publisher you will use: once its own probe has come back, the proxy has attached it
+    and sent it the current subscriptions, so its first real messages are not lost (slow joiner).
+    """
     from common.envelope import Stamper  # local: only the launcher and tests need it
 
-    pub = connect_pub(ctx, cfg)
+    own_pub = pub is None
+    pub = connect_pub(ctx, cfg) if pub is None else pub
     sub = connect_sub(ctx, cfg, ["bus.probe"])
     stamper = Stamper("probe", "")
     deadline = time.monotonic() + timeout_s
@@ -171,5 +176,6 @@ def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0) -> b
                 return True
         return False
     finally:
-        pub.close(0)
+        if own_pub:
+            pub.close(0)
         sub.close(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -40,7 +41,7 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
     started = time.monotonic()
 
     def heartbeat(state: str) -> None:
-        counters = {"state": state, "uptime_s": round(time.monotonic() - started, 1),
+        counters = {"state": state, "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 1),
                     "in": receiver.received if receiver else 0, "out": publisher.sent,
                     "bad": receiver.bad_total if receiver else 0, "gaps": receiver.gaps if receiver else 0,
                     "dropped": publisher.dropped + stage.inbox.dropped, "errors": handler_errors}
@@ -48,7 +49,7 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
         stage.out.event(f"health.{stage.name}", counters)
 
     try:
-        while not stopping and not wait_for_bus(ctx, cfg, timeout_s=BUS_WAIT_LOG_INTERVAL_S):
+        while not stopping and not wait_for_bus(ctx, cfg, BUS_WAIT_LOG_INTERVAL_S, pub=publisher.sock):
             log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub))
         if stopping:
             return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def bus_options(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120})
 def main() -> None:
     """voicebus: a realtime voice assistant where every stage is a process on a ZeroMQ bus.
 
@@ -208,7 +209,7 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
     from services.gateway.stage import GatewayStage
 
     target = openai_target()
-    if target.is_simulator:
+    if target.is_simulator and not os.environ.get("VOICEBUS_SESSION_LAUNCHED"):
         click.echo(f"gateway: OPENAI_API_KEY is not set: using the local simulator at {target.base_url} "
                    "(start it with `voicebus simulate`; `voicebus up` does)", err=True)
     headers = [f"Authorization: Bearer {target.api_key}"] + (["OpenAI-Beta: realtime=v1"] if protocol == "beta" else [])
@@ -222,6 +223,20 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
                          EchoGuard(echo_guard_ratio) if echo_guard else None, Path(ws_log) if ws_log else None,
                          max_session_min * 60, "simulator" if target.is_simulator else "openai")
     sys.exit(run_stage(stage, cfg))
+
+
+@main.command()
+@click.option("--question", "questions", multiple=True, help="A question to speak (repeatable; default: two).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="voicebus-demo", show_default=True,
+              help="Where recordings and logs go (a folder per session).")
+@click.option("--voice", default="slt", show_default=True, help="flite voice for the questions (slt, rms, awb, kal16).")
+@click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
+def demo(questions, out_dir, voice, log_level):
+    """The whole pipeline offline: speak questions, hear answers, print the conversation and latency."""
+    from services.demo import DEFAULT_QUESTIONS, run_demo
+
+    setup_logging(log_level)
+    sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice))
 
 
 @main.command()

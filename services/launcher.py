@@ -61,7 +61,8 @@ class Child:
 
 def child_env(cfg: BusConfig, session: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(VOICEBUS_BUS_PUB=cfg.pub, VOICEBUS_BUS_SUB=cfg.sub, VOICEBUS_SESSION=session, PYTHONUNBUFFERED="1")
+    env.update(VOICEBUS_BUS_PUB=cfg.pub, VOICEBUS_BUS_SUB=cfg.sub, VOICEBUS_SESSION=session, PYTHONUNBUFFERED="1",
+               VOICEBUS_SESSION_LAUNCHED="1")
     if cfg.curve_dir is not None:
         env["VOICEBUS_CURVE_DIR"] = str(cfg.curve_dir)
     env.update(extra or {})
@@ -109,6 +110,7 @@ class Supervisor:
         log.info(kv("bus_up", pub=self.cfg.pub, sub=self.cfg.sub, pid=self.bus_proc.pid))
         self.receiver = Receiver(connect_sub(self.ctx, self.cfg, ["health."]), "launcher")
         self.events = Publisher(connect_pub(self.ctx, self.cfg))
+        wait_for_bus(self.ctx, self.cfg, timeout_s=5.0, pub=self.events.sock)
         for child in self.children:
             self._start(child)
 

@@ -12,9 +12,11 @@ from services.launcher import ProcessSpec
 STAGES: dict[str, list[str]] = {
     "mic": ["mic"],
     "resample": ["resample"],
+    "gateway": ["gateway"],
     "player": ["player"],
 }
 DEFAULT_STAGES = list(STAGES)
+SIMULATOR = "simulator"
 
 log = logging.getLogger("voicebus.launcher")
 
@@ -22,11 +24,17 @@ log = logging.getLogger("voicebus.launcher")
 def pipeline_specs(names: list[str] | None, extra_args: dict[str, list[str]]) -> tuple[list[ProcessSpec], dict[str, str]]:
     """The processes to start and the environment they share."""
     names = names or DEFAULT_STAGES
-    unknown = sorted(set(names) - set(STAGES)) + sorted(set(extra_args) - set(STAGES))
+    unknown = sorted(set(names) - set(STAGES)) + sorted(set(extra_args) - set(STAGES) - {SIMULATOR})
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
     specs = [ProcessSpec(name, STAGES[name] + extra_args.get(name, [])) for name in names]
     env: dict[str, str] = {}
     target = openai_target()
-    log.info(kv("openai_target", simulator=target.is_simulator, base_url=target.base_url))
+    if target.is_simulator and "gateway" in names:
+        port = target.base_url.rsplit(":", 1)[1].split("/", 1)[0]
+        specs.insert(0, ProcessSpec(SIMULATOR, ["simulate", "--port", port, *extra_args.get(SIMULATOR, [])],
+                                    heartbeat=False))
+        log.warning(kv("offline", reason="OPENAI_API_KEY is not set", using=f"local simulator at {target.base_url}"))
+    else:
+        log.info(kv("openai_target", base_url=target.base_url))
     return specs, env

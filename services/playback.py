@@ -43,6 +43,7 @@ class PlaybackBuffer:
         self.underruns = 0
         self._starved_item: str | None = None
         self.item_changed = False
+        self.item_started_ns = 0
         self.handoff_ms: deque[float] = deque(maxlen=500)  # frame received -> first sample handed to output
 
     @staticmethod
@@ -77,6 +78,7 @@ class PlaybackBuffer:
                 segment = self._segments[0]
                 if self.current is None or segment.item_id != self.current.item_id:
                     self.item_changed = True
+                    self.item_started_ns = time.time_ns()  # its first sample goes to the output now
                 self.current = segment
                 if segment.offset == 0 and segment.received_at:
                     self.handoff_ms.append(1000 * (time.monotonic() - segment.received_at))
@@ -112,6 +114,7 @@ class PlaybackBuffer:
                      "played_ms": round(1000 * self.played.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
                      "received_ms": round(1000 * self.received.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
                      "buffered_ms": round(1000 * self._buffered / BYTES_PER_SAMPLE / self.rate, 1),
-                     "playing": self.playing, "underruns": self.underruns}
+                     "playing": self.playing, "underruns": self.underruns,
+                     "item_started_ns": self.item_started_ns if current else 0}
             self.item_changed = False
         return state

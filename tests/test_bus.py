@@ -34,7 +34,7 @@ def test_fuzzed_frames_through_real_proxy_are_all_counted(bus):
     ctx = zmq.Context()
     pub = connect_pub(ctx, bus)
     receiver = Receiver(connect_sub(ctx, bus, [""]), "fuzz")
-    assert wait_for_bus(ctx, bus)
+    assert wait_for_bus(ctx, bus, pub=pub)
     expected = {"good": 0, "bad": 0}
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -90,7 +90,7 @@ def test_stalled_subscriber_does_not_stall_publisher_or_others(bus):
     stalled = connect_sub(ctx, bus, [""])  # never read
     fast = connect_sub(ctx, bus, ["load."])
     pub = connect_pub(ctx, bus)
-    assert wait_for_bus(ctx, bus)
+    assert wait_for_bus(ctx, bus, pub=pub)
     time.sleep(0.2)
     total = 150_000
     received = {"n": 0}

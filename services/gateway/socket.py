@@ -22,6 +22,7 @@ from common.log import kv
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 8.0
 CONNECT_TIMEOUT_S = 10.0
+QUIET_ATTEMPTS = 3
 
 log = logging.getLogger("voicebus.gateway")
 
@@ -89,7 +90,9 @@ class RealtimeSocket:
                 reason = _describe(exc)
                 self._put(SocketEvent("closed", reason=f"connect failed: {reason}", attempt=attempt))
                 delay = backoff * random.uniform(0.8, 1.2)
-                log.warning(kv("connect_failed", attempt=attempt, reason=repr(reason), retry_in_s=round(delay, 2)))
+                # the first refusals are the usual start-up race with a local server: say so quietly
+                level = logging.INFO if attempt <= QUIET_ATTEMPTS and self.connects == 0 else logging.WARNING
+                log.log(level, kv("connect_failed", attempt=attempt, reason=repr(reason), retry_in_s=round(delay, 2)))
                 self._stop.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 continue

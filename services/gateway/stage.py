@@ -6,7 +6,7 @@ import base64
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,6 +25,7 @@ RATE = 24_000
 FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before truncating with the last one
 MAX_EVENT_HEADER_BYTES = 60_000
 RESUME_TURNS = 20
+APPEND_HISTORY = 3000  # 60 s of 20 ms frames: maps the server's audio ms back to capture time
 
 log = logging.getLogger("voicebus.gateway")
 
@@ -49,6 +50,8 @@ class GatewayStage(Stage):
         self.ws_log_path = ws_log
         self._ws_log: TextIO | None = None
         self._warn = RateLimitedLog(log)
+        self.appended_frames: deque[tuple[int, int, int]] = deque(maxlen=APPEND_HISTORY)  # (start, n, t_capture)
+        self.session_samples = 0  # audio appended since this server session began
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0}
 
@@ -113,6 +116,8 @@ class GatewayStage(Stage):
             pcm = bytes(len(pcm))  # silence keeps the server's audio clock in step with capture
         if self.socket.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})):
             self.counts["appended"] += 1
+            self.appended_frames.append((self.session_samples, message.samples, header.t_capture_ns))
+            self.session_samples += message.samples
             stripped = {"type": "input_audio_buffer.append", "audio_bytes": len(pcm), "pts": header.pts,
                         "t_capture_ns": header.t_capture_ns,
                         "t_callback_ns": (header.model_extra or {}).get("t_callback_ns", 0)}
@@ -132,6 +137,8 @@ class GatewayStage(Stage):
 
     def _on_connected(self, attempt: int) -> None:
         resumed = self.socket.connects > 1
+        self.session_samples = 0  # a new socket is a new server session: its audio clock starts at 0
+        self.appended_frames.clear()
         log.info(kv("connected", url=self.url_for_logs, attempt=attempt, resumed=resumed))
         self.send(session_update(self.settings, self.protocol))
         replayed = 0
@@ -147,9 +154,11 @@ class GatewayStage(Stage):
         was_active = self.response_active is not None
         self.response_active = None
         self.pending_truncate = None
-        if not reason.startswith("connect failed"):
+        if reason.startswith("connect failed"):
+            log.debug(kv("not_connected", reason=repr(reason), attempt=attempt))
+        else:
             self.counts["reconnects"] += 1
-        log.warning(kv("disconnected", reason=repr(reason), attempt=attempt, response_lost=was_active))
+            log.warning(kv("disconnected", reason=repr(reason), attempt=attempt, response_lost=was_active))
         self._publish_event("rt.gateway.disconnected", {"reason": reason, "attempt": attempt,
                                                         "response_lost": was_active})
 
@@ -190,6 +199,8 @@ class GatewayStage(Stage):
             self._remember(data["item_id"], "user", data.get("transcript", ""))
         elif kind == "input_audio_buffer.speech_started":
             self._barge_in()
+        elif kind == "input_audio_buffer.speech_stopped":
+            self._speech_end(data)
 
     def _on_audio_delta(self, data: dict[str, Any], pcm: bytes, t_recv_ns: int) -> None:
         before = self.tracker.items[data["item_id"]].received_samples if data["item_id"] in self.tracker.items else 0
@@ -201,6 +212,21 @@ class GatewayStage(Stage):
         self.conversation[item_id] = (role, text)
         while len(self.conversation) > 4 * RESUME_TURNS:
             self.conversation.popitem(last=False)
+
+    def capture_time_of(self, session_ms: float) -> int | None:
+        """Wall-clock capture time of the audio the server knows as `session_ms` (None if too old)."""
+        target = session_ms * RATE / 1000
+        for start, samples, t_capture_ns in reversed(self.appended_frames):
+            if start <= target:
+                return t_capture_ns + int((target - start) * 1e9 / RATE) if target <= start + samples else None
+        return None
+
+    def _speech_end(self, data: dict[str, Any]) -> None:
+        """The user stopped speaking `silence_duration_ms` before the server said so: when was that, really?"""
+        speech_end_ms = data["audio_end_ms"] - self.settings.vad_silence_duration_ms
+        self._publish_event("rt.gateway.speech_end", {"item_id": data["item_id"], "audio_end_ms": data["audio_end_ms"],
+                                                      "speech_end_ms": speech_end_ms,
+                                                      "speech_end_capture_ns": self.capture_time_of(speech_end_ms)})
 
     # --- barge-in --------------------------------------------------------------------------
     def _barge_in(self) -> None:
