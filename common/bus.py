@@ -24,6 +24,7 @@ LINGER_MS = 200
 SERVER_KEY = "server"
 CLIENT_KEY = "client"
 AUTHORIZED_DIR = "authorized"
+PROBE_TOPIC = "bus.probe"
 
 log = logging.getLogger("voicebus.bus")
 
@@ -156,26 +157,36 @@ class Receiver:
             self.gaps += seq - last - 1
 
 
-def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0, pub: zmq.Socket | None = None) -> bool:
+def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0, pub: zmq.Socket | None = None,
+                 sub: zmq.Socket | None = None) -> bool:
     """True once a probe published on the bus comes back through the proxy.
 
-    Pass the publisher you will use: once its own probe has come back, the proxy has attached it
-    and sent it the current subscriptions, so its first real messages are not lost (slow joiner).
+    Pass the sockets you will use. Once a probe from your own PUB has come back, the proxy has
+    attached it and sent it the current subscriptions (no slow-joiner loss of your first messages);
+    once it comes back on your own SUB, the subscriptions you made before it have reached the proxy.
+    Messages your SUB receives meanwhile are discarded: nothing has started yet.
     """
     from common.envelope import Stamper  # local: only the launcher and tests need it
 
-    own_pub = pub is None
+    own_pub, own_sub = pub is None, sub is None
     pub = connect_pub(ctx, cfg) if pub is None else pub
-    sub = connect_sub(ctx, cfg, ["bus.probe"])
+    sub = connect_sub(ctx, cfg, [PROBE_TOPIC]) if sub is None else sub
+    if not own_sub:
+        sub.setsockopt(zmq.SUBSCRIBE, PROBE_TOPIC.encode())
     stamper = Stamper("probe", "")
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            pub.send_multipart(encode(stamper.event("bus.probe", {}, time.time_ns())), flags=zmq.NOBLOCK)
-            if sub.poll(50):
-                return True
+            pub.send_multipart(encode(stamper.event(PROBE_TOPIC, {}, time.time_ns())), flags=zmq.NOBLOCK)
+            end = time.monotonic() + 0.05
+            while sub.poll(max(0, int((end - time.monotonic()) * 1000))):
+                if sub.recv_multipart()[0] == PROBE_TOPIC.encode():
+                    return True
         return False
     finally:
         if own_pub:
             pub.close(0)
-        sub.close(0)
+        if own_sub:
+            sub.close(0)
+        else:
+            sub.setsockopt(zmq.UNSUBSCRIBE, PROBE_TOPIC.encode())

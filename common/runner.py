@@ -49,7 +49,8 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
         stage.out.event(f"health.{stage.name}", counters)
 
     try:
-        while not stopping and not wait_for_bus(ctx, cfg, BUS_WAIT_LOG_INTERVAL_S, pub=publisher.sock):
+        while not stopping and not wait_for_bus(ctx, cfg, BUS_WAIT_LOG_INTERVAL_S, pub=publisher.sock,
+                                                 sub=receiver.sock if receiver else None):
             log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub))
         if stopping:
             return 0

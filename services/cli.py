@@ -241,6 +241,64 @@ def demo(questions, out_dir, voice, log_level):
 
 @main.command()
 @bus_options
+@click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False), help="Capture file (appended).")
+@click.argument("prefixes", nargs=-1)
+@click.option("--duration", type=float, help="Stop after this many seconds.")
+@click.option("--count", type=int, help="Stop after this many messages.")
+def capture(cfg, path, prefixes, duration, count):
+    """Record bus messages exactly as received (crash-safe, append-only) for replay and inspection."""
+    from services.capture import run_capture
+
+    sys.exit(run_capture(cfg, path, list(prefixes), duration, count))
+
+
+@main.command()
+@bus_options
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("prefixes", nargs=-1)
+@click.option("--only", "only", multiple=True, help="Topic prefix to replay (same as PREFIXES; repeatable).")
+@click.option("--speed", default="1.0", show_default=True, help="Pacing factor, or 'max' for no pacing.")
+@click.option("--loop", is_flag=True, help="Start again at the end.")
+@click.option("--from", "from_s", type=float, help="Start this many seconds into the capture.")
+@click.option("--to", "to_s", type=float, help="Stop this many seconds into the capture.")
+def replay(cfg, path, prefixes, only, speed, loop, from_s, to_s):
+    """Publish a capture again with its original pacing (e.g. --only audio.user into a running gateway)."""
+    from common.capture_file import CaptureError
+    from common.config import session_id
+    from services.replay import run_replay
+
+    try:
+        pace = None if speed == "max" else float(speed)
+    except ValueError as exc:
+        raise click.BadParameter("a number or 'max'", param_hint="--speed") from exc
+    try:
+        sys.exit(run_replay(cfg, path, list(prefixes) + list(only), pace, loop, from_s, to_s, session_id()))
+    except CaptureError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command("inspect")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wav", "wav_topic", help="Export this audio topic as a WAV (with -o).")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Where --wav writes.")
+@click.option("--events", is_flag=True, help="Print the rt.* event timeline.")
+def inspect_cmd(path, wav_topic, out, events):
+    """Summarise a capture: topics, counts, duration, gaps, bad records; export audio; list events."""
+    from common.capture_file import CaptureError
+    from services.inspect_capture import export_wav, print_events, summarize
+
+    try:
+        if wav_topic:
+            if not out:
+                raise click.UsageError("--wav needs -o OUT.wav")
+            sys.exit(export_wav(path, wav_topic, out))
+        sys.exit(print_events(path) if events else summarize(path))
+    except CaptureError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@bus_options
 def doctor(cfg):
     """Check audio devices, PulseAudio, the bus, stage heartbeats and API keys; say how to fix problems."""
     from services.doctor import run_doctor

@@ -8,7 +8,8 @@ import sys
 
 from tests.helpers import REPO
 
-COMMANDS = ["bus", "demo", "doctor", "gateway", "keys", "mic", "player", "resample", "simulate", "tap", "up"]
+COMMANDS = ["bus", "capture", "demo", "doctor", "gateway", "inspect", "keys", "mic", "player", "replay", "resample",
+            "simulate", "tap", "up"]
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -104,7 +104,8 @@ def test_gateway_survives_every_fault_and_next_turn_works(procs, client_factory,
         client.wait_for(lambda m: m.topic == "rt.gateway.disconnected")
         resumed = client.wait_for(lambda m: m.topic == "rt.gateway.connected" and m.data["resumed"])
         assert resumed.data["replayed_items"] >= 1  # the first user turn, restored as text
-        beat = client.wait_for(lambda m: m.topic == "health.gateway" and m.data["reconnects"] >= 1, timeout_s=5)
+        beat = client.wait_for(lambda m: m.topic == "health.gateway" and m.data["reconnects"] >= 1
+                               and m.header.t_ns > resumed.header.t_ns, timeout_s=5)
         assert beat.data["connected"]
     elif fault == "error_event":
         error = client.wait_for(lambda m: m.topic == "rt.error")
