@@ -297,6 +297,58 @@ def inspect_cmd(path, wav_topic, out, events):
         raise click.ClickException(str(exc)) from exc
 
 
+def _trace_root(root: str | None) -> Path:
+    from services.logger.store import default_root
+
+    return Path(root) if root else default_root()
+
+
+@main.command()
+@bus_options
+@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
+@click.option("--project", default="voicebus", show_default=True, envvar="WEAVE_PROJECT", help="Weave project.")
+@click.option("--prices", type=click.Path(exists=True, dir_okay=False),
+              help="JSON USD per 1M tokens: audio_in, audio_in_cached, text_in, text_in_cached, audio_out, text_out.")
+@click.option("--no-upload", is_flag=True, help="Only store locally, even when WANDB_API_KEY is set.")
+def logger(cfg, root, project, prices, no_upload):
+    """Stage: store every conversation locally (turns, audio, timing, cost), then upload it to Weave."""
+    import json
+
+    from common.runner import run_stage
+    from services.logger.conversation import DEFAULT_PRICES
+    from services.logger.stage import LoggerStage
+
+    table = dict(DEFAULT_PRICES)
+    if prices:
+        table.update(json.loads(Path(prices).read_text()))
+    sys.exit(run_stage(LoggerStage(_trace_root(root), table, not no_upload, project), cfg))
+
+
+@main.command()
+@click.argument("sessions", nargs=-1)
+@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
+@click.option("--project", default="voicebus", show_default=True, envvar="WEAVE_PROJECT", help="Weave project.")
+@click.option("--timeout", type=int, default=600, show_default=True,
+              help="Give up after this many seconds (what is not confirmed stays pending).")
+@click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
+def upload(sessions, root, project, timeout, log_level):
+    """Upload stored sessions to W&B Weave through the real weave client, each exactly once."""
+    import signal
+
+    from services.logger.upload import UploadError, run_upload
+
+    def give_up(_signum, _frame):
+        raise click.ClickException(f"gave up after {timeout}s; unconfirmed sessions stay pending for the next run")
+
+    signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(timeout)
+    setup_logging(log_level)
+    try:
+        sys.exit(run_upload(_trace_root(root), list(sessions), project))
+    except UploadError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @main.command()
 @bus_options
 def doctor(cfg):

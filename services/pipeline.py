@@ -14,6 +14,7 @@ STAGES: dict[str, list[str]] = {
     "resample": ["resample"],
     "gateway": ["gateway"],
     "player": ["player"],
+    "logger": ["logger"],
 }
 DEFAULT_STAGES = list(STAGES)
 SIMULATOR = "simulator"

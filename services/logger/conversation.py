@@ -1,0 +1,248 @@
+"""Turns, rebuilt from what crosses the bus: the user's words and audio, the assistant's as heard.
+
+Pure logic (no files, no sockets): feed it bus messages and the time, collect finished turns.
+User audio is cut from `audio.user` by the server's own `audio_start_ms`/`audio_end_ms`, mapped
+back to frames through the gateway's `rt.sent.input_audio_buffer.append` records (the server's audio
+clock starts at 0 on every new connection). The assistant's audio "as played" is the generated audio
+cut where the player stopped: the truncation point after a barge-in, else what the player reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.envelope import AudioHeader, Message
+
+RATE = 24_000
+BYTES_PER_MS = RATE * 2 // 1000
+USER_AUDIO_FRAMES = 9000  # ~3 min of 20 ms frames kept for cutting
+FINALIZE_GRACE_S = 3.0  # after response.done, how long to wait for the player to finish or a truncation
+# USD per 1M tokens (gpt-realtime list prices); pass your own with --prices
+DEFAULT_PRICES = {"audio_in": 32.0, "audio_in_cached": 0.40, "text_in": 4.0, "text_in_cached": 0.40,
+                  "audio_out": 64.0, "text_out": 16.0}
+
+
+@dataclass
+class Turn:
+    user_item_id: str = ""
+    user_transcript: str | None = None
+    audio_start_ms: int | None = None
+    audio_end_ms: int | None = None
+    user_pcm: bytes = b""
+    speech_end_ns: int | None = None
+    response_id: str = ""
+    item_id: str = ""
+    status: str = ""
+    usage: dict[str, Any] = field(default_factory=dict)
+    transcript: str = ""
+    truncated: dict[str, Any] | None = None
+    first_delta_ns: int | None = None
+    first_played_ns: int | None = None
+    played_ms: float | None = None
+    done_at: float | None = None
+    started_ns: int = field(default_factory=time.time_ns)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def cost_usd(usage: dict[str, Any], prices: dict[str, float]) -> float:
+    details_in = usage.get("input_token_details") or {}
+    details_out = usage.get("output_token_details") or {}
+    cached = details_in.get("cached_tokens_details") or {}
+    audio_cached, text_cached = cached.get("audio_tokens", 0) or 0, cached.get("text_tokens", 0) or 0
+    total = ((details_in.get("audio_tokens", 0) or 0) - audio_cached) * prices["audio_in"] \
+        + audio_cached * prices["audio_in_cached"] \
+        + ((details_in.get("text_tokens", 0) or 0) - text_cached) * prices["text_in"] \
+        + text_cached * prices["text_in_cached"] \
+        + (details_out.get("audio_tokens", 0) or 0) * prices["audio_out"] \
+        + (details_out.get("text_tokens", 0) or 0) * prices["text_out"]
+    return round(total / 1e6, 6)
+
+
+class ConversationBuilder:
+    def __init__(self, prices: dict[str, float] | None = None) -> None:
+        self.prices = prices or DEFAULT_PRICES
+        self.user_frames: OrderedDict[int, bytes] = OrderedDict()  # audio.user pts -> pcm
+        self.appended: list[tuple[int, int, int]] = []  # (server sample start, pts, samples)
+        self.server_samples = 0
+        self.turns: list[Turn] = []
+        self.by_user_item: dict[str, Turn] = {}
+        self.by_item: dict[str, Turn] = {}
+        self.by_response: dict[str, Turn] = {}
+        self.generated: dict[str, bytearray] = {}
+        self.item_started_ns: dict[str, int] = {}
+        self.finished: list[tuple[dict[str, Any], dict[str, bytes]]] = []
+        self.session_events: list[dict[str, Any]] = []
+        self.session_facts: dict[str, Any] = {}
+
+    # --- input -------------------------------------------------------------------------------
+    def handle(self, message: Message, now: float) -> None:
+        topic = message.topic
+        if topic == "audio.user" and isinstance(message.header, AudioHeader):
+            self.user_frames[message.header.pts] = message.payload
+            while len(self.user_frames) > USER_AUDIO_FRAMES:
+                self.user_frames.popitem(last=False)
+        elif topic == "audio.assistant" and isinstance(message.header, AudioHeader):
+            item_id = (message.header.model_extra or {}).get("item_id", "")
+            self.generated.setdefault(item_id, bytearray()).extend(message.payload)
+            turn = self.by_item.get(item_id)
+            if turn is not None and turn.first_delta_ns is None:
+                turn.first_delta_ns = message.header.t_capture_ns
+        elif topic == "player.state":
+            self._player_state(message.data)
+        elif topic.startswith("rt."):
+            self._event(topic[3:], message.data, message.header.t_ns, now)
+
+    def _player_state(self, state: dict[str, Any]) -> None:
+        item_id = state.get("item_id")
+        if not item_id:
+            return
+        if state.get("item_started_ns"):
+            self.item_started_ns.setdefault(item_id, state["item_started_ns"])
+        turn = self.by_item.get(item_id)
+        if turn is not None:
+            turn.played_ms = state.get("played_ms")
+            turn.first_played_ns = turn.first_played_ns or self.item_started_ns.get(item_id)
+
+    def _current(self) -> Turn | None:
+        return self.turns[-1] if self.turns else None
+
+    def _event(self, kind: str, data: dict[str, Any], t_ns: int, now: float) -> None:
+        event = data.get("event", {})
+        if kind == "sent.input_audio_buffer.append":
+            samples = event.get("audio_bytes", 0) // 2
+            self.appended.append((self.server_samples, event.get("pts", 0), samples))
+            self.server_samples += samples
+            del self.appended[:-USER_AUDIO_FRAMES]
+        elif kind == "gateway.connected":
+            self.server_samples = 0
+            self.appended.clear()
+            self._note({"kind": "connected", "resumed": data.get("resumed"), "replayed_items":
+                        data.get("replayed_items"), "t_ns": t_ns})
+        elif kind == "gateway.disconnected":
+            self._note({"kind": "disconnected", "reason": data.get("reason"), "t_ns": t_ns,
+                        "response_lost": data.get("response_lost")})
+        elif kind in ("error", "unknown"):
+            self._note({"kind": kind, "t_ns": t_ns, "detail": event.get("error") if kind == "error" else data})
+        elif kind == "session.created":
+            session = event.get("session", {})
+            self.session_facts.update(model=session.get("model"), protocol=data.get("protocol"),
+                                      server_session_id=session.get("id"))
+        elif kind == "input_audio_buffer.speech_started":
+            turn = Turn(user_item_id=event.get("item_id", ""), audio_start_ms=event.get("audio_start_ms"))
+            self.turns.append(turn)
+            self.by_user_item[turn.user_item_id] = turn
+        elif kind == "input_audio_buffer.speech_stopped":
+            turn = self.by_user_item.get(event.get("item_id", ""))
+            if turn is not None:
+                turn.audio_end_ms = event.get("audio_end_ms")
+                turn.user_pcm = self.cut_user_audio(turn.audio_start_ms or 0, turn.audio_end_ms or 0)
+        elif kind == "gateway.speech_end":
+            turn = self.by_user_item.get(data.get("item_id", ""))
+            if turn is not None:
+                turn.speech_end_ns = data.get("speech_end_capture_ns")
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            turn = self.by_user_item.get(event.get("item_id", ""))
+            if turn is not None:
+                turn.user_transcript = event.get("transcript", "")
+        elif kind == "response.created":
+            turn = next((t for t in reversed(self.turns) if not t.response_id), None)
+            if turn is None:  # a response nobody spoke for (text input, resumed session)
+                turn = Turn()
+                self.turns.append(turn)
+            turn.response_id = event.get("response", {}).get("id", "")
+            self.by_response[turn.response_id] = turn
+        elif kind == "response.output_item.added":
+            turn = self.by_response.get(event.get("response_id", ""))
+            if turn is not None and not turn.item_id:
+                turn.item_id = event.get("item", {}).get("id", "")
+                self.by_item[turn.item_id] = turn
+        elif kind == "response.output_audio_transcript.done":
+            turn = self.by_item.get(event.get("item_id", ""))
+            if turn is not None:
+                turn.transcript = event.get("transcript", "")
+        elif kind == "gateway.truncated":
+            turn = self.by_item.get(data.get("item_id", ""))
+            if turn is not None:
+                turn.truncated = data
+                turn.events.append({"kind": "barge_in", "audio_end_ms": data.get("audio_end_ms"), "t_ns": t_ns})
+        elif kind == "response.done":
+            response = event.get("response", {})
+            turn = self.by_response.get(response.get("id", ""))
+            if turn is not None:
+                turn.status, turn.usage, turn.done_at = response.get("status", ""), response.get("usage") or {}, now
+
+    def _note(self, record: dict[str, Any]) -> None:
+        current = self._current()
+        record["turn_open"] = current is not None and current.done_at is None
+        self.session_events.append(record)
+        if current is not None and current.done_at is None:
+            current.events.append(record)
+
+    def cut_user_audio(self, start_ms: int, end_ms: int) -> bytes:
+        """The user's audio between two points of the server's audio clock."""
+        first, last = start_ms * RATE // 1000, end_ms * RATE // 1000
+        out = bytearray()
+        for server_start, pts, samples in self.appended:
+            lo, hi = max(first, server_start), min(last, server_start + samples)
+            if lo >= hi:
+                continue
+            pcm = self.user_frames.get(pts)
+            out += pcm[(lo - server_start) * 2:(hi - server_start) * 2] if pcm else bytes((hi - lo) * 2)
+        return bytes(out)
+
+    # --- output ------------------------------------------------------------------------------
+    def tick(self, now: float, final: bool = False) -> list[tuple[dict[str, Any], dict[str, bytes]]]:
+        """Turns that are complete now (all of them when `final`)."""
+        done = []
+        for turn in list(self.turns):
+            if not self._complete(turn, now) and not final:
+                continue
+            if final and not turn.response_id and not turn.user_transcript:
+                self.turns.remove(turn)
+                continue
+            done.append(self._record(turn))
+            self.turns.remove(turn)
+        return done
+
+    def _complete(self, turn: Turn, now: float) -> bool:
+        if turn.done_at is None:
+            return False
+        generated_ms = len(self.generated.get(turn.item_id, b"")) / BYTES_PER_MS
+        fully_played = turn.played_ms is not None and turn.played_ms >= generated_ms - 1
+        return turn.truncated is not None or fully_played or now - turn.done_at > FINALIZE_GRACE_S
+
+    def _record(self, turn: Turn) -> tuple[dict[str, Any], dict[str, bytes]]:
+        generated = bytes(self.generated.pop(turn.item_id, b""))
+        if turn.truncated is not None:
+            played_ms = float(turn.truncated.get("audio_end_ms", 0))
+            heard = turn.truncated.get("transcript_heard", "")
+        else:
+            played_ms = turn.played_ms if turn.played_ms is not None else len(generated) / BYTES_PER_MS
+            heard = turn.transcript
+        played = generated[:int(played_ms) * BYTES_PER_MS]
+        first_played = turn.first_played_ns or self.item_started_ns.get(turn.item_id)
+
+        def ms_between(a: int | None, b: int | None) -> float | None:
+            return round((b - a) / 1e6, 1) if a and b else None
+
+        record = {
+            "key": turn.response_id or f"user:{turn.user_item_id}",
+            "user": {"item_id": turn.user_item_id, "transcript": turn.user_transcript,
+                     "audio_start_ms": turn.audio_start_ms, "audio_end_ms": turn.audio_end_ms,
+                     "audio_ms": round(len(turn.user_pcm) / BYTES_PER_MS, 1)},
+            "assistant": {"response_id": turn.response_id, "item_id": turn.item_id, "status": turn.status,
+                          "transcript_heard": heard, "transcript_generated": turn.transcript,
+                          "played_ms": round(played_ms, 1), "generated_ms": round(len(generated) / BYTES_PER_MS, 1),
+                          "barge_in": turn.truncated is not None},
+            "usage": turn.usage, "cost_usd": cost_usd(turn.usage, self.prices) if turn.usage else 0.0,
+            "timing": {"speech_end_ns": turn.speech_end_ns, "first_delta_ns": turn.first_delta_ns,
+                       "first_played_ns": first_played,
+                       "speech_end_to_first_delta_ms": ms_between(turn.speech_end_ns, turn.first_delta_ns),
+                       "speech_end_to_first_played_ms": ms_between(turn.speech_end_ns, first_played)},
+            "events": turn.events, "started_ns": turn.started_ns, "ended_ns": time.time_ns(),
+        }
+        audio = {"user": turn.user_pcm, "assistant-played": played, "assistant-generated": generated}
+        return record, audio

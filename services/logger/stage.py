@@ -1,0 +1,112 @@
+"""`voicebus logger`: build each conversation from the bus and store it durably, turn by turn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common.envelope import Message
+from common.log import kv
+from common.stage import Stage
+from services.logger.conversation import ConversationBuilder
+from services.logger.store import SessionStore
+
+log = logging.getLogger("voicebus.logger")
+
+
+class LoggerStage(Stage):
+    name = "logger"
+    subscriptions = ["audio.user", "audio.assistant", "rt.", "player.", "health."]
+    tick_interval_s = 0.5
+
+    def __init__(self, root: Path, prices: dict[str, float] | None = None, auto_upload: bool = True,
+                 project: str = "voicebus") -> None:
+        super().__init__()
+        self.root, self.auto_upload, self.project = root, auto_upload, project
+        self.builder = ConversationBuilder(prices)
+        self.store: SessionStore | None = None
+        self.noted = 0
+        self.last_drops: dict[str, int] = {}
+        self.turns_stored = 0
+        self.store_errors = 0
+
+    def counters(self) -> dict[str, Any]:
+        return {"turns_stored": self.turns_stored, "open_turns": len(self.builder.turns),
+                "store_errors": self.store_errors, "session_dir": str(self.store.dir) if self.store else ""}
+
+    def handle(self, message: Message) -> None:
+        if self.store is None and message.header.session and not message.topic.startswith("health."):
+            self._open(message.header.session)
+        if message.topic.startswith("health."):
+            self._watch_drops(message)
+        self.builder.handle(message, time.monotonic())
+        self._flush_events()
+
+    def _open(self, session: str) -> None:
+        self.store = SessionStore(self.root, session)
+        resumed = self.store.next_index > 1
+        self.store.write_meta(started_ns=self.store.meta.get("started_ns", time.time_ns()), ended_ns=None)
+        log.info(kv("session_store", dir=self.store.dir, resumed=resumed, turns_already=self.store.next_index - 1))
+
+    def _watch_drops(self, message: Message) -> None:
+        stage = message.topic.removeprefix("health.")
+        lost = int(message.data.get("dropped", 0)) + int(message.data.get("gaps", 0))
+        before = self.last_drops.get(stage, lost if stage not in self.last_drops else 0)
+        self.last_drops[stage] = lost
+        if lost > before:
+            self.builder._note({"kind": "dropped", "stage": stage, "count": lost - before, "t_ns": message.header.t_ns})
+
+    def _flush_events(self) -> None:
+        if self.store is None:
+            return
+        for record in self.builder.session_events[self.noted:]:
+            try:
+                self.store.event(record)
+            except OSError as exc:
+                self.store_errors += 1
+                log.error(kv("store_failed", what="event", error=repr(exc.strerror)))
+        self.noted = len(self.builder.session_events)
+
+    def tick(self) -> None:
+        self._store(self.builder.tick(time.monotonic()))
+
+    def _store(self, finished: list) -> None:
+        if not finished or self.store is None:
+            return
+        for record, audio in finished:
+            try:
+                if self.store.write_turn(record, audio):
+                    self.turns_stored += 1
+                    log.info(kv("turn_stored", turn=record["turn"], user=repr(record["user"]["transcript"]),
+                                assistant=repr(record["assistant"]["transcript_heard"]),
+                                latency_ms=record["timing"]["speech_end_to_first_played_ms"]))
+            except OSError as exc:  # full or read-only disk: say so, keep the pipeline running
+                self.store_errors += 1
+                log.error(kv("store_failed", what="turn", error=repr(exc.strerror), dir=self.store.dir))
+
+    def stop(self) -> None:
+        self._store(self.builder.tick(time.monotonic(), final=True))
+        self._flush_events()
+        if self.store is None:
+            return
+        try:
+            self.store.write_meta(ended_ns=time.time_ns(), **self.builder.session_facts,
+                                  turns=self.store.next_index - 1)
+        except OSError as exc:
+            log.error(kv("store_failed", what="meta", error=repr(exc.strerror)))
+        if self.auto_upload and os.environ.get("WANDB_API_KEY"):
+            self._spawn_upload()
+
+    def _spawn_upload(self) -> None:
+        """Upload in a separate process: the weave client's threads, retries and hangs never touch this stage."""
+        assert self.store is not None
+        log_file = open(self.store.dir / "upload.log", "ab")  # noqa: SIM115 - handed to the child
+        subprocess.Popen([sys.executable, "-m", "services.cli", "upload", self.store.session, "--root",
+                          str(self.root), "--project", self.project], stdin=subprocess.DEVNULL, stdout=log_file,
+                         stderr=log_file, start_new_session=True)
+        log.info(kv("upload_started", session=self.store.session, log=self.store.dir / "upload.log"))

@@ -1,0 +1,149 @@
+"""`voicebus upload`: replay stored sessions through the real weave client, exactly once.
+
+One root call per session (`voicebus.session`) and one child call per turn (`voicebus.turn`) with
+the user's audio and the assistant's audio as played as `weave.Audio` (WAV), transcripts, usage,
+cost and timings. A session is marked uploaded only after its calls are read back from the trace
+server; the call ids are written down before flushing, so an upload cut short is checked on the
+next run instead of being sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import requests
+
+from services.logger.store import _atomic_write, load_json, load_turns
+
+REACHABILITY_TIMEOUT_S = 3.0
+log = logging.getLogger("voicebus.upload")
+
+
+class UploadError(RuntimeError):
+    pass
+
+
+def trace_server_url() -> str:
+    from weave.trace import env
+
+    return env.weave_trace_server_url().rstrip("/")
+
+
+def reachable() -> tuple[bool, str]:
+    url = trace_server_url()
+    try:
+        response = requests.get(f"{url}/server_info", timeout=REACHABILITY_TIMEOUT_S)
+        return response.ok, f"{url} answered {response.status_code}"
+    except requests.RequestException as exc:
+        return False, f"{url} unreachable ({type(exc).__name__})"
+
+
+def pending_sessions(root: Path, wanted: list[str]) -> list[Path]:
+    dirs = [root / name for name in wanted] if wanted else sorted(p for p in root.iterdir() if p.is_dir())
+    out = []
+    for path in dirs:
+        if not (path / "meta.json").exists():
+            raise UploadError(f"{path}: not a voicebus session directory")
+        state = load_json(path / "upload.json") or {}
+        if not state.get("confirmed"):
+            out.append(path)
+    return out
+
+
+def _audio(path: Path):
+    import weave
+
+    return weave.Audio.from_path(str(path)) if path.exists() and path.stat().st_size > 44 else None
+
+
+def _confirmed(client, call_ids: list[str]) -> bool:
+    query = {"project_id": client.project_id, "filter": {"call_ids": call_ids}}
+    found = {call.id for call in client.server.calls_query_stream(query)}
+    return set(call_ids) <= found
+
+
+def upload_session(client, session_dir: Path, progress) -> dict[str, Any]:
+    meta = load_json(session_dir / "meta.json") or {}
+    turns = load_turns(session_dir)
+    state_path = session_dir / "upload.json"
+    state = load_json(state_path) or {}
+    # an earlier run flushed but did not confirm: if it is all there now, do not send it again
+    if state.get("call_ids") and _confirmed(client, state["call_ids"]):
+        state["confirmed"] = True
+        _atomic_write(state_path, json.dumps(state, indent=1))
+        return {"session": meta.get("session"), "turns": 0, "already_there": True}
+    session_inputs = {k: meta.get(k) for k in ("session", "model", "protocol", "server_session_id", "started_ns")}
+    root = client.create_call("voicebus.session", inputs=session_inputs)
+    call_ids = [root.id]
+    events = [json.loads(line) for line in (session_dir / "events.jsonl").read_text().splitlines()
+              if line.strip()] if (session_dir / "events.jsonl").exists() else []
+    totals = {"turns": len(turns), "cost_usd": round(sum(t.get("cost_usd", 0) for t in turns), 6),
+              "barge_ins": sum(1 for t in turns if t["assistant"]["barge_in"]),
+              "errors": sum(1 for e in events if e.get("kind") in ("error", "unknown")),
+              "reconnects": sum(1 for e in events if e.get("kind") == "disconnected"),
+              "dropped": sum(e.get("count", 0) for e in events if e.get("kind") == "dropped")}
+    for turn in turns:
+        files = {k: session_dir / v for k, v in turn.get("audio_files", {}).items()}
+        call = client.create_call("voicebus.turn", parent=root, inputs={
+            "turn": turn["turn"], "user_transcript": turn["user"]["transcript"],
+            "user_audio": _audio(files.get("user", Path("-"))), "user": turn["user"]})
+        client.finish_call(call, output={
+            "assistant_transcript": turn["assistant"]["transcript_heard"],
+            "assistant_audio": _audio(files.get("assistant-played", Path("-"))),
+            "assistant_audio_generated": _audio(files.get("assistant-generated", Path("-"))),
+            "assistant": turn["assistant"], "usage": turn["usage"], "cost_usd": turn["cost_usd"],
+            "timing": turn["timing"], "events": turn["events"]})
+        call_ids.append(call.id)
+        progress(turn)
+    client.finish_call(root, output={**totals, "events": events, "ended_ns": meta.get("ended_ns")})
+    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": False}, indent=1))
+    client.flush()
+    if not _confirmed(client, call_ids):
+        raise UploadError(f"{session_dir.name}: the trace server does not have all {len(call_ids)} calls yet; "
+                          "it stays pending and will be checked on the next upload")
+    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": True, "at_ns": time.time_ns()},
+                                         indent=1))
+    return {"session": meta.get("session"), "turns": len(turns), "already_there": False}
+
+
+def run_upload(root: Path, sessions: list[str], project: str) -> int:
+    if not root.exists():
+        raise click.ClickException(f"no sessions stored under {root}")
+    todo = pending_sessions(root, sessions)
+    if not todo:
+        click.echo("nothing to upload: every stored session is already confirmed on the trace server")
+        return 0
+    if not os.environ.get("WANDB_API_KEY"):
+        raise click.ClickException("WANDB_API_KEY is not set: nothing can be uploaded (sessions stay in "
+                                   f"{root}; weave is never asked to prompt for a login)")
+    ok, why = reachable()
+    if not ok:
+        raise click.ClickException(f"W&B is not reachable: {why}; {len(todo)} session(s) stay stored for later")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import weave
+
+    entity = os.environ.get("WANDB_ENTITY")
+    client = weave.init(f"{entity}/{project}" if entity else project)
+    total_mb = sum(f.stat().st_size for d in todo for f in d.rglob("*.wav")) / 1e6
+    click.echo(f"uploading {len(todo)} session(s), {total_mb:.1f} MB of audio, to {trace_server_url()}")
+    failures = 0
+    for index, session_dir in enumerate(todo, 1):
+        def progress(turn: dict[str, Any], index: int = index, name: str = session_dir.name) -> None:
+            click.echo(f"  [{index}/{len(todo)}] {name} turn {turn['turn']}")
+
+        try:
+            result = upload_session(client, session_dir, progress)
+        except UploadError as exc:
+            failures += 1
+            click.echo(f"  {exc}", err=True)
+            continue
+        note = "already on the server" if result["already_there"] else f"{result['turns']} turn(s)"
+        click.echo(f"  [{index}/{len(todo)}] {session_dir.name}: confirmed ({note})")
+    client.finish()
+    return 1 if failures else 0
