@@ -350,6 +350,23 @@ def upload(sessions, root, project, timeout, log_level):
 
 
 @main.command()
+@click.argument("prompt")
+@click.option("-o", "--output", "out", default="answer.wav", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--model", default="gpt-4o-audio-preview", show_default=True)
+@click.option("--voice", default="alloy", show_default=True)
+@click.option("--system", default=None, help="System prompt.")
+@click.option("--play", is_flag=True, help="Also publish the audio on audio.assistant for a running player.")
+@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
+@click.option("--no-upload", is_flag=True, help="Store locally only, even when WANDB_API_KEY is set.")
+def say(prompt, out, model, voice, system, play, root, no_upload):
+    """Stream a chat-completions audio answer into a 24 kHz WAV, print its transcript, trace it to Weave."""
+    from services.say import run_say
+
+    setup_logging("WARNING")
+    sys.exit(run_say(prompt, Path(out), model, voice, system, play, _trace_root(root), not no_upload))
+
+
+@main.command()
 @bus_options
 def doctor(cfg):
     """Check audio devices, PulseAudio, the bus, stage heartbeats and API keys; say how to fix problems."""

@@ -78,6 +78,35 @@ def upload_session(client, session_dir: Path, progress) -> dict[str, Any]:
         state["confirmed"] = True
         _atomic_write(state_path, json.dumps(state, indent=1))
         return {"session": meta.get("session"), "turns": 0, "already_there": True}
+    call_ids = _trace_say(turns[0], session_dir) if meta.get("kind") == "say" else \
+        _trace_conversation(client, meta, turns, session_dir, progress)
+    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": False}, indent=1))
+    client.flush()
+    if not _confirmed(client, call_ids):
+        raise UploadError(f"{session_dir.name}: the trace server does not have all {len(call_ids)} calls yet; "
+                          "it stays pending and will be checked on the next upload")
+    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": True, "at_ns": time.time_ns()},
+                                         indent=1))
+    return {"session": meta.get("session"), "turns": len(turns), "already_there": False}
+
+
+def _trace_say(turn: dict[str, Any], session_dir: Path) -> list[str]:
+    """The notebook's first job as a Weave op: prompt in; transcript and the audio (as audio) out."""
+    import weave
+
+    audio_path = session_dir / turn["audio_files"]["answer"]
+
+    @weave.op(name="voicebus.say")
+    def voicebus_say(prompt: str, system: str | None, model: str, voice: str) -> dict[str, Any]:
+        return {"transcript": turn["transcript"], "audio": weave.Audio.from_path(str(audio_path)),
+                "usage": turn["usage"]}
+
+    _, call = voicebus_say.call(turn["prompt"], turn["system"], turn["model"], turn["voice"])
+    return [call.id]
+
+
+def _trace_conversation(client, meta: dict[str, Any], turns: list[dict[str, Any]], session_dir: Path,
+                        progress) -> list[str]:
     session_inputs = {k: meta.get(k) for k in ("session", "model", "protocol", "server_session_id", "started_ns")}
     root = client.create_call("voicebus.session", inputs=session_inputs)
     call_ids = [root.id]
@@ -102,14 +131,7 @@ def upload_session(client, session_dir: Path, progress) -> dict[str, Any]:
         call_ids.append(call.id)
         progress(turn)
     client.finish_call(root, output={**totals, "events": events, "ended_ns": meta.get("ended_ns")})
-    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": False}, indent=1))
-    client.flush()
-    if not _confirmed(client, call_ids):
-        raise UploadError(f"{session_dir.name}: the trace server does not have all {len(call_ids)} calls yet; "
-                          "it stays pending and will be checked on the next upload")
-    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": True, "at_ns": time.time_ns()},
-                                         indent=1))
-    return {"session": meta.get("session"), "turns": len(turns), "already_there": False}
+    return call_ids
 
 
 def run_upload(root: Path, sessions: list[str], project: str) -> int:

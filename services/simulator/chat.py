@@ -103,7 +103,7 @@ async def chat_completions(request: web.Request, replies: Replies) -> web.Stream
     model = SIMULATOR_MODEL_PREFIX + params["model"]
     completion_id, created = new_id("chatcmpl"), int(time.time())
     pcm = b""
-    if params["audio"] is not None:
+    if params["audio"] is not None and reply.strip():  # an empty reply rule means "answer without audio"
         pcm = await asyncio.to_thread(synthesize, reply, params["audio"]["voice"], OUTPUT_RATE)
     audio_ms = len(pcm) / (2 * OUTPUT_RATE / 1000)
     if not params["stream"]:

@@ -39,5 +39,5 @@ class Replies:
             return NOTHING_HEARD
         for rule in self.rules:
             if rule.pattern.search(transcript):
-                return rule.reply.replace("{transcript}", transcript)
+                return rule.reply.replace("{transcript}", transcript)  # may be "": a silent answer
         return DEFAULT_REPLY.replace("{transcript}", transcript)

@@ -1,0 +1,75 @@
+"""`voicebus say`: streamed chat-completions audio into a true 24 kHz WAV, traced as a Weave op."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import wave
+
+from openai import OpenAI
+
+from tests.helpers import REPO
+from tests.trace_server import LoopbackTraceServer
+
+
+def _say(env, *args, timeout=90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", "say", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_say_writes_24k_wav_prints_transcript_and_traces_op(simulator, base_env, tmp_path):
+    sim = simulator()
+    env = {**base_env, "VOICEBUS_SIM_URL": sim}
+    out = tmp_path / "answer.wav"
+    root = tmp_path / "sessions"
+    result = _say(env, "tell me about the sea", "-o", str(out), "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert "local simulator" in result.stderr
+    assert result.stdout.strip() == "I heard: tell me about the sea"
+    # the same request through the SDK, to know what was streamed
+    stream = OpenAI(base_url=sim, api_key="x").chat.completions.create(
+        model="gpt-4o-audio-preview", modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"},
+        messages=[{"role": "user", "content": "tell me about the sea"}], stream=True)
+    streamed = b"".join(base64.b64decode(c.choices[0].delta.audio.data) for c in stream
+                        if c.choices and c.choices[0].delta.audio and c.choices[0].delta.audio.data)
+    with wave.open(str(out)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24000, 1, 2)
+        assert wav.getnframes() == len(streamed) // 2
+        assert wav.readframes(wav.getnframes()) == streamed
+    server = LoopbackTraceServer().start()
+    try:
+        upload = subprocess.run([sys.executable, "-m", "services.cli", "upload", "--root", str(root)], cwd=REPO,
+                                env={**env, **server.env()}, capture_output=True, text=True, timeout=120)
+        assert upload.returncode == 0, upload.stdout + upload.stderr
+        calls = [c for c in server.calls.values() if "voicebus.say" in c["op_name"]]
+        assert len(calls) == 1
+        call = calls[0]
+        assert call["inputs"]["prompt"] == "tell me about the sea"
+        assert call["output"]["transcript"] == "I heard: tell me about the sea"
+        audio_ref = json.dumps(call["output"]["audio"])
+        assert "Audio" in audio_ref  # stored as a weave Audio object, not base64 text
+        wavs = [f["data"] for f in server.files.values() if f.get("data", b"")[:4] == b"RIFF"]
+        assert len(wavs) == 1 and wave.open(io.BytesIO(wavs[0])).getframerate() == 24000
+        assert wave.open(io.BytesIO(wavs[0])).readframes(10**9) == streamed
+    finally:
+        server.stop()
+
+
+def test_say_errors_are_clear(simulator, base_env, tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"match": "silent", "reply": ""}]))
+    sim = simulator("--rules", str(rules))
+    env = {**base_env, "VOICEBUS_SIM_URL": sim}
+    result = _say(env, "be silent", "-o", str(tmp_path / "a.wav"), "--root", str(tmp_path / "s"))
+    assert result.returncode == 1 and "carried no audio" in result.stderr
+    assert not (tmp_path / "a.wav").exists()
+    down = {**base_env, "VOICEBUS_SIM_URL": "http://127.0.0.1:9/v1"}
+    result = _say(down, "hello", "-o", str(tmp_path / "b.wav"), "--root", str(tmp_path / "s"))
+    assert result.returncode == 1 and "cannot reach" in result.stderr and "voicebus simulate" in result.stderr
+    bad_key = {**base_env, "OPENAI_API_KEY": "sk-wrong", "OPENAI_BASE_URL": simulator("--api-key", "sk-right")}
+    result = _say(bad_key, "hello", "-o", str(tmp_path / "c.wav"), "--root", str(tmp_path / "s"))
+    assert result.returncode == 1 and "refused" in result.stderr
+    assert "sk-wrong" not in result.stderr + result.stdout
