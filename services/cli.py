@@ -350,6 +350,21 @@ def upload(sessions, root, project, timeout, log_level):
 
 
 @main.command()
+@click.argument("session")
+@click.option("-o", "--output", "out", default="report.html", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
+def report(session, out, root):
+    """Write a self-contained HTML page for a stored session: timeline, waveforms, audio, transcripts, cost."""
+    from services.logger.report import write_report
+
+    session_dir = Path(session) if Path(session).is_dir() else _trace_root(root) / session
+    try:
+        click.echo(f"wrote {write_report(session_dir, Path(out))}")
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
 @click.argument("prompt")
 @click.option("-o", "--output", "out", default="answer.wav", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--model", default="gpt-4o-audio-preview", show_default=True)

@@ -175,3 +175,41 @@ def test_logger_killed_mid_conversation_keeps_completed_turns_once(procs, client
     assert transcripts[0] == QUESTION and transcripts[-1] == "how far away is the moon"
     assert len(transcripts) == len(set(transcripts)) and len({t["key"] for t in turns}) == len(turns)
     assert [t["turn"] for t in turns] == list(range(1, len(turns) + 1))
+
+
+def test_report_renders_in_headless_chromium(procs, client_factory, simulator, tmp_path):
+    import shutil
+
+    sim = simulator("--pace", "fast")
+    root = tmp_path / "sessions"
+    client = client_factory(["rt.", "health."])
+    procs.voicebus("logger", "--root", str(root))
+    start_stages(procs, client, sim, player_args=("--wav", str(tmp_path / "p.wav")))
+    client.wait_for(lambda m: m.topic == "health.logger", timeout_s=30)
+    speak(procs, speech_pcm(QUESTION, "slt", 48000), 48000, tmp_path, speed=2.0)
+    client.wait_for(lambda m: m.topic == "health.logger" and m.data["turns_stored"] >= 1, timeout_s=60)
+    procs.stop_all()
+    session_dir = _session_dir(root)
+    report = tmp_path / "report.html"
+    result = subprocess.run([sys.executable, "-m", "services.cli", "report", session_dir.name, "--root", str(root),
+                             "-o", str(report)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    page = report.read_text()
+    assert QUESTION in page and "data:audio/wav;base64," in page and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by scripts/setup.sh"
+    shot = tmp_path / "report.png"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=60)
+    assert dom.returncode == 0 and "voicebus session" in dom.stdout and "<audio" in dom.stdout
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1000,1400",
+                    f"--user-data-dir={tmp_path / 'chrome'}", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, timeout=60)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    keep = os.environ.get("VOICEBUS_KEEP_REPORT")  # for a person to look at the page
+    if keep:
+        shutil.copy(shot, keep)

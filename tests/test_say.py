@@ -52,8 +52,9 @@ def test_say_writes_24k_wav_prints_transcript_and_traces_op(simulator, base_env,
         audio_ref = json.dumps(call["output"]["audio"])
         assert "Audio" in audio_ref  # stored as a weave Audio object, not base64 text
         wavs = [f["data"] for f in server.files.values() if f.get("data", b"")[:4] == b"RIFF"]
-        assert len(wavs) == 1 and wave.open(io.BytesIO(wavs[0])).getframerate() == 24000
-        assert wave.open(io.BytesIO(wavs[0])).readframes(10**9) == streamed
+        assert len(wavs) == 1
+        with wave.open(io.BytesIO(wavs[0])) as uploaded:
+            assert uploaded.getframerate() == 24000 and uploaded.readframes(10**9) == streamed
     finally:
         server.stop()
 
