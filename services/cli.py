@@ -230,13 +230,14 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="voicebus-demo", show_default=True,
               help="Where recordings and logs go (a folder per session).")
 @click.option("--voice", default="slt", show_default=True, help="flite voice for the questions (slt, rms, awb, kal16).")
+@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
 @click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
-def demo(questions, out_dir, voice, log_level):
+def demo(questions, out_dir, voice, root, log_level):
     """The whole pipeline offline: speak questions, hear answers, print the conversation and latency."""
     from services.demo import DEFAULT_QUESTIONS, run_demo
 
     setup_logging(log_level)
-    sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice))
+    sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice, _trace_root(root)))
 
 
 @main.command()

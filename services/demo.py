@@ -69,7 +69,7 @@ def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
                                f"see the logs above)")
 
 
-def run_demo(questions: list[str], out_dir: Path | None, voice: str) -> int:
+def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root: Path) -> int:
     session = new_session_id()
     out_dir = (out_dir or Path("voicebus-demo")) / session
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,8 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str) -> int:
     quiet = ["--log-level", "WARNING"]
     specs += [ProcessSpec("gateway", ["gateway", "--ws-log", str(out_dir / "websocket.jsonl"), *quiet]),
               ProcessSpec("resample", ["resample", *quiet]),
-              ProcessSpec("player", ["player", "--wav", str(out_dir / "assistant-played.wav"), *quiet])]
+              ProcessSpec("player", ["player", "--wav", str(out_dir / "assistant-played.wav"), *quiet]),
+              ProcessSpec("logger", ["logger", "--root", str(trace_root), *quiet])]
     click.echo(f"starting bus and {', '.join(s.name for s in specs)} (session {session})")
     supervisor = Supervisor(cfg, specs, session, {"VOICEBUS_LOG_LEVEL": "WARNING"})
     ctx = zmq.Context()
@@ -123,6 +124,14 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str) -> int:
         supervisor.stop()
         shutil.rmtree(run, ignore_errors=True)
     click.echo(f"\nrecordings and logs: {out_dir}/ (question-N.wav, assistant-played.wav, websocket.jsonl)")
+    session_dir = trace_root / session
+    if (session_dir / "turns.jsonl").exists():
+        from services.logger.report import write_report
+
+        report = write_report(session_dir, out_dir / "report.html")
+        click.echo(f"trace: {session_dir}/ (turns, audio as played, timing, cost); open {report}")
+        click.echo("       upload it to W&B Weave with `voicebus upload` once WANDB_API_KEY is set"
+                   if not os.environ.get("WANDB_API_KEY") else "       uploading to W&B Weave in the background")
     return 130 if interrupted else 0
 
 
@@ -136,7 +145,7 @@ def _wait_ready(receiver: Receiver, supervisor: Supervisor) -> None:
             continue
         if message.topic.startswith("health."):
             seen.add(message.topic.removeprefix("health."))
-        if message.topic == "rt.session.updated" and {"gateway", "resample", "player"} <= seen:
+        if message.topic == "rt.session.updated" and {"gateway", "resample", "player", "logger"} <= seen:
             return
     raise click.ClickException("the pipeline did not come up within 60 s; run `voicebus doctor`")
 

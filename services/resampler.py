@@ -45,6 +45,12 @@ class ResampleStage(Stage):
         self.resets = 0
         self.t_callback_ns = 0
 
+    def start(self) -> None:
+        """Compile the kernel now: numba's first call costs ~0.4 s, which must not land on the user's first words."""
+        warm = StreamResampler(48_000, self.rate_out, 1, self.backend, self.filter_name)
+        warm.feed(bytes(4 * 960))
+        warm.flush()
+
     def counters(self) -> dict[str, Any]:
         return {"bridged_samples": self.bridged_samples, "resets": self.resets, "backend": self.backend}
 

@@ -8,8 +8,8 @@ import sys
 
 from tests.helpers import REPO
 
-COMMANDS = ["bus", "capture", "demo", "doctor", "gateway", "inspect", "keys", "mic", "player", "replay", "resample",
-            "simulate", "tap", "up"]
+COMMANDS = ["bus", "capture", "demo", "doctor", "gateway", "inspect", "keys", "logger", "mic", "player", "replay",
+            "report", "resample", "say", "simulate", "tap", "up", "upload"]
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -49,13 +49,16 @@ def test_readme_documents_every_command_and_procfile_matches_launcher():
 
 
 def test_demo_runs_offline_and_prints_the_conversation(base_env, tmp_path):
-    result = _run("demo", "--question", "what time does the train leave", "--out", str(tmp_path), env=base_env,
-                  timeout=120)
+    result = _run("demo", "--question", "what time does the train leave", "--out", str(tmp_path / "out"),
+                  "--root", str(tmp_path / "sessions"), env=base_env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "local simulator" in result.stdout
     assert "you said (as transcribed): 'what time does the train leave'" in result.stdout
     assert "assistant:                 'I heard: what time does the train leave'" in result.stdout
     assert re.search(r"first assistant audio played: \d+ ms", result.stdout)
-    session_dir = next(tmp_path.iterdir())
+    session_dir = next((tmp_path / "out").iterdir())
     assert (session_dir / "assistant-played.wav").stat().st_size > 48000
     assert (session_dir / "websocket.jsonl").stat().st_size > 0
+    assert (session_dir / "report.html").exists()
+    trace_dir = tmp_path / "sessions" / session_dir.name
+    assert (trace_dir / "turns.jsonl").read_text().count("\n") == 1

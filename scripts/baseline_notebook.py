@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""The original notebook's realtime design, rebuilt for side-by-side measurement (not for use).
+
+One process: the mic callback appends to a list; every 300 ms of audio the chunk is resampled on
+its own with `resampy.resample` (48 kHz -> 24 kHz) and sent as one `input_audio_buffer.append`;
+assistant audio deltas are played with a blocking write in the websocket thread. Used by
+scripts/bench_gateway.py; run alone it sends one WAV to a simulator and prints the latencies.
+
+    .venv/bin/python scripts/baseline_notebook.py question48k.wav --url ws://127.0.0.1:8765/v1/realtime?model=gpt-realtime
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import resampy
+import websocket
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.wavio import read_wav  # noqa: E402
+
+CHUNK_MS = 300
+FRAME_MS = 20
+
+
+def run_notebook(wav_path: str, url: str, tail_s: float = 2.0) -> dict[str, list[float]]:
+    """Returns {'append_ms': mic frame callback -> the append that carried it, per frame}."""
+    audio = read_wav(wav_path)
+    rate = audio.rate
+    frame_bytes = rate * FRAME_MS // 1000 * 2
+    pcm = audio.pcm + bytes(int(tail_s * rate) * 2)
+    ws = websocket.create_connection(url, header=["Authorization: Bearer notebook"], timeout=10)
+    ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+        "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300,
+                           "silence_duration_ms": 600}}}}}))
+    latencies: list[float] = []
+    pending: list[tuple[bytes, int]] = []  # (frame, callback time) waiting for a full chunk
+    done = threading.Event()
+
+    def reader() -> None:  # the notebook played each delta with a blocking write in this thread
+        ws.settimeout(1.0)
+        while not done.is_set():
+            try:
+                event = json.loads(ws.recv())
+            except (websocket.WebSocketTimeoutException, ValueError):
+                continue
+            except websocket.WebSocketException:
+                return
+            if event.get("type") == "response.output_audio.delta":
+                samples = len(base64.b64decode(event["delta"])) // 2
+                time.sleep(samples / 24000)  # stream.write(...) blocks for the chunk's duration
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    for index, offset in enumerate(range(0, len(pcm), frame_bytes)):
+        delay = started + index * FRAME_MS / 1000 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        pending.append((pcm[offset:offset + frame_bytes], time.monotonic_ns()))
+        if len(pending) * FRAME_MS >= CHUNK_MS:
+            chunk = b"".join(frame for frame, _ in pending)
+            mono = np.frombuffer(chunk, dtype="<i2").astype(np.float32) / 32768
+            resampled = (np.clip(resampy.resample(mono, rate, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(resampled).decode()}))
+            sent = time.monotonic_ns()
+            latencies += [(sent - t) / 1e6 for _, t in pending]
+            pending.clear()
+    done.set()
+    thread.join(timeout=2)
+    ws.close()
+    return {"append_ms": latencies}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("wav")
+    parser.add_argument("--url", required=True)
+    args = parser.parse_args()
+    result = run_notebook(args.wav, args.url)
+    values = np.array(result["append_ms"])
+    print(f"notebook design: mic frame -> append p50 {np.percentile(values, 50):.1f} ms, "
+          f"p99 {np.percentile(values, 99):.1f} ms over {len(values)} frames")
