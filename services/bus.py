@@ -8,6 +8,7 @@ messages there (receivers see seq gaps); no publisher is ever stalled.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -85,7 +86,7 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
     log.info(kv("bus_ready", pub=cfg.pub, sub=cfg.sub, curve=authenticator is not None))
     try:
         while not stopping:
-            data = {"state": "running", "uptime_s": round(time.monotonic() - started, 1)}
+            data = {"state": "running", "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 1)}
             heartbeat.send_multipart(encode(stamper.event("health.bus", data, time.time_ns())), flags=zmq.NOBLOCK)
             deadline = time.monotonic() + HEARTBEAT_INTERVAL_S
             while not stopping and time.monotonic() < deadline:

@@ -138,8 +138,11 @@ class Supervisor:
         self._read_heartbeats()
         now = time.monotonic()
         if self.bus_proc is not None and self.bus_proc.poll() is not None:
-            log.error(kv("bus_exited", code=self.bus_proc.returncode, action="restarting bus"))
+            code = self.bus_proc.returncode
+            log.error(kv("bus_exited", code=code, action="restarting bus"))
             self.bus_proc = spawn(["bus", "--pub", self.cfg.pub, "--sub", self.cfg.sub], self.env)
+            self._announce("launcher.restart", stage="bus", reason=f"exited with code {code}", backoff_s=0,
+                           restarts=None)
         for child in self.children:
             proc = child.proc
             if proc is None:

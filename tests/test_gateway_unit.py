@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 
+from common.realtime_types import validate_client_event
 from services.gateway.bargein import AudibleTracker, EchoGuard
 from services.gateway.events import parse_server_event, strip_audio
 from services.gateway.session import SessionSettings, replay_item, session_update
-from services.simulator.protocol import validate_client_event
 from tests.speech import tone
 
 

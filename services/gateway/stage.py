@@ -14,6 +14,7 @@ import msgpack
 
 from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
+from common.realtime_types import ClientEventError, validate_client_event
 from common.stage import Stage
 from common.transcripts import cut_transcript
 from services.gateway.bargein import AudibleTracker, EchoGuard
@@ -32,7 +33,7 @@ log = logging.getLogger("voicebus.gateway")
 
 class GatewayStage(Stage):
     name = "gateway"
-    subscriptions = ["audio.user", "player.state"]
+    subscriptions = ["audio.user", "player.state", "gateway.send"]
     tick_interval_s = 0.05
 
     def __init__(self, url: str, headers: list[str], protocol: str, settings: SessionSettings,
@@ -53,7 +54,8 @@ class GatewayStage(Stage):
         self.appended_frames: deque[tuple[int, int, int]] = deque(maxlen=APPEND_HISTORY)  # (start, n, t_capture)
         self.session_samples = 0  # audio appended since this server session began
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
-                       "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0}
+                       "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
+                       "rejected_commands": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -97,6 +99,8 @@ class GatewayStage(Stage):
     def handle(self, message: Message) -> None:
         if message.topic == "audio.user" and isinstance(message.header, AudioHeader):
             self._forward_audio(message)
+        elif message.topic == "gateway.send":
+            self._send_command(message.data.get("event"))
         elif message.topic == "player.state":
             self.tracker.on_player_state(message.data, time.monotonic())
             if self.pending_truncate is not None and message.data.get("flushed"):
@@ -125,6 +129,18 @@ class GatewayStage(Stage):
             self._publish_event("rt.sent.input_audio_buffer.append", {"event": stripped, "protocol": self.protocol})
         else:
             self.counts["dropped_disconnected"] += 1
+
+    def _send_command(self, event: Any) -> None:
+        """A client event from the bus (debugging, tests, tools): checked against the SDK's types first."""
+        try:
+            if not isinstance(event, dict):
+                raise ClientEventError("gateway.send needs data.event: a client event object")
+            validate_client_event(event, self.protocol)  # type: ignore[arg-type]
+        except ClientEventError as exc:
+            self.counts["rejected_commands"] += 1
+            self._warn.warning("command", kv("command_rejected", reason=repr(str(exc))))
+            return
+        self.send(event)
 
     # --- socket input ----------------------------------------------------------------------
     def on_inbox(self, item: SocketEvent) -> None:

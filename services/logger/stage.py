@@ -17,6 +17,7 @@ from services.logger.conversation import ConversationBuilder
 from services.logger.store import SessionStore
 
 log = logging.getLogger("voicebus.logger")
+STORE_RETRY_S = 5.0
 
 
 class LoggerStage(Stage):
@@ -34,14 +35,22 @@ class LoggerStage(Stage):
         self.last_drops: dict[str, int] = {}
         self.turns_stored = 0
         self.store_errors = 0
+        self._retry_open_at = 0.0
 
     def counters(self) -> dict[str, Any]:
         return {"turns_stored": self.turns_stored, "open_turns": len(self.builder.turns),
                 "store_errors": self.store_errors, "session_dir": str(self.store.dir) if self.store else ""}
 
     def handle(self, message: Message) -> None:
-        if self.store is None and message.header.session and not message.topic.startswith("health."):
-            self._open(message.header.session)
+        if self.store is None and message.header.session and not message.topic.startswith("health.") \
+                and time.monotonic() >= self._retry_open_at:
+            try:
+                self._open(message.header.session)
+            except OSError as exc:  # unwritable or full store: keep listening, say so, retry later
+                self.store_errors += 1
+                self._retry_open_at = time.monotonic() + STORE_RETRY_S
+                log.error(kv("store_unavailable", root=self.root, error=repr(exc.strerror or str(exc)),
+                             retry_in_s=STORE_RETRY_S))
         if message.topic.startswith("health."):
             self._watch_drops(message)
         self.builder.handle(message, time.monotonic())
@@ -76,7 +85,11 @@ class LoggerStage(Stage):
         self._store(self.builder.tick(time.monotonic()))
 
     def _store(self, finished: list) -> None:
-        if not finished or self.store is None:
+        if not finished:
+            return
+        if self.store is None:
+            self.store_errors += len(finished)
+            log.error(kv("turns_not_stored", count=len(finished), reason="session store unavailable"))
             return
         for record, audio in finished:
             try:

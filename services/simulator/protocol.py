@@ -9,11 +9,10 @@ from __future__ import annotations
 import secrets
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import ValidationError
+from common.realtime_types import ClientEventError, Protocol, validate_client_event  # noqa: F401 - re-exported
 
-Protocol = Literal["ga", "beta"]
 SIMULATOR_MODEL_PREFIX = "voicebus-simulator/"
 SIMULATOR_NAME = "voicebus-simulator (local, not OpenAI)"
 BETA_FALLBACK_MODEL = "gpt-4o-realtime-preview"
@@ -43,42 +42,6 @@ class SessionConfig:
     transcription_model: str | None = None
     vad: VadConfig | None = field(default_factory=VadConfig)
     id: str = field(default_factory=lambda: new_id("sess_voicebus_sim"))
-
-
-_client_models: dict[str, dict[str, type]] = {}
-
-
-def client_event_models(protocol: Protocol) -> dict[str, type]:
-    """type literal -> the SDK's model class for that client event (an explicit table, built once)."""
-    if protocol not in _client_models:
-        if protocol == "ga":
-            from openai.types.realtime import RealtimeClientEvent
-        else:
-            from openai.types.beta.realtime import RealtimeClientEvent
-        members = typing.get_args(typing.get_args(RealtimeClientEvent)[0])
-        _client_models[protocol] = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
-    return _client_models[protocol]
-
-
-class ClientEventError(ValueError):
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.param, self.code = param, code
-
-
-def validate_client_event(event: dict[str, Any], protocol: Protocol) -> None:
-    """Raise ClientEventError (message, param) if the SDK's model for this event type rejects it."""
-    model = client_event_models(protocol).get(event.get("type"))
-    if model is None:
-        raise ClientEventError(f"Invalid value: '{event.get('type')}'.", "type")
-    try:
-        model.model_validate(event)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
-        if first["type"] == "missing":
-            raise ClientEventError(f"Missing required parameter: '{where}'.", where, "missing_required_parameter") from exc
-        raise ClientEventError(f"Invalid '{where}': {first['msg']}", where) from exc
 
 
 def _vad_from(raw: dict[str, Any] | None, current: VadConfig | None) -> VadConfig | None:

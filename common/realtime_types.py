@@ -1,0 +1,47 @@
+"""The openai SDK's Realtime client-event types as an explicit `type -> model` table, per protocol.
+
+Shared by the simulator (to judge what clients send) and the gateway (to check commands before they
+go to the API). Nothing is resolved from a string beyond a lookup in this table.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+Protocol = Literal["ga", "beta"]
+_client_models: dict[str, dict[str, type]] = {}
+
+
+class ClientEventError(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def client_event_models(protocol: Protocol) -> dict[str, type]:
+    if protocol not in _client_models:
+        if protocol == "ga":
+            from openai.types.realtime import RealtimeClientEvent
+        else:
+            from openai.types.beta.realtime import RealtimeClientEvent
+        members = typing.get_args(typing.get_args(RealtimeClientEvent)[0])
+        _client_models[protocol] = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+    return _client_models[protocol]
+
+
+def validate_client_event(event: dict[str, Any], protocol: Protocol) -> None:
+    """Raise ClientEventError (message, param) if the SDK's model for this event type rejects it."""
+    model = client_event_models(protocol).get(event.get("type"))
+    if model is None:
+        raise ClientEventError(f"Invalid value: '{event.get('type')}'.", "type")
+    try:
+        model.model_validate(event)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-"))
+        if first["type"] == "missing":
+            raise ClientEventError(f"Missing required parameter: '{where}'.", where, "missing_required_parameter") from exc
+        raise ClientEventError(f"Invalid '{where}': {first['msg']}", where) from exc

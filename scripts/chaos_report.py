@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Run the chaos suite (tests/chaos) and print one table: what was tried, what survived, what was lost.
+
+    .venv/bin/python scripts/chaos_report.py [--markdown-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import REPO, machine  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "chaos.jsonl"
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/chaos"],
+                                cwd=REPO, env={**os.environ, "VOICEBUS_CHAOS_REPORT": str(report)},
+                                capture_output=True, text=True)
+        rows = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "(no output)"
+    print(f"chaos_report {time.strftime('%Y-%m-%d')} on {machine()}; {time.monotonic() - started:.0f} s; "
+          f"pytest: {summary}")
+    print("| case | tried | survived | data lost | figures |")
+    print("|---|---:|---:|---:|---|")
+    for row in rows:
+        figures = {k: v for k, v in row.items() if k not in ("case", "tried", "survived", "lost", "test")}
+        if "details" in figures:
+            figures["details"] = "; ".join(f"{d['victim']}: healthy in {d['time_to_healthy_s']} s, next turn "
+                                           f"{d['next_turn_s']} s" for d in figures["details"])
+        text = ", ".join(f"{k}={v}" for k, v in figures.items())
+        print(f"| {row['case']} | {row['tried']} | {row['survived']} | {row['lost']} | {text} |")
+    if result.returncode != 0:
+        print(result.stdout[-3000:], file=sys.stderr)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
