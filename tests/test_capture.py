@@ -57,8 +57,11 @@ def test_capture_then_replay_reproduces_payloads_and_timing(procs, client_factor
     first, replayed = decode(original[0].frames), decode(again[0].frames)
     assert replayed.header.src == "replay.mic" and replayed.header.pts == first.header.pts
     assert replayed.header.t_capture_ns == first.header.t_capture_ns
-    errors_ms = [abs((a2.t_recv_ns - again[0].t_recv_ns) - (a1.t_recv_ns - original[0].t_recv_ns)) / 1e6
-                 for a1, a2 in zip(original, again, strict=True)]
+    # pacing error of each message against the replay as a whole (the median offset), so that one
+    # late first delivery does not count against every message after it
+    offsets = [(a2.t_recv_ns - a1.t_recv_ns) / 1e6 for a1, a2 in zip(original, again, strict=True)]
+    median = sorted(offsets)[len(offsets) // 2]
+    errors_ms = [abs(o - median) for o in offsets]
     print(f"replay timing error: max {max(errors_ms):.2f} ms")
     assert max(errors_ms) <= 5
 
