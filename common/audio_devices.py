@@ -53,6 +53,15 @@ def open_pyaudio():
     return pyaudio.PyAudio()
 
 
+def close_stream(pa, stream) -> None:
+    """Stop and close a PortAudio stream, then release PortAudio (either may be None)."""
+    if stream is not None:
+        stream.stop_stream()
+        stream.close()
+    if pa is not None:
+        pa.terminate()
+
+
 def list_devices(pa) -> list[Device]:
     try:
         default_in = pa.get_default_input_device_info()["index"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 
 import zmq
@@ -12,6 +11,7 @@ import zmq
 from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
 from common.config import BusConfig, session_id
 from common.log import kv
+from common.signals import StopFlag
 from common.stage import Output, Stage, StageError
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -23,15 +23,7 @@ BUS_WAIT_LOG_INTERVAL_S = 5.0
 def run_stage(stage: Stage, cfg: BusConfig) -> int:
     """Run `stage` until SIGINT/SIGTERM or until it finishes; return the process exit code."""
     log = logging.getLogger(f"voicebus.{stage.name}")
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        log.info(kv("stop_requested", signal=signal.Signals(signum).name))
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = StopFlag.install(lambda name: log.info(kv("stop_requested", signal=name)))
 
     ctx = zmq.Context()
     publisher = Publisher(connect_pub(ctx, cfg))

@@ -79,11 +79,58 @@ def run_notebook(wav_path: str, url: str, tail_s: float = 2.0) -> dict[str, list
     return {"append_ms": latencies}
 
 
+def run_notebook_devices(url: str, mic_rate: int = 48000) -> None:
+    """The same design on the default PyAudio devices, until SIGTERM (the bench_pipeline peer)."""
+    import signal
+
+    import pyaudio
+
+    pa = pyaudio.PyAudio()
+    ws = websocket.create_connection(url, header=["Authorization: Bearer notebook"], timeout=10,
+                                     enable_multithread=True)
+    ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+        "transcription": {"model": "whisper-1"},
+        "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300,
+                           "silence_duration_ms": 600}}}}}))
+    chunk: list[bytes] = []
+
+    def on_audio(in_data, _count, _info, _status):  # the notebook resampled and sent from the callback
+        chunk.append(in_data)
+        if len(chunk) * FRAME_MS >= CHUNK_MS:
+            mono = np.frombuffer(b"".join(chunk), dtype="<i2").astype(np.float32) / 32768
+            chunk.clear()
+            out = (np.clip(resampy.resample(mono, mic_rate, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(out).decode()}))
+        return None, pyaudio.paContinue
+
+    mic = pa.open(format=pyaudio.paInt16, channels=1, rate=mic_rate, input=True,
+                  frames_per_buffer=mic_rate * FRAME_MS // 1000, stream_callback=on_audio)
+    speaker = pa.open(format=pyaudio.paInt16, channels=1, rate=24000, output=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    ws.settimeout(0.5)
+    while not stop.is_set():
+        try:
+            event = json.loads(ws.recv())
+        except (websocket.WebSocketTimeoutException, ValueError):
+            continue
+        if event.get("type") == "response.output_audio.delta":
+            speaker.write(base64.b64decode(event["delta"]))  # blocking playback in the socket thread
+    mic.close()
+    speaker.close()
+    pa.terminate()
+    ws.close()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("wav")
+    parser.add_argument("wav", nargs="?", help="a WAV to send (measures the append path), or --devices")
     parser.add_argument("--url", required=True)
+    parser.add_argument("--devices", action="store_true", help="run on the default PyAudio devices until SIGTERM")
     args = parser.parse_args()
+    if args.devices:
+        run_notebook_devices(args.url)
+        sys.exit(0)
     result = run_notebook(args.wav, args.url)
     values = np.array(result["append_ms"])
     print(f"notebook design: mic frame -> append p50 {np.percentile(values, 50):.1f} ms, "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 
@@ -20,6 +19,7 @@ from common.bus import AUTHORIZED_DIR, apply_server_curve, connect_pub, wait_for
 from common.config import BusConfig, session_id
 from common.envelope import Stamper, encode
 from common.log import kv
+from common.signals import StopFlag
 
 PROXY_HWM = 50_000
 HEARTBEAT_INTERVAL_S = 1.0
@@ -72,14 +72,7 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
     thread = threading.Thread(target=_proxy, args=(xsub, xpub, control_server), name="proxy", daemon=True)
     thread.start()
 
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = StopFlag.install()
     heartbeat = connect_pub(ctx, cfg)
     stamper = Stamper("bus", session_id())
     started = time.monotonic()

@@ -7,7 +7,6 @@ shared. A full or read-only disk is reported once, counted, and retried; the bus
 from __future__ import annotations
 
 import logging
-import signal
 import time
 
 import click
@@ -17,6 +16,7 @@ from common.bus import connect_sub
 from common.capture_file import CaptureWriter
 from common.config import BusConfig
 from common.log import kv
+from common.signals import StopFlag
 
 RETRY_WRITE_S = 5.0
 PROGRESS_INTERVAL_S = 5.0
@@ -25,14 +25,7 @@ log = logging.getLogger("voicebus.capture")
 
 
 def run_capture(cfg: BusConfig, path: str, prefixes: list[str], duration_s: float | None, count: int | None) -> int:
-    stopping = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = StopFlag.install()
     try:
         writer = CaptureWriter(path)
     except OSError as exc:

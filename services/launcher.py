@@ -21,6 +21,7 @@ from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_b
 from common.config import BusConfig
 from common.envelope import Stamper
 from common.log import kv
+from common.signals import StopFlag
 
 HEARTBEAT_TIMEOUT_S = 5.0  # five missed beats
 STARTUP_GRACE_S = 20.0  # a stage may load models before its first beat
@@ -186,14 +187,7 @@ class Supervisor:
 
 
 def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: dict[str, str] | None = None) -> int:
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = StopFlag.install()
     supervisor = Supervisor(cfg, specs, session, env_extra)
     try:
         supervisor.start()

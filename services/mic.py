@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from common.audio_devices import open_pyaudio, pick_device
+from common.audio_devices import close_stream, open_pyaudio, pick_device
 from common.log import kv
 from common.stage import Stage
 from common.wavio import read_wav
@@ -74,11 +74,7 @@ class DeviceSource:
                     frame_ms=self.frame_ms, latency_ms=round(self._stream.get_input_latency() * 1000, 1)))
 
     def stop(self) -> None:
-        if self._stream is not None:
-            self._stream.stop_stream()
-            self._stream.close()
-        if self._pa is not None:
-            self._pa.terminate()
+        close_stream(self._pa, self._stream)
 
 
 class WavSource:

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from common.audio_devices import open_pyaudio, pick_device
+from common.audio_devices import close_stream, open_pyaudio, pick_device
 from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
 from common.resample import StreamResampler
@@ -56,11 +56,7 @@ class DeviceSink:
                     latency_ms=self.latency_ms))
 
     def stop(self) -> None:
-        if self._stream is not None:
-            self._stream.stop_stream()
-            self._stream.close()
-        if self._pa is not None:
-            self._pa.terminate()
+        close_stream(self._pa, self._stream)
 
 
 class WavSink:

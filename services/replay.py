@@ -7,7 +7,6 @@ the header (pts, t_capture_ns, item ids, data) is kept, so a stage downstream se
 from __future__ import annotations
 
 import logging
-import signal
 import time
 
 import zmq
@@ -17,6 +16,7 @@ from common.capture_file import ReadReport, Record, read_capture
 from common.config import BusConfig
 from common.envelope import EnvelopeError, Message, Stamper, decode
 from common.log import kv
+from common.signals import StopFlag
 
 log = logging.getLogger("voicebus.replay")
 SRC_PREFIX = "replay."
@@ -69,14 +69,7 @@ def run_replay(cfg: BusConfig, path: str, prefixes: list[str], speed: float | No
     if not messages:
         log.error(kv("nothing_to_replay", path=path, topics=",".join(prefixes) or "*"))
         return 1
-    stopping = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = StopFlag.install()
     ctx = zmq.Context()
     publisher = Publisher(connect_pub(ctx, cfg))
     if not wait_for_bus(ctx, cfg, timeout_s=10, pub=publisher.sock):

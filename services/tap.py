@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from collections import Counter
@@ -14,6 +13,7 @@ import zmq
 from common.bus import Receiver, connect_sub
 from common.config import BusConfig
 from common.envelope import AudioHeader, Message
+from common.signals import StopFlag
 
 DATA_PREVIEW_CHARS = 100
 
@@ -40,14 +40,7 @@ def format_row(row: dict[str, object]) -> str:
 
 def run_tap(cfg: BusConfig, prefixes: list[str], as_json: bool, count: int | None, duration_s: float | None,
             stats_interval_s: float, quiet: bool, out: TextIO = sys.stdout) -> int:
-    stopping = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stopping = StopFlag.install()
     ctx = zmq.Context()
     receiver = Receiver(connect_sub(ctx, cfg, prefixes), "tap")
     per_topic: Counter[str] = Counter()

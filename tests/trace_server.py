@@ -61,7 +61,7 @@ class LoopbackTraceServer:
         self.requests.append(Recorded(request.method, request.path, body,
                                       {k: v for k, v in request.headers.items() if k.lower() != "authorization"}))
         if self.mode == "hang":
-            await asyncio.sleep(3600)
+            await self._release.wait()  # until stop(): a server that never answers
         if self.mode in ("500", "429"):
             return web.json_response({"detail": "simulated failure"}, status=int(self.mode),
                                      headers={"Retry-After": "1"} if self.mode == "429" else None)
@@ -117,6 +117,7 @@ class LoopbackTraceServer:
 
         def run() -> None:
             self._loop = asyncio.new_event_loop()
+            self._release = asyncio.Event()
             app = web.Application(client_max_size=256 * 1024 * 1024)
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -134,6 +135,7 @@ class LoopbackTraceServer:
     def stop(self) -> None:
         if self._loop is None:
             return
+        self._loop.call_soon_threadsafe(self._release.set)
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

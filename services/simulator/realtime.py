@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ BYTES_PER_MS = RATE * 2 // 1000
 MAX_APPEND_BASE64 = 15 * 1024 * 1024  # the API's per-event limit
 MIN_COMMIT_MS = 100
 IDLE_BUFFER_MS = 2000  # input kept while nobody speaks (covers prefix padding)
+ARRIVALS_KEPT = 1000
 
 log = logging.getLogger("voicebus.simulator")
 
@@ -95,6 +97,7 @@ class RealtimeConnection:
         self.speech_item_id: str | None = None
         self.tasks: set[asyncio.Task] = set()
         self.slow = next((f for f in faults if f.kind == "slow"), None)
+        self.arrivals: deque[tuple[int, int]] = deque(maxlen=ARRIVALS_KEPT)  # (audio ms received, t_ns)
 
     def _new_vad(self) -> EnergyVad:
         vad = self.config.vad
@@ -179,7 +182,9 @@ class RealtimeConnection:
         self.buffer += pcm
         if self.config.vad is None:
             return
-        for vad_event in self.vad.feed(pcm_to_mono_float(pcm, 1)):
+        events = self.vad.feed(pcm_to_mono_float(pcm, 1))
+        self.arrivals.append((self.vad.position_ms, time.time_ns()))
+        for vad_event in events:
             if vad_event.kind == "started":
                 await self._speech_started(vad_event.audio_ms)
             else:
@@ -206,7 +211,10 @@ class RealtimeConnection:
 
     async def _speech_stopped(self, audio_end_ms: int) -> None:
         item_id = self.speech_item_id or new_id("item")
-        log.info(kv("speech_stopped", audio_end_ms=audio_end_ms, t_ns=time.time_ns()))
+        # when did the last word actually arrive? (the VAD only says so silence_duration_ms later)
+        speech_end_ms = audio_end_ms - (self.config.vad.silence_duration_ms if self.config.vad else 0)
+        arrived = next((t for ms, t in self.arrivals if ms >= speech_end_ms), time.time_ns())
+        log.info(kv("speech_stopped", audio_end_ms=audio_end_ms, speech_end_received_ns=arrived, t_ns=time.time_ns()))
         await self.send("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
         pcm = self._buffer_slice(self.vad.speech_start_ms, audio_end_ms)
         self._trim_buffer(audio_end_ms)
