@@ -45,6 +45,7 @@ QUIET_AFTER_ANSWER_S = 1.0
 TURN_TIMEOUT_S = 25.0
 README_START, README_END = "<!-- bench_pipeline:start -->", "<!-- bench_pipeline:end -->"
 BENCH_VENV = REPO / ".venv-bench"
+PAIRING_SLACK_NS = 500_000_000
 
 
 def ensure_pipecat() -> Path:
@@ -135,11 +136,19 @@ def run_system(rig: Rig, name: str, questions: list[Path], sim_ws: str, sim_http
     return {"turns": turns, "cpu_pct": cpu, "rss_mb": rss}
 
 
-def server_times(log_text: str) -> list[tuple[int, int]]:
-    """(speech end received, first audio delta sent) per turn, from the simulator's log."""
-    ends = [int(m) for m in re.findall(r"speech_stopped .*speech_end_received_ns=(\d+)", log_text)]
-    deltas = [int(m) for m in re.findall(r"first_audio_delta .*t_ns=(\d+)", log_text)]
-    return list(zip(ends, deltas, strict=False))
+def server_times(log_text: str) -> tuple[list[int], list[int]]:
+    """(speech ends received, first audio deltas sent), from the simulator's log, in time order."""
+    ends = sorted(int(m) for m in re.findall(r"speech_stopped .*speech_end_received_ns=(\d+)", log_text))
+    deltas = sorted(int(m) for m in re.findall(r"first_audio_delta .*t_ns=(\d+)", log_text))
+    return ends, deltas
+
+
+def server_time_ms(speech_end_ns: float, ends: list[int], deltas: list[int]) -> float | None:
+    """The simulator's own time for the turn whose speech ended at `speech_end_ns` (matched by time,
+    not by position: a peer may cause extra responses)."""
+    end = next((e for e in ends if e >= speech_end_ns - PAIRING_SLACK_NS), None)
+    delta = next((d for d in deltas if end is not None and d >= end), None)
+    return (delta - end) / 1e6 if end is not None and delta is not None else None
 
 
 def main() -> int:
@@ -167,9 +176,8 @@ def main() -> int:
         time.sleep(3)
         for name in systems:
             print(f"bench: {name}: {args.turns} turns", flush=True)
-            before = len(server_times(sim_log.read_text()))
             results[name] = run_system(rig, name, questions, sim_ws, sim_http)
-            results[name]["server"] = server_times(sim_log.read_text())[before:]
+            results[name]["server"] = server_times(sim_log.read_text())
     finally:
         rig.close()
     rows = summarize(results)
@@ -192,12 +200,14 @@ def summarize(results: dict[str, dict]) -> dict[str, dict]:
     rows = {}
     for name, result in results.items():
         perceived, added = [], []
-        for turn, server in zip(result["turns"], result["server"], strict=False):
-            if turn["heard_ns"] is None:
+        ends, deltas = result["server"]
+        for turn in result["turns"]:
+            server_ms = server_time_ms(turn["speech_end_ns"], ends, deltas)
+            if turn["heard_ns"] is None or server_ms is None:
                 continue
             total_ms = (turn["heard_ns"] - turn["speech_end_ns"]) / 1e6
             perceived.append(total_ms)
-            added.append(total_ms - (server[1] - server[0]) / 1e6)
+            added.append(total_ms - server_ms)
         rows[name] = {"turns_measured": len(perceived), "turns_played": len(result["turns"]),
                       "perceived_ms": perceived, "added_ms": added, "cpu_pct": round(result["cpu_pct"], 1),
                       "rss_mb": round(result["rss_mb"])}
@@ -226,7 +236,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
 
     names = [n for n in rows if rows[n]["added_ms"]]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.boxplot([rows[n]["added_ms"] for n in names], labels=names, showfliers=True)
+    ax.boxplot([rows[n]["added_ms"] for n in names], tick_labels=names, showfliers=True)
     ax.set_ylabel("added latency, ms (speech end → first sample heard, minus server time)")
     ax.set_title("pipeline added latency per turn")
     fig.tight_layout()
