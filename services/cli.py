@@ -143,12 +143,17 @@ def _list_devices_and_exit() -> None:
 @click.option("--lead-silence", type=float, default=0.0, show_default=True, help="With --wav: seconds of silence first.")
 @click.option("--tail-silence", type=float, default=0.0, show_default=True,
               help="With --wav: seconds of silence after (lets server VAD see the end of speech).")
-def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, speed, lead_silence, tail_silence):
+@click.option("--pulse-source", help="PulseAudio source to capture, e.g. voicebus_mic_aec from "
+              "scripts/pulse-aec.sh (echo cancellation); sets PULSE_SOURCE for this stage.")
+def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, speed, lead_silence, tail_silence,
+        pulse_source):
     """Stage: capture a device (or a WAV) and publish audio.mic frames."""
     from common.runner import run_stage
     from common.wavio import WavError
     from services.mic import DeviceSource, MicStage, WavSource
 
+    if pulse_source:
+        os.environ["PULSE_SOURCE"] = pulse_source
     if list_devices:
         _list_devices_and_exit()
     try:
@@ -168,11 +173,15 @@ def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, spe
 @click.option("--period-ms", type=int, default=5, show_default=True,
               help="Output period: small periods make a flush audible for less time.")
 @click.option("--wav", "wav_path", type=click.Path(dir_okay=False), help="Write what would play into this WAV.")
-def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path):
+@click.option("--pulse-sink", help="PulseAudio sink to play into, e.g. voicebus_speaker_aec from scripts/pulse-aec.sh; "
+              "sets PULSE_SINK for this stage.")
+def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path, pulse_sink):
     """Stage: play audio.assistant; flush on player.flush; publish player.state."""
     from common.runner import run_stage
     from services.player import DeviceSink, PlayerStage, WavSink
 
+    if pulse_sink:
+        os.environ["PULSE_SINK"] = pulse_sink
     if list_devices:
         _list_devices_and_exit()
     sink = WavSink(wav_path, period_ms) if wav_path else DeviceSink(device, period_ms)
