@@ -203,8 +203,9 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path, puls
 @click.option("--vad-silence-ms", type=int, default=600, show_default=True)
 @click.option("--echo-guard", is_flag=True, help="Without headphones: forward mic audio during playback only when "
               "it is louder than the playback (no self-interruption).")
-@click.option("--echo-guard-ratio", type=float, default=1.0, show_default=True,
-              help="Mic level must exceed playback level times this.")
+@click.option("--echo-guard-ratio", type=float, default=1.5, show_default=True,
+              help="Mic level must exceed the playback level times this (1.5 = 3.5 dB): raise it if the assistant "
+              "still interrupts itself, lower it if users cannot interrupt.")
 @click.option("--ws-log", type=click.Path(dir_okay=False), help="Websocket traffic log (JSON lines, audio elided).")
 @click.option("--max-session-min", type=float, default=55.0, show_default=True,
               help="Reconnect before the server's 60-minute session limit.")

@@ -74,5 +74,16 @@ def test_echo_guard_gates_echo_and_passes_louder_user_speech():
     assert not guard.admit(echo, tracker, now=1.0)
     assert guard.admit(user, tracker, now=1.0)
     tracker.on_player_state({"item_id": "item_1", "played_ms": 2000, "playing": False}, now=2.5)
-    assert guard.admit(echo, tracker, now=2.6)  # nothing playing: everything passes
-    assert (guard.gated_frames, guard.passed_frames) == (1, 1)
+    assert not guard.admit(echo, tracker, now=2.6)  # the echo tail is still arriving
+    assert guard.admit(echo, tracker, now=3.0)  # nothing playing any more: everything passes
+    assert (guard.gated_frames, guard.passed_frames) == (2, 1)  # counted only while an echo is possible
+
+
+def test_echo_guard_engages_before_the_player_reports():
+    tracker = AudibleTracker()
+    guard = EchoGuard()
+    quiet_user = tone(180, 0.02, 24000, amplitude=0.02)
+    assert guard.admit(quiet_user, tracker, now=0.0)  # nothing received: no echo possible
+    tracker.add_audio("item_1", "resp_1", 0, tone(300, 1.0, 24000, amplitude=0.5))
+    echo = tone(300, 0.02, 24000, amplitude=0.2)
+    assert not guard.admit(echo, tracker, now=0.05)  # received, the player has not said a word yet

@@ -7,16 +7,20 @@ wall-clock estimate, and never goes past the audio received for that item.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
+
+log = logging.getLogger("voicebus.gateway")
 
 RATE = 24_000
 LEVEL_WINDOW_MS = 20
 ECHO_LOOKBACK_MS = 250  # echo reaches the mic this long after the sample was handed to the output
 ECHO_LOOKAHEAD_MS = 60
 WARMUP_MS = 150
+HANGOVER_S = 0.4  # echo still in flight (output latency + room) after the player stops
 ITEMS_REMEMBERED = 16
 
 
@@ -42,6 +46,7 @@ class AudibleTracker:
         self.items: OrderedDict[str, AssistantItem] = OrderedDict()
         self.player: dict = {}
         self.playback_started_at: float | None = None  # monotonic, for the echo-guard warm-up
+        self.last_playing_at = float("-inf")
 
     def add_audio(self, item_id: str, response_id: str, content_index: int, pcm: bytes) -> AssistantItem:
         item = self.items.get(item_id)
@@ -63,6 +68,8 @@ class AudibleTracker:
     def on_player_state(self, state: dict, now: float) -> None:
         if state.get("playing") and not self.player.get("playing"):
             self.playback_started_at = now
+        if state.get("playing") or self.player.get("playing"):
+            self.last_playing_at = now
         self.player = state
 
     def audible_item(self) -> AssistantItem | None:
@@ -83,12 +90,21 @@ class AudibleTracker:
         """audio_end_ms for conversation.item.truncate: what was played, capped at what was received."""
         return int(min(played_ms, item.received_ms))
 
+    def echo_possible(self, now: float) -> bool:
+        """Assistant audio is playing, about to play, or its echo may still be arriving."""
+        return bool(self.player.get("playing")) or self.audible_item() is not None or \
+            now - self.last_playing_at < HANGOVER_S
+
     def playback_level(self) -> float:
-        """Loudest level around what the player is playing now (the echo the mic may pick up)."""
-        item = self.items.get(self.player.get("item_id"))
+        """Loudest level around what the player is playing now (the echo the mic may pick up).
+
+        Before the player has reported on the item (its state comes every 100 ms; echo takes ~50),
+        the item's opening is the reference.
+        """
+        item = self.audible_item() or self.items.get(self.player.get("item_id"))
         if item is None or not item.levels:
             return 0.0
-        played_ms = self.player.get("played_ms", 0.0)
+        played_ms = self.player.get("played_ms", 0.0) if self.player.get("item_id") == item.item_id else 0.0
         first = max(0, int((played_ms - ECHO_LOOKBACK_MS) // LEVEL_WINDOW_MS))
         last = int((played_ms + ECHO_LOOKAHEAD_MS) // LEVEL_WINDOW_MS) + 1
         window = item.levels[first:last]
@@ -98,25 +114,28 @@ class AudibleTracker:
 class EchoGuard:
     """Forward a mic frame while the assistant is audible only if it is clearly louder than the playback.
 
+    `ratio` 1.5 holds back an echo even at unity coupling (the virtual rig's loopback: one frame of
+    echo at 1.01x the playback level was enough for the server's VAD to hear speech at ratio 1.0).
+
     Frames it holds back are replaced by silence, not dropped, so the server's audio clock (and
     every audio_start_ms/audio_end_ms it reports) stays aligned with the capture.
     """
 
-    def __init__(self, ratio: float = 1.0, floor: float = 0.01) -> None:
+    def __init__(self, ratio: float = 1.5, floor: float = 0.01) -> None:
         self.ratio, self.floor = ratio, floor
         self.gated_frames = 0
         self.passed_frames = 0
 
     def admit(self, pcm: bytes, tracker: AudibleTracker, now: float) -> bool:
-        playing = tracker.player.get("playing")
-        if not playing:
+        if not tracker.echo_possible(now):
             return True
         level = _rms(np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768)
         started = tracker.playback_started_at
-        warming = started is not None and (now - started) * 1000 < WARMUP_MS
+        warming = started is None or (now - started) * 1000 < WARMUP_MS
         threshold = max(self.floor, tracker.playback_level() * self.ratio) * (2.0 if warming else 1.0)
         if level > threshold:
             self.passed_frames += 1
+            log.debug("echo_guard_pass level=%.4f threshold=%.4f player=%s", level, threshold, tracker.player)
             return True
         self.gated_frames += 1
         return False
