@@ -237,7 +237,8 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     names = [n for n in rows if rows[n]["added_ms"]]
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     ax.boxplot([rows[n]["added_ms"] for n in names], tick_labels=names, showfliers=True)
-    ax.set_ylabel("added latency, ms (speech end → first sample heard, minus server time)")
+    ax.set_ylabel("added latency, ms")
+    ax.set_xlabel("speech end → first sample heard, minus the simulator's own time", fontsize=8)
     ax.set_title("pipeline added latency per turn")
     fig.tight_layout()
     fig.savefig(path)

@@ -149,3 +149,19 @@ def test_gateway_without_simulator_keeps_retrying_and_says_why(procs, client_fac
     client.wait_for(lambda m: m.topic == "rt.gateway.disconnected" and m.data["attempt"] >= 2, timeout_s=10)
     beat = client.wait_for(lambda m: m.topic == "health.gateway", timeout_s=5)
     assert beat.data["connected"] is False
+
+
+def test_gateway_renews_session_before_the_time_limit_and_resumes(procs, client_factory, simulator, tmp_path):
+    sim = simulator("--pace", "fast")
+    client = client_factory(PREFIXES)
+    start_stages(procs, client, sim, gateway_args=("--max-session-min", "0.15"),  # 9 s instead of 55 min
+                 player_args=("--wav", str(tmp_path / "p.wav")))
+    speak(procs, speech_pcm(QUESTION, "slt", 48000), 48000, tmp_path, speed=2.0)
+    client.wait_for(lambda m: m.topic == "rt.response.done", timeout_s=60)
+    lost = client.wait_for(lambda m: m.topic == "rt.gateway.disconnected", timeout_s=20)
+    assert "session time limit" in lost.data["reason"]
+    resumed = client.wait_for(lambda m: m.topic == "rt.gateway.connected" and m.data["resumed"], timeout_s=10)
+    assert resumed.data["replayed_items"] == 2  # the user's words and the assistant's answer, as text
+    sent = [m.data["event"] for m in client.collect(1.0) if m.topic == "rt.sent.conversation.item.create"]
+    assert [e["item"]["role"] for e in sent[-2:]] == ["user", "assistant"]
+    assert sent[-2]["item"]["content"][0]["text"] == QUESTION
