@@ -15,7 +15,7 @@ import zmq
 import zmq.auth
 
 from common.config import BusConfig
-from common.envelope import EnvelopeError, Message, decode, encode
+from common.envelope import EnvelopeError, Message, Stamper, decode, encode
 from common.log import RateLimitedLog
 
 SEND_HWM = 20_000  # ~6 min of 20 ms audio frames: a stalled peer makes the proxy drop, never us block
@@ -166,8 +166,6 @@ def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0, pub:
     once it comes back on your own SUB, the subscriptions you made before it have reached the proxy.
     Messages your SUB receives meanwhile are discarded: nothing has started yet.
     """
-    from common.envelope import Stamper  # local: only the launcher and tests need it
-
     own_pub, own_sub = pub is None, sub is None
     pub = connect_pub(ctx, cfg) if pub is None else pub
     sub = connect_sub(ctx, cfg, [PROBE_TOPIC]) if sub is None else sub

@@ -1,4 +1,4 @@
-"""The openai SDK's Realtime client-event types as an explicit `type -> model` table, per protocol.
+"""The openai SDK's Realtime event types as explicit `type -> model` tables, per protocol and direction.
 
 Shared by the simulator (to judge what clients send) and the gateway (to check commands before they
 go to the API). Nothing is resolved from a string beyond a lookup in this table.
@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 Protocol = Literal["ga", "beta"]
 _client_models: dict[str, dict[str, type]] = {}
+_server_models: dict[str, dict[str, type]] = {}
 
 
 class ClientEventError(ValueError):
@@ -21,15 +22,30 @@ class ClientEventError(ValueError):
         self.param, self.code = param, code
 
 
+def type_table(union: Any) -> dict[str, type]:
+    """`Annotated[Union[...], ...]` of SDK event models -> {their `type` literal: model}."""
+    members = typing.get_args(typing.get_args(union)[0])
+    return {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+
+
 def client_event_models(protocol: Protocol) -> dict[str, type]:
     if protocol not in _client_models:
         if protocol == "ga":
             from openai.types.realtime import RealtimeClientEvent
         else:
             from openai.types.beta.realtime import RealtimeClientEvent
-        members = typing.get_args(typing.get_args(RealtimeClientEvent)[0])
-        _client_models[protocol] = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
+        _client_models[protocol] = type_table(RealtimeClientEvent)
     return _client_models[protocol]
+
+
+def server_event_models(protocol: Protocol) -> dict[str, type]:
+    if protocol not in _server_models:
+        if protocol == "ga":
+            from openai.types.realtime import RealtimeServerEvent
+        else:
+            from openai.types.beta.realtime import RealtimeServerEvent
+        _server_models[protocol] = type_table(RealtimeServerEvent)
+    return _server_models[protocol]
 
 
 def validate_client_event(event: dict[str, Any], protocol: Protocol) -> None:

@@ -51,16 +51,9 @@ def bus(procs, bus_cfg) -> BusConfig:
 
 
 @pytest.fixture
-def client_factory(bus):
-    made: list[BusClient] = []
-
-    def make(prefixes: list[str], **kwargs) -> BusClient:
-        made.append(BusClient(bus, prefixes, **kwargs))
-        return made[-1]
-
-    yield make
-    for client in made:
-        client.close()
+def client_factory(bus, client_factory_no_bus):
+    """Bus clients (closed after the test) on a bus this test started."""
+    return client_factory_no_bus
 
 
 @pytest.fixture

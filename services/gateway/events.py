@@ -1,37 +1,22 @@
 """Server events: parsed with the openai SDK's own types, renamed to GA, audio stripped for the bus.
 
-Each protocol gets an explicit `type -> SDK model` table built from the SDK's server-event union;
-nothing is resolved from a string on the wire beyond that lookup.
+Each protocol has an explicit `type -> SDK model` table (common/realtime_types.py) built from the
+SDK's server-event union; nothing is resolved from a string on the wire beyond that lookup.
 """
 
 from __future__ import annotations
 
 import json
-import typing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from common.realtime_names import to_ga
+from common.realtime_types import Protocol, server_event_models
 
-Protocol = Literal["ga", "beta"]
 AUDIO_FIELDS = {"delta", "audio"}  # base64 audio inside events that carry it
 AUDIO_EVENTS = {"response.output_audio.delta"}
-
-_tables: dict[str, dict[str, type[BaseModel]]] = {}
-
-
-def server_event_models(protocol: Protocol) -> dict[str, type[BaseModel]]:
-    if protocol not in _tables:
-        if protocol == "ga":
-            from openai.types.realtime import RealtimeServerEvent
-        else:
-            from openai.types.beta.realtime import RealtimeServerEvent
-        members = typing.get_args(typing.get_args(RealtimeServerEvent)[0])
-        _tables[protocol] = {typing.get_args(m.model_fields["type"].annotation)[0]: m for m in members}
-    return _tables[protocol]
-
 
 @dataclass
 class ParsedEvent:
