@@ -36,11 +36,13 @@ class Turn:
     heard: str = ""
     answer: str = ""
     latency_ms: float | None = None
+    server_ms: float | None = None  # speech end -> first audio delta received (the server's share)
     item_id: str = ""
 
 
 def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
     speech_end_ns = None
+    first_delta_ns: dict[str, int] = {}
     deadline = time.monotonic() + TURN_TIMEOUT_S
     done = False
     while time.monotonic() < deadline:
@@ -56,6 +58,8 @@ def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
             speech_end_ns = data.get("speech_end_capture_ns")
         elif message.topic == "rt.response.output_audio_transcript.done":
             turn.answer, turn.item_id = event.get("transcript", ""), event.get("item_id", "")
+        elif message.topic == "rt.response.output_audio.delta":
+            first_delta_ns.setdefault(event.get("item_id", ""), data.get("t_recv_ns", 0))
         elif message.topic == "rt.response.done":
             done = True
         elif message.topic == "rt.error":
@@ -63,6 +67,8 @@ def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
         elif message.topic == "player.state" and turn.item_id and data.get("item_id") == turn.item_id:
             if turn.latency_ms is None and speech_end_ns and data.get("item_started_ns"):
                 turn.latency_ms = (data["item_started_ns"] - speech_end_ns) / 1e6
+                if first_delta_ns.get(turn.item_id):
+                    turn.server_ms = (first_delta_ns[turn.item_id] - speech_end_ns) / 1e6
             if done and not data.get("playing") and data.get("played_ms", 0) >= data.get("received_ms", 1) - 1:
                 return
     raise click.ClickException(f"no complete answer within {TURN_TIMEOUT_S:.0f}s (is the simulator running? "
@@ -112,6 +118,9 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
             _wait_turn(receiver, turn, supervisor)
             mic.wait(timeout=15)
             latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "n/a"
+            if turn.latency_ms is not None and turn.server_ms is not None:
+                latency += (f" (server: VAD silence + ASR + TTS {turn.server_ms:.0f} ms; "
+                            f"voicebus pipeline {turn.latency_ms - turn.server_ms:.0f} ms)")
             click.echo(f"  you said (as transcribed): {turn.heard!r}")
             click.echo(f"  assistant:                 {turn.answer!r}")
             click.echo(f"  latency, your speech end -> first assistant audio played: {latency}")
