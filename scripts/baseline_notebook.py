@@ -28,6 +28,9 @@ from common.wavio import read_wav  # noqa: E402
 
 CHUNK_MS = 300
 FRAME_MS = 20
+SESSION_UPDATE = {"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+    "transcription": {"model": "whisper-1"},  # the notebook's settings: whisper-1, server VAD 0.3/300/600
+    "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300, "silence_duration_ms": 600}}}}}
 
 
 def run_notebook(wav_path: str, url: str, tail_s: float = 2.0) -> dict[str, list[float]]:
@@ -37,9 +40,7 @@ def run_notebook(wav_path: str, url: str, tail_s: float = 2.0) -> dict[str, list
     frame_bytes = rate * FRAME_MS // 1000 * 2
     pcm = audio.pcm + bytes(int(tail_s * rate) * 2)
     ws = websocket.create_connection(url, header=["Authorization: Bearer notebook"], timeout=10)
-    ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
-        "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300,
-                           "silence_duration_ms": 600}}}}}))
+    ws.send(json.dumps(SESSION_UPDATE))
     latencies: list[float] = []
     pending: list[tuple[bytes, int]] = []  # (frame, callback time) waiting for a full chunk
     done = threading.Event()
@@ -88,10 +89,7 @@ def run_notebook_devices(url: str, mic_rate: int = 48000) -> None:
     pa = pyaudio.PyAudio()
     ws = websocket.create_connection(url, header=["Authorization: Bearer notebook"], timeout=10,
                                      enable_multithread=True)
-    ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
-        "transcription": {"model": "whisper-1"},
-        "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300,
-                           "silence_duration_ms": 600}}}}}))
+    ws.send(json.dumps(SESSION_UPDATE))
     chunk: list[bytes] = []
 
     def on_audio(in_data, _count, _info, _status):  # the notebook resampled and sent from the callback
