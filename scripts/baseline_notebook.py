@@ -33,6 +33,13 @@ SESSION_UPDATE = {"type": "session.update", "session": {"type": "realtime", "aud
     "turn_detection": {"type": "server_vad", "threshold": 0.3, "prefix_padding_ms": 300, "silence_duration_ms": 600}}}}}
 
 
+def send_chunk(ws: websocket.WebSocket, pcm: bytes, rate: int) -> None:
+    """The notebook's step: resample one chunk on its own (resampy, no state) and append it."""
+    mono = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
+    out = (np.clip(resampy.resample(mono, rate, 24000), -1, 1) * 32767).astype("<i2").tobytes()
+    ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(out).decode()}))
+
+
 def run_notebook(wav_path: str, url: str, tail_s: float = 2.0) -> dict[str, list[float]]:
     """Returns {'append_ms': mic frame callback -> the append that carried it, per frame}."""
     audio = read_wav(wav_path)
@@ -67,10 +74,7 @@ def run_notebook(wav_path: str, url: str, tail_s: float = 2.0) -> dict[str, list
             time.sleep(delay)
         pending.append((pcm[offset:offset + frame_bytes], time.monotonic_ns()))
         if len(pending) * FRAME_MS >= CHUNK_MS:
-            chunk = b"".join(frame for frame, _ in pending)
-            mono = np.frombuffer(chunk, dtype="<i2").astype(np.float32) / 32768
-            resampled = (np.clip(resampy.resample(mono, rate, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(resampled).decode()}))
+            send_chunk(ws, b"".join(frame for frame, _ in pending), rate)
             sent = time.monotonic_ns()
             latencies += [(sent - t) / 1e6 for _, t in pending]
             pending.clear()
@@ -95,10 +99,8 @@ def run_notebook_devices(url: str, mic_rate: int = 48000) -> None:
     def on_audio(in_data, _count, _info, _status):  # the notebook resampled and sent from the callback
         chunk.append(in_data)
         if len(chunk) * FRAME_MS >= CHUNK_MS:
-            mono = np.frombuffer(b"".join(chunk), dtype="<i2").astype(np.float32) / 32768
+            send_chunk(ws, b"".join(chunk), mic_rate)
             chunk.clear()
-            out = (np.clip(resampy.resample(mono, mic_rate, 24000), -1, 1) * 32767).astype("<i2").tobytes()
-            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(out).decode()}))
         return None, pyaudio.paContinue
 
     mic = pa.open(format=pyaudio.paInt16, channels=1, rate=mic_rate, input=True,

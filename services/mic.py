@@ -99,9 +99,9 @@ class WavSource:
 
     def _run(self, put) -> None:
         frame_bytes = self.rate * self.frame_ms // 1000 * 2 * self.channels
-        silence_s = bytes(self.rate * 2 * self.channels)
-        pcm = (silence_s * 60)[:int(self.lead_silence_s * self.rate) * 2 * self.channels] + self.audio.pcm + \
-            (silence_s * 60)[:int(self.tail_silence_s * self.rate) * 2 * self.channels]
+        sample_frame = 2 * self.channels
+        pcm = bytes(int(self.lead_silence_s * self.rate) * sample_frame) + self.audio.pcm + \
+            bytes(int(self.tail_silence_s * self.rate) * sample_frame)
         period_s = self.frame_ms / 1000 / self.speed if self.speed > 0 else 0.0
         started = time.monotonic()
         index = 0

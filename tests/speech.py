@@ -6,7 +6,7 @@ import functools
 
 import numpy as np
 
-from common.resample import float_to_pcm, resample_oneshot
+from common.resample import float_to_pcm
 from common.speech import synthesize
 
 SENTENCES = [
@@ -37,12 +37,6 @@ def with_silence(pcm: bytes, rate: int, lead_s: float = 0.5, tail_s: float = 1.0
 def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
     return float_to_pcm(amplitude * np.sin(2 * np.pi * freq * t).astype(np.float32))
-
-
-def resampled(pcm: bytes, rate_in: int, rate_out: int) -> bytes:
-    from common.resample import pcm_to_mono_float
-
-    return float_to_pcm(resample_oneshot(pcm_to_mono_float(pcm, 1), rate_in, rate_out))
 
 
 def compose(parts: list[tuple[str, object]], rate: int, voice: str = "slt") -> bytes:

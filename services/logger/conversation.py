@@ -119,13 +119,13 @@ class ConversationBuilder:
         elif kind == "gateway.connected":
             self.server_samples = 0
             self.appended.clear()
-            self._note({"kind": "connected", "resumed": data.get("resumed"), "replayed_items":
+            self.note({"kind": "connected", "resumed": data.get("resumed"), "replayed_items":
                         data.get("replayed_items"), "t_ns": t_ns})
         elif kind == "gateway.disconnected":
-            self._note({"kind": "disconnected", "reason": data.get("reason"), "t_ns": t_ns,
+            self.note({"kind": "disconnected", "reason": data.get("reason"), "t_ns": t_ns,
                         "response_lost": data.get("response_lost")})
         elif kind in ("error", "unknown"):
-            self._note({"kind": kind, "t_ns": t_ns, "detail": event.get("error") if kind == "error" else data})
+            self.note({"kind": kind, "t_ns": t_ns, "detail": event.get("error") if kind == "error" else data})
         elif kind == "session.created":
             session = event.get("session", {})
             self.session_facts.update(model=session.get("model"), protocol=data.get("protocol"),
@@ -174,7 +174,8 @@ class ConversationBuilder:
             if turn is not None:
                 turn.status, turn.usage, turn.done_at = response.get("status", ""), response.get("usage") or {}, now
 
-    def _note(self, record: dict[str, Any]) -> None:
+    def note(self, record: dict[str, Any]) -> None:
+        """A session event (error, reconnect, drop...): kept for the session and the open turn."""
         current = self._current()
         record["turn_open"] = current is not None and current.done_at is None
         self.session_events.append(record)

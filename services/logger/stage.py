@@ -68,7 +68,7 @@ class LoggerStage(Stage):
         before = self.last_drops.get(stage, lost if stage not in self.last_drops else 0)
         self.last_drops[stage] = lost
         if lost > before:
-            self.builder._note({"kind": "dropped", "stage": stage, "count": lost - before, "t_ns": message.header.t_ns})
+            self.builder.note({"kind": "dropped", "stage": stage, "count": lost - before, "t_ns": message.header.t_ns})
 
     def _flush_events(self) -> None:
         if self.store is None:

@@ -40,7 +40,3 @@ class FaultBudget:
                 return False
             self._fired[fault] = fired + 1
             return True
-
-    def fired(self, kind: str) -> int:
-        with self._lock:
-            return sum(n for fault, n in self._fired.items() if fault.kind == kind)
