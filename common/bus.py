@@ -96,6 +96,47 @@ def connect_sub(ctx: zmq.Context, cfg: BusConfig, prefixes: list[str]) -> zmq.So
     return sock
 
 
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+class HandshakeWatch:
+    """Why a tcp:// bus stays silent: ZeroMQ's monitor events for one socket's security handshake.
+
+    A peer without keys (or with the wrong ones) on a CURVE bus is simply never connected; without
+    this, a subscriber only sees nothing arrive.
+    """
+
+    def __init__(self, sock: zmq.Socket, cfg: BusConfig) -> None:
+        self.cfg = cfg
+        self.problem: str | None = None
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS) if cfg.is_tcp else None
+
+    def poll(self) -> str | None:
+        """The current problem (None once a handshake succeeded), reading the events so far."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.problem = None
+            elif self.cfg.curve_dir is None:
+                self.problem = (f"the bus at {self._sock.last_endpoint.decode() or self.cfg.sub} refuses the "
+                                "connection: it uses CURVE and this process has no keys (pass --curve-dir or set "
+                                "VOICEBUS_CURVE_DIR to the directory made by `voicebus keys`)")
+            else:
+                self.problem = (f"CURVE handshake with the bus failed: the keys in {self.cfg.curve_dir} do not match "
+                                "the bus's (another server key, or this client key is not in its authorized dir)")
+        return self.problem
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
+
+
 class Publisher:
     """Sends without ever blocking: if ZeroMQ's queue is full the message is dropped and counted."""
 

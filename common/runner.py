@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
+from common.bus import HandshakeWatch, Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
 from common.config import BusConfig, session_id
 from common.log import kv
 from common.signals import StopFlag
@@ -41,9 +41,11 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
         stage.out.event(f"health.{stage.name}", counters)
 
     try:
+        handshake = HandshakeWatch(publisher.sock, cfg)
         while not stopping and not wait_for_bus(ctx, cfg, BUS_WAIT_LOG_INTERVAL_S, pub=publisher.sock,
                                                  sub=receiver.sock if receiver else None):
-            log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub))
+            log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub, problem=repr(handshake.poll() or "no answer")))
+        handshake.close()
         if stopping:
             return 0
         stage.start()

@@ -23,7 +23,7 @@ from benchlib import Rig, cpu_seconds, machine, pct, rss_mb  # noqa: E402
 from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
 from common.stage import Output  # noqa: E402
-from tests.speech import tone  # noqa: E402
+from common.utterances import tone  # noqa: E402
 
 
 def main() -> int:

@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchlib import REPO, Rig, cpu_seconds, machine, pct, rss_mb  # noqa: E402
 
+from common.rig import MonitorRecorder  # noqa: E402
 from common.speech import synthesize  # noqa: E402
+from common.utterances import SENTENCES  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
-from tests.audio_rig import MonitorRecorder  # noqa: E402
-from tests.speech import SENTENCES  # noqa: E402
 
 LOUD = 300
 QUIET_AFTER_ANSWER_S = 1.0

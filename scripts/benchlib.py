@@ -8,10 +8,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.rig import PulseRig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -51,15 +53,8 @@ class Rig:
         self.env = {**os.environ, "VOICEBUS_RUN_DIR": str(self.dir), "VOICEBUS_BUS_PUB": f"ipc://{self.dir}/pub.sock",
                     "VOICEBUS_BUS_SUB": f"ipc://{self.dir}/sub.sock", "VOICEBUS_LOG_LEVEL": "WARNING"}
         self.procs: list[subprocess.Popen] = []
-        self.pulse_env: dict[str, str] = {}
-        if with_pulse:
-            runtime = self.dir / "pulse"
-            runtime.mkdir()
-            env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-            subprocess.run(["bash", str(REPO / "scripts/pulse-up.sh")], env=env, check=True, capture_output=True)
-            time.sleep(1.0)
-            self.pulse_env = {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SINK": "voicebus_speaker",
-                              "PULSE_SOURCE": "voicebus_mic"}
+        self.pulse = PulseRig(self.dir / "pulse") if with_pulse else None
+        self.pulse_env: dict[str, str] = self.pulse.env if self.pulse else {}
         self.start("bus")
 
     def start(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -77,7 +72,6 @@ class Rig:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if self.pulse_env:
-            subprocess.run(["bash", str(REPO / "scripts/pulse-down.sh")], env={**os.environ, **self.pulse_env},
-                           capture_output=True)
+        if self.pulse is not None:
+            self.pulse.stop()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -85,12 +85,13 @@ def tap(cfg, prefixes, as_json, count, duration, stats_interval, quiet):
 @bus_options
 @click.option("--stages", default=None, help="Comma-separated stages to start (default: the whole pipeline).")
 @click.option("--arg", "stage_args", multiple=True, metavar="STAGE=ARGS",
-              help="Extra arguments for one stage, e.g. --arg 'mic=--wav question.wav'. Repeatable.")
+              help="Extra arguments for one process, e.g. --arg 'mic=--wav question.wav', "
+              "--arg 'simulator=--rules r.json', --arg 'bus=--insecure'. Repeatable.")
 @click.option("--session", default=None, help="Conversation name for headers and traces (default: new).")
 def up(cfg, stages, stage_args, session):
     """Start the bus and the pipeline's stages; restart any that crash; Ctrl-C stops all."""
     from services.launcher import run_up
-    from services.pipeline import pipeline_specs
+    from services.pipeline import BUS, canonical_args, pipeline_specs
 
     extra: dict[str, list[str]] = {}
     for item in stage_args:
@@ -101,7 +102,7 @@ def up(cfg, stages, stage_args, session):
         specs, env_extra = pipeline_specs(names, extra)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    sys.exit(run_up(cfg, specs, session or new_session_id(), env_extra))
+    sys.exit(run_up(cfg, specs, session or new_session_id(), env_extra, bus_args=canonical_args(extra).get(BUS, [])))
 
 
 @main.command()
@@ -206,11 +207,14 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path, puls
 @click.option("--echo-guard-ratio", type=float, default=1.5, show_default=True,
               help="Mic level must exceed the playback level times this (1.5 = 3.5 dB): raise it if the assistant "
               "still interrupts itself, lower it if users cannot interrupt.")
+@click.option("--interrupt-response/--no-interrupt-response", default=True, show_default=True,
+              help="The server cancels its response when the user speaks (the gateway then only flushes and "
+              "truncates); off: the gateway sends response.cancel itself.")
 @click.option("--ws-log", type=click.Path(dir_okay=False), help="Websocket traffic log (JSON lines, audio elided).")
 @click.option("--max-session-min", type=float, default=55.0, show_default=True,
               help="Reconnect before the server's 60-minute session limit.")
 def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_threshold, vad_prefix_ms,
-            vad_silence_ms, echo_guard, echo_guard_ratio, ws_log, max_session_min):
+            vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -226,7 +230,7 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
     settings = SessionSettings(model=model, voice=voice,
                                transcription_model=None if transcription_model == "none" else transcription_model,
                                vad_threshold=vad_threshold, vad_prefix_padding_ms=vad_prefix_ms,
-                               vad_silence_duration_ms=vad_silence_ms)
+                               vad_silence_duration_ms=vad_silence_ms, interrupt_response=interrupt_response)
     if instructions:
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,

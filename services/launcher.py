@@ -93,8 +93,9 @@ class Supervisor:
     """Owns the bus process and the stage processes of one pipeline."""
 
     def __init__(self, cfg: BusConfig, specs: list[ProcessSpec], session: str,
-                 env_extra: dict[str, str] | None = None) -> None:
+                 env_extra: dict[str, str] | None = None, bus_args: list[str] | None = None) -> None:
         self.cfg = cfg
+        self.bus_args = ["bus", "--pub", cfg.pub, "--sub", cfg.sub, *(bus_args or [])]
         self.env = child_env(cfg, session, env_extra)
         self.children = [Child(spec) for spec in specs]
         self.bus_proc: subprocess.Popen | None = None
@@ -104,8 +105,7 @@ class Supervisor:
         self.stamper = Stamper("launcher", session)
 
     def start(self, bus_timeout_s: float = 15.0) -> None:
-        bus_args = ["bus", "--pub", self.cfg.pub, "--sub", self.cfg.sub]
-        self.bus_proc = spawn(bus_args, self.env)
+        self.bus_proc = spawn(self.bus_args, self.env)
         if not wait_for_bus(self.ctx, self.cfg, timeout_s=bus_timeout_s):
             raise RuntimeError(f"the bus did not answer within {bus_timeout_s:.0f}s (see its log above)")
         log.info(kv("bus_up", pub=self.cfg.pub, sub=self.cfg.sub, pid=self.bus_proc.pid))
@@ -141,7 +141,7 @@ class Supervisor:
         if self.bus_proc is not None and self.bus_proc.poll() is not None:
             code = self.bus_proc.returncode
             log.error(kv("bus_exited", code=code, action="restarting bus"))
-            self.bus_proc = spawn(["bus", "--pub", self.cfg.pub, "--sub", self.cfg.sub], self.env)
+            self.bus_proc = spawn(self.bus_args, self.env)
             self._announce("launcher.restart", stage="bus", reason=f"exited with code {code}", backoff_s=0,
                            restarts=None)
         for child in self.children:
@@ -186,9 +186,10 @@ class Supervisor:
         log.info(kv("stopped_all"))
 
 
-def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: dict[str, str] | None = None) -> int:
+def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: dict[str, str] | None = None,
+           bus_args: list[str] | None = None) -> int:
     stopping = StopFlag.install()
-    supervisor = Supervisor(cfg, specs, session, env_extra)
+    supervisor = Supervisor(cfg, specs, session, env_extra, bus_args)
     try:
         supervisor.start()
         log.info(kv("pipeline_up", stages=",".join(s.name for s in specs), session=session))

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from common.audio_devices import close_stream, open_pyaudio, pick_device
+from common.audio_devices import close_stream, open_pyaudio, pick_device, prioritize_audio_process
 from common.log import kv
 from common.stage import Stage
 from common.wavio import read_wav
@@ -49,6 +49,7 @@ class DeviceSource:
     def start(self, put) -> None:
         import pyaudio
 
+        priority = prioritize_audio_process()
         self._pa = open_pyaudio()
         device = pick_device(self._pa, self.wanted, "input")
         self.rate = self.rate or device.default_rate
@@ -71,7 +72,7 @@ class DeviceSource:
                                      input_device_index=device.index, frames_per_buffer=frames,
                                      stream_callback=callback)
         log.info(kv("device_open", device=repr(device.name), rate=self.rate, channels=self.channels,
-                    frame_ms=self.frame_ms, latency_ms=round(self._stream.get_input_latency() * 1000, 1)))
+                    frame_ms=self.frame_ms, latency_ms=round(self._stream.get_input_latency() * 1000, 1), **priority))
 
     def stop(self) -> None:
         close_stream(self._pa, self._stream)

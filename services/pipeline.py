@@ -18,16 +18,32 @@ STAGES: dict[str, list[str]] = {
 }
 DEFAULT_STAGES = list(STAGES)
 SIMULATOR = "simulator"
+BUS = "bus"
+# what else a user may call a process in --arg: the command's own name
+ALIASES = {"simulate": SIMULATOR, "resampler": "resample"}
 
 log = logging.getLogger("voicebus.launcher")
 
 
+def canonical_args(extra_args: dict[str, list[str]]) -> dict[str, list[str]]:
+    """--arg keys by process name, accepting each process's command name too (simulate -> simulator)."""
+    merged: dict[str, list[str]] = {}
+    for name, args in extra_args.items():
+        merged.setdefault(ALIASES.get(name, name), []).extend(args)
+    return merged
+
+
 def pipeline_specs(names: list[str] | None, extra_args: dict[str, list[str]]) -> tuple[list[ProcessSpec], dict[str, str]]:
-    """The processes to start and the environment they share."""
-    names = names or DEFAULT_STAGES
-    unknown = sorted(set(names) - set(STAGES)) + sorted(set(extra_args) - set(STAGES) - {SIMULATOR})
+    """The processes to start (the bus apart) and the environment they share."""
+    names = [ALIASES.get(name, name) for name in names or DEFAULT_STAGES]
+    extra_args = canonical_args(extra_args)
+    unknown = sorted(set(names) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+    unknown = sorted(set(extra_args) - set(STAGES) - {SIMULATOR, BUS})
+    if unknown:
+        raise ValueError(f"--arg for unknown process(es) {', '.join(unknown)}; every process `up` starts takes "
+                         f"--arg: {', '.join([BUS, SIMULATOR, *STAGES])}")
     specs = [ProcessSpec(name, STAGES[name] + extra_args.get(name, [])) for name in names]
     env: dict[str, str] = {}
     target = openai_target()

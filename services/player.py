@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from common.audio_devices import close_stream, open_pyaudio, pick_device
+from common.audio_devices import close_stream, open_pyaudio, pick_device, prioritize_audio_process
 from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
 from common.resample import StreamResampler
@@ -35,15 +35,27 @@ class DeviceSink:
         self.latency_ms = 0.0
         self._pa = self._stream = None
         self.output_underflows = 0
+        self.late_callbacks = 0  # the audio thread came back later than the device buffer lasts
+        self.max_callback_gap_ms = 0.0
+        self._last_callback = 0.0
 
     def start(self, buffer: PlaybackBuffer) -> None:
         import pyaudio
 
+        self.priority = prioritize_audio_process()
         self._pa = open_pyaudio()
         device = pick_device(self._pa, self.wanted, "output")
         frames = buffer.rate * self.period_ms // 1000
 
         def callback(_in_data, frame_count: int, _time_info, status: int):
+            now = time.monotonic()
+            if self._last_callback and buffer.playing:
+                gap_ms = 1000 * (now - self._last_callback)
+                if gap_ms > self.max_callback_gap_ms:
+                    self.max_callback_gap_ms = gap_ms
+                if gap_ms > self.latency_ms:  # longer than the device could play from its buffer
+                    self.late_callbacks += 1
+            self._last_callback = now
             if status & pyaudio.paOutputUnderflow:
                 self.output_underflows += 1
             return buffer.pull(frame_count), pyaudio.paContinue
@@ -53,7 +65,7 @@ class DeviceSink:
                                      stream_callback=callback)
         self.latency_ms = round(self._stream.get_output_latency() * 1000, 1)
         log.info(kv("device_open", device=repr(device.name), rate=buffer.rate, period_ms=self.period_ms,
-                    latency_ms=self.latency_ms))
+                    latency_ms=self.latency_ms, **self.priority))
 
     def stop(self) -> None:
         close_stream(self._pa, self._stream)
@@ -170,4 +182,6 @@ class PlayerStage(Stage):
         percentiles = {f"handoff_p{p}_ms": round(handoff[min(len(handoff) - 1, len(handoff) * p // 100)], 2)
                        for p in (50, 99)} if handoff else {}
         return {**percentiles, "underruns": self.buffer.underruns, "dropped_frames": self.dropped_frames, "flushes": self.flushes,
-                "output_underflows": self.sink.output_underflows}
+                "output_underflows": self.sink.output_underflows,
+                "late_callbacks": getattr(self.sink, "late_callbacks", 0),
+                "max_callback_gap_ms": round(getattr(self.sink, "max_callback_gap_ms", 0.0), 1)}

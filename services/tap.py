@@ -10,7 +10,7 @@ from typing import TextIO
 
 import zmq
 
-from common.bus import Receiver, connect_sub
+from common.bus import HandshakeWatch, Receiver, connect_sub
 from common.config import BusConfig
 from common.envelope import AudioHeader, Message
 from common.signals import StopFlag
@@ -43,6 +43,7 @@ def run_tap(cfg: BusConfig, prefixes: list[str], as_json: bool, count: int | Non
     stopping = StopFlag.install()
     ctx = zmq.Context()
     receiver = Receiver(connect_sub(ctx, cfg, prefixes), "tap")
+    handshake = HandshakeWatch(receiver.sock, cfg)
     per_topic: Counter[str] = Counter()
     seen = 0
     started = last_stats = time.monotonic()
@@ -51,12 +52,15 @@ def run_tap(cfg: BusConfig, prefixes: list[str], as_json: bool, count: int | Non
         elapsed = max(time.monotonic() - started, 1e-9)
         summary = {"elapsed_s": round(elapsed, 1), "messages": seen, "gaps": receiver.gaps,
                    "bad": dict(receiver.bad), "rates": {t: round(n / elapsed, 1) for t, n in sorted(per_topic.items())}}
+        problem = handshake.poll()
+        if problem:
+            summary["problem"] = problem
         if as_json:
             print(json.dumps({"stats": summary}), file=out, flush=True)
         else:
             rates = " ".join(f"{t}={r}/s" for t, r in summary["rates"].items())
             print(f"-- {seen} msgs in {summary['elapsed_s']}s gaps={receiver.gaps} bad={sum(receiver.bad.values())} "
-                  f"{rates}", file=out, flush=True)
+                  f"{rates}" + (f"\n-- nothing can arrive: {problem}" if problem else ""), file=out, flush=True)
 
     try:
         while not stopping:
@@ -77,6 +81,7 @@ def run_tap(cfg: BusConfig, prefixes: list[str], as_json: bool, count: int | Non
                 break
     finally:
         stats()
+        handshake.close()
         receiver.sock.close(linger=0)
         ctx.term()
     return 0

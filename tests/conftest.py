@@ -99,24 +99,24 @@ def simulator(procs):
 
 
 @pytest.fixture(scope="session")
-def pulse():
+def pulse_rig():
     """The virtual PulseAudio rig (scripts/pulse-up.sh) in a private runtime dir; torn down after.
 
     Not skipped when PulseAudio is missing: scripts/setup.sh installs it, and a test that needs
     audio fails loudly rather than passing by omission.
     """
-    import subprocess
-    import time
+    from common.rig import PulseRig
 
-    from tests.helpers import REPO
+    rig = PulseRig()
+    yield rig
+    rig.stop()
 
-    runtime = Path(tempfile.mkdtemp(prefix="vb-pulse-", dir="/tmp"))
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    result = subprocess.run(["bash", str(REPO / "scripts/pulse-up.sh")], env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, f"pulse-up.sh failed:\n{result.stdout}\n{result.stderr}"
-    time.sleep(1.0)  # the recipe: give a fresh daemon a second before opening streams
-    audio_env = {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SINK": "voicebus_speaker", "PULSE_SOURCE": "voicebus_mic"}
-    yield audio_env
-    subprocess.run(["bash", str(REPO / "scripts/pulse-down.sh")], env=env, capture_output=True, timeout=30)
-    shutil.rmtree(runtime, ignore_errors=True)
+
+@pytest.fixture
+def pulse(pulse_rig) -> dict[str, str]:
+    """The rig's environment, reset to its baseline first: nothing an earlier test loaded or left
+    playing (a loopback, an echo canceller, a stray stream) reaches this one."""
+    removed = pulse_rig.reset()
+    if removed:
+        print(f"rig reset before the test removed: {', '.join(removed)}")
+    return pulse_rig.env

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.speech import Transcriber, word_error_rate
-from tests.speech import SENTENCES, speech_pcm
+from common.utterances import SENTENCES, speech_pcm
 
 
 def test_word_error_rate_helper():

@@ -168,6 +168,13 @@ def test_tcp_bus_with_curve_accepts_right_key_and_refuses_wrong_one(procs, tmp_p
         assert not wait_for_bus(ctx, no_key, timeout_s=1), "a peer without CURVE must get nothing"
     finally:
         ctx.term()
+    # and a peer that gets nothing is told why, instead of printing "0 msgs" forever
+    for name, curve_args, reason in (("tap-nokey", [], "uses CURVE and this process has no keys"),
+                                     ("tap-intruder", ["--curve-dir", str(intruder_keys)], "do not match")):
+        tap = procs.voicebus("tap", "--pub", cfg.pub, "--sub", cfg.sub, *curve_args, "--duration", "2.5",
+                             "--stats", "1", name=name)
+        assert tap.wait(timeout=20) == 0
+        assert reason in procs.log_of(tap), procs.log_of(tap)
 
 
 def test_insecure_tcp_bus_starts_when_asked(procs):

@@ -10,10 +10,10 @@ import pytest
 
 from common.capture_file import MAGIC, CaptureError, CaptureWriter, ReadReport, read_capture
 from common.stage import Output
+from common.utterances import speech_pcm, tone
 from common.wavio import read_wav
 from tests.helpers import REPO
 from tests.pipeline import speak, start_stages
-from tests.speech import speech_pcm, tone
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:

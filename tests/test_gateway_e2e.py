@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from tests.audio_rig import MonitorRecorder, align
+from common.rig import MonitorRecorder, align, player_health
+from common.utterances import compose, speech_pcm
 from tests.pipeline import speak, start_stages
-from tests.speech import compose, speech_pcm
 
 QUESTION = "what is the weather like today"
 PREFIXES = ["rt.", "audio.assistant", "player.", "health."]
@@ -44,7 +44,7 @@ def test_spoken_question_gets_transcript_audio_and_done(procs, client_factory, s
 
 @pytest.mark.audio
 def test_barge_in_flushes_player_and_truncates_at_played_position(procs, client_factory, simulator, tmp_path,
-                                                                   pulse):
+                                                                   pulse, pulse_rig):
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps([{"match": ".*", "reply": "Once upon a time there was a little robot who lived "
                                   "in a quiet town by the sea and every morning it walked down to the harbour to "
@@ -72,7 +72,8 @@ def test_barge_in_flushes_player_and_truncates_at_played_position(procs, client_
     source = np.frombuffer(b"".join(m.payload for m in _of(client, "audio.assistant")
                                     if m.header.model_extra["item_id"] == item_id), dtype="<i2").astype(float)
     offset, ncc = align(recording, source[:audio_end_ms * 24])
-    assert ncc >= 0.9
+    print(f"ncc {ncc:.3f}; player {player_health(client)}; rig {pulse_rig.state()}")
+    assert ncc >= 0.9, (player_health(client), pulse_rig.state())
     tail = recording[offset + (audio_end_ms + 40) * 24:]
     assert np.abs(tail).max(initial=0) < 300, "item audio after the truncation point reached the speaker"
     last_loud = offset + np.flatnonzero(np.abs(recording[offset:]) > 300)[-1]
@@ -83,6 +84,9 @@ def test_barge_in_flushes_player_and_truncates_at_played_position(procs, client_
     generated = summary.data["transcript_generated"]
     assert summary.data["transcript_heard"] and generated.startswith(summary.data["transcript_heard"])
     assert len(summary.data["transcript_heard"]) < len(generated)
+    # the server cancelled its own response (interrupt_response): no client cancel, no error for the user
+    assert not _of(client, "rt.sent.response.cancel") and not _of(client, "rt.error")
+    assert _of(client, "rt.response.done")[-1].data["event"]["response"]["status"] == "cancelled"
 
 
 @pytest.mark.parametrize("fault", ["drop_mid_response", "error_event", "unknown_event", "malformed_json"])

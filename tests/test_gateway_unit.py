@@ -8,10 +8,10 @@ import json
 import numpy as np
 
 from common.realtime_types import validate_client_event
+from common.utterances import tone
 from services.gateway.bargein import AudibleTracker, EchoGuard
 from services.gateway.events import parse_server_event, strip_audio
 from services.gateway.session import SessionSettings, replay_item, session_update
-from tests.speech import tone
 
 
 def test_beta_names_become_ga_and_audio_is_stripped():
@@ -87,3 +87,49 @@ def test_echo_guard_engages_before_the_player_reports():
     tracker.add_audio("item_1", "resp_1", 0, tone(300, 1.0, 24000, amplitude=0.5))
     echo = tone(300, 0.02, 24000, amplitude=0.2)
     assert not guard.admit(echo, tracker, now=0.05)  # received, the player has not said a word yet
+
+
+def _gateway(interrupt_response: bool):
+    from common.stage import Output
+    from services.gateway.stage import GatewayStage
+
+    stage = GatewayStage("ws://127.0.0.1:9/v1/realtime", [], "ga", SessionSettings(interrupt_response=interrupt_response))
+    stage.out, published = Output.collecting("gateway")
+    sent: list[dict] = []
+    stage.socket.connected = True
+    stage.socket.send = lambda text: sent.append(json.loads(text)) or True  # the wire, without a server
+    return stage, published, sent
+
+
+def _server(stage, **event) -> None:
+    stage._on_server_text(json.dumps({"event_id": "e", **event}), 0)
+
+
+def _playing_response(stage) -> None:
+    _server(stage, type="response.created", response={"id": "resp_1", "object": "realtime.response",
+                                                       "status": "in_progress", "output": []})
+    _server(stage, type="response.output_audio.delta", response_id="resp_1", item_id="item_1", output_index=0,
+            content_index=0, delta=base64.b64encode(tone(300, 0.5, 24000)).decode())
+    stage.tracker.on_player_state({"item_id": "item_1", "played_ms": 200, "playing": True, "buffered_ms": 100}, 0.0)
+
+
+def test_barge_in_leaves_the_cancel_to_the_server_when_it_interrupts_itself():
+    stage, published, sent = _gateway(interrupt_response=True)
+    _playing_response(stage)
+    _server(stage, type="input_audio_buffer.speech_started", audio_start_ms=1000, item_id="item_u")
+    assert [m.topic for m in published if m.topic == "player.flush"] == ["player.flush"]
+    assert not [e for e in sent if e["type"] == "response.cancel"]
+    # without interrupt_response the gateway must cancel itself
+    stage, published, sent = _gateway(interrupt_response=False)
+    _playing_response(stage)
+    _server(stage, type="input_audio_buffer.speech_started", audio_start_ms=1000, item_id="item_u")
+    assert [e["type"] for e in sent if e["type"] == "response.cancel"] == ["response.cancel"]
+
+
+def test_lost_races_are_benign_errors_not_failures():
+    stage, published, _ = _gateway(interrupt_response=True)
+    for code in ("response_cancel_not_active", "conversation_already_has_active_response", "invalid_value"):
+        _server(stage, type="error", error={"type": "invalid_request_error", "code": code, "message": "m"})
+    errors = [m.data for m in published if m.topic == "rt.error"]
+    assert [e.get("benign", False) for e in errors] == [True, True, False]
+    assert stage.counts["benign_errors"] == 2 and stage.counts["server_errors"] == 1

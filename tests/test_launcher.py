@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 from tests.helpers import alive, children_of
 
@@ -56,3 +57,20 @@ def test_unknown_stage_is_a_usage_error(procs):
     up = procs.voicebus("up", "--stages", "nosuch")
     assert up.wait(timeout=20) == 2
     assert "unknown stage" in procs.log_of(up)
+
+
+def test_every_process_up_starts_takes_arg(procs, client_factory_no_bus, tmp_path):
+    rules = tmp_path / "r.json"
+    rules.write_text('[{"match": ".*", "reply": "ok"}]')
+    up = procs.voicebus("up", "--stages", "gateway", "--arg", f"simulate=--rules {rules}",
+                        "--arg", "bus=--log-level DEBUG", env={"VOICEBUS_SIM_PORT": str(18900 + os.getpid() % 90)})
+    client = client_factory_no_bus(["health.gateway"])
+    client.wait_for(lambda m: m.topic == "health.gateway", timeout_s=30)
+    command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children_of(up.pid)]
+    simulator = next(c for c in command_lines if b"simulate" in c)
+    bus = next(c for c in command_lines if b"bus" in c and b"services.cli" in c[1:3])
+    assert [b"--rules", str(rules).encode()] == simulator[simulator.index(b"--rules"):simulator.index(b"--rules") + 2]
+    assert b"--log-level" in bus and b"DEBUG" in bus
+    wrong = procs.voicebus("up", "--arg", "nosuch=--x", name="up-wrong")
+    assert wrong.wait(timeout=20) == 2
+    assert "every process `up` starts takes --arg: bus, simulator, mic" in procs.log_of(wrong)

@@ -13,10 +13,10 @@ import wave
 
 import pytest
 
+from common.utterances import compose, speech_pcm
 from services.logger.store import load_json, load_turns
 from tests.helpers import REPO
 from tests.pipeline import speak, start_stages
-from tests.speech import compose, speech_pcm
 from tests.trace_server import LoopbackTraceServer
 
 QUESTION = "what is the weather like today"

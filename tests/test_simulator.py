@@ -18,8 +18,8 @@ from openai import OpenAI
 from pydantic import TypeAdapter, ValidationError
 
 from common.realtime_names import to_beta
+from common.utterances import speech_pcm, with_silence
 from tests.realtime_client import RawRealtime
-from tests.speech import speech_pcm, with_silence
 
 QUESTION = "what is the weather like today"
 GA_SESSION = {"type": "realtime", "audio": {"input": {

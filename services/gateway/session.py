@@ -21,13 +21,16 @@ class SessionSettings:
     vad_threshold: float = 0.3  # the notebook's values
     vad_prefix_padding_ms: int = 300
     vad_silence_duration_ms: int = 600
+    # the server cancels its own response when the user starts speaking; the gateway then only
+    # flushes and truncates (a client response.cancel would get response_cancel_not_active)
+    interrupt_response: bool = True
 
 
 def session_update(settings: SessionSettings, protocol: str) -> dict[str, Any]:
     vad: dict[str, Any] = {"type": settings.vad_type, "threshold": settings.vad_threshold,
                            "prefix_padding_ms": settings.vad_prefix_padding_ms,
                            "silence_duration_ms": settings.vad_silence_duration_ms,
-                           "create_response": True, "interrupt_response": True}
+                           "create_response": True, "interrupt_response": settings.interrupt_response}
     transcription = {"model": settings.transcription_model} if settings.transcription_model else None
     if protocol == "ga":
         from openai.types.realtime import SessionUpdateEventParam

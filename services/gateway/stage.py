@@ -27,6 +27,9 @@ FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before 
 MAX_EVENT_HEADER_BYTES = 60_000
 RESUME_TURNS = 20
 APPEND_HISTORY = 3000  # 60 s of 20 ms frames: maps the server's audio ms back to capture time
+# server errors that only say a race was lost and the server already did what we asked: reported on
+# the bus with benign=true and counted apart, never shown to the user as a failure
+BENIGN_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_response"}
 
 log = logging.getLogger("voicebus.gateway")
 
@@ -55,7 +58,7 @@ class GatewayStage(Stage):
         self.session_samples = 0  # audio appended since this server session began
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
-                       "rejected_commands": 0}
+                       "rejected_commands": 0, "benign_errors": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,11 +196,15 @@ class GatewayStage(Stage):
         kind = parsed.type
         if kind == "response.output_audio.delta":
             self._on_audio_delta(data, parsed.audio, t_recv_ns)
-        self._publish_event(f"rt.{kind}", {"event": data, "protocol": self.protocol, "t_recv_ns": t_recv_ns})
+        benign = kind == "error" and data.get("error", {}).get("code") in BENIGN_ERRORS
+        self._publish_event(f"rt.{kind}", {"event": data, "protocol": self.protocol, "t_recv_ns": t_recv_ns,
+                                           **({"benign": True} if benign else {})})
         if kind == "error":
-            self.counts["server_errors"] += 1
             error = data.get("error", {})
-            log.warning(kv("server_error", code=error.get("code"), message=repr(str(error.get("message"))[:200])))
+            self.counts["benign_errors" if benign else "server_errors"] += 1
+            log.log(logging.INFO if benign else logging.WARNING,
+                    kv("server_error", code=error.get("code"), benign=benign,
+                       message=repr(str(error.get("message"))[:200])))
         elif kind == "response.created":
             self.response_active = data["response"].get("id")
         elif kind == "response.done":
@@ -251,11 +258,12 @@ class GatewayStage(Stage):
             return
         self.counts["barge_ins"] += 1
         self._publish_event("player.flush", {"reason": "barge_in", "item_id": item.item_id})
-        if self.response_active is not None:
+        # with interrupt_response the server has cancelled already (as the Agents SDK assumes too)
+        cancel = self.response_active is not None and not self.settings.interrupt_response
+        if cancel:
             self.send({"type": "response.cancel"})
         self.pending_truncate = {"item_id": item.item_id, "deadline": time.monotonic() + FLUSH_WAIT_S}
-        log.info(kv("barge_in", item_id=item.item_id, received_ms=round(item.received_ms),
-                    cancelled=self.response_active is not None))
+        log.info(kv("barge_in", item_id=item.item_id, received_ms=round(item.received_ms), cancel_sent=cancel))
 
     def tick(self) -> None:
         if self.pending_truncate is not None and time.monotonic() > self.pending_truncate["deadline"]:

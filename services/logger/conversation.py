@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.envelope import AudioHeader, Message
+from common.transcripts import cut_transcript
 
 RATE = 24_000
 BYTES_PER_MS = RATE * 2 // 1000
@@ -38,6 +39,7 @@ class Turn:
     status: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     transcript: str = ""
+    transcript_so_far: str = ""  # from the deltas: all there is when the pipeline stops mid-answer
     truncated: dict[str, Any] | None = None
     first_delta_ns: int | None = None
     first_played_ns: int | None = None
@@ -159,6 +161,10 @@ class ConversationBuilder:
             if turn is not None and not turn.item_id:
                 turn.item_id = event.get("item", {}).get("id", "")
                 self.by_item[turn.item_id] = turn
+        elif kind == "response.output_audio_transcript.delta":
+            turn = self.by_item.get(event.get("item_id", ""))
+            if turn is not None:
+                turn.transcript_so_far += event.get("delta", "")
         elif kind == "response.output_audio_transcript.done":
             turn = self.by_item.get(event.get("item_id", ""))
             if turn is not None:
@@ -217,12 +223,18 @@ class ConversationBuilder:
 
     def _record(self, turn: Turn) -> tuple[dict[str, Any], dict[str, bytes]]:
         generated = bytes(self.generated.pop(turn.item_id, b""))
+        generated_ms = len(generated) / BYTES_PER_MS
+        unfinished = bool(turn.response_id) and turn.done_at is None  # stopped before response.done
+        if unfinished and not turn.transcript:
+            turn.transcript = turn.transcript_so_far
         if turn.truncated is not None:
             played_ms = float(turn.truncated.get("audio_end_ms", 0))
             heard = turn.truncated.get("transcript_heard", "")
         else:
-            played_ms = turn.played_ms if turn.played_ms is not None else len(generated) / BYTES_PER_MS
+            played_ms = turn.played_ms if turn.played_ms is not None else generated_ms
             heard = turn.transcript
+            if unfinished and generated_ms:
+                heard = cut_transcript(turn.transcript, min(1.0, played_ms / generated_ms))
         played = generated[:int(played_ms) * BYTES_PER_MS]
         first_played = turn.first_played_ns or self.item_started_ns.get(turn.item_id)
 
@@ -234,7 +246,8 @@ class ConversationBuilder:
             "user": {"item_id": turn.user_item_id, "transcript": turn.user_transcript,
                      "audio_start_ms": turn.audio_start_ms, "audio_end_ms": turn.audio_end_ms,
                      "audio_ms": round(len(turn.user_pcm) / BYTES_PER_MS, 1)},
-            "assistant": {"response_id": turn.response_id, "item_id": turn.item_id, "status": turn.status,
+            "assistant": {"response_id": turn.response_id, "item_id": turn.item_id,
+                          "status": "unfinished" if unfinished else turn.status, "unfinished": unfinished,
                           "transcript_heard": heard, "transcript_generated": turn.transcript,
                           "played_ms": round(played_ms, 1), "generated_ms": round(len(generated) / BYTES_PER_MS, 1),
                           "barge_in": turn.truncated is not None},

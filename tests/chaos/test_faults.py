@@ -11,9 +11,9 @@ import msgpack
 import pytest
 
 from common.envelope import EnvelopeError, decode
+from common.utterances import speech_pcm
 from tests.helpers import REPO
 from tests.pipeline import speak, start_stages
-from tests.speech import speech_pcm
 
 REPEATS = 20
 TEXT_TURN = [{"type": "conversation.item.create", "item": {"type": "message", "role": "user",

@@ -1,0 +1,165 @@
+"""The virtual audio rig for tests, benchmarks and soaks: a private PulseAudio with a virtual mic and
+speaker (scripts/pulse-up.sh), kept at its baseline between users; recording the speaker with
+wall-clock stamps, playing into the mic, and aligning signals by cross-correlation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.wavio import write_wav
+
+REPO = Path(__file__).resolve().parent.parent
+SETTLE_S = 1.0  # the recipe: give a fresh daemon a second before opening streams
+KEEPALIVE_CLIENT = "pacat"  # pulse-up.sh's silent stream into the mic, part of the baseline
+
+
+class PulseRig:
+    """A user-mode PulseAudio in a private runtime dir with voicebus_mic and voicebus_speaker.
+
+    `reset()` puts it back to what pulse-up.sh made: modules loaded since (loopbacks, echo
+    cancellers) are unloaded, streams of clients that are gone or forgotten are killed, defaults are
+    restored. What one user of the rig leaves behind must not reach the next.
+    """
+
+    def __init__(self, runtime: Path | None = None) -> None:
+        self.runtime = runtime or Path(tempfile.mkdtemp(prefix="vb-pulse-", dir="/tmp"))
+        self._own_runtime = runtime is None
+        self.env = {"XDG_RUNTIME_DIR": str(self.runtime), "PULSE_SINK": "voicebus_speaker",
+                    "PULSE_SOURCE": "voicebus_mic"}
+        result = subprocess.run(["bash", str(REPO / "scripts/pulse-up.sh")], env={**os.environ, **self.env},
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode:
+            raise RuntimeError(f"pulse-up.sh failed:\n{result.stdout}\n{result.stderr}")
+        time.sleep(SETTLE_S)
+        self.baseline_modules = {m.split()[0] for m in self._short("modules")}
+
+    def _pactl(self, *args: str) -> str:
+        return subprocess.run(["pactl", *args], env={**os.environ, **self.env}, capture_output=True, text=True,
+                              timeout=10).stdout
+
+    def _short(self, kind: str) -> list[str]:
+        return [line for line in self._pactl("list", "short", kind).splitlines() if line.strip()]
+
+    def state(self) -> dict[str, list[str] | str]:
+        """Modules, streams and defaults right now (for failure reports)."""
+        info = self._pactl("info")
+        defaults = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Default S")]
+        return {"modules": [" ".join(m.split()[:3]) for m in self._short("modules")],
+                "sink_inputs": [" ".join(m.split()[:3]) for m in self._short("sink-inputs")],
+                "source_outputs": [" ".join(m.split()[:3]) for m in self._short("source-outputs")],
+                "defaults": " ".join(defaults)}
+
+    def reset(self) -> list[str]:
+        """Back to the baseline; returns what had to be removed (empty when the rig was clean)."""
+        removed = []
+        for line in self._short("modules"):
+            index, name = line.split()[:2]
+            if index not in self.baseline_modules:
+                self._pactl("unload-module", index)
+                removed.append(f"module {name}")
+        keepalive = (self.runtime / "mic-keepalive.pid").read_text().strip() \
+            if (self.runtime / "mic-keepalive.pid").exists() else ""
+        for kind, kill in (("sink-inputs", "kill-sink-input"), ("source-outputs", "kill-source-output")):
+            for index, pid in self._stream_pids(kind):
+                if pid != keepalive:
+                    self._pactl(kill, index)
+                    removed.append(f"{kind[:-1]} {index} of pid {pid or '?'}")
+        self._pactl("set-default-sink", "voicebus_speaker")
+        self._pactl("set-default-source", "voicebus_mic")
+        return removed
+
+    def _stream_pids(self, kind: str) -> list[tuple[str, str]]:
+        """(stream index, client process id) for every sink input or source output."""
+        streams, index = [], None
+        for line in self._pactl("list", kind).splitlines():
+            line = line.strip()
+            if line.startswith(("Sink Input #", "Source Output #")):
+                index = line.split("#", 1)[1]
+                streams.append([index, ""])
+            elif line.startswith("application.process.id") and streams:
+                streams[-1][1] = line.split("=", 1)[1].strip().strip('"')
+        return [(i, p) for i, p in streams]
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(REPO / "scripts/pulse-down.sh")], env={**os.environ, **self.env},
+                       capture_output=True, timeout=30)
+        if self._own_runtime:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+CHUNK_BYTES = 480  # 10 ms at 24 kHz
+
+
+class MonitorRecorder:
+    """parec on the speaker's monitor; remembers when each chunk arrived (wall clock, ns)."""
+
+    def __init__(self, env: dict[str, str], rate: int = 24_000, source: str = "voicebus_speaker.monitor") -> None:
+        self.rate = rate
+        self.proc = subprocess.Popen(["parec", f"--device={source}", f"--rate={rate}", "--channels=1",
+                                      "--format=s16le", "--latency-msec=5", "--raw"], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.data = bytearray()
+        self.stamps: list[tuple[int, int]] = []  # (samples received so far, arrival t_ns)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            chunk = self.proc.stdout.read1(CHUNK_BYTES)
+            if not chunk:
+                return
+            self.data += chunk
+            self.stamps.append((len(self.data) // 2, time.time_ns()))
+
+    def wait_for_samples(self, samples: int, timeout_s: float = 10) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.data) // 2 < samples and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def stop(self) -> np.ndarray:
+        self.proc.terminate()
+        self.proc.wait(timeout=5)
+        self._thread.join(timeout=2)
+        return np.frombuffer(bytes(self.data[:len(self.data) // 2 * 2]), dtype="<i2").astype(np.float64)
+
+    def index_at(self, t_ns: int) -> float:
+        """Capture sample index that was arriving at wall time t_ns (interpolated over chunk arrivals)."""
+        counts = np.array([s for s, _ in self.stamps], dtype=np.float64)
+        times = np.array([t for _, t in self.stamps], dtype=np.float64)
+        return float(np.interp(t_ns, times, counts))
+
+    def time_of(self, index: float) -> float:
+        counts = np.array([s for s, _ in self.stamps], dtype=np.float64)
+        times = np.array([t for _, t in self.stamps], dtype=np.float64)
+        return float(np.interp(index, counts, times))
+
+
+def play_into_mic(env: dict[str, str], pcm: bytes, rate: int, tmp: Path) -> subprocess.Popen:
+    path = write_wav(tmp / "to-mic.wav", pcm, rate)
+    return subprocess.Popen(["paplay", "--device=voicebus_mic_in", str(path)], env=env)
+
+
+def align(recording: np.ndarray, source: np.ndarray) -> tuple[int, float]:
+    """(offset of `source` inside `recording`, normalised cross-correlation at that offset)."""
+    n = len(recording) + len(source)
+    size = 1 << (n - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(recording, size) * np.conj(np.fft.rfft(source, size)), size)
+    offset = int(np.argmax(corr[:len(recording)]))
+    segment = recording[offset:offset + len(source)]
+    usable = source[:len(segment)]
+    ncc = float(np.dot(segment, usable) / (np.linalg.norm(segment) * np.linalg.norm(usable) + 1e-12))
+    return offset, ncc
+
+
+def player_health(client) -> dict:
+    """The player's last heartbeat counters that explain glitches (underruns, late audio callbacks)."""
+    beats = [m for m in client.seen if m.topic == "health.player"]
+    keys = ("underruns", "output_underflows", "late_callbacks", "max_callback_gap_ms", "flushes")
+    return {k: beats[-1].data.get(k) for k in keys} if beats else {}

@@ -1,0 +1,50 @@
+"""The logger's turn builder without sockets: bus messages in, stored turn records out."""
+
+from __future__ import annotations
+
+import time
+
+from common.envelope import Stamper
+from common.utterances import tone
+from services.logger.conversation import ConversationBuilder
+
+RESPONSE = {"id": "resp_1", "object": "realtime.response", "status": "in_progress", "output": []}
+
+
+def _feed(builder: ConversationBuilder, stamper: Stamper, topic: str, data: dict) -> None:
+    builder.handle(stamper.event(topic, data, time.time_ns()), time.monotonic())
+
+
+def test_turn_cut_short_by_a_stop_is_stored_with_what_was_said_and_heard_marked_unfinished():
+    builder, gateway, player = ConversationBuilder(), Stamper("gateway", "s"), Stamper("player", "s")
+    _feed(builder, gateway, "rt.input_audio_buffer.speech_started", {"event": {"item_id": "u1", "audio_start_ms": 0}})
+    _feed(builder, gateway, "rt.conversation.item.input_audio_transcription.completed",
+          {"event": {"item_id": "u1", "transcript": "tell me a story"}})
+    _feed(builder, gateway, "rt.response.created", {"event": {"response": RESPONSE}})
+    _feed(builder, gateway, "rt.response.output_item.added", {"event": {"response_id": "resp_1", "item": {"id": "a1"}}})
+    words = ["once", "upon", "a", "time", "there", "was", "a", "robot", "who", "lived", "by", "the", "sea"]
+    for index, word in enumerate(words):
+        _feed(builder, gateway, "rt.response.output_audio_transcript.delta",
+              {"event": {"item_id": "a1", "delta": ("" if index == 0 else " ") + word}})
+    builder.handle(gateway.audio("audio.assistant", tone(300, 12.0, 24000), rate=24000, channels=1, pts=0,
+                                 t_capture_ns=time.time_ns(), t_ns=time.time_ns(), item_id="a1"), time.monotonic())
+    _feed(builder, player, "player.state", {"item_id": "a1", "played_ms": 8100.0, "item_started_ns": 1})
+    assert builder.tick(time.monotonic()) == []  # not complete: no response.done yet
+    [(record, audio)] = builder.tick(time.monotonic(), final=True)  # the pipeline stops
+    assistant = record["assistant"]
+    assert assistant["status"] == "unfinished" and assistant["unfinished"] is True
+    assert assistant["transcript_generated"] == " ".join(words)
+    heard = assistant["transcript_heard"]
+    assert heard and assistant["transcript_generated"].startswith(heard) and len(heard) < len(" ".join(words))
+    assert assistant["played_ms"] == 8100.0 and len(audio["assistant-played"]) == 8100 * 48
+    assert record["user"]["transcript"] == "tell me a story"
+
+
+def test_completed_turn_is_not_marked_unfinished():
+    builder, gateway = ConversationBuilder(), Stamper("gateway", "s")
+    _feed(builder, gateway, "rt.response.created", {"event": {"response": RESPONSE}})
+    _feed(builder, gateway, "rt.response.output_item.added", {"event": {"response_id": "resp_1", "item": {"id": "a1"}}})
+    _feed(builder, gateway, "rt.response.output_audio_transcript.done", {"event": {"item_id": "a1", "transcript": "hi"}})
+    _feed(builder, gateway, "rt.response.done", {"event": {"response": {**RESPONSE, "status": "completed"}}})
+    [(record, _)] = builder.tick(time.monotonic() + 10)
+    assert record["assistant"]["status"] == "completed" and record["assistant"]["unfinished"] is False
