@@ -163,3 +163,37 @@ def player_health(client) -> dict:
     beats = [m for m in client.seen if m.topic == "health.player"]
     keys = ("underruns", "output_underflows", "late_callbacks", "max_callback_gap_ms", "flushes")
     return {k: beats[-1].data.get(k) for k in keys} if beats else {}
+
+
+class CpuBurner:
+    """One busy-looping process per core at ordinary priority: a machine busy with someone else's work.
+
+    Used as a context manager; `busy_fraction()` says how busy the cores really were meanwhile.
+    """
+
+    def __init__(self, processes: int | None = None) -> None:
+        self.count = processes or os.cpu_count() or 2
+        self.procs: list[subprocess.Popen] = []
+        self._start_stat: tuple[int, int] = (0, 0)
+
+    @staticmethod
+    def _cpu_times() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    def __enter__(self) -> CpuBurner:
+        import sys
+
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
+        self._start_stat = self._cpu_times()
+        return self
+
+    def busy_fraction(self) -> float:
+        total, idle = self._cpu_times()
+        spent = total - self._start_stat[0]
+        return 1.0 - (idle - self._start_stat[1]) / spent if spent else 0.0
+
+    def __exit__(self, *_exc) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()

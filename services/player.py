@@ -125,6 +125,7 @@ class PlayerStage(Stage):
         self.dropped_frames = 0
         self.flushes = 0
         self._last_state = 0.0
+        self._last_playing = False
         self._warn = RateLimitedLog(log)
 
     def start(self) -> None:
@@ -165,13 +166,17 @@ class PlayerStage(Stage):
 
     def publish_state(self, **extra: Any) -> dict[str, Any]:
         state = {**self.buffer.snapshot(), "latency_ms": self.sink.latency_ms, **extra}
+        self._last_playing = bool(state["playing"])
         self.out.event("player.state", state)
         self._last_state = time.monotonic()
         return state
 
     def tick(self) -> None:
-        interval = STATE_INTERVAL_S if self.buffer.playing else IDLE_STATE_INTERVAL_S
-        if self.buffer.item_changed or time.monotonic() - self._last_state >= interval - 0.005:
+        playing = self.buffer.playing
+        interval = STATE_INTERVAL_S if playing else IDLE_STATE_INTERVAL_S
+        # a stop is news too: until it is told, the gateway takes a finished item for one still audible
+        if self.buffer.item_changed or playing != self._last_playing or \
+                time.monotonic() - self._last_state >= interval - 0.005:
             self.publish_state()
 
     def stop(self) -> None:

@@ -11,8 +11,8 @@ import wave
 
 from openai import OpenAI
 
+from common.trace_server import LoopbackTraceServer
 from tests.helpers import REPO
-from tests.trace_server import LoopbackTraceServer
 
 
 def _say(env, *args, timeout=90) -> subprocess.CompletedProcess:

@@ -211,8 +211,16 @@ class ConversationBuilder:
                 self.turns.remove(turn)
                 continue
             done.append(self._record(turn))
-            self.turns.remove(turn)
+            self._forget(turn)
         return done
+
+    def _forget(self, turn: Turn) -> None:
+        """A stored turn leaves every index (a long session must not grow with its turns)."""
+        self.turns.remove(turn)
+        self.by_user_item.pop(turn.user_item_id, None)
+        self.by_item.pop(turn.item_id, None)
+        self.by_response.pop(turn.response_id, None)
+        self.item_started_ns.pop(turn.item_id, None)
 
     def _complete(self, turn: Turn, now: float) -> bool:
         if turn.done_at is None:

@@ -18,6 +18,9 @@ from services.logger.store import SessionStore
 
 log = logging.getLogger("voicebus.logger")
 STORE_RETRY_S = 5.0
+# heartbeat counters whose rise is written into the record, with the turn it happened in
+WATCHED_COUNTERS = {"dropped": ("dropped", "gaps"),
+                    "playback_glitch": ("underruns", "late_callbacks", "output_underflows")}
 
 
 class LoggerStage(Stage):
@@ -32,7 +35,7 @@ class LoggerStage(Stage):
         self.builder = ConversationBuilder(prices)
         self.store: SessionStore | None = None
         self.noted = 0
-        self.last_drops: dict[str, int] = {}
+        self.last_counts: dict[tuple[str, str], int] = {}
         self.turns_stored = 0
         self.store_errors = 0
         self._retry_open_at = 0.0
@@ -52,7 +55,7 @@ class LoggerStage(Stage):
                 log.error(kv("store_unavailable", root=self.root, error=repr(exc.strerror or str(exc)),
                              retry_in_s=STORE_RETRY_S))
         if message.topic.startswith("health."):
-            self._watch_drops(message)
+            self._watch_counters(message)
         self.builder.handle(message, time.monotonic())
         self._flush_events()
 
@@ -62,13 +65,20 @@ class LoggerStage(Stage):
         self.store.write_meta(started_ns=self.store.meta.get("started_ns", time.time_ns()), ended_ns=None)
         log.info(kv("session_store", dir=self.store.dir, resumed=resumed, turns_already=self.store.next_index - 1))
 
-    def _watch_drops(self, message: Message) -> None:
+    def _watch_counters(self, message: Message) -> None:
+        """Drops, gaps and playback glitches a stage reports, as events where they happened.
+
+        The first beat of a stage is its baseline; a restarted stage counts from zero again.
+        """
         stage = message.topic.removeprefix("health.")
-        lost = int(message.data.get("dropped", 0)) + int(message.data.get("gaps", 0))
-        before = self.last_drops.get(stage, lost if stage not in self.last_drops else 0)
-        self.last_drops[stage] = lost
-        if lost > before:
-            self.builder.note({"kind": "dropped", "stage": stage, "count": lost - before, "t_ns": message.header.t_ns})
+        for kind, keys in WATCHED_COUNTERS.items():
+            total = sum(int(message.data.get(key, 0) or 0) for key in keys)
+            before = self.last_counts.get((stage, kind), total)
+            self.last_counts[(stage, kind)] = total
+            if total > before:
+                self.builder.note({"kind": kind, "stage": stage, "count": total - before,
+                                   **{key: message.data.get(key) for key in keys if key in message.data},
+                                   "t_ns": message.header.t_ns})
 
     def _flush_events(self) -> None:
         if self.store is None:
