@@ -12,6 +12,7 @@ import click
 
 from common.config import bus_config, new_session_id
 from common.log import setup_logging
+from services.simulator.faults import FAULT_KINDS
 
 
 def bus_options(func):
@@ -213,8 +214,11 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path, puls
 @click.option("--ws-log", type=click.Path(dir_okay=False), help="Websocket traffic log (JSON lines, audio elided).")
 @click.option("--max-session-min", type=float, default=55.0, show_default=True,
               help="Reconnect before the server's 60-minute session limit.")
+@click.option("--tool-timeout", type=float, default=15.0, show_default=True,
+              help="Seconds to wait for a tool.result (for tools that announce no timeout of their own) before "
+              "the gateway answers the call with an error itself.")
 def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_threshold, vad_prefix_ms,
-            vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min):
+            vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -235,8 +239,39 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,
                          EchoGuard(echo_guard_ratio) if echo_guard else None, Path(ws_log) if ws_log else None,
-                         max_session_min * 60, "simulator" if target.is_simulator else "openai")
+                         max_session_min * 60, "simulator" if target.is_simulator else "openai", tool_timeout)
     sys.exit(run_stage(stage, cfg))
+
+
+@main.command()
+@bus_options
+@click.option("--module", "modules", multiple=True, metavar="PATH_OR_MODULE",
+              help="Python tools: every public function with type hints in this .py file or dotted module "
+              "(repeatable).")
+@click.option("--mcp", "mcp_commands", multiple=True, metavar="'COMMAND ARGS'",
+              help="An MCP server to start over stdio, e.g. --mcp 'mcp-server-time' (repeatable).")
+@click.option("--timeout", "default_timeout", type=float, default=10.0, show_default=True,
+              help="Seconds a call may take before it is answered with an error.")
+@click.option("--tool-timeout", "tool_timeouts", multiple=True, metavar="NAME=SECONDS",
+              help="A different timeout for one tool (repeatable).")
+@click.option("--max-output-chars", type=int, default=8000, show_default=True,
+              help="Longer outputs are cut, and the cut is said in the output.")
+def tools(cfg, modules, mcp_commands, default_timeout, tool_timeouts, max_output_chars):
+    """Stage: run the functions the model calls (Python modules, MCP servers); tool.call -> tool.result."""
+    from common.runner import run_stage
+    from services.tools.stage import ToolsStage
+
+    timeouts = {}
+    for item in tool_timeouts:
+        name, _, seconds = item.partition("=")
+        try:
+            timeouts[name.strip()] = float(seconds)
+        except ValueError as exc:
+            raise click.BadParameter(f"{item!r}: expected NAME=SECONDS", param_hint="--tool-timeout") from exc
+    if not modules and not mcp_commands:
+        raise click.UsageError("give at least one --module or --mcp (try --module examples/tools.py)")
+    sys.exit(run_stage(ToolsStage(list(modules), list(mcp_commands), default_timeout, timeouts, max_output_chars),
+                       cfg))
 
 
 @main.command()
@@ -416,10 +451,13 @@ def doctor(cfg):
 @click.option("--burst-ms", type=int, default=300, show_default=True, help="Audio sent ahead of real time.")
 @click.option("--think-ms", type=int, default=0, show_default=True, help="Delay before the first audio delta.")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False),
-              help='JSON reply rules: [{"match": REGEX, "reply": "... {transcript} ..."}].')
+              help='JSON reply rules: [{"match": REGEX, "reply": "... {transcript} ..."}], or a tool call: '
+              '{"match": REGEX, "call": {"name": ..., "arguments": {...}}, "after_call": "... {field} ..."}.')
 @click.option("--fault", "fault_kinds", multiple=True,
-              type=click.Choice(["drop_mid_response", "error_event", "unknown_event", "malformed_json", "slow"]),
-              help="Misbehave on purpose (repeatable); per connection also via ?fault=KIND.")
+              type=click.Choice(FAULT_KINDS),
+              help="Misbehave on purpose (repeatable); per connection also via ?fault=KIND. Function calling: "
+              "bad_arguments, unknown_tool, auto_response (a response of its own after a function output), "
+              "late_response (response.create honoured ~3 s late).")
 @click.option("--fault-count", type=int, default=None, help="Fire each fault this many times in all.")
 @click.option("--fault-after", type=int, default=3, show_default=True, help="drop_mid_response: after N deltas.")
 @click.option("--fault-delay-ms", type=int, default=200, show_default=True, help="slow: delay per event.")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from common.config import openai_target
 from common.log import kv
 from services.launcher import ProcessSpec
 
+EXAMPLE_TOOLS = Path(__file__).resolve().parent.parent / "examples" / "tools.py"
 # stage name -> `voicebus` arguments, in start order
 STAGES: dict[str, list[str]] = {
     "mic": ["mic"],
     "resample": ["resample"],
+    "tools": ["tools", "--module", str(EXAMPLE_TOOLS)],
     "gateway": ["gateway"],
     "player": ["player"],
     "logger": ["logger"],

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 
+from common.envelope import Stamper
 from common.realtime_types import validate_client_event
 from common.utterances import tone
 from services.gateway.bargein import AudibleTracker, EchoGuard
@@ -133,3 +134,74 @@ def test_lost_races_are_benign_errors_not_failures():
     errors = [m.data for m in published if m.topic == "rt.error"]
     assert [e.get("benign", False) for e in errors] == [True, True, False]
     assert stage.counts["benign_errors"] == 2 and stage.counts["server_errors"] == 1
+
+
+CALL_ITEM = {"id": "item_fc", "object": "realtime.item", "type": "function_call", "status": "completed",
+             "name": "get_current_time", "call_id": "call_1", "arguments": '{"timezone": "UTC"}'}
+
+
+def _function_call_response(stage, response_id="resp_fc", item=None) -> None:
+    _server(stage, type="response.created", response={"id": response_id, "object": "realtime.response",
+                                                      "status": "in_progress", "output": []})
+    _server(stage, type="response.output_item.done", response_id=response_id, output_index=0, item=item or CALL_ITEM)
+    _server(stage, type="response.done", response={"id": response_id, "object": "realtime.response",
+                                                   "status": "completed", "output": [item or CALL_ITEM]})
+
+
+def test_function_call_becomes_tool_call_and_its_result_an_output_then_one_response_create():
+    stage, published, sent = _gateway(interrupt_response=True)
+    stage.handle(Stamper("tools", "s").event("tools.available", {"tools": [
+        {"name": "get_current_time", "description": "d", "parameters": {"type": "object"}, "timeout_s": 2}]}, 0))
+    assert [e["session"]["tools"][0]["name"] for e in sent if e["type"] == "session.update"] == ["get_current_time"]
+    _function_call_response(stage)
+    [call] = [m.data for m in published if m.topic == "tool.call"]
+    assert call == {"call_id": "call_1", "name": "get_current_time", "arguments": {"timezone": "UTC"},
+                    "response_id": "resp_fc", "item_id": "item_fc"}
+    stage.handle(Stamper("tools", "s").event("tool.result", {"call_id": "call_1", "name": "get_current_time",
+                                                             "output": '{"hour": 13}', "error": None}, 0))
+    output, create = sent[-2:]
+    assert output == {"type": "conversation.item.create", "item": {"type": "function_call_output",
+                                                                    "call_id": "call_1", "output": '{"hour": 13}'}}
+    assert create == {"type": "response.create", "response": {"metadata": {"voicebus_followup": "resp_fc"}}}
+    for event in (output, create):
+        validate_client_event(event, "ga")
+    # a second result for the same call (a restarted tools stage, a duplicate) is not sent twice
+    stage.handle(Stamper("tools", "s").event("tool.result", {"call_id": "call_1", "output": "again"}, 0))
+    assert sent[-1] == create and stage.counts["late_tool_results"] == 1
+
+
+def test_no_stale_response_create_after_the_user_spoke_and_orphans_are_cancelled():
+    stage, published, sent = _gateway(interrupt_response=True)
+    _function_call_response(stage)
+    _server(stage, type="input_audio_buffer.speech_started", audio_start_ms=10, item_id="u2")  # a new turn
+    stage.handle(Stamper("tools", "s").event("tool.result", {"call_id": "call_1", "output": "13"}, 0))
+    assert sent[-1]["type"] == "conversation.item.create" and not [e for e in sent if e["type"] == "response.create"]
+    # a follow-up asked for before the user spoke but created after it is cancelled by id
+    stage, published, sent = _gateway(interrupt_response=True)
+    _function_call_response(stage, "resp_a")
+    stage.handle(Stamper("tools", "s").event("tool.result", {"call_id": "call_1", "output": "13"}, 0))
+    assert sent[-1]["type"] == "response.create"
+    _server(stage, type="input_audio_buffer.speech_started", audio_start_ms=10, item_id="u3")
+    _server(stage, type="response.created", response={"id": "resp_orphan", "object": "realtime.response",
+                                                      "status": "in_progress", "output": [],
+                                                      "metadata": {"voicebus_followup": "resp_a"}})
+    assert sent[-1] == {"type": "response.cancel", "response_id": "resp_orphan"}
+    assert stage.calls.counts["orphans_cancelled"] == 1
+
+
+def test_malformed_arguments_and_a_silent_tools_stage_get_error_outputs_from_the_gateway(monkeypatch):
+    stage, published, sent = _gateway(interrupt_response=True)
+    _function_call_response(stage, item={**CALL_ITEM, "arguments": '{"timezone": '})
+    assert not [m for m in published if m.topic == "tool.call"]
+    output = json.loads(sent[-2]["item"]["output"])
+    assert "not valid JSON" in output["error"] and sent[-1]["type"] == "response.create"
+    stage, published, sent = _gateway(interrupt_response=True)
+    _function_call_response(stage, "resp_b", {**CALL_ITEM, "call_id": "call_2"})
+    assert [m.data["call_id"] for m in published if m.topic == "tool.call"] == ["call_2"]
+    import services.gateway.stage as gateway_stage
+
+    later = gateway_stage.time.monotonic() + 60
+    monkeypatch.setattr(gateway_stage.time, "monotonic", lambda: later)
+    stage.tick()
+    assert "did not answer in time" in json.loads(sent[-2]["item"]["output"])["error"]
+    assert sent[-1]["type"] == "response.create" and stage.calls.counts["tool_timeouts"] == 1

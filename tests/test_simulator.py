@@ -78,8 +78,39 @@ def test_sdk_ga_spoken_turn(simulator):
     assert done.response.status == "completed" and done.response.usage.output_token_details.audio_tokens > 0
 
 
+TIME_TOOL = {"type": "function", "name": "get_current_time", "description": "The time in a timezone.",
+             "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}}}
+TOOL_RULES = [{"match": r"time in (?P<city>\w+)", "call": {"name": "get_current_time",
+                                                            "arguments": {"timezone": "Asia/{city}"}},
+               "after_call": "It is {datetime:%H} hours in {city}."},
+              {"match": ".*", "reply": "I heard: {transcript}"}]
+
+
+def _function_call_round(conn: RawRealtime, beta: bool) -> dict:
+    """Tools in the session, a question that needs one, the output back: the reply speaks from it."""
+    conn.send({"type": "session.update", "session": {"tools": [TIME_TOOL], "tool_choice": "auto"} if beta
+               else {"type": "realtime", "tools": [TIME_TOOL], "tool_choice": "auto"}})
+    conn.until("session.updated")
+    conn.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "what is the time in Tokyo"}]}})
+    conn.send({"type": "response.create"})
+    done = conn.until("response.done")
+    call = done["response"]["output"][0]
+    assert call["type"] == "function_call" and call["name"] == "get_current_time"
+    deltas = "".join(e["delta"] for e in conn.of_type("response.function_call_arguments.delta"))
+    assert json.loads(deltas) == json.loads(call["arguments"]) == {"timezone": "Asia/Tokyo"}
+    output = json.dumps({"timezone": "Asia/Tokyo", "datetime": "2026-11-28T13:44:47+09:00"})
+    conn.send({"type": "conversation.item.create", "item": {"type": "function_call_output", "call_id": call["call_id"],
+                                                            "output": output}})
+    conn.send({"type": "response.create", "response": {"metadata": {"asked_by": "test"}}})
+    created = conn.until("response.created")
+    assert created["response"]["metadata"] == {"asked_by": "test"}
+    return conn.until("response.done")
+
+
 def _walk(conn: RawRealtime, beta: bool) -> None:
-    """Drive every behaviour once: spoken turn, truncate, clear, text turn, retrieve/delete, errors, cancel."""
+    """Drive every behaviour once: spoken turn, truncate, clear, text turn, function call, retrieve/delete,
+    errors, cancel."""
     conn.until("session.created")
     conn.send({"type": "session.update", "session": BETA_SESSION if beta else GA_SESSION})
     conn.until("session.updated")
@@ -98,6 +129,8 @@ def _walk(conn: RawRealtime, beta: bool) -> None:
     conn.until("session.updated")
     conn.send({"type": "response.create"})
     conn.until("response.done")
+    answer = _function_call_round(conn, beta)
+    assert answer["response"]["output"][0]["content"][0]["text"] == "It is 13 hours in Tokyo."
     conn.send({"type": "conversation.item.retrieve", "item_id": text_item})
     conn.until("conversation.item.retrieved")
     conn.send({"type": "conversation.item.delete", "item_id": text_item})
@@ -119,8 +152,10 @@ def _walk(conn: RawRealtime, beta: bool) -> None:
 
 
 @pytest.mark.parametrize("beta", [False, True], ids=["ga", "beta"])
-def test_every_emitted_event_validates_against_sdk_union(simulator, beta):
-    base_url = simulator("--pace", "fast")
+def test_every_emitted_event_validates_against_sdk_union(simulator, tmp_path, beta):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(TOOL_RULES))
+    base_url = simulator("--pace", "fast", "--rules", str(rules))
     conn = RawRealtime(base_url, model="gpt-4o-realtime-preview" if beta else "gpt-realtime", beta=beta)
     try:
         _walk(conn, beta)

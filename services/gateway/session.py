@@ -26,7 +26,14 @@ class SessionSettings:
     interrupt_response: bool = True
 
 
-def session_update(settings: SessionSettings, protocol: str) -> dict[str, Any]:
+def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """tools.available entries as the API's function tools."""
+    return [{"type": "function", "name": t["name"], "description": t.get("description", ""),
+             "parameters": t.get("parameters") or {"type": "object", "properties": {}}} for t in listing]
+
+
+def session_update(settings: SessionSettings, protocol: str, tools: list[dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
     vad: dict[str, Any] = {"type": settings.vad_type, "threshold": settings.vad_threshold,
                            "prefix_padding_ms": settings.vad_prefix_padding_ms,
                            "silence_duration_ms": settings.vad_silence_duration_ms,
@@ -38,14 +45,15 @@ def session_update(settings: SessionSettings, protocol: str) -> dict[str, Any]:
         event: SessionUpdateEventParam = {"type": "session.update", "session": {
             "type": "realtime", "instructions": settings.instructions, "output_modalities": ["audio"],
             "audio": {"input": {"format": PCM, "transcription": transcription, "turn_detection": vad},
-                      "output": {"format": PCM, "voice": settings.voice}}}}
+                      "output": {"format": PCM, "voice": settings.voice}},
+            "tools": function_tools(tools or []), "tool_choice": "auto"}}
         return dict(event)
     from openai.types.beta.realtime import SessionUpdateEventParam as BetaSessionUpdate
 
     beta: BetaSessionUpdate = {"type": "session.update", "session": {
         "modalities": ["audio", "text"], "instructions": settings.instructions, "voice": settings.voice,
         "input_audio_format": "pcm16", "output_audio_format": "pcm16", "input_audio_transcription": transcription,
-        "turn_detection": vad}}
+        "turn_detection": vad, "tools": function_tools(tools or []), "tool_choice": "auto"}}
     return dict(beta)
 
 

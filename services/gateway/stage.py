@@ -19,6 +19,7 @@ from common.stage import Stage
 from common.transcripts import cut_transcript
 from services.gateway.bargein import AudibleTracker, EchoGuard
 from services.gateway.events import parse_server_event, strip_audio
+from services.gateway.function_calls import FunctionCalls, error_output, output_item
 from services.gateway.session import SessionSettings, replay_item, session_update
 from services.gateway.socket import RealtimeSocket, SocketEvent
 
@@ -30,18 +31,19 @@ APPEND_HISTORY = 3000  # 60 s of 20 ms frames: maps the server's audio ms back t
 # server errors that only say a race was lost and the server already did what we asked: reported on
 # the bus with benign=true and counted apart, never shown to the user as a failure
 BENIGN_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_response"}
+TOOL_TIMEOUT_MARGIN_S = 1.0  # the tools stage answers a timeout itself; the gateway waits this much longer
 
 log = logging.getLogger("voicebus.gateway")
 
 
 class GatewayStage(Stage):
     name = "gateway"
-    subscriptions = ["audio.user", "player.state", "gateway.send"]
+    subscriptions = ["audio.user", "player.state", "gateway.send", "tools.available", "tool.result"]
     tick_interval_s = 0.05
 
     def __init__(self, url: str, headers: list[str], protocol: str, settings: SessionSettings,
                  echo_guard: EchoGuard | None = None, ws_log: Path | None = None, max_session_s: float = 55 * 60,
-                 target_label: str = "") -> None:
+                 target_label: str = "", tool_timeout_s: float = 15.0) -> None:
         super().__init__()
         self.protocol, self.settings, self.echo_guard = protocol, settings, echo_guard
         self.socket = RealtimeSocket(url, headers, self.inbox.put, max_session_s)
@@ -51,6 +53,9 @@ class GatewayStage(Stage):
         self.response_active: str | None = None
         self.pending_truncate: dict[str, Any] | None = None
         self.conversation: OrderedDict[str, tuple[str, str]] = OrderedDict()  # item_id -> (role, text)
+        self.tools: list[dict[str, Any]] = []  # as announced on tools.available
+        self.tools_instance = ""
+        self.calls = FunctionCalls(tool_timeout_s)
         self.ws_log_path = ws_log
         self._ws_log: TextIO | None = None
         self._warn = RateLimitedLog(log)
@@ -58,7 +63,7 @@ class GatewayStage(Stage):
         self.session_samples = 0  # audio appended since this server session began
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
-                       "rejected_commands": 0, "benign_errors": 0}
+                       "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -66,6 +71,7 @@ class GatewayStage(Stage):
             self.ws_log_path.parent.mkdir(parents=True, exist_ok=True)
             self._ws_log = open(self.ws_log_path, "a")  # noqa: SIM115 - closed in stop()
         log.info(kv("connecting", url=self.url_for_logs, protocol=self.protocol, target=self.target_label or "-"))
+        self.out.event("tools.query", {})  # a tools stage that is already up announces its set again
         self.socket.start()
 
     def stop(self) -> None:
@@ -77,7 +83,7 @@ class GatewayStage(Stage):
         extra = {"connected": self.socket.connected}
         if self.echo_guard is not None:
             extra.update(echo_gated_frames=self.echo_guard.gated_frames, echo_passed_frames=self.echo_guard.passed_frames)
-        return {**self.counts, **extra}
+        return {**self.counts, **self.calls.counts, "tools": len(self.tools), **extra}
 
     # --- sending ---------------------------------------------------------------------------
     def send(self, event: dict[str, Any]) -> bool:
@@ -104,6 +110,10 @@ class GatewayStage(Stage):
             self._forward_audio(message)
         elif message.topic == "gateway.send":
             self._send_command(message.data.get("event"))
+        elif message.topic == "tools.available":
+            self._tools_available(message.data.get("tools") or [], str(message.data.get("instance", "")))
+        elif message.topic == "tool.result":
+            self._tool_result(message.data)
         elif message.topic == "player.state":
             self.tracker.on_player_state(message.data, time.monotonic())
             if self.pending_truncate is not None and message.data.get("flushed"):
@@ -159,7 +169,7 @@ class GatewayStage(Stage):
         self.session_samples = 0  # a new socket is a new server session: its audio clock starts at 0
         self.appended_frames.clear()
         log.info(kv("connected", url=self.url_for_logs, attempt=attempt, resumed=resumed))
-        self.send(session_update(self.settings, self.protocol))
+        self.send(session_update(self.settings, self.protocol, self.tools))
         replayed = 0
         if resumed:
             for role, text in list(self.conversation.values())[-RESUME_TURNS:]:
@@ -173,6 +183,7 @@ class GatewayStage(Stage):
         was_active = self.response_active is not None
         self.response_active = None
         self.pending_truncate = None
+        self.calls.reset()
         if reason.startswith("connect failed"):
             log.debug(kv("not_connected", reason=repr(reason), attempt=attempt))
         else:
@@ -207,8 +218,17 @@ class GatewayStage(Stage):
                        message=repr(str(error.get("message"))[:200])))
         elif kind == "response.created":
             self.response_active = data["response"].get("id")
+            if self.calls.on_response_created(data["response"]):
+                # a follow-up asked for before the user spoke, created after: it would talk over them
+                self.send({"type": "response.cancel", "response_id": self.response_active})
+                log.info(kv("orphan_cancelled", response_id=self.response_active))
+        elif kind == "response.output_item.done" and data.get("item", {}).get("type") == "function_call":
+            self._function_call(data["item"], data.get("response_id", ""))
         elif kind == "response.done":
             self.response_active = None
+            response_id = data["response"].get("id", "")
+            self.calls.on_response_done(response_id)
+            self._maybe_follow_up(response_id)
         elif kind == "response.output_audio_transcript.delta":
             item = self.tracker.items.get(data["item_id"])
             if item is not None:
@@ -221,6 +241,7 @@ class GatewayStage(Stage):
         elif kind == "conversation.item.input_audio_transcription.completed":
             self._remember(data["item_id"], "user", data.get("transcript", ""))
         elif kind == "input_audio_buffer.speech_started":
+            self.calls.on_speech_started()
             self._barge_in()
         elif kind == "input_audio_buffer.speech_stopped":
             self._speech_end(data)
@@ -251,6 +272,57 @@ class GatewayStage(Stage):
                                                       "speech_end_ms": speech_end_ms,
                                                       "speech_end_capture_ns": self.capture_time_of(speech_end_ms)})
 
+    # --- tools ------------------------------------------------------------------------------
+    def _tools_available(self, listing: list[dict[str, Any]], instance: str) -> None:
+        if instance != self.tools_instance:
+            if self.tools_instance:  # a restarted tools stage: what the old one was running is lost
+                for call in self.calls.abandon_pending():
+                    log.warning(kv("tool_lost", name=call.name, call_id=call.call_id, reason="tools stage restarted"))
+                    self._answer_call({**error_output(call.call_id, call.name, f"{call.name} was interrupted: the "
+                                                      "tools stage restarted"), "source": "gateway"},
+                                      call.response_id, (time.time_ns() - call.started_ns) / 1e6)
+            self.tools_instance = instance
+        if listing == self.tools:
+            return
+        self.tools = listing
+        log.info(kv("tools", names=",".join(t.get("name", "?") for t in listing) or "-"))
+        if self.socket.connected:
+            self.send(session_update(self.settings, self.protocol, self.tools))
+
+    def _function_call(self, item: dict[str, Any], response_id: str) -> None:
+        timeout = next((t.get("timeout_s") for t in self.tools if t.get("name") == item.get("name")), None)
+        call, immediate = self.calls.on_call_item(item, response_id, time.monotonic(),
+                                                  timeout + TOOL_TIMEOUT_MARGIN_S if timeout else None)
+        if call is not None:
+            self._publish_event("tool.call", call)
+        else:
+            self._answer_call({**immediate, "source": "gateway"}, response_id, 0.0)
+
+    def _tool_result(self, result: dict[str, Any]) -> None:
+        pending = self.calls.on_result(result)
+        if pending is None:  # answered already (the gateway's own timeout), or another session's
+            self.counts["late_tool_results"] += 1
+            return
+        self._answer_call(result, pending.response_id, (time.time_ns() - pending.started_ns) / 1e6)
+
+    def _answer_call(self, result: dict[str, Any], response_id: str, round_trip_ms: float) -> None:
+        """The output goes to the server, and on the bus as what the model was told (for the trace)."""
+        self.send(output_item(result))
+        self._publish_event("rt.gateway.tool_output", {
+            "call_id": result["call_id"], "name": result.get("name"), "response_id": response_id,
+            "output": result.get("output"), "error": result.get("error"), "source": result.get("source"),
+            "tool_ms": result.get("duration_ms"), "round_trip_ms": round(round_trip_ms, 2)})
+        self.calls.answered(result["call_id"], response_id)
+        self._maybe_follow_up(response_id)
+
+    def _maybe_follow_up(self, response_id: str) -> None:
+        metadata, why = self.calls.followup_due(response_id, self.response_active is not None)
+        if metadata is not None:
+            self.send({"type": "response.create", "response": {"metadata": metadata}})
+        elif why != "waiting":
+            log.info(kv("no_follow_up", response_id=response_id, reason=repr(why)))
+            self._publish_event("rt.gateway.follow_up_skipped", {"response_id": response_id, "reason": why})
+
     # --- barge-in --------------------------------------------------------------------------
     def _barge_in(self) -> None:
         item = self.tracker.audible_item()
@@ -266,6 +338,11 @@ class GatewayStage(Stage):
         log.info(kv("barge_in", item_id=item.item_id, received_ms=round(item.received_ms), cancel_sent=cancel))
 
     def tick(self) -> None:
+        for call in self.calls.expired(time.monotonic()):
+            log.warning(kv("tool_timeout", name=call.name, call_id=call.call_id))
+            self._answer_call({**error_output(call.call_id, call.name, f"{call.name} did not answer in time (the "
+                                              "tools stage may be down)"), "source": "gateway"}, call.response_id,
+                              (time.time_ns() - call.started_ns) / 1e6)
         if self.pending_truncate is not None and time.monotonic() > self.pending_truncate["deadline"]:
             # no flushed state from the player in time: fall back to its last report, and say so
             self._truncate(self.tracker.player.get("played_ms", 0.0) if

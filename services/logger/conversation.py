@@ -21,6 +21,7 @@ RATE = 24_000
 BYTES_PER_MS = RATE * 2 // 1000
 USER_AUDIO_FRAMES = 9000  # ~3 min of 20 ms frames kept for cutting
 FINALIZE_GRACE_S = 3.0  # after response.done, how long to wait for the player to finish or a truncation
+FOLLOW_UP_WAIT_S = 30.0  # a turn whose tools were called waits this long for the spoken answer
 # USD per 1M tokens (gpt-realtime list prices); pass your own with --prices
 DEFAULT_PRICES = {"audio_in": 32.0, "audio_in_cached": 0.40, "text_in": 4.0, "text_in_cached": 0.40,
                   "audio_out": 64.0, "text_out": 16.0}
@@ -47,6 +48,9 @@ class Turn:
     done_at: float | None = None
     started_ns: int = field(default_factory=time.time_ns)
     events: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # function calls made in this turn
+    awaiting_follow_up: bool = False  # its response called tools; the spoken answer comes in a next response
+    tool_response_id: str = ""
 
 
 def cost_usd(usage: dict[str, Any], prices: dict[str, float]) -> float:
@@ -94,6 +98,8 @@ class ConversationBuilder:
                 turn.first_delta_ns = message.header.t_capture_ns
         elif topic == "player.state":
             self._player_state(message.data)
+        elif topic == "tool.call":
+            self._tool_call(message.data, message.header.t_ns)
         elif topic.startswith("rt."):
             self._event(topic[3:], message.data, message.header.t_ns, now)
 
@@ -127,7 +133,8 @@ class ConversationBuilder:
             self.note({"kind": "disconnected", "reason": data.get("reason"), "t_ns": t_ns,
                         "response_lost": data.get("response_lost")})
         elif kind in ("error", "unknown"):
-            self.note({"kind": kind, "t_ns": t_ns, "detail": event.get("error") if kind == "error" else data})
+            self.note({"kind": kind, "t_ns": t_ns, "detail": event.get("error") if kind == "error" else data,
+                       **({"benign": True} if data.get("benign") else {})})
         elif kind == "session.created":
             session = event.get("session", {})
             self.session_facts.update(model=session.get("model"), protocol=data.get("protocol"),
@@ -151,14 +158,24 @@ class ConversationBuilder:
                 turn.user_transcript = event.get("transcript", "")
         elif kind == "response.created":
             turn = next((t for t in reversed(self.turns) if not t.response_id), None)
+            if turn is None and self.turns and self.turns[-1].awaiting_follow_up:
+                turn = self.turns[-1]  # the spoken answer to the tools this turn called
+                turn.tool_response_id, turn.response_id, turn.item_id = turn.response_id, "", ""
+                turn.awaiting_follow_up, turn.done_at = False, None
             if turn is None:  # a response nobody spoke for (text input, resumed session)
                 turn = Turn()
                 self.turns.append(turn)
             turn.response_id = event.get("response", {}).get("id", "")
             self.by_response[turn.response_id] = turn
+        elif kind == "gateway.tool_output":
+            self._tool_output(data, t_ns)
+        elif kind == "gateway.follow_up_skipped":
+            turn = self.by_response.get(data.get("response_id", ""))
+            if turn is not None:
+                turn.awaiting_follow_up = False
         elif kind == "response.output_item.added":
             turn = self.by_response.get(event.get("response_id", ""))
-            if turn is not None and not turn.item_id:
+            if turn is not None and not turn.item_id and event.get("item", {}).get("type", "message") == "message":
                 turn.item_id = event.get("item", {}).get("id", "")
                 self.by_item[turn.item_id] = turn
         elif kind == "response.output_audio_transcript.delta":
@@ -179,6 +196,27 @@ class ConversationBuilder:
             turn = self.by_response.get(response.get("id", ""))
             if turn is not None:
                 turn.status, turn.usage, turn.done_at = response.get("status", ""), response.get("usage") or {}, now
+
+    def _tool_call(self, call: dict[str, Any], t_ns: int) -> None:
+        turn = self.by_response.get(call.get("response_id", ""))
+        if turn is None:
+            return
+        turn.awaiting_follow_up = True
+        turn.tools.append({"call_id": call.get("call_id"), "name": call.get("name"),
+                           "arguments": call.get("arguments"), "called_ns": t_ns})
+
+    def _tool_output(self, data: dict[str, Any], t_ns: int) -> None:
+        """What the model was told for a call (the tool's result, or the gateway's own error)."""
+        turn = self.by_response.get(data.get("response_id", ""))
+        if turn is None:
+            return
+        entry = next((t for t in turn.tools if t["call_id"] == data.get("call_id")), None)
+        if entry is None:  # answered by the gateway before any tool.call (malformed arguments)
+            entry = {"call_id": data.get("call_id"), "name": data.get("name"), "arguments": None, "called_ns": t_ns}
+            turn.tools.append(entry)
+            turn.awaiting_follow_up = True
+        entry.update(output=data.get("output"), error=data.get("error"), source=data.get("source"),
+                     tool_ms=data.get("tool_ms"), round_trip_ms=data.get("round_trip_ms"), answered_ns=t_ns)
 
     def note(self, record: dict[str, Any]) -> None:
         """A session event (error, reconnect, drop...): kept for the session and the open turn."""
@@ -220,11 +258,14 @@ class ConversationBuilder:
         self.by_user_item.pop(turn.user_item_id, None)
         self.by_item.pop(turn.item_id, None)
         self.by_response.pop(turn.response_id, None)
+        self.by_response.pop(turn.tool_response_id, None)
         self.item_started_ns.pop(turn.item_id, None)
 
     def _complete(self, turn: Turn, now: float) -> bool:
         if turn.done_at is None:
             return False
+        if turn.awaiting_follow_up:
+            return now - turn.done_at > FOLLOW_UP_WAIT_S
         generated_ms = len(self.generated.get(turn.item_id, b"")) / BYTES_PER_MS
         fully_played = turn.played_ms is not None and turn.played_ms >= generated_ms - 1
         return turn.truncated is not None or fully_played or now - turn.done_at > FINALIZE_GRACE_S
@@ -259,11 +300,14 @@ class ConversationBuilder:
                           "transcript_heard": heard, "transcript_generated": turn.transcript,
                           "played_ms": round(played_ms, 1), "generated_ms": round(len(generated) / BYTES_PER_MS, 1),
                           "barge_in": turn.truncated is not None},
+            "tools": turn.tools,
             "usage": turn.usage, "cost_usd": cost_usd(turn.usage, self.prices) if turn.usage else 0.0,
             "timing": {"speech_end_ns": turn.speech_end_ns, "first_delta_ns": turn.first_delta_ns,
                        "first_played_ns": first_played,
                        "speech_end_to_first_delta_ms": ms_between(turn.speech_end_ns, turn.first_delta_ns),
-                       "speech_end_to_first_played_ms": ms_between(turn.speech_end_ns, first_played)},
+                       "speech_end_to_first_played_ms": ms_between(turn.speech_end_ns, first_played),
+                       "tool_ms": round(sum(t.get("round_trip_ms") or 0 for t in turn.tools), 1) if turn.tools
+                       else None},
             "events": turn.events, "started_ns": turn.started_ns, "ended_ns": time.time_ns(),
         }
         audio = {"user": turn.user_pcm, "assistant-played": played, "assistant-generated": generated}

@@ -25,7 +25,7 @@ WATCHED_COUNTERS = {"dropped": ("dropped", "gaps"),
 
 class LoggerStage(Stage):
     name = "logger"
-    subscriptions = ["audio.user", "audio.assistant", "rt.", "player.", "health."]
+    subscriptions = ["audio.user", "audio.assistant", "rt.", "player.", "health.", "tool.call"]
     tick_interval_s = 0.5
 
     def __init__(self, root: Path, prices: dict[str, float] | None = None, auto_upload: bool = True,

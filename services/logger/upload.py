@@ -114,7 +114,8 @@ def _trace_conversation(client, meta: dict[str, Any], turns: list[dict[str, Any]
               if line.strip()] if (session_dir / "events.jsonl").exists() else []
     totals = {"turns": len(turns), "cost_usd": round(sum(t.get("cost_usd", 0) for t in turns), 6),
               "barge_ins": sum(1 for t in turns if t["assistant"]["barge_in"]),
-              "errors": sum(1 for e in events if e.get("kind") in ("error", "unknown")),
+              "errors": sum(1 for e in events if e.get("kind") in ("error", "unknown") and not e.get("benign")),
+              "tool_calls": sum(len(t.get("tools", [])) for t in turns),
               "reconnects": sum(1 for e in events if e.get("kind") == "disconnected"),
               "dropped": sum(e.get("count", 0) for e in events if e.get("kind") == "dropped")}
     for turn in turns:
@@ -122,6 +123,15 @@ def _trace_conversation(client, meta: dict[str, Any], turns: list[dict[str, Any]
         call = client.create_call("voicebus.turn", parent=root, inputs={
             "turn": turn["turn"], "user_transcript": turn["user"]["transcript"],
             "user_audio": _audio(files.get("user", Path("-"))), "user": turn["user"]})
+        for tool in turn.get("tools", []):  # each function call the model made in this turn
+            tool_call = client.create_call("voicebus.tool", parent=call, inputs={
+                "name": tool.get("name"), "arguments": tool.get("arguments"), "call_id": tool.get("call_id"),
+                "source": tool.get("source")})
+            client.finish_call(tool_call, output={"output": tool.get("output"), "error": tool.get("error"),
+                                                  "duration_ms": tool.get("tool_ms"),
+                                                  "round_trip_ms": tool.get("round_trip_ms")},
+                               exception=RuntimeError(tool["error"]) if tool.get("error") else None)
+            call_ids.append(tool_call.id)
         client.finish_call(call, output={
             "assistant_transcript": turn["assistant"]["transcript_heard"],
             "assistant_audio": _audio(files.get("assistant-played", Path("-"))),

@@ -11,7 +11,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-FAULT_KINDS = ("drop_mid_response", "error_event", "unknown_event", "malformed_json", "slow")
+FAULT_KINDS = ("drop_mid_response", "error_event", "unknown_event", "malformed_json", "slow",
+               # function calling: what the model or the server get wrong, and races peers shipped
+               "bad_arguments",  # the model writes arguments that are not JSON
+               "unknown_tool",  # the model calls a tool the session does not have
+               "auto_response",  # after a function_call_output the server starts a response on its own
+               "late_response")  # response.create is honoured ~3 s late, even if the user spoke meanwhile
 
 
 @dataclass(frozen=True)

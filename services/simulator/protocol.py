@@ -41,6 +41,8 @@ class SessionConfig:
     output_modalities: list[str] = field(default_factory=lambda: ["audio"])
     transcription_model: str | None = None
     vad: VadConfig | None = field(default_factory=VadConfig)
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str = "auto"
     id: str = field(default_factory=lambda: new_id("sess_voicebus_sim"))
 
 
@@ -65,6 +67,10 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
     """Apply a validated `session.update` payload; semantic problems raise ClientEventError."""
     if "instructions" in session:
         config.instructions = session["instructions"] or ""
+    if "tools" in session:
+        config.tools = [dict(t) for t in session["tools"] or [] if t.get("type") == "function"]
+    if isinstance(session.get("tool_choice"), str):
+        config.tool_choice = session["tool_choice"]
     if protocol == "ga":
         if session.get("type") not in (None, "realtime"):
             raise ClientEventError("the simulator only serves session.type 'realtime'", "session.type")
@@ -121,7 +127,8 @@ def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
                 "instructions": config.instructions, "output_modalities": config.output_modalities,
                 "audio": {"input": {"format": pcm, "transcription": transcription,
                                     "turn_detection": _vad_dict(config.vad)},
-                          "output": {"format": pcm, "voice": config.voice, "speed": 1.0}}}
+                          "output": {"format": pcm, "voice": config.voice, "speed": 1.0}},
+                "tools": config.tools, "tool_choice": config.tool_choice}
     modalities = ["audio", "text"] if "audio" in config.output_modalities else ["text"]
     # the beta Session type allows only known model names, so there the simulator says who it is
     # in an extra `server` field (and in its id and logs)
@@ -129,7 +136,7 @@ def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
             "server": SIMULATOR_NAME, "modalities": modalities,
             "instructions": config.instructions, "voice": config.voice, "input_audio_format": "pcm16",
             "output_audio_format": "pcm16", "input_audio_transcription": transcription,
-            "turn_detection": _vad_dict(config.vad)}
+            "turn_detection": _vad_dict(config.vad), "tools": config.tools, "tool_choice": config.tool_choice}
 
 
 def user_item(item_id: str, transcript: str | None, protocol: Protocol, text: str | None = None) -> dict[str, Any]:
@@ -149,6 +156,11 @@ def assistant_item(item_id: str, transcript: str | None, status: str, protocol: 
         content = [{"type": kind, "text": transcript}] if transcript is not None else []
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
             "content": content}
+
+
+def function_call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "object": "realtime.item", "type": "function_call", "status": status, "name": name,
+            "call_id": call_id, "arguments": arguments}
 
 
 def error_payload(message: str, *, code: str = "invalid_value", param: str | None = None,

@@ -31,12 +31,13 @@ from services.simulator.protocol import (
     apply_session_update,
     assistant_item,
     error_payload,
+    function_call_item,
     new_id,
     render_session,
     user_item,
     validate_client_event,
 )
-from services.simulator.replies import Replies
+from services.simulator.replies import Plan, Replies
 from services.simulator.vad import EnergyVad
 
 RATE = 24_000
@@ -45,6 +46,8 @@ MAX_APPEND_BASE64 = 15 * 1024 * 1024  # the API's per-event limit
 MIN_COMMIT_MS = 100
 IDLE_BUFFER_MS = 2000  # input kept while nobody speaks (covers prefix padding)
 ARRIVALS_KEPT = 1000
+ARGUMENT_CHUNK_CHARS = 12  # function-call arguments stream as deltas of about this size
+LATE_RESPONSE_S = 3.0  # fault late_response: how late response.create is honoured
 
 log = logging.getLogger("voicebus.simulator")
 
@@ -66,6 +69,11 @@ class Item:
     text: str | None = None
     audio: bytes = b""  # user audio as committed; assistant audio as generated
     audio_sent_ms: float = 0.0  # assistant: how much of it went out as deltas
+    kind: str = "message"  # or "function_call", "function_call_output"
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+    output: str = ""
 
 
 @dataclass
@@ -74,6 +82,7 @@ class Response:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
     task: asyncio.Task | None = None
+    metadata: dict[str, str] | None = None
 
 
 class ConnectionDropped(Exception):
@@ -98,6 +107,7 @@ class RealtimeConnection:
         self.tasks: set[asyncio.Task] = set()
         self.slow = next((f for f in faults if f.kind == "slow"), None)
         self.arrivals: deque[tuple[int, int]] = deque(maxlen=ARRIVALS_KEPT)  # (audio ms received, t_ns)
+        self.call_plans: dict[str, Plan] = {}  # call_id -> the plan that made the call (for what to say after)
 
     def _new_vad(self) -> EnergyVad:
         vad = self.config.vad
@@ -260,8 +270,11 @@ class RealtimeConnection:
 
     async def on_item_create(self, event: dict[str, Any]) -> None:
         raw = event["item"]
+        if raw.get("type") == "function_call_output":
+            await self._function_output(raw)
+            return
         if raw.get("type") != "message" or raw.get("role") not in ("user", "assistant", "system"):
-            raise ClientEventError("The simulator accepts message items only.", "item.type")
+            raise ClientEventError("The simulator accepts message and function_call_output items only.", "item.type")
         texts = [part.get("text") or part.get("transcript") or "" for part in raw.get("content") or []]
         item_id = raw.get("id") or new_id("item")
         previous = self.order[-1] if self.order else None
@@ -270,6 +283,23 @@ class RealtimeConnection:
         item = {**raw, "id": item_id, "object": "realtime.item", "status": "completed"}
         await self.send("conversation.item.added", item=item, previous_item_id=previous)
         await self.send("conversation.item.done", item=item, previous_item_id=previous)
+
+    async def _function_output(self, raw: dict[str, Any]) -> None:
+        call_id = raw.get("call_id")
+        if not any(i.kind == "function_call" and i.call_id == call_id for i in self.items.values()):
+            raise ClientEventError(f"Tool call id not found in conversation: {call_id}", "item.call_id")
+        item_id = raw.get("id") or new_id("item")
+        previous = self.order[-1] if self.order else None
+        self.items[item_id] = Item(item_id, "tool", kind="function_call_output", call_id=call_id,
+                                   output=str(raw.get("output", "")))
+        self.order.append(item_id)
+        item = {"id": item_id, "object": "realtime.item", "type": "function_call_output", "call_id": call_id,
+                "output": str(raw.get("output", "")), "status": "completed"}
+        await self.send("conversation.item.added", item=item, previous_item_id=previous)
+        await self.send("conversation.item.done", item=item, previous_item_id=previous)
+        if self.response is None and await self._fault("auto_response"):
+            log.info(kv("fault", kind="auto_response", call_id=call_id))
+            self._start_response()  # the race: the client's response.create will find this one active
 
     async def on_item_delete(self, event: dict[str, Any]) -> None:
         item_id = event["item_id"]
@@ -283,8 +313,15 @@ class RealtimeConnection:
         item = self.items.get(event["item_id"])
         if item is None:
             raise ClientEventError(f"Item with item_id not found: {event['item_id']}", "item_id", "item_not_found")
-        rendered = (user_item(item.id, item.transcript, self.protocol, item.text) if item.role == "user"
-                    else assistant_item(item.id, item.transcript, "completed", self.protocol))
+        if item.kind == "function_call":
+            rendered = function_call_item(item.id, item.call_id, item.name, item.arguments, "completed")
+        elif item.kind == "function_call_output":
+            rendered = {"id": item.id, "object": "realtime.item", "type": "function_call_output",
+                        "call_id": item.call_id, "output": item.output, "status": "completed"}
+        elif item.role == "user":
+            rendered = user_item(item.id, item.transcript, self.protocol, item.text)
+        else:
+            rendered = assistant_item(item.id, item.transcript, "completed", self.protocol)
         await self.send("conversation.item.retrieved", item=rendered)
 
     async def on_truncate(self, event: dict[str, Any]) -> None:
@@ -309,7 +346,16 @@ class RealtimeConnection:
         if self.response is not None:
             raise ClientEventError("Conversation already has an active response in progress.", None,
                                    "conversation_already_has_active_response")
-        self._start_response()
+        metadata = (event.get("response") or {}).get("metadata")
+        if await self._fault("late_response"):
+            self._spawn(self._start_late(metadata))  # created later whatever happens meanwhile
+            return
+        self._start_response(metadata)
+
+    async def _start_late(self, metadata: dict[str, str] | None) -> None:
+        await asyncio.sleep(LATE_RESPONSE_S)
+        if self.response is None:
+            self._start_response(metadata)
 
     async def on_response_cancel(self, event: dict[str, Any]) -> None:
         if self.response is None:
@@ -334,8 +380,8 @@ class RealtimeConnection:
     }
 
     # --- responses ---------------------------------------------------------------------------
-    def _start_response(self) -> None:
-        self.response = Response(new_id("resp"))
+    def _start_response(self, metadata: dict[str, str] | None = None) -> None:
+        self.response = Response(new_id("resp"), metadata=metadata)
         self.response.task = self._spawn(self._respond(self.response))
 
     def _cancel_response(self, reason: str) -> None:
@@ -357,12 +403,28 @@ class RealtimeConnection:
                 return True
         return False
 
+    def _plan(self) -> Plan:
+        """After a function output: speak about it. Otherwise answer (or call a tool for) the user."""
+        last = self.items[self.order[-1]] if self.order else None
+        if last is not None and last.kind == "function_call_output":
+            plan = self.call_plans.get(last.call_id)
+            return Plan(self.options.replies.after_call(plan, last.output))
+        tools = {t.get("name") for t in self.config.tools}
+        plan = self.options.replies.plan(self._last_user_words(), tools)
+        if plan.call_name is not None and plan.call_name not in tools:
+            return Plan(f"I cannot do that: no tool called {plan.call_name} is available.")
+        return plan
+
     async def _respond(self, response: Response) -> None:
         audio_out = "audio" in self.config.output_modalities
-        reply = self.options.replies.reply(self._last_user_words())
+        plan = self._plan()
+        reply = plan.text
         base = {"id": response.id, "object": "realtime.response", "conversation_id": "conv_sim",
-                "output_modalities": ["audio"] if audio_out else ["text"]}
+                "output_modalities": ["audio"] if audio_out else ["text"], "metadata": response.metadata}
         await self.send("response.created", response={**base, "status": "in_progress", "output": []})
+        if plan.call_name is not None:
+            await self._call_function(response, plan, base)
+            return
         if await self._fault("error_event"):
             await self.error("The simulator was asked to fail here.", code="simulated_error", kind="server_error")
         if await self._fault("unknown_event"):
@@ -389,6 +451,35 @@ class RealtimeConnection:
         await self.send("conversation.item.done", item=done_item, previous_item_id=previous)
         details = {"type": "cancelled", "reason": response.reason} if cancelled else None
         await self.send("response.done", response={**base, "status": status, "status_details": details,
+                                                   "output": [done_item], "usage": self._usage(item)})
+        self.response = None
+
+    async def _call_function(self, response: Response, plan: Plan, base: dict[str, Any]) -> None:
+        """A response whose output is one function_call item, its arguments streamed as the API does."""
+        name, arguments = plan.call_name or "", plan.arguments
+        if await self._fault("unknown_tool"):
+            name = "no_such_tool"
+        if await self._fault("bad_arguments"):
+            arguments = arguments[:max(1, len(arguments) // 2)]  # cut mid-object: not JSON
+        item = Item(new_id("item"), "function", kind="function_call", call_id=new_id("call"), name=name,
+                    arguments=arguments)
+        self.call_plans[item.call_id] = plan
+        previous = self.order[-1] if self.order else None
+        self.items[item.id] = item
+        self.order.append(item.id)
+        started = function_call_item(item.id, item.call_id, name, "", "in_progress")
+        await self.send("response.output_item.added", response_id=response.id, output_index=0, item=started)
+        await self.send("conversation.item.added", item=started, previous_item_id=previous)
+        ids = {"response_id": response.id, "item_id": item.id, "output_index": 0, "call_id": item.call_id}
+        for offset in range(0, len(arguments), ARGUMENT_CHUNK_CHARS):
+            await self.send("response.function_call_arguments.delta", **ids,
+                            delta=arguments[offset:offset + ARGUMENT_CHUNK_CHARS])
+        await self.send("response.function_call_arguments.done", **ids, name=name, arguments=arguments)
+        done_item = function_call_item(item.id, item.call_id, name, arguments, "completed")
+        await self.send("response.output_item.done", response_id=response.id, output_index=0, item=done_item)
+        await self.send("conversation.item.done", item=done_item, previous_item_id=previous)
+        log.info(kv("function_call", name=name, call_id=item.call_id, arguments=repr(arguments)))
+        await self.send("response.done", response={**base, "status": "completed", "status_details": None,
                                                    "output": [done_item], "usage": self._usage(item)})
         self.response = None
 

@@ -1,0 +1,1 @@
+"""The tools stage: functions the model may call, from Python modules and MCP servers."""

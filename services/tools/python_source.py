@@ -1,0 +1,77 @@
+"""Python functions as tools: the JSON schema comes from the signature through pydantic.
+
+Every public function defined in the module becomes a tool (or only those in `__all__`, if it
+has one). Its docstring's first paragraph is the description; arguments are validated by a
+pydantic model built from the type hints before the function runs. Sync functions run in a
+worker thread so a slow one never blocks the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import typing
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from services.tools.registry import DEFAULT_TIMEOUT_S, Tool
+
+
+def load_module(spec: str) -> ModuleType:
+    """A path to a .py file, or a dotted module name."""
+    path = Path(spec)
+    if spec.endswith(".py"):
+        if not path.is_file():
+            raise ValueError(f"no such tools module: {spec}")
+        module_spec = importlib.util.spec_from_file_location(f"voicebus_tools_{path.stem}", path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"cannot load {spec}")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(spec)
+
+
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    schema.pop("title", None)
+    for prop in schema.get("properties", {}).values():
+        prop.pop("title", None)
+    return schema
+
+
+def tool_from_function(func: Any, source: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tool:
+    hints = typing.get_type_hints(func, include_extras=True)
+    fields: dict[str, Any] = {}
+    for param in inspect.signature(func).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = ... if param.default is param.empty else param.default
+        fields[param.name] = (hints.get(param.name, Any), default)
+    model = create_model(f"{func.__name__}_arguments", __config__=ConfigDict(extra="forbid"), **fields)
+    description = inspect.cleandoc(func.__doc__ or func.__name__).split("\n\n", 1)[0].replace("\n", " ")
+
+    async def invoke(arguments: dict[str, Any]) -> Any:
+        validated = model.model_validate(arguments)
+        kwargs = {name: getattr(validated, name) for name in fields}
+        if inspect.iscoroutinefunction(func):
+            return await func(**kwargs)
+        return await asyncio.to_thread(func, **kwargs)
+
+    return Tool(func.__name__, description, _schema(model), source, invoke, timeout_s)
+
+
+def python_tools(spec: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Tool]:
+    module = load_module(spec)
+    exported = getattr(module, "__all__", None)
+    functions = [value for name, value in vars(module).items()
+                 if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
+                 and (exported is None or name in exported)]
+    if not functions:
+        raise ValueError(f"{spec} defines no public functions to offer as tools")
+    return [tool_from_function(func, f"python:{spec}", timeout_s) for func in functions]
