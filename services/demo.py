@@ -23,9 +23,9 @@ from common.config import BusConfig, new_session_id, openai_target
 from common.speech import synthesize
 from common.wavio import write_wav
 from services.launcher import ProcessSpec, Supervisor, spawn
-from services.pipeline import SIMULATOR
+from services.pipeline import EXAMPLE_TOOLS, SIMULATOR
 
-DEFAULT_QUESTIONS = ["what is the weather like today", "please tell me a short story"]
+DEFAULT_QUESTIONS = ["what is the weather like today", "what time is it in tokyo", "please tell me a short story"]
 TURN_TIMEOUT_S = 60.0
 MIC_RATE = 48_000
 
@@ -38,6 +38,7 @@ class Turn:
     latency_ms: float | None = None
     server_ms: float | None = None  # speech end -> first audio delta received (the server's share)
     item_id: str = ""
+    tools: list[str] | None = None  # "name(arguments) -> output" for each call the model made
 
 
 def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
@@ -60,6 +61,10 @@ def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
             turn.answer, turn.item_id = event.get("transcript", ""), event.get("item_id", "")
         elif message.topic == "rt.response.output_audio.delta":
             first_delta_ns.setdefault(event.get("item_id", ""), data.get("t_recv_ns", 0))
+        elif message.topic == "rt.gateway.tool_output":
+            result = data.get("output") if data.get("error") is None else f"error: {data.get('error')}"
+            turn.tools = (turn.tools or []) + [f"{data.get('name')} -> {str(result)[:120]} "
+                                               f"({data.get('round_trip_ms', 0):.0f} ms, {data.get('source')})"]
         elif message.topic == "rt.response.done":
             done = True
         elif message.topic == "rt.error":
@@ -94,6 +99,7 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
     quiet = ["--log-level", "WARNING"]
     specs += [ProcessSpec("gateway", ["gateway", "--ws-log", str(out_dir / "websocket.jsonl"), *quiet]),
               ProcessSpec("resample", ["resample", *quiet]),
+              ProcessSpec("tools", ["tools", "--module", str(EXAMPLE_TOOLS), *quiet]),
               ProcessSpec("player", ["player", "--wav", str(out_dir / "assistant-played.wav"), *quiet]),
               ProcessSpec("logger", ["logger", "--root", str(trace_root), *quiet])]
     click.echo(f"starting bus and {', '.join(s.name for s in specs)} (session {session})")
@@ -122,6 +128,8 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
                 latency += (f" (server: VAD silence + ASR + TTS {turn.server_ms:.0f} ms; "
                             f"voicebus pipeline {turn.latency_ms - turn.server_ms:.0f} ms)")
             click.echo(f"  you said (as transcribed): {turn.heard!r}")
+            for call in turn.tools or []:
+                click.echo(f"  tool call:                 {call}")
             click.echo(f"  assistant:                 {turn.answer!r}")
             click.echo(f"  latency, your speech end -> first assistant audio played: {latency}")
     except KeyboardInterrupt:
@@ -154,7 +162,8 @@ def _wait_ready(receiver: Receiver, supervisor: Supervisor) -> None:
             continue
         if message.topic.startswith("health."):
             seen.add(message.topic.removeprefix("health."))
-        if message.topic == "rt.session.updated" and {"gateway", "resample", "player", "logger"} <= seen:
+        if message.topic == "rt.session.updated" and {"gateway", "resample", "player", "logger", "tools"} <= seen \
+                and message.data.get("event", {}).get("session", {}).get("tools"):
             return
     raise click.ClickException("the pipeline did not come up within 60 s; run `voicebus doctor`")
 

@@ -49,16 +49,19 @@ def test_readme_documents_every_command_and_procfile_matches_launcher():
 
 
 def test_demo_runs_offline_and_prints_the_conversation(base_env, tmp_path):
-    result = _run("demo", "--question", "what time does the train leave", "--out", str(tmp_path / "out"),
-                  "--root", str(tmp_path / "sessions"), env=base_env, timeout=120)
+    result = _run("demo", "--question", "what time does the train leave", "--question", "what time is it in tokyo",
+                  "--out", str(tmp_path / "out"), "--root", str(tmp_path / "sessions"), env=base_env, timeout=150)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "local simulator" in result.stdout
     assert "you said (as transcribed): 'what time does the train leave'" in result.stdout
     assert "assistant:                 'I heard: what time does the train leave'" in result.stdout
     assert re.search(r"first assistant audio played: \d+ ms", result.stdout)
+    # the second question needs a tool: the demo shows the call and the answer spoken from its output
+    assert re.search(r"tool call: +get_current_time -> .*Asia/Tokyo.*python:", result.stdout), result.stdout
+    assert re.search(r"assistant: +'It is \d\d \d\d in Tokyo.'", result.stdout), result.stdout
     session_dir = next((tmp_path / "out").iterdir())
     assert (session_dir / "assistant-played.wav").stat().st_size > 48000
     assert (session_dir / "websocket.jsonl").stat().st_size > 0
     assert (session_dir / "report.html").exists()
     trace_dir = tmp_path / "sessions" / session_dir.name
-    assert (trace_dir / "turns.jsonl").read_text().count("\n") == 1
+    assert (trace_dir / "turns.jsonl").read_text().count("\n") == 2

@@ -381,3 +381,35 @@ def test_chat_completions_whole_wav_and_bad_requests(simulator):
                                        messages=[{"role": "user", "content": "hello"}])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="gpt-4o-audio-preview", messages=[])
+
+
+def test_sdk_realtime_client_completes_a_tool_round_trip(simulator, tmp_path):
+    """The openai SDK's own realtime client: tools in the session, a function call, its output, the answer."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(TOOL_RULES))
+    client = OpenAI(base_url=simulator("--pace", "fast", "--rules", str(rules)), api_key="sk-test")
+    adapter = _server_event_adapter(beta=False)
+    events = []
+    with client.realtime.connect(model="gpt-realtime") as conn:
+        conn.session.update(session={"type": "realtime", "output_modalities": ["text"], "tools": [TIME_TOOL]})
+        conn.conversation.item.create(item={"type": "message", "role": "user",
+                                            "content": [{"type": "input_text", "text": "what is the time in Tokyo"}]})
+        conn.response.create()
+        answers = []
+        for event in conn:
+            events.append(event)
+            if event.type == "response.function_call_arguments.done":
+                assert json.loads(event.arguments) == {"timezone": "Asia/Tokyo"}
+                conn.conversation.item.create(item={"type": "function_call_output", "call_id": event.call_id,
+                                                    "output": json.dumps({"datetime": "2026-11-28T09:15:00+09:00"})})
+            elif event.type == "response.done":
+                answers.append(event.response)
+                if len(answers) == 1:
+                    assert answers[0].output[0].type == "function_call"
+                    conn.response.create()
+                else:
+                    break
+    assert answers[1].output[0].content[0].text == "It is 09 hours in Tokyo."
+    assert {"response.function_call_arguments.delta", "response.output_item.done"} <= {e.type for e in events}
+    for event in events:  # typed by the SDK on receipt; and each one round-trips its union
+        adapter.validate_python(event.model_dump(exclude_unset=True))

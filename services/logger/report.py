@@ -84,11 +84,12 @@ def render(session_dir: Path) -> str:
              f" {len(turns)} turn(s), total cost ${sum(t.get('cost_usd', 0) for t in turns):.4f}</p>"]
     parts.append(_timeline(turns))
     parts.append("<table><tr><th>turn</th><th>speech end → first delta</th><th>speech end → first played</th>"
-                 "<th>played / generated</th><th>tokens</th><th>cost</th></tr>")
+                 "<th>of which tools</th><th>played / generated</th><th>tokens</th><th>cost</th></tr>")
     for turn in turns:
         assistant, timing = turn.get("assistant", {}), turn.get("timing", {})
         parts.append(f"<tr><td>{turn['turn']}</td><td>{_ms(timing.get('speech_end_to_first_delta_ms'))}</td>"
                      f"<td>{_ms(timing.get('speech_end_to_first_played_ms'))}</td>"
+                     f"<td>{_ms(timing.get('tool_ms'))}</td>"
                      f"<td>{_ms(assistant.get('played_ms'))} / {_ms(assistant.get('generated_ms'))}</td>"
                      f"<td>{turn.get('usage', {}).get('total_tokens', '–')}</td><td>${turn.get('cost_usd', 0):.4f}</td></tr>")
     parts.append("</table>")
@@ -107,7 +108,7 @@ def render(session_dir: Path) -> str:
             f"<p class='user'>user: {html.escape(str(user.get('transcript')))}</p>"
             f"<p class='assistant'>assistant (heard): {html.escape(str(assistant.get('transcript_heard')))}</p>"
             + (f"<p>generated: {html.escape(str(assistant.get('transcript_generated')))}</p>" if assistant.get("barge_in")
-               else "") + barge
+               else "") + barge + "".join(_tool_line(t) for t in turn.get("tools", []))
             + _audio_block(session_dir, files, "user", "user audio", "#1f5fa8")
             + _audio_block(session_dir, files, "assistant-generated", "assistant audio (generated; red line: where "
                            "playback stopped)" if assistant.get("barge_in") else "assistant audio", "#2a7a2a",
@@ -121,6 +122,17 @@ def render(session_dir: Path) -> str:
     return "\n".join(parts)
 
 
+COLORS = {"user": "#1f5fa8", "assistant": "#2a7a2a", "tool": "#c06000"}
+
+
+def _tool_line(tool: dict[str, Any]) -> str:
+    result = (f"<span class='barge'>error: {html.escape(str(tool.get('error')))}</span>" if tool.get("error")
+              else html.escape(str(tool.get("output"))[:300]))
+    return (f"<p class='tool'>tool call: <b>{html.escape(str(tool.get('name')))}</b>"
+            f"({html.escape(json.dumps(tool.get('arguments')))}) → {result} "
+            f"<small>({_ms(tool.get('round_trip_ms'))}, {html.escape(str(tool.get('source')))})</small></p>")
+
+
 def _timeline(turns: list[dict[str, Any]]) -> str:
     """Who spoke when: user speech and assistant playback on one time axis (from the stored timings)."""
     spans = []
@@ -129,6 +141,9 @@ def _timeline(turns: list[dict[str, Any]]) -> str:
         end = timing.get("speech_end_ns")
         if end and user.get("audio_ms"):
             spans.append(("user", end - int(user["audio_ms"] * 1e6), end, turn["turn"]))
+        for tool in turn.get("tools", []):
+            if tool.get("called_ns") and tool.get("answered_ns"):
+                spans.append(("tool", tool["called_ns"], tool["answered_ns"], turn["turn"]))
         played = timing.get("first_played_ns")
         if played:
             spans.append(("assistant", played, played + int(assistant.get("played_ms", 0) * 1e6), turn["turn"]))
@@ -138,9 +153,10 @@ def _timeline(turns: list[dict[str, Any]]) -> str:
     width = max(stop - start, 1)
     bars = "".join(
         f"<div class='seg' title='{who} turn {n}' style='left:{100 * (a - start) / width:.2f}%;"
-        f"width:{max(0.4, 100 * (b - a) / width):.2f}%;background:{'#1f5fa8' if who == 'user' else '#2a7a2a'}'>"
+        f"width:{max(0.4, 100 * (b - a) / width):.2f}%;background:{COLORS[who]}'>"
         f"{who[0].upper()}{n}</div>" for who, a, b, n in spans)
-    return (f"<p>timeline ({width / 1e9:.1f} s; blue: user speaking, green: assistant playing)</p>"
+    return (f"<p>timeline ({width / 1e9:.1f} s; blue: user speaking, orange: tool calls, green: assistant "
+            f"playing)</p>"
             f"<div class='timeline'>{bars}</div>")
 
 

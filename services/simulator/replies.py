@@ -92,9 +92,24 @@ def _output_fields(output: str) -> tuple[dict[str, Any], bool]:
     return fields, isinstance(parsed, dict) and set(parsed) == {"error"}
 
 
+def _time_rule(words: str, timezone: str, place: str) -> Rule:
+    return Rule(re.compile(words, re.IGNORECASE), call={"name": "get_current_time", "arguments": {"timezone": timezone}},
+                after_call="It is {datetime:%H} {datetime:%M} in " + place + ".")
+
+
+# with no rules file: asking for the time calls a get_current_time tool when the session offers one
+# (examples/tools.py and mcp-server-time both have it); everything else is echoed
+DEFAULT_RULES = [_time_rule(r"time.*\btokyo", "Asia/Tokyo", "Tokyo"),
+                 _time_rule(r"time.*\blondon", "Europe/London", "London"),
+                 _time_rule(r"time.*\bparis", "Europe/Paris", "Paris"),
+                 _time_rule(r"time.*\bnew york", "America/New_York", "New York"),
+                 _time_rule(r"what time is it", "UTC", "U T C"),
+                 Rule(re.compile(".*"), DEFAULT_REPLY)]
+
+
 class Replies:
     def __init__(self, rules: list[Rule] | None = None) -> None:
-        self.rules = rules or [Rule(re.compile(".*"), DEFAULT_REPLY)]
+        self.rules = rules or DEFAULT_RULES
 
     @classmethod
     def from_file(cls, path: Path) -> Replies:
