@@ -9,7 +9,7 @@ import sys
 from tests.helpers import REPO
 
 COMMANDS = ["bus", "capture", "demo", "doctor", "gateway", "inspect", "keys", "logger", "mic", "player", "replay",
-            "report", "resample", "say", "simulate", "tap", "up", "upload"]
+            "report", "resample", "say", "simulate", "tap", "tools", "up", "upload"]
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
