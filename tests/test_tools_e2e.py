@@ -31,6 +31,8 @@ TIME_RULE = {"match": "time.*tokyo", "call": {"name": "get_current_time", "argum
 # what each misbehaving tool is asked, by the user's words
 FAULT_RULES = [{"match": "weather", "call": {"name": "explode", "arguments": {"reason": "no weather today"}},
                 "after_error": "Sorry, that did not work."},
+               {"match": "homework", "call": {"name": "crash", "arguments": {}},
+                "after_error": "Sorry, that tool fell over."},
                {"match": "story", "call": {"name": "hang", "arguments": {"seconds": 30}},
                 "after_error": "Sorry, that took too long."},
                {"match": "moon", "call": {"name": "echo", "arguments": {"text": 5, "extra": True}},
@@ -51,9 +53,9 @@ def _of(client, topic):
     return [m for m in client.seen if m.topic == topic]
 
 
-@pytest.mark.parametrize("source", ["mcp", "python"])
+@pytest.mark.parametrize(("source", "protocol"), [("mcp", "ga"), ("python", "beta")])
 def test_spoken_question_calls_a_tool_and_the_answer_speaks_its_output(procs, client_factory, simulator, tmp_path,
-                                                                       base_env, source):
+                                                                       base_env, source, protocol):
     sim = simulator("--pace", "fast", "--rules", _rules(tmp_path, [TIME_RULE]))
     client = client_factory(PREFIXES)
     root = tmp_path / "sessions"
@@ -61,7 +63,9 @@ def test_spoken_question_calls_a_tool_and_the_answer_speaks_its_output(procs, cl
     client.wait_for(lambda m: m.topic == "tools.available" and m.data["tools"], timeout_s=60)
     procs.voicebus("logger", "--root", str(root))
     played = tmp_path / "played.wav"
-    start_stages(procs, client, sim, player_args=("--wav", str(played)))
+    model = "gpt-realtime" if protocol == "ga" else "gpt-4o-realtime-preview"
+    start_stages(procs, client, sim, player_args=("--wav", str(played)),
+                 gateway_args=("--protocol", protocol, "--model", model))
     client.wait_for(lambda m: m.topic == "rt.sent.session.update" and m.data["event"]["session"].get("tools"),
                     timeout_s=15)
     speak(procs, speech_pcm("what time is it in tokyo", "slt", 48000), 48000, tmp_path, speed=2.0, tail_s=2.0)
@@ -106,6 +110,7 @@ FAULTS = {  # case: (user question, simulator fault, what the model is told)
     "invalid arguments": ("how far away is the moon", None, "invalid arguments for echo"),
     "unknown tool": ("what time is it in tokyo", "unknown_tool", "no tool named 'no_such_tool'"),
     "malformed arguments JSON": ("what time is it in tokyo", "bad_arguments", "not valid JSON"),
+    "MCP server exits mid-call": ("can you help me with my homework", None, "went away mid-call"),
     "server answers on its own after the output": ("turn on the lights in the kitchen", "auto_response", None),
 }
 
@@ -117,8 +122,10 @@ def test_each_tool_fault_gets_an_error_output_a_spoken_reply_and_a_next_turn(pro
     sim = simulator("--pace", "fast", "--rules", _rules(tmp_path, FAULT_RULES),
                     *(["--fault", fault, "--fault-count", "1"] if fault else []))
     client = client_factory(PREFIXES)
-    procs.voicebus("tools", "--module", FIXTURES, "--module", EXAMPLES, "--timeout", "2")
-    client.wait_for(lambda m: m.topic == "tools.available" and m.data["tools"], timeout_s=60)
+    procs.voicebus("tools", "--module", FIXTURES, "--module", EXAMPLES, "--timeout", "2",
+                   "--mcp", f"{sys.executable} {REPO / 'tests/mcp_crasher.py'}")
+    client.wait_for(lambda m: m.topic == "tools.available" and "crash" in {t["name"] for t in m.data["tools"]},
+                    timeout_s=60)
     start_stages(procs, client, sim, player_args=("--wav", str(tmp_path / "p.wav")))
     client.wait_for(lambda m: m.topic == "rt.sent.session.update" and m.data["event"]["session"].get("tools"),
                     timeout_s=15)

@@ -12,6 +12,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from common.log import kv
@@ -111,7 +112,8 @@ class McpServer:
                 raise
             except Exception as exc:
                 self._lost.set()
-                raise ToolError(f"the MCP server failed the call: {type(exc).__name__}: {exc}") from exc
+                raise ToolError(f"the MCP server {Path(self.argv[0]).name!r} went away mid-call "
+                                f"({type(exc).__name__}: {exc}); restarting it") from exc
             finally:
                 self._in_flight.discard(task)
             text = "\n".join(getattr(part, "text", "") for part in result.content if getattr(part, "text", None))
