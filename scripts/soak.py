@@ -191,7 +191,8 @@ def check_store_and_upload(root: Path, done: dict[str, str], env: dict[str, str]
     turns = [t for s in sessions for t in load_turns(s)]
     keys = [t["key"] for t in turns]
     stored_twice = len(keys) - len(set(keys))
-    missing = sorted(set(done) - set(keys))
+    answered = set(keys) | {t["assistant"].get("tool_response_id") for t in turns}  # a tool call's response too
+    missing = sorted(set(done) - answered)
     server = LoopbackTraceServer().start()
     try:
         upload_env = {**env, **server.env()}

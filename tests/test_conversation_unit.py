@@ -48,3 +48,28 @@ def test_completed_turn_is_not_marked_unfinished():
     _feed(builder, gateway, "rt.response.done", {"event": {"response": {**RESPONSE, "status": "completed"}}})
     [(record, _)] = builder.tick(time.monotonic() + 10)
     assert record["assistant"]["status"] == "completed" and record["assistant"]["unfinished"] is False
+
+
+def test_a_turn_that_called_tools_is_one_turn_with_both_responses_usage():
+    builder, gateway = ConversationBuilder(), Stamper("gateway", "s")
+    _feed(builder, gateway, "rt.input_audio_buffer.speech_started", {"event": {"item_id": "u1", "audio_start_ms": 0}})
+    _feed(builder, gateway, "rt.response.created", {"event": {"response": RESPONSE}})
+    _feed(builder, gateway, "rt.response.output_item.added",
+          {"event": {"response_id": "resp_1", "item": {"id": "fc", "type": "function_call"}}})
+    _feed(builder, gateway, "tool.call", {"call_id": "c1", "name": "get_current_time", "arguments": {},
+                                          "response_id": "resp_1"})
+    usage = {"total_tokens": 10, "output_token_details": {"text_tokens": 4}}
+    _feed(builder, gateway, "rt.response.done", {"event": {"response": {**RESPONSE, "status": "completed",
+                                                                        "usage": usage}}})
+    _feed(builder, gateway, "rt.gateway.tool_output", {"call_id": "c1", "name": "get_current_time", "output": "13",
+                                                       "error": None, "response_id": "resp_1", "round_trip_ms": 2.5})
+    assert builder.tick(time.monotonic() + 10) == []  # waits for the spoken answer
+    _feed(builder, gateway, "rt.response.created", {"event": {"response": {**RESPONSE, "id": "resp_2"}}})
+    _feed(builder, gateway, "rt.response.output_item.added", {"event": {"response_id": "resp_2", "item": {"id": "a2"}}})
+    _feed(builder, gateway, "rt.response.output_audio_transcript.done", {"event": {"item_id": "a2", "transcript": "13"}})
+    _feed(builder, gateway, "rt.response.done", {"event": {"response": {**RESPONSE, "id": "resp_2",
+                                                                        "status": "completed", "usage": usage}}})
+    [(record, _)] = builder.tick(time.monotonic() + 10)
+    assert record["key"] == "resp_2" and record["assistant"]["transcript_heard"] == "13"
+    assert [t["output"] for t in record["tools"]] == ["13"] and record["timing"]["tool_ms"] == 2.5
+    assert record["usage"] == {"total_tokens": 20, "output_token_details": {"text_tokens": 8}}

@@ -51,6 +51,7 @@ class Turn:
     tools: list[dict[str, Any]] = field(default_factory=list)  # function calls made in this turn
     awaiting_follow_up: bool = False  # its response called tools; the spoken answer comes in a next response
     tool_response_id: str = ""
+    tool_usage: dict[str, Any] = field(default_factory=dict)  # what the response that called the tools cost
 
 
 def cost_usd(usage: dict[str, Any], prices: dict[str, float]) -> float:
@@ -65,6 +66,19 @@ def cost_usd(usage: dict[str, Any], prices: dict[str, float]) -> float:
         + (details_out.get("audio_tokens", 0) or 0) * prices["audio_out"] \
         + (details_out.get("text_tokens", 0) or 0) * prices["text_out"]
     return round(total / 1e6, 6)
+
+
+def add_usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Token counts of two responses of one turn, added field by field."""
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict):
+            out[key] = add_usage(out.get(key) or {}, value)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = (out.get(key) or 0) + value
+        else:
+            out.setdefault(key, value)
+    return out
 
 
 class ConversationBuilder:
@@ -161,6 +175,7 @@ class ConversationBuilder:
             if turn is None and self.turns and self.turns[-1].awaiting_follow_up:
                 turn = self.turns[-1]  # the spoken answer to the tools this turn called
                 turn.tool_response_id, turn.response_id, turn.item_id = turn.response_id, "", ""
+                turn.tool_usage, turn.usage = turn.usage, {}
                 turn.awaiting_follow_up, turn.done_at = False, None
             if turn is None:  # a response nobody spoke for (text input, resumed session)
                 turn = Turn()
@@ -290,18 +305,20 @@ class ConversationBuilder:
         def ms_between(a: int | None, b: int | None) -> float | None:
             return round((b - a) / 1e6, 1) if a and b else None
 
+        usage = add_usage(turn.usage, turn.tool_usage)
         record = {
             "key": turn.response_id or f"user:{turn.user_item_id}",
             "user": {"item_id": turn.user_item_id, "transcript": turn.user_transcript,
                      "audio_start_ms": turn.audio_start_ms, "audio_end_ms": turn.audio_end_ms,
                      "audio_ms": round(len(turn.user_pcm) / BYTES_PER_MS, 1)},
             "assistant": {"response_id": turn.response_id, "item_id": turn.item_id,
+                          "tool_response_id": turn.tool_response_id or None,
                           "status": "unfinished" if unfinished else turn.status, "unfinished": unfinished,
                           "transcript_heard": heard, "transcript_generated": turn.transcript,
                           "played_ms": round(played_ms, 1), "generated_ms": round(len(generated) / BYTES_PER_MS, 1),
                           "barge_in": turn.truncated is not None},
             "tools": turn.tools,
-            "usage": turn.usage, "cost_usd": cost_usd(turn.usage, self.prices) if turn.usage else 0.0,
+            "usage": usage, "cost_usd": cost_usd(usage, self.prices) if usage else 0.0,
             "timing": {"speech_end_ns": turn.speech_end_ns, "first_delta_ns": turn.first_delta_ns,
                        "first_played_ns": first_played,
                        "speech_end_to_first_delta_ms": ms_between(turn.speech_end_ns, turn.first_delta_ns),
