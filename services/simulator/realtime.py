@@ -47,7 +47,8 @@ MIN_COMMIT_MS = 100
 IDLE_BUFFER_MS = 2000  # input kept while nobody speaks (covers prefix padding)
 ARRIVALS_KEPT = 1000
 ARGUMENT_CHUNK_CHARS = 12  # function-call arguments stream as deltas of about this size
-LATE_RESPONSE_S = 3.0  # fault late_response: how late response.create is honoured
+LATE_RESPONSE_S = 3.0
+AUDIO_ITEMS_KEPT = 32  # older items keep their text, not their audio: a long session stays flat in memory  # fault late_response: how late response.create is honoured
 
 log = logging.getLogger("voicebus.simulator")
 
@@ -107,6 +108,7 @@ class RealtimeConnection:
         self.tasks: set[asyncio.Task] = set()
         self.slow = next((f for f in faults if f.kind == "slow"), None)
         self.arrivals: deque[tuple[int, int]] = deque(maxlen=ARRIVALS_KEPT)  # (audio ms received, t_ns)
+        self.user_audio_ms = 0.0  # all user audio committed in this session (for usage)
         self.call_plans: dict[str, Plan] = {}  # call_id -> the plan that made the call (for what to say after)
 
     def _new_vad(self) -> EnergyVad:
@@ -251,6 +253,9 @@ class RealtimeConnection:
         previous = self.order[-1] if self.order else None
         self.items[item_id] = Item(item_id, "user", audio=pcm)
         self.order.append(item_id)
+        self.user_audio_ms += len(pcm) / BYTES_PER_MS
+        for old in self.order[:-AUDIO_ITEMS_KEPT]:
+            self.items[old].audio = b""
         await self.send("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         item = user_item(item_id, None, self.protocol)
         await self.send("conversation.item.added", item=item, previous_item_id=previous)
@@ -536,8 +541,7 @@ class RealtimeConnection:
 
     def _usage(self, item: Item) -> dict[str, Any]:
         """Plausible token counts: ~10 audio tokens/s in, ~20/s out, a word ~1.3 text tokens."""
-        user_ms = sum(len(i.audio) / BYTES_PER_MS for i in self.items.values() if i.role == "user")
-        audio_in = math.ceil(user_ms / 100)
+        audio_in = math.ceil(self.user_audio_ms / 100)
         text_in = math.ceil(1.3 * (len(self.config.instructions.split()) + sum(
             len((i.transcript or i.text or "").split()) for i in self.items.values() if i.id != item.id)))
         cached = text_in // 2 if len(self.order) > 2 else 0
