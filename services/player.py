@@ -78,6 +78,8 @@ class WavSink:
         self.path, self.period_ms = path, period_ms
         self.latency_ms = 0.0
         self.output_underflows = 0
+        self.late_callbacks = 0  # a WAV clock is never late; the counters exist for one heartbeat shape
+        self.max_callback_gap_ms = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.writer: WavWriter | None = None
@@ -188,5 +190,5 @@ class PlayerStage(Stage):
                        for p in (50, 99)} if handoff else {}
         return {**percentiles, "underruns": self.buffer.underruns, "dropped_frames": self.dropped_frames, "flushes": self.flushes,
                 "output_underflows": self.sink.output_underflows,
-                "late_callbacks": getattr(self.sink, "late_callbacks", 0),
-                "max_callback_gap_ms": round(getattr(self.sink, "max_callback_gap_ms", 0.0), 1)}
+                "late_callbacks": self.sink.late_callbacks,
+                "max_callback_gap_ms": round(self.sink.max_callback_gap_ms, 1)}
