@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import zmq
-import zmq.auth
 
 from common.config import BusConfig
 from common.envelope import EnvelopeError, Message, Stamper, decode, encode
@@ -37,6 +36,8 @@ def generate_keys(directory: Path) -> dict[str, Path]:
     """Write a server and a client keypair, and authorize the client's public key."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
+    import zmq.auth
+
     server_public, server_secret = zmq.auth.create_certificates(directory, SERVER_KEY)
     client_public, client_secret = zmq.auth.create_certificates(directory, CLIENT_KEY)
     authorized = directory / AUTHORIZED_DIR
@@ -53,6 +54,8 @@ def _load(directory: Path, name: str, secret: bool) -> tuple[bytes, bytes | None
     path = directory / (f"{name}.key_secret" if secret else f"{name}.key")
     if not path.exists():
         raise CurveKeyError(f"missing CURVE key {path} (create keys with `voicebus keys -o {directory}`)")
+    import zmq.auth
+
     return zmq.auth.load_certificate(path)
 
 

@@ -7,7 +7,6 @@ all agree on the endpoints.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ def session_id() -> str:
 
 
 def new_session_id() -> str:
-    return time.strftime("s%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+    return time.strftime("s%Y%m%d-%H%M%S-", time.gmtime()) + os.urandom(3).hex()
 
 
 @dataclass(frozen=True)

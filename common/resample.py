@@ -5,22 +5,40 @@ filter at every border: clicks, and near-silence with 10 ms chunks. Here the fil
 continuous input history, so the concatenated output equals one-shot resampling of the whole signal.
 
 Backends:
-- `resampy` (default): resampy's own numba kernel (`_resample_loop_s`) with its filter table scaled
+- `polyphase` (default): resampy's filter (kaiser_best) as a bank of per-phase FIR rows, applied with
+  numpy; the same output as `resampy.resample` to within 0.01 LSB, ~50 us per 20 ms frame, no numba
+  (resampy's kernel costs ~110 MB of LLVM in every process that imports it). Like resampy it holds
+  back only the filter's right wing (~2 ms).
+- `resampy`: resampy's own numba kernel (`_resample_loop_s`) with its filter table scaled
   once at construction. Output sample t sits at input time t * rate_in / rate_out exactly as in
   `resampy.resample`; it is emitted once the filter's right wing (~2 ms at 48 kHz) has arrived.
-- `soxr`: `soxr.ResampleStream`, ~50x cheaper, compared to one-shot `soxr.resample`.
+- `soxr`: `soxr.ResampleStream`, compared to one-shot `soxr.resample`. Cheap, but it works in
+  blocks: at 48 kHz it emits every other 20 ms frame and holds back 17-38 ms, latency the user
+  would hear as a slower answer, so it is not the default.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided, sliding_window_view
 
-Backend = Literal["resampy", "soxr"]
-BACKENDS: tuple[Backend, ...] = ("resampy", "soxr")
+Backend = Literal["polyphase", "resampy", "soxr"]
+BACKENDS: tuple[Backend, ...] = ("polyphase", "resampy", "soxr")
+DEFAULT_BACKEND: Backend = "polyphase"
+FILTERS = ("kaiser_best", "kaiser_fast")
 S16_SCALE = 32768.0
+MAX_PHASE_BANK = 4096  # rates whose ratio needs more phases get their weights per frame instead
+# Up to this many phases (L), outputs are computed a block of L at a time as one matrix product
+# over a strided view of the input: no gathers, a handful of numpy calls per frame (each costs far
+# more from a cold cache, 50 times a second, than its arithmetic). A block is L output samples, so
+# this also bounds the extra hold-back: 80 samples = 3.3 ms (44.1 kHz; 48, 32, 16, 8 kHz: L <= 3).
+MAX_BLOCK_PHASES = 80
 
 
 def pcm_to_mono_float(pcm: bytes, channels: int) -> np.ndarray:
@@ -88,6 +106,127 @@ class _ResampyStream:
         return self._run(int(self._received * float(self._rate_out) / float(self._rate_in)))
 
 
+@lru_cache(maxsize=4)
+def load_filter(name: str) -> tuple[np.ndarray, int]:
+    """resampy's precomputed filter (right wing, table precision), read from the file resampy ships
+    without importing resampy, whose import compiles numba."""
+    if name not in FILTERS:
+        raise ValueError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
+    spec = importlib.util.find_spec("resampy")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("resampy is not installed: its filter tables are needed (pip install resampy)")
+    with np.load(Path(spec.submodule_search_locations[0]) / "data" / f"{name}.npz") as data:
+        return data["half_window"].astype(np.float64), int(data["precision"])
+
+
+class _PolyphaseStream:
+    """resampy's band-limited interpolation, restated for a rational ratio L/M as L fixed FIR rows.
+
+    Output sample k sits at input time k*M/L (resampy's convention): base n = floor(k*M/L), phase
+    p = k*M mod L. Row p holds the weights for x[n-W+1 .. n+W], computed with resampy's own table
+    lookup and linear interpolation, so each output is one dot product.
+    """
+
+    def __init__(self, rate_in: int, rate_out: int, filter_name: str) -> None:
+        divisor = math.gcd(rate_in, rate_out)
+        self._up, self._down = rate_out // divisor, rate_in // divisor
+        self._rate_in, self._rate_out = rate_in, rate_out
+        win, self._num_table = load_filter(filter_name)
+        ratio = rate_out / rate_in
+        self._win = ratio * win if ratio < 1 else win
+        self._delta = np.diff(self._win, append=self._win[-1])
+        self._scale = min(1.0, ratio)
+        self._index_step = int(self._scale * self._num_table)
+        self.wing = math.ceil(len(self._win) / self._index_step) + 1  # W: input samples each side
+        self._bank = self._weights(np.arange(self._up)) if self._up <= MAX_PHASE_BANK else None
+        self._block = self._block_matrix() if self._up <= MAX_BLOCK_PHASES else None
+        self._buf = np.zeros(self.wing - 1, dtype=np.float32)  # zeros before the first sample
+        self._buf_start = -(self.wing - 1)  # absolute input index of _buf[0]
+        self._received = 0
+        self._emitted = 0
+
+    def _wing(self, frac: np.ndarray) -> np.ndarray:
+        """One wing's weights for fractional offsets `frac` (scaled), shape (len(frac), W)."""
+        index = frac * self._num_table
+        offset = index.astype(np.int64)
+        eta = index - offset
+        taps = offset[:, None] + np.arange(self.wing)[None, :] * self._index_step
+        # resampy's loop bound: i < (nwin - offset) // index_step
+        valid = np.arange(self.wing)[None, :] < ((len(self._win) - offset) // self._index_step)[:, None]
+        taps = np.where(valid, taps, 0)
+        return np.where(valid, self._win[taps] + eta[:, None] * self._delta[taps], 0.0)
+
+    def _block_matrix(self) -> np.ndarray:
+        """(span, L): column p weighs the inputs of a block's p-th output (base floor(pM/L))."""
+        offsets = np.arange(self._up) * self._down // self._up
+        block = np.zeros((int(offsets[-1]) + 2 * self.wing, self._up), dtype=np.float32)
+        for p, offset in enumerate(offsets):
+            block[offset:offset + 2 * self.wing, p] = self._bank[(p * self._down) % self._up]
+        return block
+
+    def _weights(self, phases: np.ndarray) -> np.ndarray:
+        frac = self._scale * (phases / self._up)
+        left, right = self._wing(frac), self._wing(self._scale - frac)
+        # left wing tap i weighs x[n - i], right wing tap k weighs x[n + 1 + k]
+        return np.concatenate([left[:, ::-1], right], axis=1).astype(np.float32)
+
+    def _run(self, end: int) -> np.ndarray:
+        """Outputs [emitted, end) one by one (phases gathered): for ratios with many phases."""
+        if end <= self._emitted:
+            return np.zeros(0, dtype=np.float32)
+        k = np.arange(self._emitted, end, dtype=np.int64)
+        base, phase = np.divmod(k * self._down, self._up)
+        rows = self._bank[phase] if self._bank is not None else self._weights(phase)
+        windows = sliding_window_view(self._buf, 2 * self.wing)[base - self.wing + 1 - self._buf_start]
+        out = np.einsum("ij,ij->i", windows, rows, dtype=np.float32)
+        self._emitted = end
+        self._trim((end * self._down) // self._up - self.wing + 1)
+        return out
+
+    def _run_blocks(self, blocks_end: int) -> np.ndarray:
+        """Blocks [done, blocks_end): block j is outputs jL..jL+L-1, from inputs jM-W+1 on."""
+        first = self._emitted // self._up
+        count = blocks_end - first
+        if count <= 0:
+            return np.zeros(0, dtype=np.float32)
+        start = first * self._down - self.wing + 1 - self._buf_start
+        view = as_strided(self._buf[start:], shape=(count, self._block.shape[0]),
+                          strides=(self._down * self._buf.itemsize, self._buf.itemsize), writeable=False)
+        out = np.dot(view, self._block).reshape(-1)  # np.dot: BLAS, ~4x faster than @ on this strided view
+        self._emitted = blocks_end * self._up
+        self._trim(blocks_end * self._down - self.wing + 1)
+        return out
+
+    def _trim(self, first_needed: int) -> None:
+        keep_from = first_needed - self._buf_start
+        if keep_from > 0:
+            self._buf = self._buf[keep_from:]
+            self._buf_start += keep_from
+
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        self._buf = np.concatenate([self._buf, x.astype(np.float32, copy=False)])
+        self._received += len(x)
+        if self._block is not None:
+            # block j is complete once input jM - W + span - 1 has arrived
+            ready = (self._received + self.wing - 1 - self._block.shape[0]) // self._down + 1
+            return self._run_blocks(ready) if ready > self._emitted // self._up else np.zeros(0, dtype=np.float32)
+        # output k is final once input up to floor(k*M/L) + W has arrived: k*M < (received - W) * L
+        ready = max(0, -(-(self._received - self.wing) * self._up // self._down))
+        total = self._received * self._rate_out // self._rate_in
+        return self._run(max(self._emitted, min(ready, total)))
+
+    def flush(self) -> np.ndarray:
+        """The rest, as one-shot resampling would end it (the input's end padded with zeros)."""
+        self._buf = np.concatenate([self._buf, np.zeros(2 * self.wing + self._down, dtype=np.float32)])
+        total = self._received * self._rate_out // self._rate_in
+        if self._block is None:
+            return self._run(total)
+        already = self._emitted
+        out = self._run_blocks(-(-total // self._up)) if total > already else np.zeros(0, dtype=np.float32)
+        # blocks may have gone past the one-shot length: `already` was exact or beyond it
+        return out[:max(0, total - already)]
+
+
 class _SoxrStream:
     def __init__(self, rate_in: int, rate_out: int, quality: str = "HQ") -> None:
         import soxr
@@ -104,7 +243,7 @@ class _SoxrStream:
 class StreamResampler:
     """Feed s16le bytes (any rate, any channel count), get mono s16le at `rate_out`; flush at the end."""
 
-    def __init__(self, rate_in: int, rate_out: int = 24_000, channels: int = 1, backend: Backend = "resampy",
+    def __init__(self, rate_in: int, rate_out: int = 24_000, channels: int = 1, backend: Backend = DEFAULT_BACKEND,
                  filter_name: str = "kaiser_best") -> None:
         if rate_in <= 0 or rate_out <= 0 or channels <= 0:
             raise ValueError(f"bad format: rate_in={rate_in} rate_out={rate_out} channels={channels}")
@@ -115,6 +254,8 @@ class StreamResampler:
         self.samples_out = 0
         if rate_in == rate_out:
             self._impl = None
+        elif backend == "polyphase":
+            self._impl = _PolyphaseStream(rate_in, rate_out, filter_name)
         elif backend == "soxr":
             self._impl = _SoxrStream(rate_in, rate_out)
         else:
@@ -142,11 +283,16 @@ class StreamResampler:
         return output_index * self.rate_in / self.rate_out
 
 
-def resample_oneshot(mono: np.ndarray, rate_in: int, rate_out: int, backend: Backend = "resampy",
+def resample_oneshot(mono: np.ndarray, rate_in: int, rate_out: int, backend: Backend = DEFAULT_BACKEND,
                      filter_name: str = "kaiser_best") -> np.ndarray:
-    """The whole signal in one call: the reference the stream must reproduce."""
+    """The whole signal in one call. For `resampy` and `soxr` this is the library's own one-shot
+    function, the reference their streams must reproduce; `polyphase` is its stream fed once
+    (its reference is `resampy`)."""
     if rate_in == rate_out:
         return mono.astype(np.float32, copy=True)
+    if backend == "polyphase":
+        stream = _PolyphaseStream(rate_in, rate_out, filter_name)
+        return np.concatenate([stream.feed(mono), stream.flush()])
     if backend == "soxr":
         import soxr
 

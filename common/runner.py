@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -29,14 +30,17 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
     publisher = Publisher(connect_pub(ctx, cfg))
     receiver = Receiver(connect_sub(ctx, cfg, stage.subscriptions), stage.name) if stage.subscriptions else None
     stage.out = Output(stage.name, session_id(), publisher.send)
+    thread_publisher = Publisher(connect_pub(ctx, cfg)) if stage.publishes_from_thread else None
     handler_errors = 0
     started = time.monotonic()
 
     def heartbeat(state: str) -> None:
         counters = {"state": state, "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 1),
-                    "in": receiver.received if receiver else 0, "out": publisher.sent,
+                    "in": receiver.received if receiver else 0,
+                    "out": publisher.sent + (thread_publisher.sent if thread_publisher else 0),
                     "bad": receiver.bad_total if receiver else 0, "gaps": receiver.gaps if receiver else 0,
-                    "dropped": publisher.dropped + stage.inbox.dropped, "errors": handler_errors}
+                    "dropped": publisher.dropped + stage.inbox.dropped + (thread_publisher.dropped if thread_publisher
+                                                                          else 0), "errors": handler_errors}
         counters.update(stage.counters())
         stage.out.event(f"health.{stage.name}", counters)
 
@@ -46,9 +50,16 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                                                  sub=receiver.sock if receiver else None):
             log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub, problem=repr(handshake.poll() or "no answer")))
         handshake.close()
+        if thread_publisher is not None:  # attached to the proxy before its first frame, like ours above
+            while not stopping and not wait_for_bus(ctx, cfg, BUS_WAIT_LOG_INTERVAL_S, pub=thread_publisher.sock):
+                log.warning(kv("waiting_for_bus", pub=cfg.pub, socket="audio thread"))
+            stage.thread_out = Output(stage.name, stage.out.stamper.session, thread_publisher.send)
         if stopping:
             return 0
         stage.start()
+        # what exists now (modules, the stage's tables) lives as long as the process: keep it out of
+        # every future collection, which otherwise walks it again and again from a cold cache
+        gc.freeze()
         log.info(kv("started", subscriptions=",".join(stage.subscriptions) or "-", session=stage.out.stamper.session))
         poller = zmq.Poller()
         if receiver:
@@ -56,6 +67,7 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
         poller.register(stage.inbox.read_fd, zmq.POLLIN)
         next_beat = time.monotonic()
         next_tick = time.monotonic()
+        limit = MAX_MESSAGES_PER_TURN * (8 if stage.batch_interval_s else 1)
         while not stopping and not stage.finished:
             now = time.monotonic()
             if now >= next_beat:
@@ -66,16 +78,16 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                 next_tick = now + stage.tick_interval_s
             wait_until = min(next_beat, next_tick) if stage.tick_interval_s else next_beat
             ready = dict(poller.poll(max(0, min(POLL_MS, int((wait_until - now) * 1000) + 1))))
+            if stage.batch_interval_s and receiver and receiver.sock in ready:
+                time.sleep(stage.batch_interval_s)  # let frames queue; take them in one wake-up
             if stage.inbox.read_fd in ready:
                 for item in stage.inbox.drain():
                     stage.on_inbox(item)
             if receiver and receiver.sock in ready:
-                for _ in range(MAX_MESSAGES_PER_TURN):
-                    try:
-                        frames = receiver.sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
+                for _ in range(limit):
+                    if not receiver.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no exception per drain
                         break
-                    message = receiver.accept(frames)
+                    message = receiver.accept(receiver.sock.recv_multipart(flags=zmq.NOBLOCK))
                     if message is None:
                         continue
                     try:
@@ -100,6 +112,8 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
         log.info(kv("stopped", out=publisher.sent, dropped=publisher.dropped,
                     bad=receiver.bad_total if receiver else 0, gaps=receiver.gaps if receiver else 0))
         publisher.sock.close(linger=200)
+        if thread_publisher is not None:
+            thread_publisher.sock.close(linger=200)
         if receiver:
             receiver.sock.close(linger=0)
         stage.inbox.close()

@@ -102,9 +102,18 @@ class Stage:
     name = "stage"
     subscriptions: list[str] = []
     tick_interval_s: float | None = None  # call tick() this often, if set
+    # A stage off the latency path (the logger) sets this: the runner then wakes at most this often
+    # and takes everything queued at once, instead of waking the interpreter for every 20 ms frame.
+    # ZeroMQ queues meanwhile (up to its high-water mark, then drops and the gap is counted).
+    batch_interval_s: float | None = None
+    # A stage whose audio thread should publish itself (the mic) sets this; the runner then gives it
+    # `thread_out`, an Output on a socket of its own that only that thread may use. One wake-up per
+    # frame instead of two (audio thread, then runner).
+    publishes_from_thread = False
 
     def __init__(self) -> None:
         self.out: Output = Output.collecting(self.name)[0]
+        self.thread_out: Output | None = None
         self.inbox = Inbox()
         self.finished = False  # a stage with a natural end (a WAV source) sets this
         self.exit_code = 0

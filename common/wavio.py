@@ -12,8 +12,6 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 
 class WavError(ValueError):
     pass
@@ -82,6 +80,8 @@ def read_wav(path: str | Path) -> WavAudio:
 def _to_s16(raw: bytes, width: int) -> bytes:
     if width == 2:
         return raw
+    import numpy as np  # only for other widths: stages that just write 16-bit WAVs skip its ~15 MB
+
     if width == 1:  # unsigned 8-bit
         return ((np.frombuffer(raw, dtype=np.uint8).astype(np.int16) - 128) << 8).astype("<i2").tobytes()
     if width == 3:

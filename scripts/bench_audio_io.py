@@ -58,7 +58,7 @@ def main() -> int:
                 if message is None:
                     continue
                 if message.topic == "audio.mic":
-                    mic_latency_ms.append((time.time_ns() - message.header.model_extra["t_callback_ns"]) / 1e6)
+                    mic_latency_ms.append((time.time_ns() - message.header.extra["t_callback_ns"]) / 1e6)
                 else:
                     last_beat = message.data
             out.audio("audio.assistant", pcm[offset:offset + step], rate=24000, channels=1, pts=offset // 2,

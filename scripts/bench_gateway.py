@@ -66,9 +66,9 @@ def main() -> int:
                 if message is None:
                     continue
                 if message.topic == "rt.sent.input_audio_buffer.append":
-                    event = message.data["event"]
-                    if event.get("t_callback_ns"):
-                        append_ms.append((message.header.t_ns - event["t_callback_ns"]) / 1e6)
+                    event = message.data["event"]  # a run of frames: when each was called back and sent
+                    append_ms += [(sent - called) / 1e6 for called, sent in
+                                  zip(event.get("t_callback_ns", []), event.get("t_sent_ns", []), strict=False) if called]
                 elif message.topic == "audio.assistant":
                     delta_ms.append((message.header.t_ns - message.header.t_capture_ns) / 1e6)
                 elif message.topic == "rt.response.done":

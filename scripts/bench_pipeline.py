@@ -1,21 +1,32 @@
 #!/usr/bin/env python3
-"""The whole pipeline as a user meets it: voicebus vs the notebook's design vs pipecat, one run.
+"""Each leg of a spoken turn, measured where the sound is: voicebus against the notebook's design,
+pipecat and LiveKit Agents, with the virtual devices' own latency as the floor. One run.
 
-All three run on the same virtual PulseAudio mic and speaker against the same simulator (fast
-pacing, no think delay, short replies). For each of N spoken turns (flite, several voices) the
-question is played into the virtual mic while both the mic input and the speaker are recorded with
-arrival timestamps. Outside-in, identically for all three:
+Every system gets its own virtual PulseAudio (same recipe, same settings) and its own connection
+to one shared simulator (fast pacing, no think delay, a short reply); all run at once, idle but for
+the one being asked, and for each turn the order of the systems is shuffled. Each question is a
+flite WAV with a timing marker (a 30 ms chirp, common/markers.py) in its lead-in; the simulator
+starts every spoken reply with the same marker. Per turn and system:
 
-    user-perceived = first assistant sample on the speaker - last sample of the question at the mic
-    server time    = simulator's first audio delta sent - arrival of the question's last sample
-                     (the simulator's VAD wait, ASR and TTS; logged by the simulator)
-    added latency  = user-perceived - server time     (what the pipeline itself costs)
+    mouth -> server   the marker's last sample at the virtual mic (a recording of the mic, stamped on
+                      arrival) -> the simulator receiving the append that completes it
+    server -> ear     the simulator sending the delta that starts with the marker -> the marker at the
+                      virtual speaker (a recording of its monitor)
+    user-perceived    the question's last sample at the mic -> the reply's first sample at the speaker
+    barge-in          (separate turns: the user talks over a long reply, 3.5 s into it) the simulator
+                      sending speech_started -> the assistant silent at the speaker (start of the first
+                      100 ms of silence); a system that does not stop plays on to the end of its reply
+    rig floor         both legs for scripts/rig_floor.py, a PyAudio passthrough with voicebus's device
+                      settings and no processing; each system is shown raw and above it (p50 - p50)
 
-Plus CPU % of one core and RSS of each system's processes while talking. Writes a markdown table,
-JSON and a PNG of the distributions to --out, and the table into README.md between markers.
-pipecat comes from the `bench` extra, installed into .venv-bench (created on first use).
+plus CPU % of one core for all of each system's processes while listening (nobody speaking, all
+systems measured over the same window) and while talking (over its own turns), RSS and PSS. For
+voicebus that is everything `voicebus up` starts (launcher included; the simulator is the test
+peer). Writes bench-results/bench_pipeline.{md,json,png} and the table into README.md.
 
-    .venv/bin/python scripts/bench_pipeline.py [--turns 20] [--systems voicebus,notebook,pipecat]
+pipecat and LiveKit come from the `bench` extra, installed into .venv-bench on first use.
+
+    .venv/bin/python scripts/bench_pipeline.py [--turns 12] [--systems voicebus,notebook,pipecat,livekit,floor]
 """
 
 from __future__ import annotations
@@ -23,208 +34,393 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import REPO, Rig, cpu_seconds, machine, pct, rss_mb  # noqa: E402
+from benchlib import REPO, cpu_seconds, machine, pct, process_tree, pss_mb, rss_mb  # noqa: E402
 
-from common.rig import MonitorRecorder  # noqa: E402
+from common import markers  # noqa: E402
+from common.rig import MonitorRecorder, PulseRig  # noqa: E402
 from common.speech import synthesize  # noqa: E402
 from common.utterances import SENTENCES  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
 
+SYSTEMS = ["voicebus", "notebook", "pipecat", "livekit", "floor"]
+LABELS = {"voicebus": "voicebus", "notebook": "notebook design", "pipecat": "pipecat", "livekit": "LiveKit Agents",
+          "floor": "rig floor (PyAudio passthrough)"}
+PEERS = ("pipecat", "livekit")  # from .venv-bench
 LOUD = 300
 QUIET_AFTER_ANSWER_S = 1.0
-TURN_TIMEOUT_S = 25.0
+TURN_TIMEOUT_S = 20.0
+LISTEN_S = 20.0
+CONNECT_TIMEOUT_S = 120.0
+MIC_RATE = 48_000
+LEAD_S, MARKER_GAP_S, TAIL_S = 0.3, 0.5, 0.3
+STORY = ("Once upon a time there was a little robot who lived in a quiet town by the sea, and every morning it "
+         "walked down to the harbour to count the boats and to talk with the fishermen about the weather.")
+INTERRUPT_AFTER_S = 3.5  # into the reply: past LiveKit console's 3 s "AEC warm-up" without interruptions
+SILENCE_GAP_S = 0.1
 README_START, README_END = "<!-- bench_pipeline:start -->", "<!-- bench_pipeline:end -->"
 BENCH_VENV = REPO / ".venv-bench"
-PAIRING_SLACK_NS = 500_000_000
+CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_", "PULSE_"))}
 
 
-def ensure_pipecat() -> Path:
+def bench_python() -> Path:
+    """.venv-bench with the `bench` extra of pyproject.toml (pipecat, LiveKit Agents); made on first use."""
     python = BENCH_VENV / "bin/python"
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
+    stamp = BENCH_VENV / "bench-extra.json"
+    if python.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return python
+    print(f"bench: installing the bench extra into {BENCH_VENV} ({', '.join(wanted)}); first run only", flush=True)
     if not python.exists():
-        print("bench: creating .venv-bench with pipecat (the `bench` extra; first run only)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        "pipecat-ai[openai,local]>=1.14"], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *wanted], check=True)
+    stamp.write_text(json.dumps(wanted))
     return python
 
 
-def loud_regions(signal: np.ndarray, rate: int, min_gap_s: float = 0.8) -> list[tuple[int, int]]:
-    idx = np.flatnonzero(np.abs(signal) > LOUD)
-    if not len(idx):
-        return []
-    regions, start, last = [], idx[0], idx[0]
-    for i in idx[1:]:
-        if i - last > min_gap_s * rate:
-            regions.append((start, last))
-            start = i
-        last = i
-    regions.append((start, last))
-    return regions
+@dataclass
+class Contender:
+    """One system under test, on its own virtual audio devices."""
+
+    name: str
+    rig: PulseRig
+    work: Path
+    proc: subprocess.Popen | None = None
+    speaker: MonitorRecorder | None = None
+    mic: MonitorRecorder | None = None
+    windows: list[tuple[int, int]] = field(default_factory=list)
+    barge_windows: list[tuple[int, int]] = field(default_factory=list)
+    talk_cpu_s: float = 0.0
+    talk_s: float = 0.0
+    listen_cpu_pct: float = float("nan")
+    rss: float = 0.0
+    pss: float = 0.0
+    processes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**CLEAN_ENV, **self.rig.env}
+
+    @property
+    def log(self) -> Path:
+        return self.work / f"{self.name}.log"
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid, *process_tree(self.proc.pid)] if self.proc else []
+
+    def cpu(self) -> float:
+        total = 0.0
+        for pid in self.pids():
+            try:
+                total += cpu_seconds(pid)
+            except OSError:
+                continue
+        return total
 
 
-def start_system(rig: Rig, name: str, sim_ws: str, sim_http: str) -> list[subprocess.Popen]:
+def start(contender: Contender, sim_http: str, sim_ws: str) -> None:
+    env, log = contender.env, open(contender.log, "ab")  # noqa: SIM115 - lives as long as the child
+    name = contender.name
     if name == "voicebus":
-        env = {"VOICEBUS_SIM_URL": sim_http}
-        return [rig.start(stage, *args, extra_env=env) for stage, args in
-                (("gateway", ()), ("resample", ()), ("player", ()), ("mic", ("--rate", "48000")))]
-    if name == "notebook":
-        return [subprocess.Popen([sys.executable, str(REPO / "scripts/baseline_notebook.py"), "--devices", "--url",
-                                  sim_ws], env={**rig.env, **rig.pulse_env}, stdout=subprocess.DEVNULL,
-                                 stderr=open(rig.dir / "notebook.log", "ab"))]  # noqa: SIM115
-    python = ensure_pipecat()
-    return [subprocess.Popen([str(python), str(REPO / "scripts/pipecat_peer.py"), sim_ws.split("?")[0]],
-                             env={**rig.env, **rig.pulse_env}, stdout=subprocess.DEVNULL,
-                             stderr=open(rig.dir / "pipecat.log", "ab"))]  # noqa: SIM115
+        run = contender.work / "voicebus"
+        run.mkdir()
+        env.update(VOICEBUS_RUN_DIR=str(run), VOICEBUS_BUS_PUB=f"ipc://{run}/pub.sock",
+                   VOICEBUS_BUS_SUB=f"ipc://{run}/sub.sock", VOICEBUS_SIM_URL=sim_http, VOICEBUS_LOG_LEVEL="WARNING")
+        argv = [sys.executable, "-m", "services.cli", "up", "--arg", f"logger=--root {run / 'sessions'}"]
+    elif name == "notebook":
+        argv = [sys.executable, str(REPO / "scripts/baseline_notebook.py"), "--devices", "--url", sim_ws]
+    elif name == "pipecat":
+        argv = [str(bench_python()), str(REPO / "scripts/pipecat_peer.py"), sim_ws.split("?")[0]]
+    elif name == "livekit":
+        argv = [str(bench_python()), str(REPO / "scripts/livekit_peer.py"), sim_http, "console"]
+        env["LIVEKIT_LOG_LEVEL"] = "info"
+    else:
+        argv = [sys.executable, str(REPO / "scripts/rig_floor.py")]
+    contender.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
 
-def run_system(rig: Rig, name: str, questions: list[Path], sim_ws: str, sim_http: str) -> dict:
-    procs = start_system(rig, name, sim_ws, sim_http)
-    time.sleep(6.0)  # connect, session.update, devices open (pipecat imports take a while)
-    speaker, mic = MonitorRecorder(rig.pulse_env), MonitorRecorder(rig.pulse_env, source="voicebus_mic_in.monitor")
-    speaker.wait_for_samples(4800)
-    mic.wait_for_samples(4800)
-    pids = [p.pid for p in procs]
-    cpu0, t0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
-    windows = []
-    for question in questions:
-        start_ns = time.time_ns()
-        subprocess.run(["paplay", "--device=voicebus_mic_in", str(question)], env={**os.environ, **rig.pulse_env},
-                       check=True)
-        asked_ns = time.time_ns()
-        deadline = time.monotonic() + TURN_TIMEOUT_S
-        heard_any = False
-        while time.monotonic() < deadline:  # wait for the answer to play out
-            time.sleep(0.2)
-            tail = np.frombuffer(bytes(speaker.data[-int(QUIET_AFTER_ANSWER_S * 24000) * 2:]), dtype="<i2")
-            recent_loud = np.abs(tail).max(initial=0) > LOUD
-            heard_any = heard_any or recent_loud
-            if heard_any and not recent_loud:
-                break
-        windows.append((start_ns, asked_ns, time.time_ns()))
-    elapsed = time.monotonic() - t0
-    cpu = 100 * (sum(cpu_seconds(p) for p in pids) - cpu0) / elapsed
-    rss = sum(rss_mb(p) for p in pids)
-    speaker_pcm, mic_pcm = speaker.stop(), mic.stop()
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=8)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def question_wav(path: Path, text: str, voice: str) -> Path:
+    speech = np.frombuffer(synthesize(text, voice, MIC_RATE), dtype="<i2")
+    silence = lambda seconds: np.zeros(int(seconds * MIC_RATE), dtype="<i2")  # noqa: E731
+    marker = np.frombuffer(markers.chirp_pcm(MIC_RATE), dtype="<i2")
+    return write_wav(path, np.concatenate([silence(LEAD_S), marker, silence(MARKER_GAP_S), speech,
+                                           silence(TAIL_S)]).tobytes(), MIC_RATE)
+
+
+def wait_connected(contenders: list[Contender], sim_log: Path) -> None:
+    """Until every system has a session at the simulator (the floor: until it says ready)."""
+    sessions_needed = sum(c.name != "floor" for c in contenders)
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        sessions = sim_log.read_text().count("session_start") if sim_log.exists() else 0
+        floor_ready = all('"ready"' in c.log.read_text() for c in contenders if c.name == "floor" and c.log.exists())
+        dead = [c.name for c in contenders if c.proc and c.proc.poll() is not None]
+        if dead:
+            raise RuntimeError(f"exited before connecting: {', '.join(dead)}; see the logs in {contenders[0].work}")
+        if sessions >= sessions_needed and floor_ready:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"not all systems connected to the simulator in {CONNECT_TIMEOUT_S:.0f} s")
+
+
+def ask(contender: Contender, wav: Path, interruption: Path | None = None) -> None:
+    """Play one question into this system's mic and wait until its answer has played out; with
+    `interruption`, play that over the answer once it has been audible for INTERRUPT_AFTER_S."""
+    cpu0, start_ns = contender.cpu(), time.time_ns()
+    subprocess.run(["paplay", "--device=voicebus_mic_in", str(wav)], env=contender.env, check=True)
+    deadline = time.monotonic() + TURN_TIMEOUT_S
+    if interruption is not None:
+        while time.monotonic() < deadline and np.abs(np.frombuffer(
+                bytes(contender.speaker.data[-4800:]), dtype="<i2")).max(initial=0) <= LOUD:
+            time.sleep(0.02)
+        time.sleep(INTERRUPT_AFTER_S)
+        subprocess.run(["paplay", "--device=voicebus_mic_in", str(interruption)], env=contender.env, check=True)
+    heard_any = False
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        tail = np.frombuffer(bytes(contender.speaker.data[-int(QUIET_AFTER_ANSWER_S * 24000) * 2:]), dtype="<i2")
+        recent_loud = np.abs(tail).max(initial=0) > LOUD
+        heard_any = heard_any or recent_loud
+        if heard_any and not recent_loud:
+            break
+    end_ns = time.time_ns()
+    (contender.barge_windows if interruption is not None else contender.windows).append((start_ns, end_ns))
+    contender.talk_cpu_s += contender.cpu() - cpu0
+    contender.talk_s += (end_ns - start_ns) / 1e9
+
+
+def server_events(contender: Contender, sim_log: str) -> tuple[list[int], list[int]]:
+    """(marker end arrivals, marker sends) in ns: the floor's own, or the simulator's for this system's
+    session (the one whose input carried a marker inside this system's first turn: replies a peer
+    makes on its own, or late, must not land in another system's window)."""
+    if contender.name == "floor":
+        lines = [json.loads(line) for line in contender.log.read_text().splitlines() if line.startswith("{")]
+        return ([e["end_arrival_ns"] for e in lines if e["event"] == "marker_in"],
+                [e["sent_ns"] for e in lines if e["event"] == "marker_out"])
+    arrivals = [(m[0], int(m[1])) for m in re.findall(r"marker_in session=(\S+) .*end_arrival_ns=(\d+)", sim_log)]
+    sends = [(m[0], int(m[1])) for m in re.findall(r"marker_out session=(\S+) .*sent_ns=(\d+)", sim_log)]
+    sessions = {session for session, t in arrivals if any(a <= t <= b for a, b in contender.windows)}
+    return [t for s, t in arrivals if s in sessions], [t for s, t in sends if s in sessions]
+
+
+def speech_end(mic: np.ndarray, after: int) -> int | None:
+    """Index of the question's last loud sample (after the marker and its gap)."""
+    loud = np.flatnonzero(np.abs(mic[after:]) > LOUD)
+    return after + int(loud[-1]) if len(loud) else None
+
+
+def analyse(contender: Contender, speaker_pcm: np.ndarray, mic_pcm: np.ndarray, sim_log: str) -> list[dict]:
+    arrivals, sends = server_events(contender, sim_log)
+    size_mic = len(markers.chirp(contender.mic.rate))
     turns = []
-    for start_ns, _asked_ns, end_ns in windows:
-        m0, m1 = int(mic.index_at(start_ns)), int(mic.index_at(end_ns))
-        regions = loud_regions(mic_pcm[m0:m1], 24000)
-        if not regions:
+    for start_ns, end_ns in contender.windows:
+        turn: dict[str, float | None] = {"mouth_server_ms": None, "server_ear_ms": None, "perceived_ms": None}
+        m0, m1 = int(contender.mic.index_at(start_ns)), int(contender.mic.index_at(end_ns))
+        found = markers.find(mic_pcm[m0:m1], contender.mic.rate)
+        if found:
+            marker_end = m0 + found[0][0] + size_mic
+            mic_end_ns = contender.mic.time_of(marker_end)
+            arrival = next((t for t in arrivals if start_ns <= t <= end_ns), None)
+            if arrival is not None:
+                turn["mouth_server_ms"] = (arrival - mic_end_ns) / 1e6
+            last = speech_end(mic_pcm[:m1], marker_end + int(0.1 * contender.mic.rate))
+            speech_end_ns = contender.mic.time_of(last) if last is not None else None
+        else:
+            speech_end_ns = None
+        s0, s1 = int(contender.speaker.index_at(start_ns)), int(contender.speaker.index_at(end_ns))
+        heard = markers.find(speaker_pcm[s0:s1], contender.speaker.rate)
+        sent = next((t for t in sends if start_ns <= t <= end_ns), None)
+        if heard and sent is not None:
+            turn["server_ear_ms"] = (contender.speaker.time_of(s0 + heard[0][0]) - sent) / 1e6
+        if speech_end_ns is not None and contender.name != "floor":
+            s_from = int(contender.speaker.index_at(speech_end_ns))
+            answer = np.flatnonzero(np.abs(speaker_pcm[s_from:s1]) > LOUD)
+            if len(answer):
+                turn["perceived_ms"] = (contender.speaker.time_of(s_from + answer[0]) - speech_end_ns) / 1e6
+        turns.append(turn)
+    return turns
+
+
+def barge_ins(contender: Contender, speaker_pcm: np.ndarray, sim_log: str) -> list[float]:
+    """Per barge-in turn: speech_started sent (the simulator) -> assistant silent at the speaker, ms."""
+    starts = [(m[0], int(m[1])) for m in re.findall(r"speech_started session=(\S+) .*t_ns=(\d+)", sim_log)]
+    out = []
+    gap = int(SILENCE_GAP_S * contender.speaker.rate)
+    for start_ns, end_ns in contender.barge_windows:
+        s0, s1 = int(contender.speaker.index_at(start_ns)), int(contender.speaker.index_at(end_ns))
+        loud = np.flatnonzero(np.abs(speaker_pcm[s0:s1]) > LOUD)
+        if not len(loud):
             continue
-        speech_end_ns = mic.time_of(m0 + regions[0][1])
-        s0, s1 = int(speaker.index_at(speech_end_ns)), int(speaker.index_at(end_ns))
-        answer = np.flatnonzero(np.abs(speaker_pcm[s0:s1]) > LOUD)
-        turns.append({"speech_end_ns": speech_end_ns,
-                      "heard_ns": speaker.time_of(s0 + answer[0]) if len(answer) else None})
-    return {"turns": turns, "cpu_pct": cpu, "rss_mb": rss}
+        reply_ns = contender.speaker.time_of(s0 + loud[0])
+        # the interruption's speech_started: the first one after the reply became audible, this session's
+        interrupt = next((t for _, t in starts if reply_ns < t <= end_ns), None)
+        if interrupt is None:
+            continue
+        i0 = int(contender.speaker.index_at(interrupt))
+        quiet = np.abs(speaker_pcm[i0:s1]) <= LOUD
+        # first run of `gap` quiet samples: where the assistant went silent
+        run = np.convolve(quiet.astype(np.int32), np.ones(gap, dtype=np.int32), "valid")
+        silent = np.flatnonzero(run == gap)
+        if len(silent):
+            out.append((contender.speaker.time_of(i0 + silent[0]) - interrupt) / 1e6)
+    return out
 
 
-def server_times(log_text: str) -> tuple[list[int], list[int]]:
-    """(speech ends received, first audio deltas sent), from the simulator's log, in time order."""
-    ends = sorted(int(m) for m in re.findall(r"speech_stopped .*speech_end_received_ns=(\d+)", log_text))
-    deltas = sorted(int(m) for m in re.findall(r"first_audio_delta .*t_ns=(\d+)", log_text))
-    return ends, deltas
+def measure_listening(contenders: list[Contender]) -> None:
+    before = {c.name: c.cpu() for c in contenders}
+    started = time.monotonic()
+    time.sleep(LISTEN_S)
+    elapsed = time.monotonic() - started
+    for contender in contenders:
+        contender.listen_cpu_pct = 100 * (contender.cpu() - before[contender.name]) / elapsed
 
 
-def server_time_ms(speech_end_ns: float, ends: list[int], deltas: list[int]) -> float | None:
-    """The simulator's own time for the turn whose speech ended at `speech_end_ns` (matched by time,
-    not by position: a peer may cause extra responses)."""
-    end = next((e for e in ends if e >= speech_end_ns - PAIRING_SLACK_NS), None)
-    delta = next((d for d in deltas if end is not None and d >= end), None)
-    return (delta - end) / 1e6 if end is not None and delta is not None else None
+def measure_memory(contender: Contender) -> None:
+    for pid in contender.pids():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            rss, pss = rss_mb(pid), pss_mb(pid)
+        except OSError:
+            continue
+        words = [a.decode() for a in argv if a]
+        label = words[words.index("services.cli") + 1] if "services.cli" in words else Path(words[-1]).name
+        if pid == contender.proc.pid:
+            label = "launcher" if contender.name == "voicebus" else label
+        contender.processes[f"{label} ({pid})"] = round(rss, 1)
+        contender.rss += rss
+        contender.pss += pss
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--turns", type=int, default=20)
-    parser.add_argument("--systems", default="voicebus,notebook,pipecat")
-    parser.add_argument("--out", type=Path, default=REPO / "bench-results")
-    parser.add_argument("--no-readme", action="store_true")
-    args = parser.parse_args()
-    systems = args.systems.split(",")
-    args.out.mkdir(parents=True, exist_ok=True)
-    rig = Rig(with_pulse=True)
-    results: dict[str, dict] = {}
+def run(systems: list[str], turns: int, barge_turns: int, work: Path, seed: int) -> dict[str, dict]:
+    contenders = [Contender(name, PulseRig(work / f"pulse-{name}"), work) for name in systems]
+    sim_rig = None
     try:
-        questions = []
-        for index in range(args.turns):
-            text, voice = SENTENCES[index % len(SENTENCES)]
-            questions.append(write_wav(rig.dir / f"q{index}.wav", synthesize(text, voice, 48000), 48000))
-        rules = rig.dir / "rules.json"
-        rules.write_text(json.dumps([{"match": ".*", "reply": "Okay, done."}]))
+        questions = [question_wav(work / f"q{i}.wav", *SENTENCES[i % len(SENTENCES)]) for i in range(turns)]
+        rules = work / "rules.json"
+        rules.write_text(json.dumps([{"match": "story", "reply": STORY}, {"match": ".*", "reply": "Okay, done."}]))
+        story = question_wav(work / "story.wav", "please tell me a short story", "slt")
+        stop = write_wav(work / "stop.wav", synthesize("stop please", "slt", MIC_RATE), MIC_RATE)
         port = 18700 + os.getpid() % 200
         sim_http, sim_ws = f"http://127.0.0.1:{port}/v1", f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime"
-        sim_log = rig.dir / "simulate.log"
-        rig.start("simulate", "--port", str(port), "--pace", "fast", "--rules", str(rules), "--log-level", "INFO")
+        sim_log = work / "simulate.log"
+        sim_rig = subprocess.Popen([sys.executable, "-m", "services.cli", "simulate", "--port", str(port), "--pace",
+                                    "fast", "--rules", str(rules), "--markers", "--log-level", "INFO"],
+                                   cwd=REPO, env=CLEAN_ENV, stdout=subprocess.DEVNULL,
+                                   stderr=open(sim_log, "ab"))  # noqa: SIM115
         time.sleep(3)
-        for name in systems:
-            print(f"bench: {name}: {args.turns} turns", flush=True)
-            results[name] = run_system(rig, name, questions, sim_ws, sim_http)
-            results[name]["server"] = server_times(sim_log.read_text())
+        for contender in contenders:
+            start(contender, sim_http, sim_ws)
+        print(f"bench: started {', '.join(systems)}; waiting for each to connect", flush=True)
+        wait_connected(contenders, sim_log)
+        time.sleep(5)  # past start-up work (imports, device opening, first session.update)
+        for contender in contenders:
+            contender.speaker = MonitorRecorder(contender.rig.env)
+            contender.mic = MonitorRecorder(contender.rig.env, source="voicebus_mic_in.monitor")
+            contender.speaker.wait_for_samples(4800)
+            contender.mic.wait_for_samples(4800)
+        print(f"bench: {LISTEN_S:g} s listening (all systems idle)", flush=True)
+        measure_listening(contenders)
+        shuffle = random.Random(seed)
+        for index, wav in enumerate(questions):
+            order = contenders[:]
+            shuffle.shuffle(order)
+            print(f"bench: turn {index + 1}/{turns}: {' '.join(c.name for c in order)}", flush=True)
+            for contender in order:
+                ask(contender, wav)
+        for index in range(barge_turns):
+            order = [c for c in contenders if c.name != "floor"]
+            shuffle.shuffle(order)
+            print(f"bench: barge-in {index + 1}/{barge_turns}: {' '.join(c.name for c in order)}", flush=True)
+            for contender in order:
+                ask(contender, story, interruption=stop)
+        for contender in contenders:
+            measure_memory(contender)
+        sim_rig.terminate()
+        sim_rig.wait(timeout=10)
+        sim_text = sim_log.read_text()
+        results = {}
+        for contender in contenders:
+            speaker_pcm, mic_pcm = contender.speaker.stop(), contender.mic.stop()
+            results[contender.name] = {
+                "turns": analyse(contender, speaker_pcm, mic_pcm, sim_text),
+                "barge_in_ms": barge_ins(contender, speaker_pcm, sim_text) if contender.name != "floor" else [],
+                "cpu_listening_pct": round(contender.listen_cpu_pct, 2),
+                "cpu_talking_pct": round(100 * contender.talk_cpu_s / max(contender.talk_s, 1e-9), 2),
+                "rss_mb": round(contender.rss), "pss_mb": round(contender.pss), "processes": contender.processes}
+        return results
     finally:
-        rig.close()
-    rows = summarize(results)
-    table = render(rows, args.turns)
-    print(table)
-    (args.out / "bench_pipeline.md").write_text(table + "\n")
-    (args.out / "bench_pipeline.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, args.out / "bench_pipeline.png")
-    if not args.no_readme:
-        readme = REPO / "README.md"
-        text = readme.read_text()
-        if README_START in text:
-            head, rest = text.split(README_START, 1)
-            text = head + README_START + "\n" + table + "\n" + README_END + rest.split(README_END, 1)[1]
-            readme.write_text(text)
-    return 0
+        for contender in contenders:
+            if contender.proc is not None and contender.proc.poll() is None:
+                contender.proc.terminate()
+        for contender in contenders:
+            if contender.proc is not None:
+                try:
+                    contender.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    contender.proc.kill()
+            for recorder in (contender.speaker, contender.mic):
+                if recorder is not None and recorder.proc.poll() is None:
+                    recorder.proc.kill()
+            contender.rig.stop()
+        if sim_rig is not None and sim_rig.poll() is None:
+            sim_rig.kill()
 
 
 def summarize(results: dict[str, dict]) -> dict[str, dict]:
     rows = {}
     for name, result in results.items():
-        perceived, added = [], []
-        ends, deltas = result["server"]
-        for turn in result["turns"]:
-            server_ms = server_time_ms(turn["speech_end_ns"], ends, deltas)
-            if turn["heard_ns"] is None or server_ms is None:
-                continue
-            total_ms = (turn["heard_ns"] - turn["speech_end_ns"]) / 1e6
-            perceived.append(total_ms)
-            added.append(total_ms - server_ms)
-        rows[name] = {"turns_measured": len(perceived), "turns_played": len(result["turns"]),
-                      "perceived_ms": perceived, "added_ms": added, "cpu_pct": round(result["cpu_pct"], 1),
-                      "rss_mb": round(result["rss_mb"])}
+        legs = {leg: [t[leg] for t in result["turns"] if t[leg] is not None]
+                for leg in ("mouth_server_ms", "server_ear_ms", "perceived_ms")}
+        rows[name] = {**legs, "barge_in_ms": result["barge_in_ms"], "turns": len(result["turns"]),
+                      **{k: result[k] for k in ("cpu_listening_pct", "cpu_talking_pct", "rss_mb", "pss_mb",
+                                                "processes")}}
     return rows
 
 
-def render(rows: dict[str, dict], turns: int) -> str:
-    base = rows.get("voicebus")
-    lines = [f"bench_pipeline {time.strftime('%Y-%m-%d')} on {machine()}; {turns} spoken turns per system, virtual "
-             "PulseAudio devices, same simulator (fast pacing, no think delay)",
-             "", "| system | turns answered | added latency p50 ms | p95 | p99 | vs voicebus (p50) | user-perceived "
-             "p50 ms | CPU % of one core | RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def _cell(values: list[float], q: float) -> str:
+    return f"{pct(values, q):.0f}" if values else "-"
+
+
+def render(rows: dict[str, dict], turns: int, barge_turns: int) -> str:
+    floor = rows.get("floor", {})
+    lines = [f"bench_pipeline {time.strftime('%Y-%m-%d')} on {machine()}; {turns} spoken turns per system, each "
+             "system on its own virtual PulseAudio, one shared simulator (fast pacing, no think delay), systems "
+             "interleaved in shuffled order per turn. Latency in ms (p50 / p99; \"above floor\" = p50 minus the rig "
+             "floor's p50); CPU in % of one core, all of a system's processes.", "",
+             "| system | mouth → server | above floor | server → ear | above floor | user-perceived | barge-in → "
+             "silence | CPU listening | CPU talking | RSS MB | PSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
-        ratio = pct(row["added_ms"], 50) / pct(base["added_ms"], 50) if base and row["added_ms"] else float("nan")
-        lines.append(f"| {name} | {row['turns_measured']}/{turns} | {pct(row['added_ms'], 50):.0f} | "
-                     f"{pct(row['added_ms'], 95):.0f} | {pct(row['added_ms'], 99):.0f} | {ratio:.2f}x | "
-                     f"{pct(row['perceived_ms'], 50):.0f} | {row['cpu_pct']} | {row['rss_mb']} |")
+        above = []
+        for leg in ("mouth_server_ms", "server_ear_ms"):
+            base = floor.get(leg)
+            above.append(f"{pct(row[leg], 50) - pct(base, 50):+.0f}" if row[leg] and base and name != "floor"
+                         else "-")
+        lines.append(
+            f"| {LABELS[name]} | {_cell(row['mouth_server_ms'], 50)} / {_cell(row['mouth_server_ms'], 99)} | "
+            f"{above[0]} | {_cell(row['server_ear_ms'], 50)} / {_cell(row['server_ear_ms'], 99)} | {above[1]} | "
+            f"{_cell(row['perceived_ms'], 50)} / {_cell(row['perceived_ms'], 99)} | "
+            f"{_cell(row['barge_in_ms'], 50)} / {_cell(row['barge_in_ms'], 99)} | {row['cpu_listening_pct']:.1f} | "
+            f"{row['cpu_talking_pct']:.1f} | {row['rss_mb']} | {row['pss_mb']} |")
+    counts = ", ".join(f"{LABELS[n]} {len(r['mouth_server_ms'])}/{len(r['server_ear_ms'])}/{len(r['perceived_ms'])}"
+                       for n, r in rows.items())
+    barges = ", ".join(f"{LABELS[n]} {len(r['barge_in_ms'])}" for n, r in rows.items() if n != "floor")
+    lines += ["", f"Turns measured (mouth → server / server → ear / user-perceived) of {turns}: {counts}. "
+              f"Barge-ins measured of {barge_turns}: {barges}."]
     return "\n".join(lines)
 
 
@@ -234,15 +430,61 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in rows if rows[n]["added_ms"]]
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.boxplot([rows[n]["added_ms"] for n in names], tick_labels=names, showfliers=True)
-    ax.set_ylabel("added latency, ms")
-    ax.set_xlabel("speech end → first sample heard, minus the simulator's own time", fontsize=8)
-    ax.set_title("pipeline added latency per turn")
+    legs = [("mouth_server_ms", "mouth → server"), ("server_ear_ms", "server → ear"),
+            ("perceived_ms", "user-perceived"), ("barge_in_ms", "barge-in → silence")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), dpi=100)
+    for ax, (leg, title) in zip(axes, legs, strict=True):
+        names = [n for n in rows if rows[n][leg]]
+        ax.boxplot([rows[n][leg] for n in names], tick_labels=[LABELS[n].split(" (")[0] for n in names])
+        ax.set_title(title)
+        ax.set_ylabel("ms")
+        if leg == "barge_in_ms":
+            ax.set_yscale("log")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.suptitle("bench_pipeline: each leg per turn, outside-in (markers at the virtual mic and speaker)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", type=int, default=12)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--barge-ins", type=int, default=4, help="barge-in turns per system (after the others)")
+    parser.add_argument("--seed", type=int, default=7, help="for the per-turn shuffle of the systems")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results")
+    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, recordings' sources)")
+    args = parser.parse_args()
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
+    if any(s in PEERS for s in systems):
+        bench_python()
+    work = Path(tempfile.mkdtemp(prefix="vb-bench-pipeline-", dir="/tmp"))
+    try:
+        rows = summarize(run(systems, args.turns, args.barge_ins, work, args.seed))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"bench: work dir kept: {work}")
+    table = render(rows, args.turns, args.barge_ins)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_pipeline.md").write_text(table + "\n")
+    (args.out / "bench_pipeline.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                                                              "turns": args.turns, "barge_ins": args.barge_ins, "rows": rows}, indent=1))
+    plot(rows, args.out / "bench_pipeline.png")
+    if not args.no_readme:
+        readme = REPO / "README.md"
+        text = readme.read_text()
+        if README_START in text:
+            head, rest = text.split(README_START, 1)
+            readme.write_text(head + README_START + "\n" + table + "\n" + README_END + rest.split(README_END, 1)[1])
+    return 0
 
 
 if __name__ == "__main__":

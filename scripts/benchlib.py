@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,54 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size: shared pages divided among the processes that map them."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def process_tree(root: int) -> list[int]:
+    """Every descendant of `root` (not root itself)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def sample_processes(pids: dict[str, int], seconds: float) -> dict[str, dict]:
+    """CPU % of one core over `seconds`, then RSS and PSS, for each named process still alive."""
+    before = {}
+    for name, pid in pids.items():
+        try:
+            before[name] = cpu_seconds(pid)
+        except OSError:
+            pass
+    start = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - start
+    out = {}
+    for name, spent in before.items():
+        pid = pids[name]
+        try:
+            out[name] = {"pid": pid, "cpu_pct": round(100 * (cpu_seconds(pid) - spent) / elapsed, 2),
+                         "rss_mb": round(rss_mb(pid), 1), "pss_mb": round(pss_mb(pid), 1)}
+        except OSError:
+            continue
+    return out
 
 
 def pct(values, q: float) -> float:

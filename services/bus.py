@@ -13,7 +13,6 @@ import threading
 import time
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 from common.bus import AUTHORIZED_DIR, apply_server_curve, connect_pub, wait_for_bus
 from common.config import BusConfig, session_id
@@ -52,6 +51,8 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
         raise BusRefused(f"a bus already answers at {cfg.pub} / {cfg.sub}; not starting a second one")
     authenticator = None
     if cfg.is_tcp and cfg.curve_dir is not None:
+        from zmq.auth.thread import ThreadAuthenticator  # asyncio and ssl: only on a CURVE bus
+
         authenticator = ThreadAuthenticator(ctx, log=logging.getLogger("voicebus.bus.auth"))
         authenticator.start()
         authenticator.configure_curve(domain="*", location=str(cfg.curve_dir / AUTHORIZED_DIR))

@@ -19,7 +19,7 @@ from typing import Any
 
 from common.audio_devices import close_stream, open_pyaudio, pick_device, prioritize_audio_process
 from common.log import kv
-from common.stage import Stage
+from common.stage import Output, Stage
 from common.wavio import read_wav
 
 log = logging.getLogger("voicebus.mic")
@@ -37,6 +37,25 @@ class CapturedFrame:
 END_OF_SOURCE = object()
 
 
+PREFERRED_RATE = 48_000
+
+
+def preferred_rate(pa: Any, index: int, channels: int, default_rate: int) -> int:
+    """48 kHz when the device takes it, else its default. PortAudio's "default" rate for the ALSA
+    pulse/pipewire devices is a nominal 44.1 kHz while the sound server (and most hardware) runs at
+    48 kHz: asking for 44.1 kHz would add a resampling in the sound server before ours, and 44.1 to
+    24 kHz is the costlier ratio for our resampler (80 phases against 1)."""
+    import pyaudio
+
+    try:
+        if pa.is_format_supported(PREFERRED_RATE, input_device=index, input_channels=channels,
+                                  input_format=pyaudio.paInt16):
+            return PREFERRED_RATE
+    except ValueError:  # PyAudio raises ValueError for an unsupported format
+        pass
+    return int(default_rate)
+
+
 class DeviceSource:
     """A PyAudio input stream in callback mode."""
 
@@ -52,7 +71,7 @@ class DeviceSource:
         priority = prioritize_audio_process()
         self._pa = open_pyaudio()
         device = pick_device(self._pa, self.wanted, "input")
-        self.rate = self.rate or device.default_rate
+        self.rate = self.rate or preferred_rate(self._pa, device.index, self.channels, device.default_rate)
         self.channels = min(self.channels, device.max_input_channels)
         frames = self.rate * self.frame_ms // 1000
         frame_ns = int(self.frame_ms * 1e6)
@@ -129,6 +148,7 @@ class WavSource:
 
 class MicStage(Stage):
     name = "mic"
+    publishes_from_thread = True  # frames go out from the audio (or WAV clock) thread itself
 
     def __init__(self, source: DeviceSource | WavSource, topic: str = "audio.mic") -> None:
         super().__init__()
@@ -138,16 +158,25 @@ class MicStage(Stage):
         self.frames = 0
 
     def start(self) -> None:
-        self.source.start(self.inbox.put)
+        self.source.start(self._take if self.thread_out is not None else self.inbox.put)
+
+    def _take(self, item: Any) -> None:
+        """On the source's thread: publish a frame at once; the end of a WAV goes to the runner."""
+        if item is END_OF_SOURCE:
+            self.inbox.put(item)
+        else:
+            self.publish(item, self.thread_out)
 
     def on_inbox(self, item: Any) -> None:
         if item is END_OF_SOURCE:
             log.info(kv("end_of_source", frames=self.frames, seconds=round(self.pts / self.source.rate, 2)))
             self.finished = True
             return
-        frame: CapturedFrame = item
+        self.publish(item, self.out)
+
+    def publish(self, frame: CapturedFrame, out: Output) -> None:
         self.overflows += frame.overflow
-        self.out.audio(self.topic, frame.pcm, rate=self.source.rate, channels=self.source.channels, pts=self.pts,
+        out.audio(self.topic, frame.pcm, rate=self.source.rate, channels=self.source.channels, pts=self.pts,
                        t_capture_ns=frame.t_capture_ns, clock=self.source.clock, t_callback_ns=frame.t_callback_ns)
         self.pts += len(frame.pcm) // (2 * self.source.channels)
         self.frames += 1

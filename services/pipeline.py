@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from common.config import openai_target
@@ -50,7 +51,10 @@ def pipeline_specs(names: list[str] | None, extra_args: dict[str, list[str]]) ->
     specs = [ProcessSpec(name, STAGES[name] + extra_args.get(name, [])) for name in names]
     env: dict[str, str] = {}
     target = openai_target()
-    if target.is_simulator and "gateway" in names:
+    if target.is_simulator and os.environ.get("VOICEBUS_SIM_URL"):
+        log.warning(kv("offline", reason="OPENAI_API_KEY is not set",
+                       using=f"the simulator already running at {target.base_url} (VOICEBUS_SIM_URL; not starting one)"))
+    elif target.is_simulator and "gateway" in names:
         port = target.base_url.rsplit(":", 1)[1].split("/", 1)[0]
         specs.insert(0, ProcessSpec(SIMULATOR, ["simulate", "--port", port, *extra_args.get(SIMULATOR, [])],
                                     heartbeat=False))

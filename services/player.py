@@ -11,15 +11,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.audio_devices import close_stream, open_pyaudio, pick_device, prioritize_audio_process
 from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
-from common.resample import StreamResampler
 from common.stage import Stage
 from common.wavio import WavWriter
 from services.playback import PlaybackBuffer, Segment
+
+if TYPE_CHECKING:
+    from common.resample import StreamResampler
 
 STATE_INTERVAL_S = 0.1
 IDLE_STATE_INTERVAL_S = 1.0
@@ -151,10 +153,12 @@ class PlayerStage(Stage):
         if (header.rate, header.channels) != (self.buffer.rate, 1):
             key = (header.rate, header.channels)
             if key not in self.converters:
+                from common.resample import StreamResampler  # numpy, only when a format needs converting
+
                 self.converters[key] = StreamResampler(header.rate, self.buffer.rate, header.channels)
                 log.info(kv("converting", rate_in=header.rate, channels=header.channels, rate_out=self.buffer.rate))
             pcm = self.converters[key].feed(pcm)
-        extra = header.model_extra or {}
+        extra = header.extra
         self.buffer.push(Segment(str(extra.get("item_id", "")), int(extra.get("content_index", 0)),
                                  str(extra.get("response_id", "")), pcm, received_at=time.monotonic()))
 

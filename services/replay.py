@@ -23,11 +23,11 @@ SRC_PREFIX = "replay."
 
 
 def replayed(message: Message, stamper: Stamper, t_ns: int) -> Message:
-    fields = message.header.model_dump()
+    fields = message.header.as_dict()
     seq = stamper.seqs.get(message.topic, 0)
     stamper.seqs[message.topic] = seq + 1
     fields.update(src=(SRC_PREFIX + fields["src"])[:64], seq=seq, t_ns=t_ns)
-    return Message(message.topic, type(message.header).model_validate(fields), message.payload)
+    return Message(message.topic, type(message.header).from_fields(fields), message.payload)
 
 
 def select(path: str, prefixes: list[str], from_s: float | None, to_s: float | None,

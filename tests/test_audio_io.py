@@ -170,5 +170,5 @@ def test_audio_header_carries_capture_clock(procs, client_factory, tmp_path):
     procs.voicebus("mic", "--wav", str(source)).wait(timeout=30)
     client.collect(0.3)
     frames = [m for m in client.seen if m.topic == "audio.mic"]
-    assert frames and all(isinstance(m.header, AudioHeader) and m.header.model_extra["clock"] == "wav"
+    assert frames and all(isinstance(m.header, AudioHeader) and m.header.extra["clock"] == "wav"
                           for m in frames)

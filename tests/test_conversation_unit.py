@@ -73,3 +73,27 @@ def test_a_turn_that_called_tools_is_one_turn_with_both_responses_usage():
     assert record["key"] == "resp_2" and record["assistant"]["transcript_heard"] == "13"
     assert [t["output"] for t in record["tools"]] == ["13"] and record["timing"]["tool_ms"] == 2.5
     assert record["usage"] == {"total_tokens": 20, "output_token_details": {"text_tokens": 8}}
+
+
+def test_user_audio_is_cut_through_append_runs_with_silence_for_a_frame_that_never_arrived():
+    """The gateway reports appended audio as runs of pts-contiguous frames; the logger maps the
+    server's clock through them frame by frame, and a frame it never received becomes silence."""
+    builder, resample, gateway = ConversationBuilder(), Stamper("resample", "s"), Stamper("gateway", "s")
+    frames = [bytes([index + 1]) * 960 for index in range(10)]  # 10 frames of 480 samples, distinct bytes
+    for index, pcm in enumerate(frames):
+        if index == 4:
+            continue  # lost on the way to the logger (the gateway still sent it)
+        builder.handle(resample.audio("audio.user", pcm, rate=24000, channels=1, pts=1000 + 480 * index,
+                                      t_capture_ns=1, t_ns=1), time.monotonic())
+    # two runs: frames 0-5 and 6-9 (a run is cut at a length, not at a gap here)
+    for first, count in ((0, 6), (6, 4)):
+        _feed(builder, gateway, "rt.sent.input_audio_buffer.append",
+              {"event": {"type": "input_audio_buffer.append", "audio_bytes": 960 * count, "pts": 1000 + 480 * first,
+                         "frames": count}})
+    # server ms 30..170 = samples 720..4080 = frames 1.5 .. 8.5
+    cut = builder.cut_user_audio(30, 170)
+    expected = b"".join(frames)[720 * 2:4080 * 2]
+    hole = slice((480 * 4 - 720) * 2, (480 * 5 - 720) * 2)
+    assert len(cut) == len(expected)
+    assert cut[hole] == bytes(960)  # frame 4: silence
+    assert cut[:hole.start] == expected[:hole.start] and cut[hole.stop:] == expected[hole.stop:]

@@ -23,7 +23,7 @@ def test_audio_round_trip_keeps_payload_bytes_and_header():
     assert decoded == message
     assert isinstance(decoded.header, AudioHeader)
     assert decoded.samples == 960 and decoded.duration_ms == 20.0
-    assert decoded.header.model_extra == {"item_id": "item_1"}
+    assert decoded.header.extra == {"item_id": "item_1"}
 
 
 def test_event_round_trip_and_seq_rises():
@@ -87,3 +87,11 @@ def test_decode_fuzz_only_ever_raises_envelope_error(frames):
 def test_decode_fuzz_structured_headers(fields, topic):
     with contextlib.suppress(EnvelopeError):
         decode([topic, msgpack.packb(fields)])
+
+
+def test_invalid_utf8_in_a_header_string_is_bad_msgpack():
+    """msgspec raises UnicodeDecodeError (not DecodeError) for a str with invalid UTF-8 (the fuzz found it)."""
+    header = b"\x81\xa3src\xa2\xe0\x80"  # {"src": <2 bytes that are not UTF-8>}
+    with pytest.raises(EnvelopeError) as info:
+        decode([b"rt.x", header])
+    assert info.value.reason == "bad_msgpack"

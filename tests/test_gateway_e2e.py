@@ -36,7 +36,7 @@ def test_spoken_question_gets_transcript_audio_and_done(procs, client_factory, s
     assert audio and {(m.header.rate, m.header.channels) for m in audio} == {(24000, 1)}
     pcm = np.frombuffer(b"".join(m.payload for m in audio), dtype="<i2")
     assert len(pcm) > 24000 and np.abs(pcm).max() > 1000  # over a second of non-silent speech
-    item_ids = {m.header.model_extra["item_id"] for m in audio}
+    item_ids = {m.header.extra["item_id"] for m in audio}
     assert len(item_ids) == 1
     # GA names on the bus whatever the protocol
     assert _of(client, "rt.response.output_audio.delta") and not _of(client, "rt.response.audio.delta")
@@ -70,7 +70,7 @@ def test_barge_in_flushes_player_and_truncates_at_played_position(procs, client_
     # what the speaker actually produced: the item's audio up to audio_end_ms, then silence within 30 ms
     item_id = truncate.data["event"]["item_id"]
     source = np.frombuffer(b"".join(m.payload for m in _of(client, "audio.assistant")
-                                    if m.header.model_extra["item_id"] == item_id), dtype="<i2").astype(float)
+                                    if m.header.extra["item_id"] == item_id), dtype="<i2").astype(float)
     offset, ncc = align(recording, source[:audio_end_ms * 24])
     print(f"ncc {ncc:.3f}; player {player_health(client)}; rig {pulse_rig.state()}")
     assert ncc >= 0.9, (player_health(client), pulse_rig.state())

@@ -205,3 +205,29 @@ def test_malformed_arguments_and_a_silent_tools_stage_get_error_outputs_from_the
     stage.tick()
     assert "did not answer in time" in json.loads(sent[-2]["item"]["output"])["error"]
     assert sent[-1]["type"] == "response.create" and stage.calls.counts["tool_timeouts"] == 1
+
+
+def test_appended_audio_goes_on_the_bus_as_runs_published_before_any_later_event():
+    """One rt.sent.input_audio_buffer.append per run of contiguous frames (not per 20 ms frame); a
+    run is published when it reaches APPEND_RUN_S, at a gap in pts, and before any other event of
+    the gateway, so the logger has mapped the server's clock before speech_started refers to it."""
+    from common.stage import Output
+    from services.gateway.stage import APPEND_RUN_S
+
+    stage, published, sent = _gateway(interrupt_response=True)
+    mic = Output.collecting("resample")[0]
+    per_run = int(APPEND_RUN_S * 50)
+    for index in range(per_run + 3):  # one full run, then 3 frames
+        stage.handle(mic.audio("audio.user", bytes(960), rate=24000, channels=1, pts=480 * index, t_capture_ns=1,
+                               t_callback_ns=5))
+    runs = [m for m in published if m.topic == "rt.sent.input_audio_buffer.append"]
+    assert len(sent) == per_run + 3 and len(runs) == 1
+    assert runs[0].data["event"]["frames"] == per_run and runs[0].data["event"]["pts"] == 0
+    assert len(runs[0].data["event"]["t_sent_ns"]) == per_run and runs[0].data["event"]["t_callback_ns"][0] == 5
+    stage.handle(mic.audio("audio.user", bytes(960), rate=24000, channels=1, pts=480 * 1000, t_capture_ns=1))  # gap
+    _server(stage, type="input_audio_buffer.speech_started", audio_start_ms=100, item_id="item_u")
+    topics = [m.topic for m in published]
+    runs = [m.data["event"] for m in published if m.topic == "rt.sent.input_audio_buffer.append"]
+    assert [(r["pts"], r["frames"]) for r in runs] == [(0, per_run), (480 * per_run, 3), (480 * 1000, 1)]
+    assert topics.index("rt.input_audio_buffer.speech_started") > max(
+        i for i, t in enumerate(topics) if t == "rt.sent.input_audio_buffer.append")

@@ -28,6 +28,11 @@ FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before 
 MAX_EVENT_HEADER_BYTES = 60_000
 RESUME_TURNS = 20
 APPEND_HISTORY = 3000  # 60 s of 20 ms frames: maps the server's audio ms back to capture time
+# Appended audio is reported on the bus as runs of contiguous frames, not one event per 20 ms frame
+# (50 messages a second that woke the bus and the logger for nothing); a run is published at this
+# length, and always before any other event of ours, so whoever maps the server's audio clock (the
+# logger) has it before the speech_started/stopped that refers to it.
+APPEND_RUN_S = 1.0
 # server errors that only say a race was lost and the server already did what we asked: reported on
 # the bus with benign=true and counted apart, never shown to the user as a failure
 BENIGN_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_response"}
@@ -60,6 +65,7 @@ class GatewayStage(Stage):
         self._ws_log: TextIO | None = None
         self._warn = RateLimitedLog(log)
         self.appended_frames: deque[tuple[int, int, int]] = deque(maxlen=APPEND_HISTORY)  # (start, n, t_capture)
+        self.append_run: dict[str, Any] | None = None  # frames sent, not yet reported on the bus
         self.session_samples = 0  # audio appended since this server session began
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
@@ -76,6 +82,8 @@ class GatewayStage(Stage):
 
     def stop(self) -> None:
         self.socket.stop()
+        if self.append_run is not None:
+            self._publish_append_run()
         if self._ws_log is not None:
             self._ws_log.close()
 
@@ -100,6 +108,33 @@ class GatewayStage(Stage):
             self._ws_log.flush()
 
     def _publish_event(self, topic: str, data: dict[str, Any]) -> None:
+        if self.append_run is not None:
+            self._publish_append_run()
+        self._publish_checked(topic, data)
+
+    def _publish_append_run(self) -> None:
+        run, self.append_run = self.append_run, None
+        self._publish_checked("rt.sent.input_audio_buffer.append", {"event": run, "protocol": self.protocol})
+
+    def _note_append(self, header: AudioHeader, pcm: bytes) -> None:
+        """Add a sent frame to the current run (frames contiguous in pts), publishing it when due."""
+        run = self.append_run
+        sent_ns = time.time_ns()
+        if run is not None and header.pts != run["pts"] + run["audio_bytes"] // 2:
+            self._publish_append_run()
+            run = None
+        if run is None:
+            run = self.append_run = {"type": "input_audio_buffer.append", "audio_bytes": 0, "pts": header.pts,
+                                     "t_capture_ns": header.t_capture_ns, "frames": 0, "t_callback_ns": [],
+                                     "t_sent_ns": []}
+        run["audio_bytes"] += len(pcm)
+        run["frames"] += 1
+        run["t_callback_ns"].append(header.extra.get("t_callback_ns", 0))
+        run["t_sent_ns"].append(sent_ns)
+        if run["audio_bytes"] >= APPEND_RUN_S * RATE * 2:
+            self._publish_append_run()
+
+    def _publish_checked(self, topic: str, data: dict[str, Any]) -> None:
         if len(msgpack.packb(data, use_bin_type=True, default=str)) > MAX_EVENT_HEADER_BYTES:
             data = {"event": {"type": data.get("event", {}).get("type")}, "omitted": "too large for the bus"}
         self.out.event(topic, data)
@@ -135,11 +170,10 @@ class GatewayStage(Stage):
             self.counts["appended"] += 1
             self.appended_frames.append((self.session_samples, message.samples, header.t_capture_ns))
             self.session_samples += message.samples
-            stripped = {"type": "input_audio_buffer.append", "audio_bytes": len(pcm), "pts": header.pts,
-                        "t_capture_ns": header.t_capture_ns,
-                        "t_callback_ns": (header.model_extra or {}).get("t_callback_ns", 0)}
-            self._log_ws("out", stripped)
-            self._publish_event("rt.sent.input_audio_buffer.append", {"event": stripped, "protocol": self.protocol})
+            if self._ws_log is not None:
+                self._log_ws("out", {"type": "input_audio_buffer.append", "audio_bytes": len(pcm), "pts": header.pts,
+                                     "t_capture_ns": header.t_capture_ns})
+            self._note_append(header, pcm)
         else:
             self.counts["dropped_disconnected"] += 1
 

@@ -9,6 +9,7 @@ cut where the player stopped: the truncation point after a barge-in, else what t
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ class ConversationBuilder:
             while len(self.user_frames) > USER_AUDIO_FRAMES:
                 self.user_frames.popitem(last=False)
         elif topic == "audio.assistant" and isinstance(message.header, AudioHeader):
-            item_id = (message.header.model_extra or {}).get("item_id", "")
+            item_id = message.header.extra.get("item_id", "")
             self.generated.setdefault(item_id, bytearray()).extend(message.payload)
             turn = self.by_item.get(item_id)
             if turn is not None and turn.first_delta_ns is None:
@@ -242,15 +243,38 @@ class ConversationBuilder:
             current.events.append(record)
 
     def cut_user_audio(self, start_ms: int, end_ms: int) -> bytes:
-        """The user's audio between two points of the server's audio clock."""
+        """The user's audio between two points of the server's audio clock.
+
+        The gateway reports what it appended as runs of pts-contiguous frames; each run maps a span
+        of the server's clock onto a span of `audio.user` pts, which is read back frame by frame
+        (silence where a frame did not reach the logger)."""
         first, last = start_ms * RATE // 1000, end_ms * RATE // 1000
+        starts = sorted(self.user_frames)
         out = bytearray()
-        for server_start, pts, samples in self.appended:
+        for server_start, run_pts, samples in self.appended:
             lo, hi = max(first, server_start), min(last, server_start + samples)
-            if lo >= hi:
-                continue
-            pcm = self.user_frames.get(pts)
-            out += pcm[(lo - server_start) * 2:(hi - server_start) * 2] if pcm else bytes((hi - lo) * 2)
+            if lo < hi:
+                out += self._user_pcm(starts, run_pts + lo - server_start, run_pts + hi - server_start)
+        return bytes(out)
+
+    def _user_pcm(self, starts: list[int], pts_lo: int, pts_hi: int) -> bytes:
+        out = bytearray()
+        cursor = pts_lo
+        index = bisect.bisect_right(starts, cursor) - 1  # invariant: starts[index] <= cursor
+        while cursor < pts_hi:
+            if index >= 0:
+                frame_pts = starts[index]
+                pcm = self.user_frames[frame_pts]
+                if cursor < frame_pts + len(pcm) // 2:
+                    upto = min(pts_hi, frame_pts + len(pcm) // 2)
+                    out += pcm[(cursor - frame_pts) * 2:(upto - frame_pts) * 2]
+                    cursor = upto
+                    continue
+            # nothing covers `cursor`: silence up to the next frame
+            upto = max(cursor, min(pts_hi, starts[index + 1] if index + 1 < len(starts) else pts_hi))
+            out += bytes((upto - cursor) * 2)
+            cursor = upto
+            index += 1
         return bytes(out)
 
     # --- output ------------------------------------------------------------------------------

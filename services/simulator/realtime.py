@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.log import kv
+from common.markers import StreamFinder, chirp_pcm
 from common.realtime_names import to_beta
 from common.resample import pcm_to_mono_float
 from common.speech import Transcriber, synthesize
@@ -60,6 +61,7 @@ class Options:
     burst_ms: int = 300
     think_ms: int = 0
     replies: Replies = field(default_factory=Replies)
+    markers: bool = False  # timing markers for the pipeline bench (common/markers.py)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class RealtimeConnection:
         self.arrivals: deque[tuple[int, int]] = deque(maxlen=ARRIVALS_KEPT)  # (audio ms received, t_ns)
         self.user_audio_ms = 0.0  # all user audio committed in this session (for usage)
         self.call_plans: dict[str, Plan] = {}  # call_id -> the plan that made the call (for what to say after)
+        self.markers = StreamFinder(RATE) if options.markers else None
 
     def _new_vad(self) -> EnergyVad:
         vad = self.config.vad
@@ -192,6 +195,9 @@ class RealtimeConnection:
         if len(pcm) % 2:
             raise ClientEventError("Invalid 'audio': pcm16 needs an even number of bytes.", "audio")
         self.buffer += pcm
+        if self.markers is not None:
+            for marker in self.markers.feed(pcm, time.time_ns()):
+                log.info(kv("marker_in", session=self.config.id, **marker))
         if self.config.vad is None:
             return
         events = self.vad.feed(pcm_to_mono_float(pcm, 1))
@@ -216,6 +222,7 @@ class RealtimeConnection:
 
     async def _speech_started(self, audio_start_ms: int) -> None:
         self.speech_item_id = new_id("item")
+        log.info(kv("speech_started", session=self.config.id, audio_start_ms=audio_start_ms, t_ns=time.time_ns()))
         await self.send("input_audio_buffer.speech_started", audio_start_ms=audio_start_ms,
                         item_id=self.speech_item_id)
         if self.response is not None and self.config.vad and self.config.vad.interrupt_response:
@@ -491,6 +498,8 @@ class RealtimeConnection:
     async def _stream_audio(self, response: Response, item: Item, reply: str, ids: dict[str, Any]) -> str:
         await self.send("response.content_part.added", **ids, part={"type": "audio", "transcript": ""})
         item.audio = await asyncio.to_thread(synthesize, reply, self.config.voice, RATE)
+        if self.markers is not None:
+            item.audio = chirp_pcm(RATE) + item.audio
         if self.options.think_ms:
             await asyncio.sleep(self.options.think_ms / 1000)
         words = reply.split()
@@ -505,6 +514,8 @@ class RealtimeConnection:
             chunk = item.audio[offset:offset + chunk_bytes]
             if index == 0:
                 log.info(kv("first_audio_delta", response_id=response.id, t_ns=time.time_ns()))
+                if self.markers is not None:  # the marker is this delta's first sample
+                    log.info(kv("marker_out", session=self.config.id, response_id=response.id, sent_ns=time.time_ns()))
             await self.send("response.output_audio.delta", **ids, delta=base64.b64encode(chunk).decode())
             item.audio_sent_ms += len(chunk) / BYTES_PER_MS
             due = math.ceil(len(words) * item.audio_sent_ms / total_ms) if total_ms else len(words)

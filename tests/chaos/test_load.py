@@ -45,7 +45,7 @@ def test_conversation_on_a_busy_machine_plays_clean_or_counts_every_glitch(procs
     items: dict[str, bytearray] = {}
     for message in client.seen:
         if message.topic == "audio.assistant":
-            items.setdefault(message.header.model_extra["item_id"], bytearray()).extend(message.payload)
+            items.setdefault(message.header.extra["item_id"], bytearray()).extend(message.payload)
     nccs = [align(recording, np.frombuffer(bytes(pcm), "<i2").astype(float))[1] for pcm in items.values()]
     glitches = player_health(client)
     session = next(p for p in root.iterdir() if p.is_dir())
