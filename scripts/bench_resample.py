@@ -106,7 +106,7 @@ def main() -> int:
             best = min(best, time.process_time() - started)
         key = next((k for label, k in held.items() if label in name), None)
         rows.append((name, 100 * best / args.seconds, seam_snr(out, reference),
-                     f"{HELD_MS[key]:.1f}" if key else "300 / 20 (whole chunks)"))
+                     f"{HELD_MS[key]:.1f}" if key else f"{300 if '300 ms' in name else 20} (whole chunks)"))
     base = rows[2][1]
     print(f"bench_resample {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; {args.seconds:.0f} s of 48 kHz audio -> 24 kHz, best of {args.repeat}")
