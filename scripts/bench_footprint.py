@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, machine, process_tree, sample_processes  # noqa: E402
+from benchlib import REPO, machine, process_label, process_tree, sample_processes  # noqa: E402
 
 from common.bus import Receiver, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
@@ -77,12 +77,7 @@ def wait_until_connected(env: dict[str, str], up: subprocess.Popen, timeout_s: f
 def name_of(pid: int, up_pid: int) -> str:
     if pid == up_pid:
         return "launcher"
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    words = [a.decode() for a in argv if a]
-    if "services.cli" in words:
-        command = words[words.index("services.cli") + 1]
-    else:
-        command = next((Path(w).name for w in words[1:] if not w.startswith("-")), Path(words[0]).name)
+    command = process_label(pid)
     return {"simulate": SIMULATOR}.get(command, command)
 
 

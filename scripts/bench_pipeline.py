@@ -49,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import REPO, cpu_seconds, machine, pct, process_tree, pss_mb, rss_mb  # noqa: E402
+from benchlib import REPO, cpu_seconds, machine, pct, process_label, process_tree, pss_mb, rss_mb  # noqa: E402
 
 from common import markers  # noqa: E402
 from common.rig import MonitorRecorder, PulseRig  # noqa: E402
@@ -292,14 +292,11 @@ def measure_listening(contenders: list[Contender]) -> None:
 def measure_memory(contender: Contender) -> None:
     for pid in contender.pids():
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            rss, pss = rss_mb(pid), pss_mb(pid)
+            label, rss, pss = process_label(pid), rss_mb(pid), pss_mb(pid)
         except OSError:
             continue
-        words = [a.decode() for a in argv if a]
-        label = words[words.index("services.cli") + 1] if "services.cli" in words else Path(words[-1]).name
-        if pid == contender.proc.pid:
-            label = "launcher" if contender.name == "voicebus" else label
+        if pid == contender.proc.pid and contender.name == "voicebus":
+            label = "launcher"
         contender.processes[f"{label} ({pid})"] = round(rss, 1)
         contender.rss += rss
         contender.pss += pss

@@ -50,6 +50,15 @@ def pss_mb(pid: int) -> float:
     return 0.0
 
 
+def process_label(pid: int) -> str:
+    """What a process is, from its command line: the `voicebus` command (`services.cli <command>`),
+    else the script or program it runs. Raises OSError when the process is gone."""
+    words = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    if "services.cli" in words:
+        return words[words.index("services.cli") + 1]
+    return next((Path(w).name for w in words[1:] if not w.startswith("-")), Path(words[0]).name)
+
+
 def process_tree(root: int) -> list[int]:
     """Every descendant of `root` (not root itself)."""
     parents: dict[int, int] = {}

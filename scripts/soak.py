@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, cpu_seconds, machine, rss_mb  # noqa: E402
+from benchlib import REPO, cpu_seconds, machine, process_tree, rss_mb  # noqa: E402
 
 from common.bus import Receiver, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
@@ -57,24 +57,13 @@ README_START, README_END = "<!-- soak:start -->", "<!-- soak:end -->"
 
 def stage_pids(beats: dict[str, dict], up_pid: int) -> dict[str, int]:
     pids = {stage: beat["pid"] for stage, beat in beats.items() if "pid" in beat}
-    for pid in _children(up_pid):
+    for pid in process_tree(up_pid):
         try:
             if b"simulate" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 pids["simulator"] = pid
         except OSError:
             pass
     return pids
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def counters(beats: dict[str, dict]) -> dict[str, float]:
