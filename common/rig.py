@@ -78,15 +78,17 @@ class PulseRig:
 
     def _stream_pids(self, kind: str) -> list[tuple[str, str]]:
         """(stream index, client process id) for every sink input or source output."""
-        streams, index = [], None
+        streams = []  # [index, pid, owned by a client]
         for line in self._pactl("list", kind).splitlines():
             line = line.strip()
             if line.startswith(("Sink Input #", "Source Output #")):
-                index = line.split("#", 1)[1]
-                streams.append([index, ""])
+                streams.append([line.split("#", 1)[1], "", True])
+            elif line.startswith("Client:") and streams:
+                streams[-1][2] = line.split(":", 1)[1].strip() != "n/a"
             elif line.startswith("application.process.id") and streams:
                 streams[-1][1] = line.split("=", 1)[1].strip().strip('"')
-        return [(i, p) for i, p in streams]
+        # a module's own stream (the remap source reading the mic's monitor) is part of the rig
+        return [(index, pid) for index, pid, client in streams if client]
 
     def stop(self) -> None:
         subprocess.run(["bash", str(REPO / "scripts/pulse-down.sh")], env={**os.environ, **self.env},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shlex
 import sys
@@ -93,16 +94,22 @@ def tap(cfg, prefixes, as_json, count, duration, stats_interval, quiet):
               help="Extra arguments for one process, e.g. --arg 'mic=--wav question.wav', "
               "--arg 'simulator=--rules r.json', --arg 'bus=--insecure'. Repeatable.")
 @click.option("--session", default=None, help="Conversation name for headers and traces (default: new).")
-def up(cfg, stages, stage_args, session):
+@click.option("--web", "web_stage", is_flag=True, help="Talk from a browser: start the web stage instead of the local "
+              "mic and player (open the URL it logs).")
+def up(cfg, stages, stage_args, session, web_stage):
     """Start the bus and the pipeline's stages; restart any that crash; Ctrl-C stops all."""
     from services.launcher import run_up
-    from services.pipeline import BUS, canonical_args, pipeline_specs
+    from services.pipeline import BUS, WEB_STAGES, canonical_args, pipeline_specs
 
     extra: dict[str, list[str]] = {}
     for item in stage_args:
         name, _, args = item.partition("=")
         extra.setdefault(name.strip(), []).extend(shlex.split(args))
     names = [s.strip() for s in stages.split(",")] if stages else None
+    if web_stage:
+        if names:
+            raise click.UsageError("--web chooses the stages itself; use --stages alone to pick them")
+        names = WEB_STAGES
     try:
         specs, env_extra = pipeline_specs(names, extra)
     except ValueError as exc:
@@ -194,6 +201,37 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path, puls
         _list_devices_and_exit()
     sink = WavSink(wav_path, period_ms) if wav_path else DeviceSink(device, period_ms)
     sys.exit(run_stage(PlayerStage(sink, rate, jitter_ms), cfg))
+
+
+@main.command()
+@bus_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on; 0.0.0.0 for a LAN (browsers allow the microphone off localhost only "
+              "over HTTPS: give --cert/--key).")
+@click.option("--port", type=int, default=8080, show_default=True, help="HTTP(S) port (0: any free one, logged).")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM) for HTTPS.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM) for HTTPS.")
+@click.option("--jitter-ms", type=int, default=40, show_default=True, help="Assistant audio buffered before sending.")
+@click.option("--rx-prefetch", type=click.IntRange(1, 8), default=1, show_default=True,
+              help="Browser audio frames (20 ms) held before decoding; aiortc's own default is 4, for lossy paths.")
+def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch):
+    """Stage: talk from a browser over WebRTC (the mic's and the player's jobs; echo cancelled by the browser)."""
+    from common.runner import run_stage
+    from services.web.stage import WebStage
+
+    if bool(cert) != bool(key):
+        raise click.UsageError("--cert and --key go together")
+    ssl_context = None
+    if cert:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(cert, key)
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("voicebus.web").warning(
+            "serving plain HTTP on %s: browsers on other machines will refuse the microphone (getUserMedia needs "
+            "HTTPS off localhost); give --cert and --key", host)
+    sys.exit(run_stage(WebStage(host, port, ssl_context, jitter_ms=jitter_ms, rx_prefetch=rx_prefetch), cfg))
 
 
 @main.command()

@@ -17,7 +17,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from common.audio_devices import close_stream, open_pyaudio, pick_device, prioritize_audio_process
+from common.audio_devices import (
+    close_stream,
+    open_pyaudio,
+    pick_device,
+    prioritize_audio_process,
+    realtime_threads,
+)
 from common.log import kv
 from common.stage import Output, Stage
 from common.wavio import read_wav
@@ -90,6 +96,7 @@ class DeviceSource:
         self._stream = self._pa.open(format=pyaudio.paInt16, channels=self.channels, rate=self.rate, input=True,
                                      input_device_index=device.index, frames_per_buffer=frames,
                                      stream_callback=callback)
+        priority["scheduling"] = realtime_threads()
         log.info(kv("device_open", device=repr(device.name), rate=self.rate, channels=self.channels,
                     frame_ms=self.frame_ms, latency_ms=round(self._stream.get_input_latency() * 1000, 1), **priority))
 

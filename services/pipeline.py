@@ -19,8 +19,10 @@ STAGES: dict[str, list[str]] = {
     "gateway": ["gateway"],
     "player": ["player"],
     "logger": ["logger"],
+    "web": ["web"],  # not in the default set: it replaces mic and player (`voicebus up --web`)
 }
-DEFAULT_STAGES = list(STAGES)
+DEFAULT_STAGES = [name for name in STAGES if name != "web"]
+WEB_STAGES = ["web", "resample", "tools", "gateway", "logger"]
 SIMULATOR = "simulator"
 BUS = "bus"
 # what else a user may call a process in --arg: the command's own name

@@ -13,7 +13,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from common.audio_devices import close_stream, open_pyaudio, pick_device, prioritize_audio_process
+from common.audio_devices import (
+    close_stream,
+    open_pyaudio,
+    pick_device,
+    prioritize_audio_process,
+    realtime_threads,
+)
 from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
 from common.stage import Stage
@@ -66,6 +72,7 @@ class DeviceSink:
                                      output_device_index=device.index, frames_per_buffer=frames,
                                      stream_callback=callback)
         self.latency_ms = round(self._stream.get_output_latency() * 1000, 1)
+        self.priority["scheduling"] = realtime_threads()
         log.info(kv("device_open", device=repr(device.name), rate=buffer.rate, period_ms=self.period_ms,
                     latency_ms=self.latency_ms, **self.priority))
 
@@ -170,8 +177,11 @@ class PlayerStage(Stage):
         state = self.publish_state(flushed=True, dropped_ms=dropped_ms, reason=data.get("reason", ""))
         log.info(kv("flushed", item_id=state["item_id"], played_ms=state["played_ms"], dropped_ms=dropped_ms))
 
+    def current_state(self, **extra: Any) -> dict[str, Any]:
+        return {**self.buffer.snapshot(), "latency_ms": self.sink.latency_ms, **extra}
+
     def publish_state(self, **extra: Any) -> dict[str, Any]:
-        state = {**self.buffer.snapshot(), "latency_ms": self.sink.latency_ms, **extra}
+        state = self.current_state(**extra)
         self._last_playing = bool(state["playing"])
         self.out.event("player.state", state)
         self._last_state = time.monotonic()

@@ -61,7 +61,9 @@ class BusClient:
         self.receiver = Receiver(connect_sub(self.ctx, cfg, prefixes), "test")
         self.publisher = Publisher(connect_pub(self.ctx, cfg))
         self.stamper = Stamper(src, session)
-        assert wait_for_bus(self.ctx, cfg, timeout_s=10, pub=self.publisher.sock), "bus did not answer"
+        # both sockets: a probe back on our own SUB proves its subscriptions reached the proxy too
+        assert wait_for_bus(self.ctx, cfg, timeout_s=10, pub=self.publisher.sock, sub=self.receiver.sock), \
+            "bus did not answer"
         self.seen: list[Message] = []
 
     def send_event(self, topic: str, data: dict | None = None) -> None:

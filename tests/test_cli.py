@@ -9,7 +9,7 @@ import sys
 from tests.helpers import REPO
 
 COMMANDS = ["bus", "capture", "demo", "doctor", "gateway", "inspect", "keys", "logger", "mic", "player", "replay",
-            "report", "resample", "say", "simulate", "tap", "tools", "up", "upload"]
+            "report", "resample", "say", "simulate", "tap", "tools", "up", "upload", "web"]
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -41,11 +41,12 @@ def test_readme_documents_every_command_and_procfile_matches_launcher():
     readme = (REPO / "README.md").read_text()
     for command in COMMANDS:
         assert f"`voicebus {command}" in readme, command
-    procfile = dict(line.split(":", 1) for line in (REPO / "Procfile").read_text().splitlines() if line.strip())
-    from services.pipeline import STAGES
+    from services.pipeline import DEFAULT_STAGES, WEB_STAGES
 
-    assert set(STAGES) <= set(procfile)
-    assert {"bus", "simulator"} <= set(procfile)
+    for name, stages in (("Procfile", DEFAULT_STAGES), ("Procfile.web", WEB_STAGES)):
+        procfile = dict(line.split(":", 1) for line in (REPO / name).read_text().splitlines() if line.strip())
+        assert set(procfile) == {"bus", "simulator", *stages}, name
+        assert f"honcho -f {name} start" in readme or name == "Procfile"
 
 
 def test_demo_runs_offline_and_prints_the_conversation(base_env, tmp_path):

@@ -1,0 +1,1 @@
+"""`voicebus web`: the browser stage (aiohttp page + aiortc WebRTC)."""

@@ -1,0 +1,341 @@
+"""The web stage's network side: aiohttp serves the page and takes WebRTC offers; aiortc carries Opus.
+
+Runs on an asyncio loop in a thread of its own; the stage (runner thread) talks to it only through
+`send_page` (thread-safe) and the PlaybackBuffer the outgoing track drains. One browser at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+
+from common.log import kv
+from services.playback import PlaybackBuffer
+
+log = logging.getLogger("voicebus.web")
+# aioice narrates every candidate pair at INFO; our own lines say when a browser connects and goes
+for _chatty in ("aioice", "aiortc"):
+    if logging.getLogger(_chatty).level == logging.NOTSET:
+        logging.getLogger(_chatty).setLevel(logging.WARNING)
+STATIC = Path(__file__).resolve().parent / "static"
+FRAME_MS = 20
+MIC_SILENT_TIMEOUT_S = 3.0  # a browser sends RTP every 20 ms, muted or not: this long without any, it is gone
+MAX_OFFER_BYTES = 256 * 1024
+MAX_PAGE_QUEUE = 512  # events queued for a data channel that is not open yet
+# aiortc holds 4 audio frames (80 ms) before decoding, for reordering on the open internet; on
+# loopback or a LAN one is enough, and 60 ms less from mouth to server (`voicebus web --rx-prefetch`)
+RX_PREFETCH_FRAMES = 1
+
+
+class AssistantTrack(MediaStreamTrack):
+    """`audio.assistant` for the browser: 20 ms frames drained from the player's buffer on its own clock.
+
+    aiortc asks for the next frame as soon as it has sent one; pacing is the track's job (as in
+    aiortc's AudioStreamTrack). A frame is pulled when its first sample is due, so what was pulled
+    is what left for the browser; a flush empties the buffer and the next frame is silence.
+    """
+
+    kind = "audio"
+
+    def __init__(self, buffer: PlaybackBuffer) -> None:
+        super().__init__()
+        self.buffer = buffer
+        self.samples = buffer.rate * FRAME_MS // 1000
+        self._start = 0.0
+        self._pts = 0
+        self.late_frames = 0  # the loop came back after the frame was due by more than a frame
+        self.max_lateness_ms = 0.0
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if not self._start:
+            self._start = now
+        else:
+            self._pts += self.samples
+            due = self._start + self._pts / self.buffer.rate
+            if due > now:
+                await asyncio.sleep(due - now)
+            else:
+                lateness_ms = 1000 * (now - due)
+                self.max_lateness_ms = max(self.max_lateness_ms, lateness_ms)
+                if lateness_ms > FRAME_MS:
+                    self.late_frames += 1
+        frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
+        frame.planes[0].update(self.buffer.pull(self.samples))
+        frame.pts = self._pts
+        frame.sample_rate = self.buffer.rate
+        frame.time_base = fractions.Fraction(1, self.buffer.rate)
+        return frame
+
+
+@dataclass
+class BrowserStats:
+    """What the page reports of its own playout (getStats + AudioContext), every half second."""
+
+    jitter_buffer_ms: float = 0.0
+    output_latency_ms: float = 0.0
+    rtt_ms: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def delay_ms(self) -> float:
+        """Sent by us -> heard: the browser's jitter buffer, its audio output, half the round trip."""
+        return self.jitter_buffer_ms + self.output_latency_ms + self.rtt_ms / 2
+
+
+@dataclass
+class Client:
+    peer: RTCPeerConnection
+    remote: str
+    started_ns: int = field(default_factory=time.time_ns)
+    channel: Any = None
+    pending: list[str] = field(default_factory=list)
+    mic_settings: dict[str, Any] = field(default_factory=dict)
+    closing: bool = False
+
+
+class BrowserLink:
+    """aiohttp + aiortc on their own asyncio loop; hands mic frames and page events to callbacks."""
+
+    def __init__(self, host: str, port: int, buffer: PlaybackBuffer, *,
+                 on_mic_frame: Callable[[AudioFrame, int, dict[str, Any]], None],
+                 on_client: Callable[[str, dict[str, Any]], None],
+                 ssl_context: ssl.SSLContext | None = None, rx_prefetch: int = RX_PREFETCH_FRAMES) -> None:
+        self.host, self.port, self.buffer, self.rx_prefetch = host, port, buffer, rx_prefetch
+        self.on_mic_frame, self.on_client = on_mic_frame, on_client
+        self.ssl_context = ssl_context
+        self.stats = BrowserStats()
+        self.client: Client | None = None
+        self.track: AssistantTrack | None = None
+        self.loop = asyncio.new_event_loop()
+        self.counts = {"clients": 0, "busy_refused": 0, "bad_offers": 0, "bad_page_messages": 0, "clients_gone": 0}
+        self.url = ""
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="web-loop", daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.hello: dict[str, Any] = {}  # sent to every page that connects (session id, report dir)
+
+    # --- the player's sink contract (read by PlayerStage for state and heartbeat) -----------------
+    @property
+    def latency_ms(self) -> float:
+        return round(self.stats.delay_ms, 1)
+
+    @property
+    def late_callbacks(self) -> int:
+        return self.track.late_frames if self.track else 0
+
+    @property
+    def max_callback_gap_ms(self) -> float:
+        return self.track.max_lateness_ms if self.track else 0.0
+
+    output_underflows = 0  # the browser's jitter buffer conceals; its own counters are in its stats
+
+    # --- lifecycle (runner thread) ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        if self._failed is not None:
+            raise self._failed
+        if not self._ready.is_set():
+            raise RuntimeError("the web server did not start in 30 s")
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+            try:
+                future.result(timeout=3)
+            except Exception as exc:  # noqa: BLE001 - stopping: say it, do not hang
+                log.warning(kv("web_stop", error=repr(exc)))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=2)
+
+    def send_page(self, message: dict[str, Any]) -> None:
+        """Thread-safe: one JSON event to the connected page (dropped when no page is connected)."""
+        if self.client is not None:
+            self.loop.call_soon_threadsafe(self._send, json.dumps(message))
+
+    # --- the loop's thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - reported to start() in the runner thread
+            self._failed = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self) -> None:
+        app = web.Application(client_max_size=MAX_OFFER_BYTES)
+        app.router.add_get("/", self._page)
+        app.router.add_post("/offer", self._offer)
+        app.router.add_static("/static/", STATIC)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        await site.start()
+        port = self._runner.addresses[0][1] if self.port == 0 else self.port
+        scheme = "https" if self.ssl_context else "http"
+        self.url = f"{scheme}://{self.host}:{port}/"
+
+    async def _shutdown(self) -> None:
+        await self._hang_up("stage stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _page(self, request: web.Request) -> web.StreamResponse:
+        if self.client is not None:
+            self.counts["busy_refused"] += 1
+            log.warning(kv("busy", refused=request.remote, connected=self.client.remote))
+            return web.FileResponse(STATIC / "busy.html", status=409)
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    def _refuse(self, status: int, error: str, remote: str | None) -> web.Response:
+        if status == 409:
+            self.counts["busy_refused"] += 1
+        else:
+            self.counts["bad_offers"] += 1
+        log.warning(kv("offer_refused", remote=remote, status=status, error=repr(error)))
+        return web.json_response({"error": error}, status=status)
+
+    async def _offer(self, request: web.Request) -> web.Response:
+        if self.client is not None:
+            return self._refuse(409, "busy: this voicebus web stage is in a conversation with another browser "
+                                     "(one conversation per web stage); try again when it hangs up", request.remote)
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+                raise ValueError('expected JSON {"type": "offer", "sdp": "..."}')
+            offer = RTCSessionDescription(sdp=body["sdp"], type="offer")
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._refuse(400, f"malformed offer: {exc}", request.remote)
+        peer = RTCPeerConnection()
+        client = Client(peer, str(request.remote), mic_settings=body.get("mic") if isinstance(body.get("mic"), dict) else {})
+        self.client = client  # taken before the first await below: a second offer meanwhile is busy
+        try:
+            self.track = AssistantTrack(self.buffer)
+            self._wire(client)
+            await peer.setRemoteDescription(offer)
+            for transceiver in peer.getTransceivers():
+                _set_prefetch(transceiver.receiver, self.rx_prefetch)
+            if not any(t.kind == "audio" for t in peer.getTransceivers()):
+                raise ValueError("the offer has no audio section")
+            peer.addTrack(self.track)  # joins the offer's audio transceiver: one m-line, both ways
+            await peer.setLocalDescription(await peer.createAnswer())
+        except Exception as exc:  # noqa: BLE001 - aiortc raises many kinds for a bad SDP; all mean 400
+            self.client = None
+            await peer.close()
+            return self._refuse(400, f"malformed offer: {type(exc).__name__}: {exc}", request.remote)
+        self.counts["clients"] += 1
+        log.info(kv("client_connected", remote=client.remote, mic=json.dumps(client.mic_settings, sort_keys=True)))
+        self.on_client("connected", {"remote": client.remote, "mic": client.mic_settings})
+        return web.json_response({"type": "answer", "sdp": peer.localDescription.sdp})
+
+    def _wire(self, client: Client) -> None:
+        peer = client.peer
+
+        @peer.on("datachannel")
+        def on_datachannel(channel) -> None:
+            client.channel = channel
+            for text in client.pending:
+                channel.send(text)
+            client.pending.clear()
+            channel.send(json.dumps({"type": "hello", **self.hello}))
+
+            @channel.on("message")
+            def on_message(text) -> None:
+                self._page_message(client, text)
+
+        @peer.on("track")
+        def on_track(track) -> None:
+            if track.kind == "audio":
+                asyncio.ensure_future(self._read_mic(client, track))
+
+        @peer.on("connectionstatechange")
+        async def on_state() -> None:
+            log.info(kv("client_state", remote=client.remote, state=peer.connectionState))
+            if peer.connectionState in ("failed", "closed"):
+                await self._hang_up(f"connection {peer.connectionState}", client)
+
+    async def _read_mic(self, client: Client, track) -> None:
+        while self.client is client:
+            try:
+                frame = await asyncio.wait_for(track.recv(), MIC_SILENT_TIMEOUT_S)
+            except TimeoutError:
+                self.counts["clients_gone"] += 1
+                await self._hang_up(f"no audio from the browser for {MIC_SILENT_TIMEOUT_S:.0f} s (closed or "
+                                    "lost without hanging up)", client)
+                return
+            except MediaStreamError:
+                return
+            self.on_mic_frame(frame, time.time_ns(), client.mic_settings)
+
+    def _page_message(self, client: Client, text: Any) -> None:
+        try:
+            message = json.loads(text)
+            kind = message["type"]
+        except (TypeError, ValueError, KeyError):
+            self.counts["bad_page_messages"] += 1
+            log.warning(kv("bad_page_message", text=repr(str(text)[:80])))
+            return
+        if kind == "stats":
+            try:
+                self.stats = BrowserStats(float(message.get("jitter_buffer_ms", 0)),
+                                          float(message.get("output_latency_ms", 0)),
+                                          float(message.get("rtt_ms", 0)), time.monotonic())
+            except (TypeError, ValueError):
+                self.counts["bad_page_messages"] += 1
+        elif kind == "hangup":
+            asyncio.ensure_future(self._hang_up("the page hung up", client))
+        else:
+            self.on_client(kind, message)
+
+    def _send(self, text: str) -> None:
+        client = self.client
+        if client is None:
+            return
+        if client.channel is not None and client.channel.readyState == "open":
+            client.channel.send(text)
+        elif len(client.pending) < MAX_PAGE_QUEUE:
+            client.pending.append(text)
+
+    async def _hang_up(self, reason: str, client: Client | None = None) -> None:
+        client = client or self.client
+        if client is None or client.closing:
+            return
+        client.closing = True
+        if self.client is client:
+            self.client = None
+        if self.track is not None:
+            self.track.stop()
+        log.info(kv("client_gone", remote=client.remote, reason=repr(reason),
+                    seconds=round((time.time_ns() - client.started_ns) / 1e9, 1)))
+        self.on_client("gone", {"remote": client.remote, "reason": reason})
+        await client.peer.close()
+
+
+def _set_prefetch(receiver: Any, frames: int) -> None:
+    """aiortc fixes its audio jitter buffer at construction (prefetch 4); replace it before media flows."""
+    from aiortc.jitterbuffer import JitterBuffer
+
+    attribute = "_RTCRtpReceiver__jitter_buffer"
+    if receiver is not None and getattr(receiver, "_RTCRtpReceiver__kind", "") == "audio" and hasattr(receiver, attribute):
+        setattr(receiver, attribute, JitterBuffer(capacity=16, prefetch=frames))

@@ -1,0 +1,161 @@
+"""`voicebus web`: the mic's and the player's jobs for a person in a browser, over WebRTC.
+
+Browser mic (with the browser's echo cancellation) -> Opus -> `audio.mic` at the rate and channel
+count the browser captured; `audio.assistant` -> Opus -> the browser, under the player's contract
+(`player.flush` empties at once, `player.state` reports per item). The resampler, gateway, tools
+and logger do not know the difference.
+
+Where the user is in the reply: what left for the browser (frames pulled by the outgoing track on
+its real-time clock) minus what the browser reports it still holds (jitter buffer + audio output +
+half the round trip, from its getStats and AudioContext every 0.5 s). On a flush, what already left
+will still be heard, so the flushed state reports everything sent: that is where the user stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from common.envelope import Message
+from common.log import kv
+from services.player import PlayerStage
+from services.web.rtc import RX_PREFETCH_FRAMES, BrowserLink
+
+if TYPE_CHECKING:
+    import ssl
+
+    from av import AudioFrame
+
+log = logging.getLogger("voicebus.web")
+MAX_GAP_FILL_S = 1.0  # lost packets: fill the timeline with silence up to this much, beyond it restart
+# bus events the page shows, and what it calls them
+PAGE_EVENTS = {
+    "rt.conversation.item.input_audio_transcription.delta": "user_delta",
+    "rt.conversation.item.input_audio_transcription.completed": "user_done",
+    "rt.response.output_audio_transcript.delta": "assistant_delta",
+    "rt.response.output_audio_transcript.done": "assistant_done",
+    "rt.input_audio_buffer.speech_started": "speech_started",
+    "rt.input_audio_buffer.speech_stopped": "speech_stopped",
+    "rt.error": "error",
+}
+
+
+class WebStage(PlayerStage):
+    name = "web"
+    subscriptions = ["audio.assistant", "player.flush", "rt.", "health.logger"]
+    publishes_from_thread = True  # mic frames go out from the web loop's thread
+
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, rate: int = 24_000,
+                 jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES) -> None:
+        super().__init__(sink=None, rate=rate, jitter_ms=jitter_ms)  # type: ignore[arg-type]
+        self.sink = self.link = BrowserLink(host, port, self.buffer, on_mic_frame=self._mic_frame,
+                                            on_client=self._client_event, ssl_context=ssl_context,
+                                            rx_prefetch=rx_prefetch)
+        self.mic_pts = 0
+        self.mic_frames = 0
+        self.mic_gap_fills = 0
+        self._rtp_next: int | None = None
+        self._clock_offset_ns: int | None = None  # arrival - RTP time, least delayed frame so far
+        self._speech_end_ns: int | None = None
+        self._latency_item: str | None = None
+        self.report_dir = ""
+
+    # --- runner thread --------------------------------------------------------------------------
+    def start(self) -> None:
+        self.link.hello = {"session": self.out.stamper.session, "report": self.report_dir}
+        self.link.start()
+        log.info(kv("serving", url=self.link.url))
+
+    def handle(self, message: Message) -> None:
+        topic = message.topic
+        if topic in ("audio.assistant", "player.flush"):
+            super().handle(message)
+            if topic == "player.flush":
+                self.link.send_page({"type": "flush", "reason": message.data.get("reason", "")})
+        elif topic == "health.logger":
+            report = str(message.data.get("session_dir", ""))
+            if report != self.report_dir:
+                self.report_dir = report
+                self.link.hello["report"] = report
+                self.link.send_page({"type": "report", "report": report})
+        elif topic == "rt.gateway.speech_end":
+            self._speech_end_ns = message.data.get("speech_end_capture_ns")
+        elif topic == "rt.gateway.truncated":
+            data = message.data
+            self.link.send_page({"type": "truncated", "item_id": data.get("item_id"),
+                                 "audio_end_ms": data.get("audio_end_ms"), "heard": data.get("transcript_heard", "")})
+        elif topic in PAGE_EVENTS:
+            event = message.data.get("event") or {}
+            self.link.send_page({"type": PAGE_EVENTS[topic], "item_id": event.get("item_id"),
+                                 "text": event.get("delta") or event.get("transcript") or "",
+                                 "error": (event.get("error") or {}).get("message", "") if topic == "rt.error" else ""})
+
+    def current_state(self, **extra: Any) -> dict[str, Any]:
+        state = super().current_state(**extra)
+        sent_ms = state["played_ms"]
+        state["sent_ms"] = sent_ms
+        if not state.get("flushed"):  # the browser still holds the last delay_ms of what left
+            state["played_ms"] = max(0.0, round(sent_ms - self.link.stats.delay_ms, 1))
+        self._turn_latency(state)
+        return state
+
+    def _turn_latency(self, state: dict[str, Any]) -> None:
+        """User stopped speaking (captured) -> first reply sample heard in the browser, per turn."""
+        item_id = state["item_id"]
+        if not item_id or item_id == self._latency_item or not self._speech_end_ns or not state["item_started_ns"]:
+            return
+        self._latency_item = item_id
+        heard_ns = state["item_started_ns"] + int(self.link.stats.delay_ms * 1e6)
+        latency_ms = round((heard_ns - self._speech_end_ns) / 1e6)
+        self._speech_end_ns = None
+        log.info(kv("turn_latency", item_id=item_id, latency_ms=latency_ms))
+        self.link.send_page({"type": "turn", "item_id": item_id, "latency_ms": latency_ms})
+
+    def stop(self) -> None:
+        self.link.stop()
+
+    def counters(self) -> dict[str, Any]:
+        track = self.link.track
+        return {**super().counters(), **self.link.counts, "connected": self.link.client is not None,
+                "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
+                "browser_delay_ms": round(self.link.stats.delay_ms, 1),
+                "late_frames": track.late_frames if track else 0}
+
+    # --- web loop thread --------------------------------------------------------------------------
+    def _client_event(self, kind: str, data: dict[str, Any]) -> None:
+        assert self.thread_out is not None
+        if kind == "connected":
+            self._rtp_next = self._clock_offset_ns = None
+            self.buffer.flush()  # nothing of a previous browser's reply is left to send to this one
+        self.thread_out.event(f"web.{kind}", data)
+
+    def _mic_frame(self, frame: AudioFrame, arrival_ns: int, settings: dict[str, Any]) -> None:
+        """One decoded Opus frame -> `audio.mic`, timed from RTP, gaps from lost packets filled."""
+        import numpy as np
+
+        assert self.thread_out is not None
+        rate, samples = frame.sample_rate, frame.samples
+        decoded_channels = len(frame.layout.channels)
+        # aiortc decodes to stereo whatever was sent; a mono mic (the usual getUserMedia) is one channel
+        channels = 1 if settings.get("channelCount", 1) == 1 else decoded_channels
+        pcm = frame.to_ndarray().reshape(-1, decoded_channels)[:, :channels]
+        rtp_ns = int(frame.pts * frame.time_base * 1_000_000_000)
+        offset = arrival_ns - rtp_ns
+        if self._clock_offset_ns is None or offset < self._clock_offset_ns:
+            self._clock_offset_ns = offset
+        t_capture_ns = rtp_ns + self._clock_offset_ns - samples * 1_000_000_000 // rate
+        if self._rtp_next is not None and 0 < frame.pts - self._rtp_next <= MAX_GAP_FILL_S * rate:
+            missing = frame.pts - self._rtp_next
+            self.mic_gap_fills += 1
+            self._publish_mic(bytes(missing * channels * 2), rate, channels,
+                              t_capture_ns - missing * 1_000_000_000 // rate)
+        self._rtp_next = frame.pts + samples
+        self._publish_mic(np.ascontiguousarray(pcm).tobytes(), rate, channels, t_capture_ns)
+
+    def _publish_mic(self, pcm: bytes, rate: int, channels: int, t_capture_ns: int) -> None:
+        assert self.thread_out is not None
+        self.thread_out.audio("audio.mic", pcm, rate=rate, channels=channels, pts=self.mic_pts,
+                              t_capture_ns=t_capture_ns, clock="rtp", t_callback_ns=time.time_ns())
+        self.mic_pts += len(pcm) // (2 * channels)
+        self.mic_frames += 1

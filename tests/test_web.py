@@ -1,0 +1,217 @@
+"""`voicebus web` with Debian's Chromium headless: fake mic from a flite WAV, real WebRTC, real WebAudio."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from common.browser import Chromium
+from common.rig import align
+from common.speech import Transcriber
+from common.utterances import compose
+from common.wavio import write_wav
+from tests.web import dark_pixels, page_recording, start_web_pipeline
+
+QUESTION = "what is the weather like today"
+STORY = ("Once upon a time there was a little robot who lived in a quiet town by the sea and every morning it "
+         "walked down to the harbour to count the boats and talk to the fishermen about the weather.")
+STORY_WORDS = {"once", "upon", "time", "there", "little", "robot", "lived", "quiet", "town"}
+PREFIXES = ["rt.", "audio.assistant", "player.", "health.", "web."]
+LEAD_S = 1.5  # the fake mic starts with getUserMedia; the call connects in ~0.3 s
+
+
+def _of(client, topic):
+    return [m for m in client.seen if m.topic == topic]
+
+
+def _story_sim(simulator, tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"match": "weather", "reply": STORY}, {"match": ".*", "reply": "All right."}]))
+    return simulator("--pace", "realtime", "--rules", str(rules))
+
+
+def _http(url: str, body: bytes | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_browser_conversation_with_barge_in(procs, client_factory, simulator, tmp_path):
+    sim = _story_sim(simulator, tmp_path)
+    client = client_factory(PREFIXES)
+    url = start_web_pipeline(procs, client, sim, tmp_path / "traces")
+    speech = compose([("silence", LEAD_S), ("say", QUESTION), ("silence", 4.5), ("say", "stop please"),
+                      ("silence", 6.0)], 48000)
+    wav = write_wav(tmp_path / "mic.wav", speech, 48000)
+    with Chromium(url + "?record=1", fake_mic_wav=wav, log_path=tmp_path / "chromium.log") as page:
+        page.evaluate("voicebus.connect()")
+        transcript = client.wait_for(lambda m: m.topic == "rt.conversation.item.input_audio_transcription.completed",
+                                     timeout_s=30)
+        # the browser's noise suppression and AGC shape the onset: the server's ASR may miss a first word
+        assert "weather like today" in transcript.data["event"]["transcript"]
+        flushed = client.wait_for(lambda m: m.topic == "player.state" and m.data.get("flushed"), timeout_s=30)
+        truncate = client.wait_for(lambda m: m.topic == "rt.sent.conversation.item.truncate", timeout_s=5)
+        summary = client.wait_for(lambda m: m.topic == "rt.gateway.truncated", timeout_s=5)
+        page.wait_for("document.querySelector('.turn.assistant .meta').textContent.includes('interrupted')", 5)
+        time.sleep(1.0)  # the recording runs on past the cut
+        recording, _ = page_recording(page)
+        turns = page.evaluate("Object.values(voicebus.turns).map(t => ({role: t.role, text: t.text, "
+                              "rect: t.element.getBoundingClientRect().toJSON()}))")
+        shot = page.screenshot(tmp_path / "page.png")
+        error = page.evaluate("voicebus.error")
+
+    assert error == ""
+    assert flushed.header.src == "web" and flushed.data["item_id"] == truncate.data["event"]["item_id"]
+    # the assistant's audio reached the browser: the page's own recording of what it played
+    item_id = truncate.data["event"]["item_id"]
+    audio_end_ms = truncate.data["event"]["audio_end_ms"]
+    source = np.frombuffer(b"".join(m.payload for m in _of(client, "audio.assistant")
+                                    if m.header.extra["item_id"] == item_id), dtype="<i2").astype(float)
+    offset, ncc = align(recording, source[:audio_end_ms * 24])
+    heard = Transcriber().transcribe(recording[offset:offset + audio_end_ms * 24].astype("<i2").tobytes(), 24000)
+    print(f"ncc {ncc:.3f}; heard in the browser: {heard!r}")
+    # Opus is a perceptual codec and the browser's jitter buffer may stretch time a little: the waveform
+    # correlates well enough to place the reply (0.78-0.93 measured in 5 runs), and
+    # the words in it are the check that it is the reply
+    assert ncc >= 0.6
+    assert len(set(heard.split()) & STORY_WORDS) >= 3, heard
+    # where the browser stopped: after its last loud sample, before the first word it should have played and did not
+    blocks = 240  # 10 ms at 24 kHz
+    window = recording[offset:offset + (audio_end_ms + 600) * 24]
+    loud = np.flatnonzero(np.abs(window) > 300)
+    heard_until_ms = loud[-1] / 24 if loud.size else 0.0
+    missing = [b / 24 for b in range(0, min(len(window), len(source)) - blocks, blocks)
+               if np.abs(source[b:b + blocks]).max() > 3000 and np.abs(window[b:b + blocks]).max() < 300]
+    cut_by_ms = missing[0] if missing else len(window) / 24
+    print(f"audio_end_ms {audio_end_ms}; browser played until {heard_until_ms:.0f}..{cut_by_ms:.0f} ms; "
+          f"web state {flushed.data}")
+    assert heard_until_ms - 60 <= audio_end_ms <= cut_by_ms + 60
+    assert 500 < audio_end_ms < summary.data["received_ms"]
+    # the transcripts are on the page, and visible in its screenshot
+    user = [t for t in turns if t["role"] == "user"]
+    assistant = [t for t in turns if t["role"] == "assistant"]
+    assert user and user[0]["text"] == transcript.data["event"]["transcript"]
+    assert assistant and STORY.startswith(assistant[0]["text"][:40]) and assistant[0]["text"]
+    for turn in (user[0], assistant[0]):
+        assert turn["rect"]["height"] > 0 and dark_pixels(shot, turn["rect"]) > 200, turn
+
+
+def test_browser_that_vanishes_mid_turn_leaves_the_stage_serving(procs, client_factory, simulator, tmp_path):
+    sim = _story_sim(simulator, tmp_path)
+    client = client_factory(PREFIXES)
+    traces = tmp_path / "traces"
+    url = start_web_pipeline(procs, client, sim, traces)
+    wav = write_wav(tmp_path / "mic.wav", compose([("silence", LEAD_S), ("say", QUESTION), ("silence", 8.0)], 48000),
+                    48000)
+    page = Chromium(url, fake_mic_wav=wav, log_path=tmp_path / "chromium.log")
+    try:
+        page.evaluate("voicebus.connect()")
+        client.wait_for(lambda m: m.topic == "player.state" and m.header.src == "web" and m.data["played_ms"] > 500,
+                        timeout_s=30)
+        page.kill()  # no hang-up, no goodbye: as a crashed tab or a closed laptop
+    finally:
+        page.close()
+    gone = client.wait_for(lambda m: m.topic == "web.gone", timeout_s=15)
+    assert "no audio from the browser" in gone.data["reason"]
+    # the turn in flight is stored: the server finishes its reply and the logger keeps it
+    client.wait_for(lambda m: m.topic == "health.logger" and m.data.get("turns_stored", 0) >= 1, timeout_s=30)
+    stored = [json.loads(line) for path in traces.glob("*/turns.jsonl") for line in path.read_text().splitlines()]
+    assert stored and "weather like today" in stored[0]["user"]["transcript"], stored
+    # and the next browser is welcome
+    status, _ = _http(url)
+    assert status == 200
+    with Chromium(url, log_path=tmp_path / "chromium-2.log") as again:
+        again.evaluate("voicebus.connect()")
+        again.wait_for("voicebus.state === 'live'", timeout_s=15)
+        again.evaluate("voicebus.hangUp()")
+    hung_up = client.wait_for(lambda m: m.topic == "web.gone" and m.header.t_ns > gone.header.t_ns, timeout_s=10)
+    assert hung_up.data["reason"] == "the page hung up"
+
+
+def test_bad_offers_a_second_browser_and_a_denied_mic_get_clear_errors(procs, client_factory, tmp_path):
+    client = client_factory(PREFIXES)
+    url = start_web_pipeline(procs, client, None, tmp_path / "traces", stages=())
+    status, text = _http(url + "offer", b"{not json")
+    assert status == 400 and "malformed offer" in json.loads(text)["error"]
+    status, text = _http(url + "offer", json.dumps({"type": "offer", "sdp": "v=0\r\nthis is not sdp"}).encode())
+    assert status == 400 and "malformed offer" in json.loads(text)["error"], text
+    with Chromium(url, allow_mic=False, log_path=tmp_path / "chromium-denied.log") as denied:
+        denied.evaluate("voicebus.connect()")
+        message = denied.evaluate("voicebus.error")
+        shown = denied.evaluate("document.getElementById('error').hidden === false && "
+                                "document.getElementById('error').textContent")
+    assert "Microphone access was denied" in message and shown == message
+    with Chromium(url, log_path=tmp_path / "chromium-1.log") as first:
+        first.evaluate("voicebus.connect()")
+        first.wait_for("voicebus.state === 'live'", timeout_s=15)
+        status, text = _http(url)
+        assert status == 409 and "already in a conversation" in text
+        status, text = _http(url + "offer", json.dumps({"type": "offer", "sdp": "v=0"}).encode())
+        assert status == 409 and json.loads(text)["error"].startswith("busy")
+        assert first.evaluate("voicebus.state") == "live"  # the conversation in progress is untouched
+    health = client.wait_for(lambda m: m.topic == "health.web" and m.data.get("busy_refused", 0) >= 2, timeout_s=10)
+    assert health.data["bad_offers"] == 2
+    web = procs.started[-1]
+    assert web.poll() is None
+    log_text = procs.log_of(web)
+    assert "offer_refused" in log_text and "busy" in log_text
+
+
+@pytest.mark.parametrize("channel_count", [1, 2])
+def test_mic_frames_keep_rate_channels_timeline_and_fill_lost_packets(channel_count):
+    from av import AudioFrame
+
+    from common.stage import Output
+    from services.web.stage import WebStage
+
+    stage = WebStage("127.0.0.1", 0)
+    stage.thread_out, sent = Output.collecting("web")
+    samples = 960
+
+    def frame(pts: int, value: int) -> AudioFrame:
+        decoded = AudioFrame.from_ndarray(np.full((1, samples * 2), value, dtype="<i2"), format="s16", layout="stereo")
+        decoded.sample_rate, decoded.pts = 48000, pts
+        from fractions import Fraction
+
+        decoded.time_base = Fraction(1, 48000)
+        return decoded
+
+    now = time.time_ns()
+    settings = {"channelCount": channel_count}
+    stage._mic_frame(frame(0, 100), now, settings)
+    stage._mic_frame(frame(960, 200), now + 20_000_000, settings)
+    stage._mic_frame(frame(2880, 300), now + 60_000_000, settings)  # one packet (960 samples) lost
+    assert [m.header.pts for m in sent] == [0, 960, 1920, 2880]
+    assert {(m.header.rate, m.header.channels) for m in sent} == {(48000, channel_count)}
+    values = [np.frombuffer(m.payload, dtype="<i2") for m in sent]
+    assert [int(v[0]) for v in values] == [100, 200, 0, 300] and all(len(v) == samples * channel_count for v in values)
+    # capture times follow the RTP clock, not the arrival jitter
+    captures = [m.header.t_capture_ns for m in sent]
+    assert np.diff(captures).tolist() == [20_000_000] * 3
+    assert stage.mic_gap_fills == 1
+
+
+def test_state_reports_heard_position_and_flush_reports_everything_sent():
+    from common.stage import Output
+    from services.playback import Segment
+    from services.web.rtc import BrowserStats
+    from services.web.stage import WebStage
+
+    stage = WebStage("127.0.0.1", 0, jitter_ms=0)
+    stage.out, published = Output.collecting("web")
+    stage.buffer.push(Segment("item_a", 0, "resp_a", bytes(24000 * 2)))  # 1 s
+    stage.buffer.pull(12000)  # 500 ms left for the browser
+    stage.link.stats = BrowserStats(jitter_buffer_ms=60, output_latency_ms=30, rtt_ms=4)
+    state = stage.publish_state()
+    assert state["sent_ms"] == 500 and state["played_ms"] == 500 - 92 and state["latency_ms"] == 92
+    stage.flush({"reason": "barge_in"})
+    flushed = published[-1].data
+    assert flushed["flushed"] and flushed["played_ms"] == 500 and flushed["dropped_ms"] == 500

@@ -1,0 +1,49 @@
+"""Start the browser path (web stage + resample, gateway, logger) and read back what a page played."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.browser import Chromium
+from common.resample import resample_oneshot
+from tests.helpers import BusClient, Procs
+
+
+def start_web_pipeline(procs: Procs, client: BusClient, sim_url: str | None, traces: Path,
+                       stages: tuple[str, ...] = ("resample", "gateway", "logger")) -> str:
+    """Starts the stages and `voicebus web --port 0`; returns the page's URL."""
+    env = {"VOICEBUS_SIM_URL": sim_url or "", "VOICEBUS_TRACE_DIR": str(traces)}
+    for stage in stages:
+        procs.voicebus(stage, *(("--no-upload",) if stage == "logger" else ()), env=env)
+    web = procs.voicebus("web", "--port", "0", env=env)
+    for stage in (*stages, "web"):
+        client.wait_for(lambda m, s=stage: m.topic == f"health.{s}", timeout_s=30)
+    if "gateway" in stages:
+        client.wait_for(lambda m: m.topic == "rt.session.updated", timeout_s=15)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        match = re.search(r"serving url=(\S+)", procs.log_of(web))
+        if match:
+            return match.group(1)
+        time.sleep(0.1)
+    raise AssertionError(f"the web stage did not log its URL:\n{procs.log_of(web)}")
+
+
+def page_recording(page: Chromium, name: str = "played", rate: int = 24_000) -> tuple[np.ndarray, float]:
+    """What the page recorded (float samples at `rate`) and the wall time (ns) of its first sample."""
+    samples, rate_in, t0_ns = page.recording(name)
+    return resample_oneshot(samples.astype(np.float64) / 32768, rate_in, rate) * 32768, t0_ns
+
+
+def dark_pixels(png: Path, rect: dict[str, float]) -> int:
+    """Text-coloured pixels inside a CSS-pixel rectangle of a screenshot (device scale 1)."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(png))[..., :3]
+    top, left = int(rect["top"]), int(rect["left"])
+    crop = image[top:top + int(rect["height"]), left:left + int(rect["width"])]
+    return int((crop.sum(axis=2) < 1.5).sum())
