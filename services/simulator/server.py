@@ -109,7 +109,12 @@ def run_simulator(host: str, port: int, options: Options, faults: list[Fault], a
         await runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise BindError(f"cannot listen on {host}:{port}: {exc.strerror} (another simulator running? "
+                            "--port 0 picks a free port)") from exc
         site = web.SockSite(runner, sock, shutdown_timeout=1.0)
         await site.start()
         bound = sock.getsockname()[1]
@@ -123,5 +128,13 @@ def run_simulator(host: str, port: int, options: Options, faults: list[Fault], a
         await stop.wait()
         await runner.cleanup()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except BindError as exc:
+        log.error(kv("listen_failed", error=repr(str(exc))))
+        return 2
     return 0
+
+
+class BindError(RuntimeError):
+    pass
