@@ -57,10 +57,10 @@ class Chromium:
         self._log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen([*args, "about:blank"], stdout=self._log, stderr=self._log)
         self._ids = itertools.count(1)
+        self.console: list[str] = []  # console lines seen while waiting for answers
         self.ws = self._connect(timeout_s)
         self.call("Page.enable")
         self.call("Runtime.enable")
-        self.console: list[str] = []
         if url:
             self.navigate(url)
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import markers  # noqa: E402
 from common.browser import Chromium  # noqa: E402
 from common.speech import synthesize  # noqa: E402
+from common.trace_server import free_port  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
 from scripts.benchlib import machine, pct  # noqa: E402
 
@@ -37,12 +37,6 @@ RATE = 48_000
 QUESTIONS = ["what is the weather like today", "please tell me a short story", "how far away is the moon",
              "what time is it in tokyo", "turn on the lights in the kitchen"]
 LEAD_S, MARKER_GAP_S, TURN_GAP_S = 2.0, 0.3, 6.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mic_wav(path: Path, turns: int) -> Path:

@@ -225,3 +225,24 @@ def test_state_reports_heard_position_and_flush_reports_everything_sent():
     stage.flush({"reason": "barge_in"})
     flushed = published[-1].data
     assert flushed["flushed"] and flushed["played_ms"] == 500 and flushed["dropped_ms"] == 500
+
+
+def test_page_messages_cannot_name_bus_topics_and_a_busy_port_is_a_clear_error():
+    import socket
+
+    from common.stage import StageError
+    from services.web.stage import WebStage
+
+    stage = WebStage("127.0.0.1", 0)
+    events = []
+    stage.link.on_client = lambda kind, data: events.append(kind)
+    for text in ('{"type": "stats", "jitter_buffer_ms": 30, "output_latency_ms": 40, "rtt_ms": 2}',
+                 '{"type": "anything.else"}', "not json", '{"no": "type"}'):
+        stage.link._page_message(None, text)
+    assert stage.link.stats.delay_ms == 71 and events == [] and stage.link.counts["bad_page_messages"] == 3
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = WebStage("127.0.0.1", taken.getsockname()[1])
+        with pytest.raises(StageError, match="cannot serve on 127.0.0.1:.*--port 0"):
+            busy.link.start()

@@ -24,6 +24,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from common.log import kv
+from common.stage import StageError
 from services.playback import PlaybackBuffer
 
 log = logging.getLogger("voicebus.web")
@@ -91,7 +92,6 @@ class BrowserStats:
     jitter_buffer_ms: float = 0.0
     output_latency_ms: float = 0.0
     rtt_ms: float = 0.0
-    updated_at: float = 0.0
 
     @property
     def delay_ms(self) -> float:
@@ -151,6 +151,9 @@ class BrowserLink:
     def start(self) -> None:
         self._thread.start()
         self._ready.wait(timeout=30)
+        if isinstance(self._failed, OSError):
+            raise StageError(f"cannot serve on {self.host}:{self.port}: {self._failed.strerror or self._failed} "
+                             "(another web stage running? --port 0 picks a free port)") from self._failed
         if self._failed is not None:
             raise self._failed
         if not self._ready.is_set():
@@ -300,13 +303,14 @@ class BrowserLink:
             try:
                 self.stats = BrowserStats(float(message.get("jitter_buffer_ms", 0)),
                                           float(message.get("output_latency_ms", 0)),
-                                          float(message.get("rtt_ms", 0)), time.monotonic())
+                                          float(message.get("rtt_ms", 0)))
             except (TypeError, ValueError):
                 self.counts["bad_page_messages"] += 1
         elif kind == "hangup":
             asyncio.ensure_future(self._hang_up("the page hung up", client))
-        else:
-            self.on_client(kind, message)
+        else:  # never let the page name a bus topic (`web.<kind>`): unknown is counted and dropped
+            self.counts["bad_page_messages"] += 1
+            log.warning(kv("bad_page_message", type=repr(str(kind)[:40])))
 
     def _send(self, text: str) -> None:
         client = self.client

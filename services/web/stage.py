@@ -59,11 +59,10 @@ class WebStage(PlayerStage):
         self._clock_offset_ns: int | None = None  # arrival - RTP time, least delayed frame so far
         self._speech_end_ns: int | None = None
         self._latency_item: str | None = None
-        self.report_dir = ""
 
     # --- runner thread --------------------------------------------------------------------------
     def start(self) -> None:
-        self.link.hello = {"session": self.out.stamper.session, "report": self.report_dir}
+        self.link.hello = {"session": self.out.stamper.session, "report": ""}
         self.link.start()
         log.info(kv("serving", url=self.link.url))
 
@@ -75,8 +74,7 @@ class WebStage(PlayerStage):
                 self.link.send_page({"type": "flush", "reason": message.data.get("reason", "")})
         elif topic == "health.logger":
             report = str(message.data.get("session_dir", ""))
-            if report != self.report_dir:
-                self.report_dir = report
+            if report != self.link.hello.get("report"):
                 self.link.hello["report"] = report
                 self.link.send_page({"type": "report", "report": report})
         elif topic == "rt.gateway.speech_end":
@@ -97,6 +95,10 @@ class WebStage(PlayerStage):
         state["sent_ms"] = sent_ms
         if not state.get("flushed"):  # the browser still holds the last delay_ms of what left
             state["played_ms"] = max(0.0, round(sent_ms - self.link.stats.delay_ms, 1))
+        return state
+
+    def publish_state(self, **extra: Any) -> dict[str, Any]:
+        state = super().publish_state(**extra)
         self._turn_latency(state)
         return state
 
@@ -111,9 +113,6 @@ class WebStage(PlayerStage):
         self._speech_end_ns = None
         log.info(kv("turn_latency", item_id=item_id, latency_ms=latency_ms))
         self.link.send_page({"type": "turn", "item_id": item_id, "latency_ms": latency_ms})
-
-    def stop(self) -> None:
-        self.link.stop()
 
     def counters(self) -> dict[str, Any]:
         track = self.link.track
