@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -23,8 +24,22 @@ BACKOFF_MAX_S = 8.0
 PING_INTERVAL_S = 2.0
 PING_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 30.0
+# mcp gives a stdio server only a few safe variables (HOME, PATH, ...), so no API key reaches it; the
+# machine's sense of time and language goes along too, or a time server and a Python tool in one
+# stage would disagree on what "Asia/Tokyo" or the local zone is
+PASSED_ENV = ("TZ", "TZDIR", "PYTHONTZPATH", "LANG", "LANGUAGE")
+PASSED_ENV_PREFIXES = ("LC_",)
 
 log = logging.getLogger("voicebus.tools")
+
+
+def server_env() -> dict[str, str]:
+    """mcp's default environment for a server, plus the time-zone and locale variables (never secrets)."""
+    from mcp.client.stdio import get_default_environment
+
+    passed = {name: value for name, value in os.environ.items()
+              if name in PASSED_ENV or name.startswith(PASSED_ENV_PREFIXES)}
+    return {**get_default_environment(), **passed}
 
 
 class McpServer:
@@ -49,7 +64,7 @@ class McpServer:
         from mcp import ClientSession, StdioServerParameters, stdio_client
 
         backoff = BACKOFF_START_S
-        params = StdioServerParameters(command=self.argv[0], args=self.argv[1:])
+        params = StdioServerParameters(command=self.argv[0], args=self.argv[1:], env=server_env())
         while True:
             self._lost.clear()
             reason = "exited"
