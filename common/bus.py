@@ -201,6 +201,16 @@ class Receiver:
             self.gaps += seq - last - 1
 
 
+NO_BUS_WAIT_S = 3.0  # how long a user's tool (tap, capture, replay) waits before saying there is no bus
+
+
+def no_bus_message(cfg: BusConfig, problem: str | None = None) -> str:
+    """What a tool that needs a running bus tells the user when none answers."""
+    return (f"no bus answers at {cfg.pub}" + (f" ({problem})" if problem else "") +
+            ": start the pipeline with `voicebus up` (or only the bus: `voicebus bus`), or point --pub/--sub "
+            "(VOICEBUS_BUS_PUB/VOICEBUS_BUS_SUB, or VOICEBUS_RUN_DIR of that `up`) at the running one")
+
+
 def wait_for_bus(ctx: zmq.Context, cfg: BusConfig, timeout_s: float = 10.0, pub: zmq.Socket | None = None,
                  sub: zmq.Socket | None = None) -> bool:
     """True once a probe published on the bus comes back through the proxy.

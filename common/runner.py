@@ -13,12 +13,22 @@ from common.bus import HandshakeWatch, Publisher, Receiver, connect_pub, connect
 from common.config import BusConfig, session_id
 from common.log import kv
 from common.signals import StopFlag
-from common.stage import Output, Stage, StageError
+from common.stage import SESSION_BEGIN, SESSION_TOPICS, Output, Stage, StageError
 
 HEARTBEAT_INTERVAL_S = 1.0
 POLL_MS = 50
 MAX_MESSAGES_PER_TURN = 256  # keep the inbox and timers served under a flood
 BUS_WAIT_LOG_INTERVAL_S = 5.0
+
+
+def _session_event(stage: Stage, message, log: logging.Logger) -> None:
+    session = str(message.data.get("session") or "")
+    if not session:
+        raise ValueError(f"{message.topic} without data.session")
+    previous = stage.adopt_session(session) if message.topic == SESSION_BEGIN else stage.out.stamper.session
+    if previous != session:
+        log.info(kv("session_begins", session=session, previous=previous))
+    stage.on_session(message.topic, session, previous)
 
 
 def run_stage(stage: Stage, cfg: BusConfig) -> int:
@@ -28,7 +38,7 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
 
     ctx = zmq.Context()
     publisher = Publisher(connect_pub(ctx, cfg))
-    receiver = Receiver(connect_sub(ctx, cfg, stage.subscriptions), stage.name) if stage.subscriptions else None
+    receiver = Receiver(connect_sub(ctx, cfg, [*stage.subscriptions, *SESSION_TOPICS]), stage.name)
     stage.out = Output(stage.name, session_id(), publisher.send)
     thread_publisher = Publisher(connect_pub(ctx, cfg)) if stage.publishes_from_thread else None
     handler_errors = 0
@@ -36,9 +46,9 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
 
     def heartbeat(state: str) -> None:
         counters = {"state": state, "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 1),
-                    "in": receiver.received if receiver else 0,
+                    "in": receiver.received,
                     "out": publisher.sent + (thread_publisher.sent if thread_publisher else 0),
-                    "bad": receiver.bad_total if receiver else 0, "gaps": receiver.gaps if receiver else 0,
+                    "bad": receiver.bad_total, "gaps": receiver.gaps,
                     "dropped": publisher.dropped + stage.inbox.dropped + (thread_publisher.dropped if thread_publisher
                                                                           else 0), "errors": handler_errors}
         counters.update(stage.counters())
@@ -47,7 +57,7 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
     try:
         handshake = HandshakeWatch(publisher.sock, cfg)
         while not stopping and not wait_for_bus(ctx, cfg, BUS_WAIT_LOG_INTERVAL_S, pub=publisher.sock,
-                                                 sub=receiver.sock if receiver else None):
+                                                 sub=receiver.sock):
             log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub, problem=repr(handshake.poll() or "no answer")))
         handshake.close()
         if thread_publisher is not None:  # attached to the proxy before its first frame, like ours above
@@ -62,8 +72,7 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
         gc.freeze()
         log.info(kv("started", subscriptions=",".join(stage.subscriptions) or "-", session=stage.out.stamper.session))
         poller = zmq.Poller()
-        if receiver:
-            poller.register(receiver.sock, zmq.POLLIN)
+        poller.register(receiver.sock, zmq.POLLIN)
         poller.register(stage.inbox.read_fd, zmq.POLLIN)
         next_beat = time.monotonic()
         next_tick = time.monotonic()
@@ -78,12 +87,12 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                 next_tick = now + stage.tick_interval_s
             wait_until = min(next_beat, next_tick) if stage.tick_interval_s else next_beat
             ready = dict(poller.poll(max(0, min(POLL_MS, int((wait_until - now) * 1000) + 1))))
-            if stage.batch_interval_s and receiver and receiver.sock in ready:
+            if stage.batch_interval_s and receiver.sock in ready:
                 time.sleep(stage.batch_interval_s)  # let frames queue; take them in one wake-up
             if stage.inbox.read_fd in ready:
                 for item in stage.inbox.drain():
                     stage.on_inbox(item)
-            if receiver and receiver.sock in ready:
+            if receiver.sock in ready:
                 for _ in range(limit):
                     if not receiver.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no exception per drain
                         break
@@ -91,7 +100,10 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                     if message is None:
                         continue
                     try:
-                        stage.handle(message)
+                        if message.topic in SESSION_TOPICS:
+                            _session_event(stage, message, log)
+                        else:
+                            stage.handle(message)
                     except Exception:  # one bad message never kills a stage: count it, say where
                         handler_errors += 1
                         log.exception(kv("handler_error", topic=message.topic, src=message.header.src,
@@ -110,11 +122,10 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
             log.exception(kv("stop_failed"))
         heartbeat("stopped")
         log.info(kv("stopped", out=publisher.sent, dropped=publisher.dropped,
-                    bad=receiver.bad_total if receiver else 0, gaps=receiver.gaps if receiver else 0))
+                    bad=receiver.bad_total, gaps=receiver.gaps))
         publisher.sock.close(linger=200)
         if thread_publisher is not None:
             thread_publisher.sock.close(linger=200)
-        if receiver:
-            receiver.sock.close(linger=0)
+        receiver.sock.close(linger=0)
         stage.inbox.close()
         ctx.term()

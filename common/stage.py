@@ -18,6 +18,13 @@ from typing import Any
 from common.envelope import Message, Stamper
 
 INBOX_LIMIT = 4096
+# One conversation after another on one stage set (`voicebus web`: one browser, then the next):
+# whoever starts a conversation publishes SESSION_BEGIN {session}, and SESSION_END {session} when it is
+# over. The runner hands both to every stage (`on_session`) and re-stamps its headers, so nothing of
+# one caller's conversation is carried into the next one's session, trace or Realtime session.
+SESSION_BEGIN = "session.begin"
+SESSION_END = "session.end"
+SESSION_TOPICS = (SESSION_BEGIN, SESSION_END)
 
 
 class StageError(RuntimeError):
@@ -136,3 +143,14 @@ class Stage:
     def counters(self) -> dict[str, Any]:
         """Stage-specific figures added to the heartbeat."""
         return {}
+
+    def on_session(self, topic: str, session: str, previous: str) -> None:
+        """A conversation began (SESSION_BEGIN; headers already carry `session`) or ended (SESSION_END)."""
+
+    def adopt_session(self, session: str) -> str:
+        """Stamp every message from now on with `session`; returns the one it replaces."""
+        previous = self.out.stamper.session
+        self.out.stamper.session = session
+        if self.thread_out is not None:
+            self.thread_out.stamper.session = session
+        return previous

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import threading
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from common.ports import free_port
 
 FAKE_WANDB_KEY = "local-wandb-test-key-" + "0" * 19  # 40 characters, like a real key
 
@@ -26,12 +27,6 @@ class Recorded:
     path: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoopbackTraceServer:

@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import markers  # noqa: E402
 from common.browser import Chromium  # noqa: E402
+from common.ports import free_port  # noqa: E402
 from common.speech import synthesize  # noqa: E402
-from common.trace_server import free_port  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
 from scripts.benchlib import machine, pct  # noqa: E402
 

@@ -12,7 +12,7 @@ import time
 import click
 import zmq
 
-from common.bus import connect_sub
+from common.bus import NO_BUS_WAIT_S, connect_sub, no_bus_message, wait_for_bus
 from common.capture_file import CaptureWriter
 from common.config import BusConfig
 from common.log import kv
@@ -26,12 +26,18 @@ log = logging.getLogger("voicebus.capture")
 
 def run_capture(cfg: BusConfig, path: str, prefixes: list[str], duration_s: float | None, count: int | None) -> int:
     stopping = StopFlag.install()
+    ctx = zmq.Context()
+    sock = connect_sub(ctx, cfg, prefixes)
+    if not wait_for_bus(ctx, cfg, NO_BUS_WAIT_S, sub=sock):  # before the file: no bus, no empty capture
+        sock.close(linger=0)
+        ctx.term()
+        raise click.ClickException(no_bus_message(cfg))
     try:
         writer = CaptureWriter(path)
     except OSError as exc:
+        sock.close(linger=0)
+        ctx.term()
         raise click.ClickException(f"cannot write {path}: {exc.strerror}") from exc
-    ctx = zmq.Context()
-    sock = connect_sub(ctx, cfg, prefixes)
     failed_writes = 0
     write_blocked_until = 0.0
     started = last_progress = time.monotonic()

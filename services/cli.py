@@ -20,6 +20,13 @@ from common.log import setup_logging  # noqa: E402
 from services.simulator.faults import FAULT_KINDS  # noqa: E402
 
 
+class SetupError(click.ClickException):
+    """A stage's arguments or files can never work (bad WAV, broken tools module): exit 2, so `up` stops
+    instead of restarting it (click's usage errors exit 2 as well)."""
+
+    exit_code = 2
+
+
 def bus_options(func):
     """--pub/--sub/--curve-dir/--log-level, shared by every command that touches the bus."""
 
@@ -87,7 +94,20 @@ def tap(cfg, prefixes, as_json, count, duration, stats_interval, quiet):
     sys.exit(run_tap(cfg, list(prefixes), as_json, count, duration, stats_interval, quiet))
 
 
+def _use_run_dir(_ctx, _param, value: str | None) -> str | None:
+    """Parsed before the bus options read it: the run dir decides where the ipc:// bus lives."""
+    if value:
+        path = Path(value).resolve()
+        if len(str(path)) > 80:  # ipc:// socket paths are limited to ~107 bytes
+            raise click.BadParameter(f"{path} is too long for ipc:// sockets (keep it under 80 characters)")
+        os.environ["VOICEBUS_RUN_DIR"] = str(path)
+    return value
+
+
 @main.command()
+@click.option("--run-dir", type=click.Path(file_okay=False), callback=_use_run_dir, is_eager=True,
+              envvar="VOICEBUS_RUN_DIR", expose_value=False,
+              help="Directory (0700) for this pipeline's ipc:// bus; a second pipeline on one machine needs its own.")
 @bus_options
 @click.option("--stages", default=None, help="Comma-separated stages to start (default: the whole pipeline).")
 @click.option("--arg", "stage_args", multiple=True, metavar="STAGE=ARGS",
@@ -97,7 +117,11 @@ def tap(cfg, prefixes, as_json, count, duration, stats_interval, quiet):
 @click.option("--web", "web_stage", is_flag=True, help="Talk from a browser: start the web stage instead of the local "
               "mic and player (open the URL it logs).")
 def up(cfg, stages, stage_args, session, web_stage):
-    """Start the bus and the pipeline's stages; restart any that crash; Ctrl-C stops all."""
+    """Start the bus and the pipeline's stages; restart any that crash; Ctrl-C stops all.
+
+    A stage that finishes its input (mic --wav) is not restarted; one that cannot start (bad arguments,
+    a tools module that does not load) stops `up` with its reason and exit code 2.
+    """
     from services.launcher import run_up
     from services.pipeline import BUS, WEB_STAGES, canonical_args, pipeline_specs
 
@@ -175,7 +199,7 @@ def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, spe
         source = (WavSource(wav_path, frame_ms, speed, loop, lead_silence, tail_silence) if wav_path
                   else DeviceSource(device, rate, channels, frame_ms))
     except WavError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise SetupError(str(exc)) from exc
     sys.exit(run_stage(MicStage(source), cfg))
 
 
@@ -303,6 +327,7 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
 def tools(cfg, modules, mcp_commands, default_timeout, tool_timeouts, max_output_chars):
     """Stage: run the functions the model calls (Python modules, MCP servers); tool.call -> tool.result."""
     from common.runner import run_stage
+    from common.stage import StageError
     from services.tools.stage import ToolsStage
 
     timeouts = {}
@@ -314,23 +339,34 @@ def tools(cfg, modules, mcp_commands, default_timeout, tool_timeouts, max_output
             raise click.BadParameter(f"{item!r}: expected NAME=SECONDS", param_hint="--tool-timeout") from exc
     if not modules and not mcp_commands:
         raise click.UsageError("give at least one --module or --mcp (try --module examples/tools.py)")
-    sys.exit(run_stage(ToolsStage(list(modules), list(mcp_commands), default_timeout, timeouts, max_output_chars),
-                       cfg))
+    stage = ToolsStage(list(modules), list(mcp_commands), default_timeout, timeouts, max_output_chars)
+    try:
+        stage.load_modules()  # before waiting for a bus: a module that does not load says so now
+    except StageError as exc:
+        raise SetupError(str(exc)) from exc
+    sys.exit(run_stage(stage, cfg))
 
 
 @main.command()
-@click.option("--question", "questions", multiple=True, help="A question to speak (repeatable; default: two).")
+@click.option("--question", "questions", multiple=True,
+              help="A question to speak (repeatable; default: the weather, the time in Tokyo, a short story).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="voicebus-demo", show_default=True,
               help="Where recordings and logs go (a folder per session).")
 @click.option("--voice", default="slt", show_default=True, help="flite voice for the questions (slt, rms, awb, kal16).")
 @click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
+@click.option("--tools", "tool_modules", multiple=True, metavar="PATH_OR_MODULE",
+              help="Your own tools (typed Python functions) instead of examples/tools.py (repeatable).")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False),
+              help="Reply rules for the simulator (see `voicebus simulate --help`), e.g. to call your tool when "
+              "a question matches. Offline only.")
 @click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
-def demo(questions, out_dir, voice, root, log_level):
+def demo(questions, out_dir, voice, root, tool_modules, rules, log_level):
     """The whole pipeline offline: speak questions, hear answers, print the conversation and latency."""
     from services.demo import DEFAULT_QUESTIONS, run_demo
 
     setup_logging(log_level)
-    sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice, _trace_root(root)))
+    sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice, _trace_root(root),
+                      list(tool_modules), Path(rules) if rules else None))
 
 
 @main.command()
@@ -356,7 +392,7 @@ def capture(cfg, path, prefixes, duration, count):
 @click.option("--from", "from_s", type=float, help="Start this many seconds into the capture.")
 @click.option("--to", "to_s", type=float, help="Stop this many seconds into the capture.")
 def replay(cfg, path, prefixes, only, speed, loop, from_s, to_s):
-    """Publish a capture again with its original pacing (e.g. --only audio.user into a running gateway)."""
+    """Publish a capture again with its original pacing, for example only audio.user into a running gateway."""
     from common.capture_file import CaptureError
     from common.config import session_id
     from services.replay import run_replay
@@ -529,4 +565,4 @@ def simulate(host, port, api_key, pace, chunk_ms, burst_ms, think_ms, rules, fau
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="voicebus")  # usage lines name the command the user knows, not `python -m services.cli`

@@ -22,8 +22,8 @@ from common.bus import Receiver, connect_sub
 from common.config import BusConfig, new_session_id, openai_target
 from common.speech import synthesize
 from common.wavio import write_wav
-from services.launcher import ProcessSpec, Supervisor, spawn
-from services.pipeline import EXAMPLE_TOOLS, SIMULATOR
+from services.launcher import LauncherError, ProcessSpec, Supervisor, spawn
+from services.pipeline import EXAMPLE_TOOLS, simulator_spec
 
 DEFAULT_QUESTIONS = ["what is the weather like today", "what time is it in tokyo", "please tell me a short story"]
 TURN_TIMEOUT_S = 60.0
@@ -41,13 +41,19 @@ class Turn:
     tools: list[str] | None = None  # "name(arguments) -> output" for each call the model made
 
 
+def _poll(supervisor: Supervisor) -> None:
+    supervisor.poll()
+    if supervisor.fatal is not None:
+        raise click.ClickException(supervisor.fatal)
+
+
 def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
     speech_end_ns = None
     first_delta_ns: dict[str, int] = {}
     deadline = time.monotonic() + TURN_TIMEOUT_S
     done = False
     while time.monotonic() < deadline:
-        supervisor.poll()
+        _poll(supervisor)
         message = receiver.recv(timeout_ms=50)
         if message is None:
             continue
@@ -80,7 +86,8 @@ def _wait_turn(receiver: Receiver, turn: Turn, supervisor: Supervisor) -> None:
                                f"see the logs above)")
 
 
-def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root: Path) -> int:
+def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root: Path,
+             tool_modules: list[str] | None = None, rules: Path | None = None) -> int:
     session = new_session_id()
     out_dir = (out_dir or Path("voicebus-demo")) / session
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,22 +95,26 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
     os.chmod(run, 0o700)
     cfg = BusConfig(pub=f"ipc://{run}/pub.sock", sub=f"ipc://{run}/sub.sock")
     target = openai_target()
-    specs: list[ProcessSpec] = []
-    if target.is_simulator:
-        port = target.base_url.rsplit(":", 1)[1].split("/", 1)[0]
-        specs.append(ProcessSpec(SIMULATOR, ["simulate", "--port", port, "--log-level", "WARNING"], heartbeat=False))
-        click.echo(f"offline: OPENAI_API_KEY is not set, so the local simulator at {target.base_url} answers "
-                   "(flite speaks, pocketsphinx listens; it is not OpenAI)")
+    quiet = ["--log-level", "WARNING"]
+    env = {"VOICEBUS_LOG_LEVEL": "WARNING"}
+    simulator = simulator_spec([*quiet, *(["--rules", str(rules)] if rules else [])], env)
+    specs: list[ProcessSpec] = [simulator] if simulator is not None else []
+    if simulator is not None:
+        click.echo(f"offline: OPENAI_API_KEY is not set, so the local simulator on port {simulator.ready_port} "
+                   "answers (flite speaks, pocketsphinx listens; it is not OpenAI)"
+                   + (f"; its replies follow {rules}" if rules else ""))
+    elif target.is_simulator:
+        click.echo(f"offline: the simulator already running at {target.base_url} answers (VOICEBUS_SIM_URL)")
     else:
         click.echo(f"online: talking to {target.base_url} (OPENAI_API_KEY is set)")
-    quiet = ["--log-level", "WARNING"]
+    modules = [arg for module in (tool_modules or [str(EXAMPLE_TOOLS)]) for arg in ("--module", module)]
     specs += [ProcessSpec("gateway", ["gateway", "--ws-log", str(out_dir / "websocket.jsonl"), *quiet]),
               ProcessSpec("resample", ["resample", *quiet]),
-              ProcessSpec("tools", ["tools", "--module", str(EXAMPLE_TOOLS), *quiet]),
+              ProcessSpec("tools", ["tools", *modules, *quiet]),
               ProcessSpec("player", ["player", "--wav", str(out_dir / "assistant-played.wav"), *quiet]),
               ProcessSpec("logger", ["logger", "--root", str(trace_root), *quiet])]
     click.echo(f"starting bus and {', '.join(s.name for s in specs)} (session {session})")
-    supervisor = Supervisor(cfg, specs, session, {"VOICEBUS_LOG_LEVEL": "WARNING"})
+    supervisor = Supervisor(cfg, specs, session, env)
     ctx = zmq.Context()
     receiver = Receiver(connect_sub(ctx, cfg, ["rt.", "player.state", "health."]), "demo")
     turns = [Turn(q) for q in questions]
@@ -114,7 +125,10 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        supervisor.start()
+        try:
+            supervisor.start()
+        except LauncherError as exc:
+            raise click.ClickException(str(exc)) from exc
         _wait_ready(receiver, supervisor)
         for index, turn in enumerate(turns, 1):
             wav = write_wav(out_dir / f"question-{index}.wav", synthesize(turn.question, voice, MIC_RATE), MIC_RATE)
@@ -156,7 +170,7 @@ def _wait_ready(receiver: Receiver, supervisor: Supervisor) -> None:
     deadline = time.monotonic() + 60
     seen: set[str] = set()
     while time.monotonic() < deadline:
-        supervisor.poll()
+        _poll(supervisor)
         message = receiver.recv(timeout_ms=100)
         if message is None:
             continue

@@ -56,11 +56,12 @@ def check_pulse() -> bool:
     return _line(True, f"PulseAudio answers (default sink {server})")
 
 
-def check_bus(cfg: BusConfig) -> bool:
+def check_bus(cfg: BusConfig) -> tuple[bool, dict[str, dict]]:
+    """Whether the bus answers and its stages beat; the stages seen (name -> last heartbeat)."""
     ctx = zmq.Context()
     try:
         if not wait_for_bus(ctx, cfg, timeout_s=1.5):
-            return _line(False, f"no bus at {cfg.pub} / {cfg.sub}", "voicebus up (or voicebus bus)")
+            return _line(False, f"no bus at {cfg.pub} / {cfg.sub}", "voicebus up (or voicebus bus)"), {}
         _line(True, f"bus answers at {cfg.sub}")
         receiver = Receiver(connect_sub(ctx, cfg, ["health."]), "doctor")
         seen: dict[str, dict] = {}
@@ -72,7 +73,7 @@ def check_bus(cfg: BusConfig) -> bool:
         receiver.sock.close(0)
         for stage, data in sorted(seen.items()):
             _line(True, f"stage {stage}: " + " ".join(f"{k}={v}" for k, v in data.items() if k != "state"))
-        return _line(bool(seen), f"{len(seen)} stage(s) sending heartbeats", "voicebus up")
+        return _line(bool(seen), f"{len(seen)} stage(s) sending heartbeats", "voicebus up"), seen
     finally:
         ctx.term()
 
@@ -88,5 +89,12 @@ def check_keys() -> bool:
 
 
 def run_doctor(cfg: BusConfig) -> int:
-    results = [check_audio(), check_pulse(), check_bus(cfg), check_keys()]
+    """Judge the set-up that is running: a browser pipeline (web stage, no mic or player) needs no sound card."""
+    bus_ok, stages = check_bus(cfg)
+    results = [bus_ok]
+    if "web" in stages and not {"mic", "player"} & set(stages):
+        _line(True, "audio devices: not needed (the web stage serves a browser; no mic or player stage runs)")
+    else:
+        results += [check_audio(), check_pulse()]
+    results.append(check_keys())
     return 0 if all(results) else 1

@@ -2,25 +2,37 @@
 
 Children are ordinary `voicebus <stage>` processes (the same ones the Procfile lists for honcho).
 Each gets PR_SET_PDEATHSIG so that even a SIGKILL of the launcher leaves no orphan behind.
+
+What is restarted and what is not (as LiveKit's supervised job processes, a child has a lifecycle):
+a stage that crashes after it started (its first heartbeat, or its port listening) is restarted with
+backoff; one that exits 0 has finished its input (a WAV mic) and is done; one that exits 2 before it
+started was given arguments or a configuration it can never run with, and so is one that keeps
+dying before it starts: `up` stops with that stage's own last words instead of looping.
+One bus, one launcher: a lock beside the bus endpoints refuses a second `up` on the same bus.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
+import hashlib
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import zmq
 
 from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
-from common.config import BusConfig
+from common.config import BusConfig, run_dir
 from common.envelope import Stamper
 from common.log import kv
+from common.ports import port_listening
 from common.signals import StopFlag
 
 HEARTBEAT_TIMEOUT_S = 5.0  # five missed beats
@@ -31,6 +43,10 @@ HEALTHY_RESET_S = 30.0  # a run this long resets the backoff
 STOP_STAGES_S = 3.0
 STOP_BUS_S = 1.5
 PR_SET_PDEATHSIG = 1
+USAGE_EXIT_CODE = 2  # click's usage errors and StageError: arguments or set-up the stage can never run with
+MAX_FAILED_STARTS = 5  # exits in a row without ever starting: a crash loop, not bad luck
+PORT_READY_TIMEOUT_S = 30.0
+STDERR_TAIL_LINES = 20
 
 log = logging.getLogger("voicebus.launcher")
 
@@ -41,11 +57,16 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class LauncherError(RuntimeError):
+    """`up` cannot run (or go on): one line for the user, exit code 2."""
+
+
 @dataclass
 class ProcessSpec:
     name: str
     args: list[str]  # arguments to `voicebus`
     heartbeat: bool = True  # bus stages beat on health.<name>; the simulator does not
+    ready_port: int | None = None  # started = listening here (the simulator); later stages wait for it
 
 
 @dataclass
@@ -57,7 +78,16 @@ class Child:
     restarts: int = 0
     backoff_s: float = BACKOFF_START_S
     start_due: float = 0.0
-    history: list[str] = field(default_factory=list)
+    started: bool = False  # this run beat (or listened) at least once
+    failed_starts: int = 0  # exits in a row before starting
+    finished: bool = False  # exited 0: its input is done
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
+
+    def last_words(self) -> str:
+        """The line that says why the child stopped: its last error line, else its last line."""
+        lines = [line for line in self.stderr_tail if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        return (errors or lines or ["(it printed nothing)"])[-1].strip()
 
 
 def child_env(cfg: BusConfig, session: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -70,8 +100,52 @@ def child_env(cfg: BusConfig, session: str, extra: dict[str, str] | None = None)
     return env
 
 
-def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, preexec_fn=_die_with_parent)
+def spawn(args: list[str], env: dict[str, str], stderr_tail: deque[str] | None = None) -> subprocess.Popen:
+    """Start `voicebus ARGS`; with `stderr_tail`, its stderr is passed through and its last lines kept."""
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, preexec_fn=_die_with_parent,
+                            stderr=subprocess.PIPE if stderr_tail is not None else None)
+    if stderr_tail is not None:
+        threading.Thread(target=_pass_stderr, args=(proc, stderr_tail), name=f"stderr-{proc.pid}",
+                         daemon=True).start()
+    return proc
+
+
+def _pass_stderr(proc: subprocess.Popen, tail: deque[str]) -> None:
+    assert proc.stderr is not None
+    for raw in proc.stderr:
+        sys.stderr.buffer.write(raw)
+        sys.stderr.buffer.flush()
+        tail.append(raw.decode(errors="replace").rstrip("\n"))
+
+
+class BusLock:
+    """One launcher per bus: an flock held for the launcher's life beside the bus endpoints.
+
+    The kernel drops it when the launcher dies however it dies, so a stale file never blocks.
+    """
+
+    def __init__(self, cfg: BusConfig) -> None:
+        digest = hashlib.sha1(f"{cfg.pub} {cfg.sub}".encode()).hexdigest()[:12]
+        self.path = run_dir() / f"up-{digest}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LauncherError(f"another `voicebus up` (pid {holder}) runs this bus; stop it, or run this one "
+                                "apart with `voicebus up --run-dir DIR`") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def terminate(procs: list[subprocess.Popen], within_s: float) -> None:
@@ -103,8 +177,15 @@ class Supervisor:
         self.receiver: Receiver | None = None
         self.events: Publisher | None = None
         self.stamper = Stamper("launcher", session)
+        self.lock = BusLock(cfg)
+        self.fatal: str | None = None  # why `up` must stop, once a child can never start
 
     def start(self, bus_timeout_s: float = 15.0) -> None:
+        self.lock.acquire()
+        if wait_for_bus(self.ctx, self.cfg, timeout_s=0.3):
+            raise LauncherError(f"a bus already answers at {self.cfg.pub} (another pipeline, or a `voicebus bus` "
+                                "started by hand); this `up` would join it: stop it, or run this one apart with "
+                                "`voicebus up --run-dir DIR`")
         self.bus_proc = spawn(self.bus_args, self.env)
         if not wait_for_bus(self.ctx, self.cfg, timeout_s=bus_timeout_s):
             raise RuntimeError(f"the bus did not answer within {bus_timeout_s:.0f}s (see its log above)")
@@ -114,11 +195,28 @@ class Supervisor:
         wait_for_bus(self.ctx, self.cfg, timeout_s=5.0, pub=self.events.sock)
         for child in self.children:
             self._start(child)
+            if child.spec.ready_port is not None:
+                self._wait_listening(child)
+
+    def _wait_listening(self, child: Child) -> None:
+        """Later stages connect to it (the gateway to the simulator): start them once it listens."""
+        assert child.proc is not None and child.spec.ready_port is not None
+        deadline = time.monotonic() + PORT_READY_TIMEOUT_S
+        while time.monotonic() < deadline and child.proc.poll() is None:
+            if port_listening(child.spec.ready_port):
+                child.started = True
+                return
+            time.sleep(0.05)
+        if child.proc.poll() is not None:
+            raise LauncherError(f"{child.spec.name} could not start: {child.last_words()}")
+        log.warning(kv("not_listening", stage=child.spec.name, port=child.spec.ready_port,
+                       after_s=PORT_READY_TIMEOUT_S))
 
     def _start(self, child: Child) -> None:
-        child.proc = spawn(child.spec.args, self.env)
+        child.proc = spawn(child.spec.args, self.env, child.stderr_tail)
         child.started_at = time.monotonic()
         child.last_beat = None
+        child.started = False
         log.info(kv("started", stage=child.spec.name, pid=child.proc.pid))
         self._announce("launcher.started", stage=child.spec.name, pid=child.proc.pid, restarts=child.restarts)
 
@@ -131,8 +229,9 @@ class Supervisor:
         while (message := self.receiver.recv(timeout_ms=0)) is not None:
             name = message.topic.removeprefix("health.")
             for child in self.children:
-                if child.spec.name == name:
+                if child.spec.name == name and message.data.get("state") == "running":  # not its last "stopped"
                     child.last_beat = time.monotonic()
+                    child.started, child.failed_starts = True, 0
 
     def poll(self) -> None:
         """Check every child once: restart the dead and the silent, with backoff."""
@@ -146,12 +245,18 @@ class Supervisor:
                            restarts=None)
         for child in self.children:
             proc = child.proc
+            if child.finished:
+                continue
             if proc is None:
                 if now >= child.start_due:
                     self._start(child)
                 continue
+            if child.spec.ready_port is not None and not child.started and proc.poll() is None:
+                child.started = port_listening(child.spec.ready_port)
             reason = None
             if proc.poll() is not None:
+                if self._ended_for_good(child, proc.returncode):
+                    continue
                 reason = f"exited with code {proc.returncode}"
             elif child.spec.heartbeat:
                 since = child.last_beat if child.last_beat is not None else child.started_at
@@ -173,6 +278,26 @@ class Supervisor:
                            restarts=child.restarts)
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
 
+    def _ended_for_good(self, child: Child, code: int) -> bool:
+        """True when this exit is not one to restart: finished input, or a stage that can never start."""
+        name = child.spec.name
+        if code == 0:
+            child.finished, child.proc = True, None
+            log.info(kv("finished", stage=name, reason="exited 0: its input is done (not restarted)"))
+            self._announce("launcher.finished", stage=name)
+            return True
+        if not child.started:
+            child.failed_starts += 1
+            if code == USAGE_EXIT_CODE or child.failed_starts >= MAX_FAILED_STARTS:
+                why = "a usage or configuration error" if code == USAGE_EXIT_CODE else \
+                    f"it exited {child.failed_starts} times in a row before it started"
+                self.fatal = f"{name} cannot start ({why}): {child.last_words()}"
+                child.finished, child.proc = True, None
+                log.error(kv("stage_cannot_start", stage=name, code=code, reason=repr(child.last_words())))
+                self._announce("launcher.fatal", stage=name, code=code, reason=self.fatal)
+                return True
+        return False
+
     def stop(self) -> None:
         """Stages in reverse order of start, then the bus; everything gone within ~5 s."""
         stage_procs = [c.proc for c in reversed(self.children) if c.proc is not None]
@@ -183,19 +308,27 @@ class Supervisor:
         if self.bus_proc is not None:
             terminate([self.bus_proc], within_s=STOP_BUS_S)
         self.ctx.term()
-        log.info(kv("stopped_all"))
+        self.lock.release()
+        if self.bus_proc is not None:  # a refused `up` started nothing, and says only why
+            log.info(kv("stopped_all"))
 
 
 def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: dict[str, str] | None = None,
            bus_args: list[str] | None = None) -> int:
+    """Run the pipeline until Ctrl-C (0), or until a stage can never start (2, with its reason)."""
     stopping = StopFlag.install()
     supervisor = Supervisor(cfg, specs, session, env_extra, bus_args)
     try:
         supervisor.start()
         log.info(kv("pipeline_up", stages=",".join(s.name for s in specs), session=session))
-        while not stopping:
+        while not stopping and supervisor.fatal is None:
             supervisor.poll()
             time.sleep(0.1)
+    except LauncherError as exc:
+        supervisor.fatal = str(exc)
     finally:
         supervisor.stop()
+    if supervisor.fatal is not None:
+        print(f"voicebus up: {supervisor.fatal}", file=sys.stderr)
+        return USAGE_EXIT_CODE
     return 0

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from common.config import openai_target
+from common.config import SIMULATOR_DEFAULT_PORT, OpenAITarget, openai_target
 from common.log import kv
-from services.launcher import ProcessSpec
+from common.ports import free_port, port_listening
+from services.launcher import PORT_READY_TIMEOUT_S, ProcessSpec, spawn, terminate
 
 EXAMPLE_TOOLS = Path(__file__).resolve().parent.parent / "examples" / "tools.py"
 # stage name -> `voicebus` arguments, in start order
@@ -52,15 +56,54 @@ def pipeline_specs(names: list[str] | None, extra_args: dict[str, list[str]]) ->
                          f"--arg: {', '.join([BUS, SIMULATOR, *STAGES])}")
     specs = [ProcessSpec(name, STAGES[name] + extra_args.get(name, [])) for name in names]
     env: dict[str, str] = {}
+    if "gateway" in names:
+        simulator = simulator_spec(extra_args.get(SIMULATOR, []), env)
+        if simulator is not None:
+            specs.insert(0, simulator)
+    return specs, env
+
+
+def simulator_spec(args: list[str], env: dict[str, str]) -> ProcessSpec | None:
+    """The simulator to start when offline (None: online, or one already named by VOICEBUS_SIM_URL).
+
+    It gets the default port unless something holds it (another pipeline's simulator): then a free
+    one, written into `env` for the gateway. Stages started after it wait until it listens.
+    """
     target = openai_target()
-    if target.is_simulator and os.environ.get("VOICEBUS_SIM_URL"):
+    if not target.is_simulator:
+        log.info(kv("openai_target", base_url=target.base_url))
+        return None
+    if os.environ.get("VOICEBUS_SIM_URL"):
         log.warning(kv("offline", reason="OPENAI_API_KEY is not set",
                        using=f"the simulator already running at {target.base_url} (VOICEBUS_SIM_URL; not starting one)"))
-    elif target.is_simulator and "gateway" in names:
-        port = target.base_url.rsplit(":", 1)[1].split("/", 1)[0]
-        specs.insert(0, ProcessSpec(SIMULATOR, ["simulate", "--port", port, *extra_args.get(SIMULATOR, [])],
-                                    heartbeat=False))
-        log.warning(kv("offline", reason="OPENAI_API_KEY is not set", using=f"local simulator at {target.base_url}"))
-    else:
-        log.info(kv("openai_target", base_url=target.base_url))
-    return specs, env
+        return None
+    port = int(target.base_url.rsplit(":", 1)[1].split("/", 1)[0])
+    if "VOICEBUS_SIM_PORT" not in os.environ and port == SIMULATOR_DEFAULT_PORT and port_listening(port):
+        port = free_port()
+        log.info(kv("simulator_port", default=SIMULATOR_DEFAULT_PORT, reason="in use", using=port))
+    env["VOICEBUS_SIM_PORT"] = str(port)
+    log.warning(kv("offline", reason="OPENAI_API_KEY is not set", using=f"local simulator on port {port}"))
+    return ProcessSpec(SIMULATOR, ["simulate", "--port", str(port), *args], heartbeat=False, ready_port=port)
+
+
+@contextlib.contextmanager
+def simulator_for(target: OpenAITarget) -> Iterator[str]:
+    """A base URL that answers for the offline target: the simulator already listening there, else one
+    started for as long as the caller needs it (`voicebus say`)."""
+    port = int(target.base_url.rsplit(":", 1)[1].split("/", 1)[0])
+    if os.environ.get("VOICEBUS_SIM_URL") or port_listening(port):
+        yield target.base_url
+        return
+    env: dict[str, str] = {}
+    spec = simulator_spec(["--log-level", "WARNING"], env)
+    assert spec is not None and spec.ready_port is not None
+    proc = spawn(spec.args, {**os.environ, **env})
+    try:
+        deadline = time.monotonic() + PORT_READY_TIMEOUT_S
+        while not port_listening(spec.ready_port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the local simulator did not start (exit code {proc.poll()})")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{spec.ready_port}/v1"
+    finally:
+        terminate([proc], within_s=3.0)

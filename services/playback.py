@@ -44,6 +44,7 @@ class PlaybackBuffer:
         self._starved_item: str | None = None
         self.item_changed = False
         self.item_started_ns = 0
+        self.last_output_at = 0.0  # monotonic: when the last sample of an item was handed to the output
         self.handoff_ms: deque[float] = deque(maxlen=500)  # frame received -> first sample handed to output
 
     @staticmethod
@@ -89,6 +90,8 @@ class PlaybackBuffer:
                 self._bump(self.played, segment.item_id, len(take) // BYTES_PER_SAMPLE)
                 if segment.offset >= len(segment.pcm):
                     self._segments.popleft()
+            if out:
+                self.last_output_at = time.monotonic()
             if len(out) < wanted:
                 self.playing = False
                 self._starved_item = self.current.item_id if self.current else None
@@ -104,6 +107,15 @@ class PlaybackBuffer:
             self.playing = False
             self._starved_item = None
         return round(1000 * dropped / BYTES_PER_SAMPLE / self.rate)
+
+    def reset(self) -> None:
+        """A new listener: nothing of the last one's items is played, reported or counted for them."""
+        self.flush()
+        with self._lock:
+            self.current = None
+            self.played.clear()
+            self.received.clear()
+            self.item_changed = True
 
     def snapshot(self) -> dict[str, object]:
         with self._lock:

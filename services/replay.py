@@ -7,11 +7,12 @@ the header (pts, t_capture_ns, item ids, data) is kept, so a stage downstream se
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import zmq
 
-from common.bus import Publisher, connect_pub, wait_for_bus
+from common.bus import NO_BUS_WAIT_S, Publisher, connect_pub, no_bus_message, wait_for_bus
 from common.capture_file import ReadReport, Record, read_capture
 from common.config import BusConfig
 from common.envelope import EnvelopeError, Message, Stamper, decode
@@ -72,8 +73,10 @@ def run_replay(cfg: BusConfig, path: str, prefixes: list[str], speed: float | No
     stopping = StopFlag.install()
     ctx = zmq.Context()
     publisher = Publisher(connect_pub(ctx, cfg))
-    if not wait_for_bus(ctx, cfg, timeout_s=10, pub=publisher.sock):
-        log.error(kv("no_bus", pub=cfg.pub))
+    if not wait_for_bus(ctx, cfg, timeout_s=NO_BUS_WAIT_S, pub=publisher.sock):
+        print(f"voicebus replay: {no_bus_message(cfg)}", file=sys.stderr)
+        publisher.sock.close(linger=0)  # a probe still queued would hold the context open forever
+        ctx.term()
         return 1
     stamper = Stamper("replay", session)
     base = messages[0][0]

@@ -46,18 +46,37 @@ def _player_publisher(session: str):
 
 def run_say(prompt: str, out: Path, model: str, voice: str, system: str | None, play: bool, root: Path,
             upload: bool) -> int:
-    from openai import APIConnectionError, APIError, OpenAI
+    from openai import OpenAI
 
     target = openai_target()
-    if target.is_simulator:
-        click.echo(f"offline: OPENAI_API_KEY is not set, asking the local simulator at {target.base_url}", err=True)
-    client = OpenAI(base_url=target.base_url, api_key=target.api_key, max_retries=1)
+    if not target.is_simulator:
+        return _say(OpenAI(base_url=target.base_url, api_key=target.api_key, max_retries=1), target.base_url, prompt,
+                    out, model, voice, system, play, root, upload)
+    from services.pipeline import simulator_for
+
+    try:
+        with simulator_for(target) as base_url:
+            click.echo(f"offline: OPENAI_API_KEY is not set, asking the local simulator at {base_url} "
+                       "(flite speaks; it is not OpenAI)", err=True)
+            return _say(OpenAI(base_url=base_url, api_key=target.api_key, max_retries=1), base_url, prompt, out,
+                        model, voice, system, play, root, upload)
+    except RuntimeError as exc:
+        raise SayError(str(exc)) from exc
+
+
+def _say(client, base_url: str, prompt: str, out: Path, model: str, voice: str, system: str | None, play: bool,
+         root: Path, upload: bool) -> int:
+    """Stream the answer into `out` (written as `.NAME.partial` until it is complete, so a failure never
+    leaves a broken file under the name asked for), then store it."""
+    from openai import APIConnectionError, APIError
+
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     session = new_session_id()
     item_id = f"say_{session}"
     bus = _player_publisher(session) if play else None
-    writer = WavWriter(out, RATE, 1)
-    transcript, samples, usage, started = "", 0, None, time.time_ns()
+    partial = out.with_name(f".{out.name}.partial")
+    writer = WavWriter(partial, RATE, 1)
+    transcript, samples, usage, started, complete = "", 0, None, time.time_ns(), False
     try:
         stream = client.chat.completions.create(model=model, modalities=["text", "audio"], messages=messages,
                                                 audio={"voice": voice, "format": "pcm16"}, stream=True,
@@ -82,20 +101,23 @@ def run_say(prompt: str, out: Path, model: str, voice: str, system: str | None, 
                                      t_capture_ns=time.time_ns(), item_id=item_id, response_id=item_id,
                                      content_index=0)
                     samples += len(pcm) // 2
+        complete = samples > 0
     except APIConnectionError as exc:
-        hint = " (start it with `voicebus simulate`)" if target.is_simulator else ""
-        raise SayError(f"cannot reach {target.base_url}{hint}: {exc}") from exc
+        raise SayError(f"cannot reach {base_url}: {exc}") from exc
     except APIError as exc:
         raise SayError(f"the API refused the request: {exc}") from exc
     finally:
         writer.close()
+        if complete:
+            partial.replace(out)
+        else:
+            partial.unlink(missing_ok=True)
         if bus is not None:
             time.sleep(0.2)
             bus[1].sock.close(linger=1000)
             bus[0].term()
     click.echo()
     if samples == 0:
-        out.unlink(missing_ok=True)
         raise SayError("the answer carried no audio (text only); nothing was written")
     click.echo(f"wrote {out}: {samples / RATE:.2f} s, 24000 Hz mono 16-bit", err=True)
     _store(root, session, prompt, system, model, voice, transcript, out, usage, started)

@@ -10,7 +10,7 @@ from typing import TextIO
 
 import zmq
 
-from common.bus import HandshakeWatch, Receiver, connect_sub
+from common.bus import NO_BUS_WAIT_S, HandshakeWatch, Receiver, connect_sub, no_bus_message, wait_for_bus
 from common.config import BusConfig
 from common.envelope import AudioHeader, Message
 from common.signals import StopFlag
@@ -44,6 +44,12 @@ def run_tap(cfg: BusConfig, prefixes: list[str], as_json: bool, count: int | Non
     ctx = zmq.Context()
     receiver = Receiver(connect_sub(ctx, cfg, prefixes), "tap")
     handshake = HandshakeWatch(receiver.sock, cfg)
+    if not wait_for_bus(ctx, cfg, NO_BUS_WAIT_S, sub=receiver.sock):
+        print(f"voicebus tap: {no_bus_message(cfg, handshake.poll())}", file=sys.stderr)
+        handshake.close()
+        receiver.sock.close(linger=0)
+        ctx.term()
+        return 1
     per_topic: Counter[str] = Counter()
     seen = 0
     started = last_stats = time.monotonic()

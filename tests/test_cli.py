@@ -24,6 +24,8 @@ def test_help_lists_every_command_with_one_line_help():
     listed = dict(re.findall(r"^  (\w+)\s+(.+)$", section, re.MULTILINE))
     assert sorted(listed) == COMMANDS
     assert all(text.strip() and not text.endswith("...") for text in listed.values())
+    # a whole sentence each: click cuts at the first period, as after "e.g." (it once left "(e.g.")
+    assert all(text.count("(") == text.count(")") for text in listed.values()), listed
     for command in COMMANDS:
         assert _run(command, "--help").returncode == 0
 
@@ -66,3 +68,71 @@ def test_demo_runs_offline_and_prints_the_conversation(base_env, tmp_path):
     assert (session_dir / "report.html").exists()
     trace_dir = tmp_path / "sessions" / session_dir.name
     assert (trace_dir / "turns.jsonl").read_text().count("\n") == 2
+
+
+def test_demo_shows_your_own_tool_with_your_rules(base_env, tmp_path):
+    tools = tmp_path / "my_tools.py"
+    tools.write_text('def lucky_number(name: str = "you") -> dict:\n    """A lucky number."""\n'
+                     '    return {"number": 7, "name": name}\n')
+    rules = tmp_path / "rules.json"
+    rules.write_text('[{"match": "lucky", "call": {"name": "lucky_number", "arguments": {}}, '
+                     '"after_call": "Your lucky number is {number}."}]')
+    result = _run("demo", "--question", "what is my lucky number", "--tools", str(tools), "--rules", str(rules),
+                  "--out", str(tmp_path / "out"), "--root", str(tmp_path / "sessions"), env=base_env, timeout=150)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r'tool call: +lucky_number -> \{"number": 7, "name": "you"\}', result.stdout), result.stdout
+    assert "assistant:                 'Your lucky number is 7.'" in result.stdout
+    helped = _run("demo", "--help").stdout
+    assert "the weather, the time in Tokyo, a short story" in helped and "--tools" in helped and "--rules" in helped
+
+
+def test_say_works_offline_and_never_leaves_a_broken_file(base_env, tmp_path):
+    from common.ports import free_port
+    from common.wavio import read_wav
+
+    answer = tmp_path / "answer.wav"
+    offline = {**base_env, "VOICEBUS_SIM_PORT": str(free_port())}  # nothing listens: say starts the simulator
+    result = _run("say", "hello there", "-o", str(answer), "--root", str(tmp_path / "sessions"), env=offline,
+                  timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "local simulator" in result.stderr and "I heard: hello there" in result.stdout
+    wav = read_wav(answer)
+    assert wav.rate == 24000 and len(wav.pcm) > 24000
+    # a target that does not answer: a clear error, and no answer.wav, whole or partial
+    broken = tmp_path / "broken.wav"
+    down = {**base_env, "VOICEBUS_SIM_URL": f"http://127.0.0.1:{free_port()}/v1"}
+    result = _run("say", "hello", "-o", str(broken), "--root", str(tmp_path / "sessions"), env=down, timeout=90)
+    assert result.returncode == 1 and "cannot reach" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answer.wav", "sessions"]
+
+
+def test_without_a_bus_tools_that_need_one_say_so_and_fail(base_env, tmp_path):
+    from common.capture_file import CaptureWriter
+    from common.envelope import Stamper, encode
+
+    for args in (["tap", "--duration", "3"], ["capture", "-o", str(tmp_path / "c.vbcap")]):
+        result = _run(*args, env=base_env, timeout=30)
+        assert result.returncode != 0 and "no bus answers at" in result.stderr and "voicebus up" in result.stderr, \
+            (args, result.stdout, result.stderr)
+    assert not (tmp_path / "c.vbcap").exists()  # no empty capture left behind
+    capture = tmp_path / "one.vbcap"
+    writer = CaptureWriter(str(capture))
+    writer.write(1, encode(Stamper("test", "s").event("demo.x", {}, 1)))
+    writer.close()
+    result = _run("replay", str(capture), env=base_env, timeout=30)
+    assert result.returncode == 1 and "no bus answers at" in result.stderr, result.stderr
+    broken = tmp_path / "broken_tools.py"
+    broken.write_text("def broken(:\n")
+    result = _run("tools", "--module", str(broken), env=base_env, timeout=30)  # before waiting for any bus
+    assert result.returncode == 2 and "cannot load tools from" in result.stderr and "SyntaxError" in result.stderr
+
+
+def test_doctor_judges_a_browser_pipeline_without_sound_devices(procs, client_factory, base_env):
+    procs.voicebus("web", "--port", "0")
+    client = client_factory(["health.web"])
+    client.wait_for(lambda m: m.topic == "health.web", timeout_s=30)
+    no_sound = {k: v for k, v in base_env.items() if k not in ("PULSE_SERVER", "PULSE_RUNTIME_PATH")}
+    result = _run("doctor", env={**no_sound, "XDG_RUNTIME_DIR": str(procs.log_dir)})
+    assert result.returncode == 0, result.stdout
+    assert "audio devices: not needed (the web stage serves a browser" in result.stdout
+    assert "stage web:" in result.stdout

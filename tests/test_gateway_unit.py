@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import numpy as np
 
@@ -231,3 +232,47 @@ def test_appended_audio_goes_on_the_bus_as_runs_published_before_any_later_event
     assert [(r["pts"], r["frames"]) for r in runs] == [(0, per_run), (480 * per_run, 3), (480 * 1000, 1)]
     assert topics.index("rt.input_audio_buffer.speech_started") > max(
         i for i, t in enumerate(topics) if t == "rt.sent.input_audio_buffer.append")
+
+
+def test_a_reply_no_player_reported_on_is_not_audible_once_it_would_have_played_out():
+    tracker = AudibleTracker()
+    item = tracker.add_audio("item_1", "resp_1", 0, tone(300, 1.0, 24000), now=100.0)
+    assert tracker.audible_item(now=100.5) is item  # a player may not have reported yet
+    assert tracker.audible_item(now=102.5) is None  # 1 s of audio, 1.5 s past it: nobody is hearing it
+
+
+def test_speech_after_a_reply_played_to_its_end_sends_no_truncate():
+    """The player's flushed state says all of it was heard: a new turn, not an interruption."""
+    from common.envelope import Stamper
+
+    stage, published, sent = _gateway(interrupt_response=True)
+    now = time.monotonic()
+    stage.tracker.add_audio("item_1", "resp_1", 0, tone(300, 1.0, 24000), now=now)
+    # a player whose reports still lag the end (a browser's buffer): audible by its last report
+    stage.tracker.on_player_state({"item_id": "item_1", "played_ms": 908, "playing": False, "buffered_ms": 0}, now)
+    stage._barge_in()
+    assert [m.topic for m in published] == ["player.flush"]
+    flushed = Stamper("player", "test").event("player.state", {"item_id": "item_1", "played_ms": 1000.0,
+                                                               "flushed": True, "playing": False}, 1)
+    stage.handle(flushed)
+    assert not [e for e in sent if e["type"] in ("conversation.item.truncate", "conversation.item.delete")]
+    assert not [m for m in published if m.topic == "rt.gateway.truncated"]
+    assert stage.counts["played_to_end"] == 1 and stage.counts["truncations"] == 0
+
+
+def test_a_conversation_that_ends_closes_its_server_session_and_the_next_starts_clean():
+    from common.stage import SESSION_BEGIN, SESSION_END
+
+    stage, published, sent = _gateway(interrupt_response=True)
+    stage.tracker.add_audio("item_1", "resp_1", 0, tone(300, 0.5, 24000))
+    stage._remember("item_u", "user", "my secret question")
+    stage.socket.connects = 1
+    stage.on_session(SESSION_END, "first", "first")
+    assert stage.socket.paused and not stage.conversation and not stage.tracker.items
+    stage.on_session(SESSION_BEGIN, "second", "first")
+    assert not stage.socket.paused and stage.counts["conversations"] == 2
+    stage.socket.connects = 2
+    stage._on_connected(attempt=1)  # the new server session: nothing of the first is replayed into it
+    [connected] = [m for m in published if m.topic == "rt.gateway.connected"]
+    assert connected.data["replayed_items"] == 0 and connected.data["resumed"] is False
+    assert [e["type"] for e in sent] == ["session.update"]

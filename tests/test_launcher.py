@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import alive, children_of
+from common.config import BusConfig
+from common.utterances import compose
+from common.wavio import write_wav
+from tests.helpers import BusClient, alive, children_of
+
+
+@contextlib.contextmanager
+def closing_client(cfg: BusConfig, prefixes: list[str]):
+    client = BusClient(cfg, prefixes)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def test_sigkilled_stage_is_restarted(procs, bus_cfg, client_factory_no_bus):
@@ -64,8 +79,11 @@ def test_every_process_up_starts_takes_arg(procs, client_factory_no_bus, tmp_pat
     rules.write_text('[{"match": ".*", "reply": "ok"}]')
     up = procs.voicebus("up", "--stages", "gateway", "--arg", f"simulate=--rules {rules}",
                         "--arg", "bus=--log-level DEBUG", env={"VOICEBUS_SIM_PORT": str(18900 + os.getpid() % 90)})
-    client = client_factory_no_bus(["health.gateway"])
+    client = client_factory_no_bus(["health.gateway", "rt.gateway."])
     client.wait_for(lambda m: m.topic == "health.gateway", timeout_s=30)
+    client.wait_for(lambda m: m.topic == "rt.gateway.connected", timeout_s=30)
+    # the gateway starts once the simulator listens: no refused first connection, in the log or the trace
+    assert "connect_failed" not in procs.log_of(up) and "ConnectionRefusedError" not in procs.log_of(up)
     command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children_of(up.pid)]
     simulator = next(c for c in command_lines if b"simulate" in c)
     bus = next(c for c in command_lines if b"bus" in c and b"services.cli" in c[1:3])
@@ -74,3 +92,68 @@ def test_every_process_up_starts_takes_arg(procs, client_factory_no_bus, tmp_pat
     wrong = procs.voicebus("up", "--arg", "nosuch=--x", name="up-wrong")
     assert wrong.wait(timeout=20) == 2
     assert "every process `up` starts takes --arg: bus, simulator, mic" in procs.log_of(wrong)
+
+
+def test_a_second_up_on_the_same_bus_refuses_and_leaves_the_first_alone(procs, client_factory_no_bus, tmp_path):
+    first = procs.voicebus("up", "--stages", "resample")
+    client = client_factory_no_bus(["health.", "launcher."])
+    bus_pid = client.wait_for(lambda m: m.topic == "health.bus", timeout_s=30).data["pid"]
+    client.wait_for(lambda m: m.topic == "health.resample", timeout_s=30)
+    second = procs.voicebus("up", "--stages", "resample", name="up-second")
+    assert second.wait(timeout=20) == 2
+    said = procs.log_of(second)
+    assert "voicebus up: another `voicebus up`" in said and "--run-dir" in said, said
+    assert "bus_up" not in said and "started stage=" not in said  # it started nothing
+    client.collect(2.0)
+    assert first.poll() is None and not [m for m in client.seen if m.topic == "launcher.restart"]
+    assert {m.data["pid"] for m in client.seen if m.topic == "health.bus"} == {bus_pid}
+    # a second pipeline with a run dir of its own runs beside the first, on its own bus
+    other_dir = Path(tempfile.mkdtemp(prefix="vb-", dir="/tmp"))
+    try:
+        beside = procs.voicebus("up", "--run-dir", str(other_dir), "--stages", "resample", name="up-beside",
+                                env={"VOICEBUS_BUS_PUB": "", "VOICEBUS_BUS_SUB": ""})
+        other_cfg = BusConfig(pub=f"ipc://{other_dir}/bus-pub.sock", sub=f"ipc://{other_dir}/bus-sub.sock")
+        with closing_client(other_cfg, ["health.resample"]) as watcher:
+            beat = watcher.wait_for(lambda m: m.topic == "health.resample", timeout_s=30)
+        assert beside.poll() is None and beat.data["pid"] not in children_of(first.pid)
+        client.collect(1.0)
+        assert not [m for m in client.seen if m.topic == "launcher.restart"] and first.poll() is None
+    finally:
+        shutil.rmtree(other_dir, ignore_errors=True)
+
+
+def test_a_stage_given_bad_arguments_stops_up_with_its_reason(procs):
+    up = procs.voicebus("up", "--stages", "resample", "--arg", "resample=--bogus")
+    assert up.wait(timeout=30) == 2
+    said = procs.log_of(up)
+    assert "voicebus up: resample cannot start (a usage or configuration error): Error: No such option" in said, said
+    assert "Usage: voicebus resample" in said  # the command a user knows, not `python -m services.cli`
+    assert "restarting" not in said
+
+
+def test_a_stage_that_keeps_dying_before_it_starts_stops_up(procs):
+    up = procs.voicebus("up", "--stages", "resample", "--arg", "resample=--rate 0")
+    assert up.wait(timeout=60) == 2
+    said = procs.log_of(up)
+    assert "resample cannot start (it exited 5 times in a row before it started): ValueError: bad format" in said
+
+
+def test_a_broken_tools_module_stops_up_at_once(procs, tmp_path):
+    broken = tmp_path / "broken_tools.py"
+    broken.write_text("def broken(:\n")
+    up = procs.voicebus("up", "--stages", "tools", "--arg", f"tools=--module {broken}")
+    assert up.wait(timeout=30) == 2
+    assert "tools cannot start (a usage or configuration error): Error: cannot load tools from" in procs.log_of(up)
+    assert "SyntaxError" in procs.log_of(up)
+
+
+def test_a_mic_that_finished_its_wav_is_done_not_restarted(procs, client_factory_no_bus, tmp_path):
+    wav = write_wav(tmp_path / "q.wav", compose([("silence", 0.3)], 48000), 48000)
+    up = procs.voicebus("up", "--stages", "mic,resample", "--arg", f"mic=--wav {wav} --speed 0")
+    client = client_factory_no_bus(["launcher.", "health.mic"])
+    finished = client.wait_for(lambda m: m.topic == "launcher.finished", timeout_s=30)
+    assert finished.data["stage"] == "mic"
+    client.collect(3.0)
+    assert not [m for m in client.seen if m.topic == "launcher.restart"]
+    assert len([m for m in client.seen if m.topic == "launcher.started" and m.data["stage"] == "mic"]) <= 1
+    assert up.poll() is None and "finished stage=mic" in procs.log_of(up)

@@ -21,7 +21,7 @@ QUESTION = "what is the weather like today"
 STORY = ("Once upon a time there was a little robot who lived in a quiet town by the sea and every morning it "
          "walked down to the harbour to count the boats and talk to the fishermen about the weather.")
 STORY_WORDS = {"once", "upon", "time", "there", "little", "robot", "lived", "quiet", "town"}
-PREFIXES = ["rt.", "audio.assistant", "player.", "health.", "web."]
+PREFIXES = ["rt.", "audio.assistant", "player.", "health.", "web.", "session."]
 LEAD_S = 1.5  # the fake mic starts with getUserMedia; the call connects in ~0.3 s
 
 
@@ -135,15 +135,44 @@ def test_browser_that_vanishes_mid_turn_leaves_the_stage_serving(procs, client_f
     client.wait_for(lambda m: m.topic == "health.logger" and m.data.get("turns_stored", 0) >= 1, timeout_s=30)
     stored = [json.loads(line) for path in traces.glob("*/turns.jsonl") for line in path.read_text().splitlines()]
     assert stored and "weather like today" in stored[0]["user"]["transcript"], stored
-    # and the next browser is welcome
+    first_session = gone.header.session
+    ended = client.wait_for(lambda m: m.topic == "session.end", timeout_s=5)
+    assert ended.data["session"] == first_session
+    # nobody listens: the stage says so once, it does not go on reporting the old reply ten times a second
+    client.collect(2.0)
+    after = [m for m in client.seen if m.topic == "player.state" and m.header.src == "web"
+             and m.header.t_ns > ended.header.t_ns]
+    assert len(after) <= 3 and all(m.data["item_id"] is None for m in after), [m.data for m in after]
+    # the next browser is welcome, and it is a conversation of its own
     status, _ = _http(url)
     assert status == 200
-    with Chromium(url, log_path=tmp_path / "chromium-2.log") as again:
+    wav = write_wav(tmp_path / "mic-2.wav", compose([("silence", LEAD_S), ("say", "hello there"), ("silence", 3.5),
+                                                     ("say", "good morning to you"), ("silence", 6.0)], 48000), 48000)
+    with Chromium(url, fake_mic_wav=wav, log_path=tmp_path / "chromium-2.log") as again:
         again.evaluate("voicebus.connect()")
         again.wait_for("voicebus.state === 'live'", timeout_s=15)
+        second_session = again.wait_for("voicebus.session", timeout_s=10)
+        assert second_session != first_session
+        begun = client.wait_for(lambda m: m.topic == "session.begin" and m.data["session"] == second_session)
+        answers = [client.wait_for(lambda m, n=n: m.topic == "rt.response.output_audio_transcript.done"
+                                   and m.header.session == second_session and m.header.t_ns > begun.header.t_ns
+                                   and len([x for x in client.seen if x.topic == m.topic
+                                            and x.header.session == second_session]) >= n, timeout_s=40)
+                   for n in (1, 2)]
+        assert [a.data["event"]["transcript"] for a in answers] == ["All right.", "All right."]
+        client.collect(1.0)
+        page_text = again.evaluate("document.getElementById('transcript').innerText")
         again.evaluate("voicebus.hangUp()")
+    # the second question came ~1.5 s after the first reply had played out: a new turn, not an interruption
+    assert not [m for m in client.seen if m.topic == "rt.gateway.truncated" and m.header.session == second_session]
+    assert "interrupted" not in page_text and "robot" not in page_text, page_text  # nothing of the last caller
     hung_up = client.wait_for(lambda m: m.topic == "web.gone" and m.header.t_ns > gone.header.t_ns, timeout_s=10)
     assert hung_up.data["reason"] == "the page hung up"
+    client.wait_for(lambda m: m.topic == "health.logger" and m.data.get("turns_stored", 0) >= 3, timeout_s=30)
+    first_turns = [json.loads(line) for line in (traces / first_session / "turns.jsonl").read_text().splitlines()]
+    second_turns = [json.loads(line) for line in (traces / second_session / "turns.jsonl").read_text().splitlines()]
+    assert len(first_turns) == 1 and [t["assistant"]["transcript_heard"] for t in second_turns] == ["All right."] * 2
+    assert not any(t["assistant"]["barge_in"] for t in second_turns)
 
 
 def test_bad_offers_a_second_browser_and_a_denied_mic_get_clear_errors(procs, client_factory, tmp_path):
@@ -246,3 +275,58 @@ def test_page_messages_cannot_name_bus_topics_and_a_busy_port_is_a_clear_error()
         busy = WebStage("127.0.0.1", taken.getsockname()[1])
         with pytest.raises(StageError, match="cannot serve on 127.0.0.1:.*--port 0"):
             busy.link.start()
+
+
+def test_a_reply_sent_to_its_end_is_played_to_its_end_once_the_browser_drains():
+    """What the browser holds drains in real time after the last frame left: the position reaches the end."""
+    from common.stage import Output
+    from services.playback import Segment
+    from services.web.rtc import BrowserStats
+    from services.web.stage import WebStage
+
+    stage = WebStage("127.0.0.1", 0, jitter_ms=0)
+    stage.out, _ = Output.collecting("web")
+    stage.link.stats = BrowserStats(jitter_buffer_ms=60, output_latency_ms=30, rtt_ms=4)  # holds 92 ms
+    stage.buffer.push(Segment("item_a", 0, "resp_a", bytes(24000 * 2)))  # 1 s
+    stage.buffer.pull(24000 + 480)  # all of it left, and a frame of silence after it
+    just_sent = stage.current_state()
+    assert 1000 - 92 <= just_sent["played_ms"] <= 1000 - 80 and just_sent["sent_ms"] == 1000
+    stage.buffer.last_output_at -= 0.2  # 200 ms later: the browser has played what it held
+    drained = stage.current_state()
+    assert drained["played_ms"] == 1000 and not drained["playing"] and drained["buffered_ms"] == 0
+
+
+def test_each_browser_is_a_conversation_of_its_own_and_a_hang_up_forgets_the_reply():
+    from common.envelope import Stamper
+    from common.stage import Output
+    from services.playback import Segment
+    from services.web.stage import WebStage
+
+    stage = WebStage("127.0.0.1", 0, jitter_ms=0)
+    stage.out, published = Output.collecting("web", session="launcher-session")
+    stage.thread_out, from_thread = Output.collecting("web", session="launcher-session")
+    pages: list[dict] = []
+    stage.link.client = object()  # a page is connected: send_page would queue for it
+    stage.link.send_page = pages.append
+    stage._client_event("connected", {"remote": "a"})
+    begin = [m for m in from_thread if m.topic == "session.begin"]
+    assert [m.data["session"] for m in begin] == ["launcher-session"]  # the first caller keeps up's session
+    stage.buffer.push(Segment("item_a", 0, "resp_a", bytes(24000)))
+    stage.buffer.pull(4800)
+    stage._client_event("gone", {"remote": "a", "reason": "no audio from the browser for 3 s"})
+    assert [m.data["session"] for m in from_thread if m.topic == "session.end"] == ["launcher-session"]
+    after = stage.current_state()
+    assert after["item_id"] is None and not after["playing"] and after["buffered_ms"] == 0
+    stage._client_event("connected", {"remote": "b"})
+    second = [m for m in from_thread if m.topic == "session.begin"][-1].data["session"]
+    assert second != "launcher-session" and stage.out.stamper.session == second
+    assert stage.thread_out.stamper.session == second and stage.link.hello["session"] == second
+    # the last caller's reply, still on its way, never reaches the new page or the speaker
+    late = Stamper("gateway", "launcher-session").event("rt.response.output_audio_transcript.delta",
+                                                         {"event": {"item_id": "item_a", "delta": "old words"}}, 1)
+    stage.handle(late)
+    assert pages == [] and stage.other_session_dropped == 1
+    stage.handle(Stamper("gateway", second).event("rt.response.output_audio_transcript.delta",
+                                                  {"event": {"item_id": "item_b", "delta": "new"}}, 2))
+    assert [p["text"] for p in pages] == ["new"]
+    assert not published or all(m.header.session in ("launcher-session", second) for m in published)

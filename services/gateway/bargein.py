@@ -11,6 +11,7 @@ import logging
 import math
 import operator
 import sys
+import time
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ ECHO_LOOKAHEAD_MS = 60
 WARMUP_MS = 150
 HANGOVER_S = 0.4  # echo still in flight (output latency + room) after the player stops
 ITEMS_REMEMBERED = 16
+# A player reports on a new item within ~100 ms of its first sample. An item no player has ever
+# reported on (no player on this bus: a replay into the gateway, a web stage with no browser) could
+# at most be playing until its audio would have run out, plus this much: after that nobody hears it.
+UNREPORTED_GRACE_S = 1.0
 
 
 @dataclass
@@ -35,6 +40,10 @@ class AssistantItem:
     levels: list[float] = field(default_factory=list)  # RMS per 20 ms of received audio
     transcript: str = ""
     truncated: bool = False
+    first_audio_at: float = 0.0  # monotonic, when its first audio arrived
+
+    def could_still_be_unreported(self, now: float) -> bool:
+        return now - self.first_audio_at < self.received_ms / 1000 + UNREPORTED_GRACE_S
 
     @property
     def received_ms(self) -> float:
@@ -50,10 +59,12 @@ class AudibleTracker:
         self.playback_started_at: float | None = None  # monotonic, for the echo-guard warm-up
         self.last_playing_at = float("-inf")
 
-    def add_audio(self, item_id: str, response_id: str, content_index: int, pcm: bytes) -> AssistantItem:
+    def add_audio(self, item_id: str, response_id: str, content_index: int, pcm: bytes,
+                  now: float | None = None) -> AssistantItem:
         item = self.items.get(item_id)
         if item is None:
-            item = self.items[item_id] = AssistantItem(item_id, response_id, content_index)
+            item = self.items[item_id] = AssistantItem(item_id, response_id, content_index,
+                                                       first_audio_at=time.monotonic() if now is None else now)
             while len(self.items) > ITEMS_REMEMBERED:
                 self.items.popitem(last=False)
         samples = _samples(pcm)
@@ -74,8 +85,9 @@ class AudibleTracker:
             self.last_playing_at = now
         self.player = state
 
-    def audible_item(self) -> AssistantItem | None:
+    def audible_item(self, now: float | None = None) -> AssistantItem | None:
         """The assistant item the user is hearing (or about to hear), if any."""
+        now = time.monotonic() if now is None else now
         item_id = self.player.get("item_id")
         if item_id in self.items:
             item = self.items[item_id]
@@ -84,7 +96,7 @@ class AudibleTracker:
                 return item
         if self.items:  # audio received that the player has not started yet
             last = next(reversed(self.items.values()))
-            if last.item_id != item_id and last.received_samples > 0:
+            if last.item_id != item_id and last.received_samples > 0 and last.could_still_be_unreported(now):
                 return last
         return None
 
@@ -94,7 +106,7 @@ class AudibleTracker:
 
     def echo_possible(self, now: float) -> bool:
         """Assistant audio is playing, about to play, or its echo may still be arriving."""
-        return bool(self.player.get("playing")) or self.audible_item() is not None or \
+        return bool(self.player.get("playing")) or self.audible_item(now) is not None or \
             now - self.last_playing_at < HANGOVER_S
 
     def playback_level(self) -> float:

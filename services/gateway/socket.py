@@ -23,6 +23,7 @@ BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 8.0
 CONNECT_TIMEOUT_S = 10.0
 QUIET_ATTEMPTS = 3
+PAUSED_REASON = "conversation ended"
 
 log = logging.getLogger("voicebus.gateway")
 
@@ -46,6 +47,7 @@ class RealtimeSocket:
         self._ws: websocket.WebSocket | None = None
         self._stop = threading.Event()
         self._renew = threading.Event()
+        self._paused = threading.Event()  # between conversations: no server session at all
         self._thread = threading.Thread(target=self._run, name="realtime-socket", daemon=True)
         self.connected = False
         self.connects = 0
@@ -66,9 +68,21 @@ class RealtimeSocket:
             return False
 
     def renew(self) -> None:
-        """Close and reconnect now (used for the session time limit)."""
+        """Close and reconnect now (the session time limit; a new conversation on a used session)."""
         self._renew.set()
         self._close_current()
+
+    def pause(self) -> None:
+        """Close and stay closed until `resume()`: a conversation ended, the next one gets a fresh session."""
+        self._paused.set()
+        self._close_current()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
 
     def _close_current(self) -> None:
         ws = self._ws
@@ -82,6 +96,10 @@ class RealtimeSocket:
         attempt = 0
         backoff = BACKOFF_START_S
         while not self._stop.is_set():
+            if self._paused.is_set():
+                self._stop.wait(0.02)
+                attempt, backoff = 0, BACKOFF_START_S
+                continue
             attempt += 1
             try:
                 # utf-8 is checked by json.loads anyway (bad text becomes rt.unknown); skipping
@@ -106,16 +124,19 @@ class RealtimeSocket:
             backoff = BACKOFF_START_S
             self._put(SocketEvent("connected", attempt=attempt))
             reason = self._read(ws, connected_at)
+            if self._paused.is_set():  # however the read ended, it was ours to close (maybe mid-connect)
+                self._close_current()
+                reason = PAUSED_REASON
             self.connected = False
             self._ws = None
             self._put(SocketEvent("closed", reason=reason, attempt=attempt))
-            if not self._stop.is_set() and not self._renew.is_set():
+            if not self._stop.is_set() and not self._renew.is_set() and not self._paused.is_set():
                 delay = backoff * random.uniform(0.8, 1.2)
                 self._stop.wait(delay)
             self._renew.clear()
 
     def _read(self, ws: websocket.WebSocket, connected_at: float) -> str:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._paused.is_set():
             if time.monotonic() - connected_at > self.max_session_s:
                 self._close_current()
                 return "session time limit: renewing"

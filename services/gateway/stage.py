@@ -15,13 +15,13 @@ import msgpack
 from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
 from common.realtime_types import ClientEventError, validate_client_event
-from common.stage import Stage
+from common.stage import SESSION_END, Stage
 from common.transcripts import cut_transcript
 from services.gateway.bargein import AudibleTracker, EchoGuard
 from services.gateway.events import parse_server_event, strip_audio
 from services.gateway.function_calls import FunctionCalls, error_output, output_item
 from services.gateway.session import SessionSettings, replay_item, session_update
-from services.gateway.socket import RealtimeSocket, SocketEvent
+from services.gateway.socket import PAUSED_REASON, RealtimeSocket, SocketEvent
 
 RATE = 24_000
 FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before truncating with the last one
@@ -67,9 +67,11 @@ class GatewayStage(Stage):
         self.appended_frames: deque[tuple[int, int, int]] = deque(maxlen=APPEND_HISTORY)  # (start, n, t_capture)
         self.append_run: dict[str, Any] | None = None  # frames sent, not yet reported on the bus
         self.session_samples = 0  # audio appended since this server session began
+        self.fresh_session = False  # the next connect starts a new conversation: nothing to resume
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
-                       "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0}
+                       "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0, "conversations": 1,
+                       "played_to_end": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,6 +94,33 @@ class GatewayStage(Stage):
         if self.echo_guard is not None:
             extra.update(echo_gated_frames=self.echo_guard.gated_frames, echo_passed_frames=self.echo_guard.passed_frames)
         return {**self.counts, **self.calls.counts, "tools": len(self.tools), **extra}
+
+    def on_session(self, topic: str, session: str, previous: str) -> None:
+        """A conversation ended: close the server session (nothing of it may reach the next caller).
+        One began: connect afresh; a new session on a server session already used is renewed."""
+        if topic == SESSION_END:
+            self._forget_conversation()
+            self.socket.pause()
+            log.info(kv("conversation_ended", session=session, server_session="closed"))
+        elif self.socket.paused:
+            self.counts["conversations"] += 1
+            self.socket.resume()
+            log.info(kv("conversation_begins", session=session, server_session="new"))
+        elif session != previous and (self.session_samples or self.conversation or self.tracker.items):
+            self.counts["conversations"] += 1
+            self._forget_conversation()
+            self.socket.renew()
+            log.info(kv("conversation_begins", session=session, server_session="renewed"))
+
+    def _forget_conversation(self) -> None:
+        if self.append_run is not None:
+            self._publish_append_run()
+        self.conversation.clear()
+        self.tracker = AudibleTracker()
+        self.response_active = None
+        self.pending_truncate = None
+        self.calls.reset()
+        self.fresh_session = True
 
     # --- sending ---------------------------------------------------------------------------
     def send(self, event: dict[str, Any]) -> bool:
@@ -199,7 +228,8 @@ class GatewayStage(Stage):
             self._on_closed(item.reason, item.attempt)
 
     def _on_connected(self, attempt: int) -> None:
-        resumed = self.socket.connects > 1
+        resumed = self.socket.connects > 1 and not self.fresh_session
+        self.fresh_session = False
         self.session_samples = 0  # a new socket is a new server session: its audio clock starts at 0
         self.appended_frames.clear()
         log.info(kv("connected", url=self.url_for_logs, attempt=attempt, resumed=resumed))
@@ -218,8 +248,13 @@ class GatewayStage(Stage):
         self.response_active = None
         self.pending_truncate = None
         self.calls.reset()
+        if reason == PAUSED_REASON:
+            self._publish_event("rt.gateway.closed", {"reason": reason})
+            return
         if reason.startswith("connect failed"):
             log.debug(kv("not_connected", reason=repr(reason), attempt=attempt))
+            if self.socket.connects == 0:  # the usual start-up race with the server: not news for the trace
+                return
         else:
             self.counts["reconnects"] += 1
             log.warning(kv("disconnected", reason=repr(reason), attempt=attempt, response_lost=was_active))
@@ -282,7 +317,7 @@ class GatewayStage(Stage):
 
     def _on_audio_delta(self, data: dict[str, Any], pcm: bytes, t_recv_ns: int) -> None:
         before = self.tracker.items[data["item_id"]].received_samples if data["item_id"] in self.tracker.items else 0
-        self.tracker.add_audio(data["item_id"], data["response_id"], data["content_index"], pcm)
+        self.tracker.add_audio(data["item_id"], data["response_id"], data["content_index"], pcm, time.monotonic())
         self.out.audio("audio.assistant", pcm, rate=RATE, channels=1, pts=before, t_capture_ns=t_recv_ns,
                        item_id=data["item_id"], response_id=data["response_id"], content_index=data["content_index"])
 
@@ -390,6 +425,12 @@ class GatewayStage(Stage):
             return
         item.truncated = True
         audio_end_ms = self.tracker.truncate_at_ms(item, played_ms)
+        if audio_end_ms >= int(item.received_ms) and item.response_id != self.response_active:
+            # the whole reply had been heard when the user spoke: a new turn, nothing to cut
+            self.counts["played_to_end"] += 1
+            log.info(kv("not_truncated", item_id=item.item_id, played_ms=played_ms,
+                        received_ms=round(item.received_ms), reason="played to its end"))
+            return
         heard = cut_transcript(item.transcript, audio_end_ms / item.received_ms) if item.received_ms else ""
         if audio_end_ms <= 0:
             # nothing was heard: truncating at 0 is an API error; the honest conversation has no such reply

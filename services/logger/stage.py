@@ -12,7 +12,7 @@ from typing import Any
 
 from common.envelope import Message
 from common.log import kv
-from common.stage import Stage
+from common.stage import SESSION_END, Stage
 from services.logger.conversation import ConversationBuilder
 from services.logger.store import SessionStore
 
@@ -40,12 +40,17 @@ class LoggerStage(Stage):
         self.turns_stored = 0
         self.store_errors = 0
         self._retry_open_at = 0.0
+        self.prices = prices
+        self.ended: set[str] = set()  # sessions closed: a late message of theirs never reopens one
+        self.facts_written: dict[str, Any] = {}
 
     def counters(self) -> dict[str, Any]:
         return {"turns_stored": self.turns_stored, "open_turns": len(self.builder.turns),
                 "store_errors": self.store_errors, "session_dir": str(self.store.dir) if self.store else ""}
 
     def handle(self, message: Message) -> None:
+        if message.header.session in self.ended and not message.topic.startswith("health."):
+            return
         if self.store is None and message.header.session and not message.topic.startswith("health.") \
                 and time.monotonic() >= self._retry_open_at:
             try:
@@ -59,6 +64,27 @@ class LoggerStage(Stage):
             self._watch_counters(message)
         self.builder.handle(message, time.monotonic())
         self._flush_events()
+        if self.store is not None and self.builder.session_facts != self.facts_written:
+            self._write_facts()
+
+    def _write_facts(self) -> None:
+        """Model, protocol, server session as soon as they are known: a report of a live session has them."""
+        assert self.store is not None
+        try:
+            self.store.write_meta(**self.builder.session_facts)
+            self.facts_written = dict(self.builder.session_facts)
+        except OSError as exc:
+            self.store_errors += 1
+            log.error(kv("store_failed", what="meta", error=repr(exc.strerror)))
+
+    def on_session(self, topic: str, session: str, previous: str) -> None:
+        """The conversation is over (its caller hung up): store what it has, close it, upload it."""
+        if topic == SESSION_END and session not in self.ended:
+            self._close_session()
+            self.ended.add(session)
+            self.builder = ConversationBuilder(self.prices)
+            self.noted, self.facts_written, self.store = 0, {}, None
+            log.info(kv("session_closed", session=session))
 
     def _open(self, session: str) -> None:
         self.store = SessionStore(self.root, session)
@@ -114,6 +140,9 @@ class LoggerStage(Stage):
                 log.error(kv("store_failed", what="turn", error=repr(exc.strerror), dir=self.store.dir))
 
     def stop(self) -> None:
+        self._close_session()
+
+    def _close_session(self) -> None:
         self._store(self.builder.tick(time.monotonic(), final=True))
         self._flush_events()
         if self.store is None:

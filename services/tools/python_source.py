@@ -1,7 +1,8 @@
 """Python functions as tools: the JSON schema comes from the signature through pydantic.
 
-Every public function defined in the module becomes a tool (or only those in `__all__`, if it
-has one). Its docstring's first paragraph is the description; arguments are validated by a
+Every public function defined in the module whose parameters all have type hints becomes a tool
+(or only those in `__all__`, if it has one); an untyped one is skipped and the reason logged, since
+the model would be handed a schema that says nothing about what to pass. Its docstring's first paragraph is the description; arguments are validated by a
 pydantic model built from the type hints before the function runs. Sync functions run in a
 worker thread so a slow one never blocks the others.
 """
@@ -12,6 +13,7 @@ import asyncio
 import importlib
 import importlib.util
 import inspect
+import logging
 import typing
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +21,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from common.log import kv
 from services.tools.registry import DEFAULT_TIMEOUT_S, Tool
+
+log = logging.getLogger("voicebus.tools")
 
 
 def load_module(spec: str) -> ModuleType:
@@ -66,12 +71,27 @@ def tool_from_function(func: Any, source: str, timeout_s: float = DEFAULT_TIMEOU
     return Tool(func.__name__, description, _schema(model), source, invoke, timeout_s)
 
 
+def untyped_parameters(func: Any) -> list[str]:
+    """Parameters without a type hint (*args and **kwargs are not offered to the model anyway)."""
+    return [param.name for param in inspect.signature(func).parameters.values()
+            if param.annotation is param.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
+
+
 def python_tools(spec: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Tool]:
     module = load_module(spec)
     exported = getattr(module, "__all__", None)
     functions = [value for name, value in vars(module).items()
                  if inspect.isfunction(value) and value.__module__ == module.__name__ and not name.startswith("_")
                  and (exported is None or name in exported)]
-    if not functions:
-        raise ValueError(f"{spec} defines no public functions to offer as tools")
-    return [tool_from_function(func, f"python:{spec}", timeout_s) for func in functions]
+    typed = []
+    for func in functions:
+        missing = untyped_parameters(func)
+        if missing:
+            log.warning(kv("tool_skipped", module=spec, function=func.__name__,
+                           reason=repr(f"no type hint on {', '.join(missing)}")))
+        else:
+            typed.append(func)
+    if not typed:
+        skipped = f" ({len(functions)} skipped for missing type hints)" if functions else ""
+        raise ValueError(f"{spec} defines no public typed functions to offer as tools{skipped}")
+    return [tool_from_function(func, f"python:{spec}", timeout_s) for func in typed]

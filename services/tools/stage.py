@@ -49,13 +49,18 @@ class ToolsStage(Stage):
         self.counts = {"calls": 0, "errors": 0, "timeouts": 0, "in_flight": 0, "rejected": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
+    def load_modules(self) -> None:
+        """Import the Python tool modules; run before waiting for the bus, so a broken one says so at once."""
         for spec in self.modules:
             try:
                 for tool in python_tools(spec, self.default_timeout_s):
                     self.python[tool.name] = tool
             except Exception as exc:  # a bad module is the user's to fix: one line, exit 2
                 raise StageError(f"cannot load tools from {spec}: {type(exc).__name__}: {exc}") from exc
+
+    def start(self) -> None:
+        if self.modules and not self.python:
+            self.load_modules()
         self._thread.start()
         for command in self.mcp_commands:
             server = McpServer(command, lambda: self.inbox.put(("changed", None)), self.default_timeout_s)

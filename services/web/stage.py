@@ -7,8 +7,14 @@ and logger do not know the difference.
 
 Where the user is in the reply: what left for the browser (frames pulled by the outgoing track on
 its real-time clock) minus what the browser reports it still holds (jitter buffer + audio output +
-half the round trip, from its getStats and AudioContext every 0.5 s). On a flush, what already left
-will still be heard, so the flushed state reports everything sent: that is where the user stops.
+half the round trip, from its getStats and AudioContext every 0.5 s). What it holds drains in real
+time once nothing more is sent, so a reply sent to its end is played to its end that much later.
+On a flush, what already left will still be heard, so the flushed state reports everything sent:
+that is where the user stops.
+
+Every browser connection is a conversation of its own: `session.begin` with a new session id
+(the first caller keeps the one the stage started with) when it connects, `session.end` when it
+hangs up or vanishes; the other stages start and close their side of it on those (common.stage).
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from common.config import new_session_id
 from common.envelope import Message
 from common.log import kv
+from common.stage import SESSION_BEGIN, SESSION_END
 from services.player import PlayerStage
 from services.web.rtc import RX_PREFETCH_FRAMES, BrowserLink
 
@@ -59,6 +67,8 @@ class WebStage(PlayerStage):
         self._clock_offset_ns: int | None = None  # arrival - RTP time, least delayed frame so far
         self._speech_end_ns: int | None = None
         self._latency_item: str | None = None
+        self.conversations = 0
+        self.other_session_dropped = 0  # messages of a conversation that is over, kept from the page
 
     # --- runner thread --------------------------------------------------------------------------
     def start(self) -> None:
@@ -68,6 +78,9 @@ class WebStage(PlayerStage):
 
     def handle(self, message: Message) -> None:
         topic = message.topic
+        if message.header.session != self.out.stamper.session and not topic.startswith("health."):
+            self.other_session_dropped += 1  # the last caller's reply still arriving: not for this one
+            return
         if topic in ("audio.assistant", "player.flush"):
             super().handle(message)
             if topic == "player.flush":
@@ -93,8 +106,10 @@ class WebStage(PlayerStage):
         state = super().current_state(**extra)
         sent_ms = state["played_ms"]
         state["sent_ms"] = sent_ms
-        if not state.get("flushed"):  # the browser still holds the last delay_ms of what left
-            state["played_ms"] = max(0.0, round(sent_ms - self.link.stats.delay_ms, 1))
+        if not state.get("flushed"):  # the browser still holds what left in the last delay_ms
+            since_sent_ms = int(1000 * (time.monotonic() - self.buffer.last_output_at))  # stats are whole ms
+            held_ms = max(0.0, self.link.stats.delay_ms - since_sent_ms)
+            state["played_ms"] = max(0.0, round(sent_ms - held_ms, 1))
         return state
 
     def publish_state(self, **extra: Any) -> dict[str, Any]:
@@ -118,6 +133,7 @@ class WebStage(PlayerStage):
         track = self.link.track
         return {**super().counters(), **self.link.counts, "connected": self.link.client is not None,
                 "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
+                "conversations": self.conversations, "other_session_dropped": self.other_session_dropped,
                 "browser_delay_ms": round(self.link.stats.delay_ms, 1),
                 "late_frames": track.late_frames if track else 0}
 
@@ -126,8 +142,19 @@ class WebStage(PlayerStage):
         assert self.thread_out is not None
         if kind == "connected":
             self._rtp_next = self._clock_offset_ns = None
-            self.buffer.flush()  # nothing of a previous browser's reply is left to send to this one
-        self.thread_out.event(f"web.{kind}", data)
+            self.buffer.reset()  # nothing of a previous browser's reply is left to send to this one
+            session = self.out.stamper.session if self.conversations == 0 else new_session_id()
+            self.conversations += 1
+            self.adopt_session(session)  # at once: this thread publishes the new caller's mic frames
+            self.link.hello = {"session": session, "report": ""}
+            self.thread_out.event(f"web.{kind}", data)
+            self.thread_out.event(SESSION_BEGIN, {"session": session, "reason": "browser connected"})
+            log.info(kv("conversation_begins", session=session, remote=data.get("remote")))
+        else:
+            self.buffer.reset()  # no more state reports about an item nobody is listening to
+            self.thread_out.event(f"web.{kind}", data)
+            self.thread_out.event(SESSION_END, {"session": self.out.stamper.session, "reason": data.get("reason")})
+            log.info(kv("conversation_ended", session=self.out.stamper.session, reason=repr(data.get("reason"))))
 
     def _mic_frame(self, frame: AudioFrame, arrival_ns: int, settings: dict[str, Any]) -> None:
         """One decoded Opus frame -> `audio.mic`, timed from RTP, gaps from lost packets filled."""

@@ -43,7 +43,14 @@ function setText(turn, text) {
 }
 
 const handlers = {
-  hello(m) { vb.session = m.session; $("session").textContent = m.session || "-"; handlers.report(m); },
+  hello(m) {
+    if (m.session !== vb.session) {  // a new conversation: nothing of the last one stays on the page
+      vb.turns = {};
+      vb.latencies = [];
+      $("transcript").replaceChildren();
+    }
+    vb.session = m.session; $("session").textContent = m.session || "-"; handlers.report(m);
+  },
   report(m) { vb.report = m.report || ""; $("report").textContent = m.report || "(no logger running)"; },
   speech_started(m) { turnElement(m.item_id, "user"); setStatus("live", "hearing you", "live"); },
   speech_stopped() { setStatus("live", "thinking", "live"); },
