@@ -259,6 +259,69 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch):
 
 
 @main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address for the page and offers; 0.0.0.0 for a LAN (give --cert/--key: browsers need HTTPS there).")
+@click.option("--port", type=int, default=8080, show_default=True, help="HTTP(S) port (0: any free one, logged).")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="TLS certificate (PEM) for HTTPS.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM) for HTTPS.")
+@click.option("--ray-address", envvar="RAY_ADDRESS", default=None,
+              help="Join this Ray cluster ('auto': the one `ray start` made here). Default: an embedded local Ray.")
+@click.option("--slots", type=click.IntRange(1), default=None,
+              help="Conversations this machine takes with the embedded Ray (default: from the measured cost of one, "
+              "about 5 per core). Cluster nodes declare theirs: ray start --resources '{\"conversation\": N}'.")
+@click.option("--idle-timeout", "idle_timeout_s", type=float, default=300.0, show_default=True,
+              help="End a conversation after this many seconds without speech or reply (0: never).")
+@click.option("--node-host", default=None,
+              help="Address each conversation's web stage serves on (offers, media). Default: 127.0.0.1 with the "
+              "embedded Ray, each node's own address when joining a cluster.")
+@click.option("--prewarm", type=click.IntRange(0), default=2, show_default=True,
+              help="Stage sets kept started and idle, so a caller is live in one offer round trip (they hold slots).")
+@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
+@click.option("--tools", "tool_modules", multiple=True, metavar="PATH_OR_MODULE",
+              help="More tools for every conversation, beside examples/tools.py (repeatable).")
+@click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
+def serve(host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, prewarm, root, tool_modules, log_level):
+    """Serve many callers: every browser its own conversation (own stage set), placed on nodes by Ray."""
+    from services.serve.server import run_serve
+
+    setup_logging(log_level)
+    if bool(cert) != bool(key):
+        raise click.UsageError("--cert and --key go together")
+    ssl_context = None
+    if cert:
+        import ssl
+
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(cert, key)
+    tools_args = [arg for module in tool_modules for arg in ("--module", str(Path(module).resolve()))]
+    sys.exit(run_serve(host, port, ssl_context, ray_address, slots, idle_timeout_s, _trace_root(root), tools_args,
+                       prewarm, node_host or (None if ray_address else "127.0.0.1")))
+
+
+@main.command("call")
+@click.argument("url")
+@click.option("--say", "sentences", multiple=True, help="A sentence to speak (flite; repeatable: one turn each).")
+@click.option("--wav", "wav_path", type=click.Path(exists=True, dir_okay=False),
+              help="Speak this WAV instead (any rate; mono is taken from the first channel).")
+@click.option("--voice", default="slt", show_default=True, help="flite voice for --say.")
+@click.option("--turns", type=click.IntRange(1), default=None,
+              help="Replies to wait for (default: one per --say, or 1 with --wav).")
+@click.option("--pause", "pause_s", type=float, default=4.0, show_default=True,
+              help="Seconds of silence between sentences (the next one is not a barge-in).")
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Give up after this long.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False), help="Write what the caller heard (WAV).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json):
+    """Call a `voicebus web` or `voicebus serve` endpoint over WebRTC as a browser would; print each turn."""
+    from services.call.command import run_call
+
+    if bool(sentences) == bool(wav_path):
+        raise click.UsageError("give --say SENTENCE (repeatable) or --wav FILE")
+    sys.exit(run_call(url, list(sentences), wav_path, voice, turns or max(1, len(sentences)), pause_s, timeout_s,
+                      record_path, as_json))
+
+
+@main.command()
 @bus_options
 @click.option("--url", help="Full websocket URL (default: derived from OPENAI_BASE_URL as the openai SDK does, "
               "or the local simulator when OPENAI_API_KEY is unset).")

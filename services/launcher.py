@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
@@ -37,6 +38,10 @@ from common.signals import StopFlag
 
 HEARTBEAT_TIMEOUT_S = 5.0  # five missed beats
 STARTUP_GRACE_S = 20.0  # a stage may load models before its first beat
+# ... and longer while it visibly works at it (its CPU time rises): on a machine busy starting many
+# stage sets at once, importing the openai SDK alone took a gateway over 20 s; killing it then only
+# starts the same import again. A stage that is silent and idle past the grace is hung.
+STARTUP_LIMIT_S = 120.0
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 8.0
 HEALTHY_RESET_S = 30.0  # a run this long resets the backoff
@@ -79,6 +84,8 @@ class Child:
     backoff_s: float = BACKOFF_START_S
     start_due: float = 0.0
     started: bool = False  # this run beat (or listened) at least once
+    cpu_ticks: int = -1  # its CPU time when last looked at, while it starts
+    working_at: float = 0.0  # monotonic: when its CPU time last rose
     failed_starts: int = 0  # exits in a row before starting
     finished: bool = False  # exited 0: its input is done
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
@@ -116,6 +123,15 @@ def _pass_stderr(proc: subprocess.Popen, tail: deque[str]) -> None:
         sys.stderr.buffer.write(raw)
         sys.stderr.buffer.flush()
         tail.append(raw.decode(errors="replace").rstrip("\n"))
+
+
+def cpu_ticks(pid: int) -> int:
+    """User + system CPU time of a process, in clock ticks (-1 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1
+    return int(fields[11]) + int(fields[12])
 
 
 class BusLock:
@@ -217,6 +233,7 @@ class Supervisor:
         child.started_at = time.monotonic()
         child.last_beat = None
         child.started = False
+        child.cpu_ticks, child.working_at = -1, 0.0
         log.info(kv("started", stage=child.spec.name, pid=child.proc.pid))
         self._announce("launcher.started", stage=child.spec.name, pid=child.proc.pid, restarts=child.restarts)
 
@@ -259,10 +276,11 @@ class Supervisor:
                     continue
                 reason = f"exited with code {proc.returncode}"
             elif child.spec.heartbeat:
-                since = child.last_beat if child.last_beat is not None else child.started_at
-                limit = HEARTBEAT_TIMEOUT_S if child.last_beat is not None else STARTUP_GRACE_S
-                if now - since > limit:
-                    reason = f"no heartbeat for {now - since:.1f}s"
+                if child.last_beat is not None:
+                    if now - child.last_beat > HEARTBEAT_TIMEOUT_S:
+                        reason = f"no heartbeat for {now - child.last_beat:.1f}s"
+                elif self._silent_at_start(child, now):
+                    reason = f"no heartbeat for {now - child.started_at:.1f}s after starting"
             if reason is None:
                 continue
             if proc.poll() is None:
@@ -277,6 +295,18 @@ class Supervisor:
             self._announce("launcher.restart", stage=child.spec.name, reason=reason, backoff_s=child.backoff_s,
                            restarts=child.restarts)
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+
+    @staticmethod
+    def _silent_at_start(child: Child, now: float) -> bool:
+        """Past the start-up grace with no first beat, and not working on it (or past the hard limit)."""
+        assert child.proc is not None
+        age = now - child.started_at
+        if age <= STARTUP_GRACE_S:
+            return False
+        ticks = cpu_ticks(child.proc.pid)
+        if ticks > child.cpu_ticks:
+            child.cpu_ticks, child.working_at = ticks, now
+        return age > STARTUP_LIMIT_S or now - max(child.working_at, child.started_at) > HEARTBEAT_TIMEOUT_S
 
     def _ended_for_good(self, child: Child, code: int) -> bool:
         """True when this exit is not one to restart: finished input, or a stage that can never start."""

@@ -58,8 +58,10 @@ def run_say(prompt: str, out: Path, model: str, voice: str, system: str | None, 
         with simulator_for(target) as base_url:
             click.echo(f"offline: OPENAI_API_KEY is not set, asking the local simulator at {base_url} "
                        "(flite speaks; it is not OpenAI)", err=True)
-            return _say(OpenAI(base_url=base_url, api_key=target.api_key, max_retries=1), base_url, prompt, out,
-                        model, voice, system, play, root, upload)
+            hint = " (VOICEBUS_SIM_URL names it: start it with `voicebus simulate`)" \
+                if os.environ.get("VOICEBUS_SIM_URL") else ""
+            return _say(OpenAI(base_url=base_url, api_key=target.api_key, max_retries=1), base_url + hint, prompt,
+                        out, model, voice, system, play, root, upload)
     except RuntimeError as exc:
         raise SayError(str(exc)) from exc
 

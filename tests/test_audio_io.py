@@ -150,12 +150,12 @@ def test_bad_inputs_give_one_line_errors(procs, tmp_path, pulse):
     subprocess.run(["sox", "-n", "-r", "16000", "-e", "floating-point", "-b", "32", str(float_wav), "synth", "0.2",
                     "sine", "440"], check=True)
     proc = procs.voicebus("mic", "--wav", str(float_wav))
-    assert proc.wait(timeout=20) == 1
+    assert proc.wait(timeout=20) == 2  # a setup error (as a missing device below): `up` stops, not restarts
     assert "floating-point WAV is not supported" in procs.log_of(proc)
     not_wav = tmp_path / "notes.txt"
     not_wav.write_text("hello")
     proc = procs.voicebus("mic", "--wav", str(not_wav))
-    assert proc.wait(timeout=20) == 1 and "not a WAV file" in procs.log_of(proc)
+    assert proc.wait(timeout=20) == 2 and "not a WAV file" in procs.log_of(proc)
     proc = procs.voicebus("mic", "--device", "no-such-device", env=pulse)
     # the bus is not running in this test: the stage waits for it; give it one
     procs.voicebus("bus")

@@ -8,8 +8,8 @@ import sys
 
 from tests.helpers import REPO
 
-COMMANDS = ["bus", "capture", "demo", "doctor", "gateway", "inspect", "keys", "logger", "mic", "player", "replay",
-            "report", "resample", "say", "simulate", "tap", "tools", "up", "upload", "web"]
+COMMANDS = ["bus", "call", "capture", "demo", "doctor", "gateway", "inspect", "keys", "logger", "mic", "player", "replay",
+            "report", "resample", "say", "serve", "simulate", "tap", "tools", "up", "upload", "web"]
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

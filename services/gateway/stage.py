@@ -14,7 +14,12 @@ import msgpack
 
 from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
-from common.realtime_types import ClientEventError, validate_client_event
+from common.realtime_types import (
+    ClientEventError,
+    client_event_models,
+    server_event_models,
+    validate_client_event,
+)
 from common.stage import SESSION_END, Stage
 from common.transcripts import cut_transcript
 from services.gateway.bargein import AudibleTracker, EchoGuard
@@ -75,6 +80,10 @@ class GatewayStage(Stage):
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        # the openai SDK's event tables take seconds to import on a busy machine; done here, within the
+        # launcher's start-up grace, not on the first server event, when heartbeats are already due
+        server_event_models(self.protocol)  # type: ignore[arg-type]
+        client_event_models(self.protocol)  # type: ignore[arg-type]
         if self.ws_log_path is not None:
             self.ws_log_path.parent.mkdir(parents=True, exist_ok=True)
             self._ws_log = open(self.ws_log_path, "a")  # noqa: SIM115 - closed in stop()
@@ -253,8 +262,6 @@ class GatewayStage(Stage):
             return
         if reason.startswith("connect failed"):
             log.debug(kv("not_connected", reason=repr(reason), attempt=attempt))
-            if self.socket.connects == 0:  # the usual start-up race with the server: not news for the trace
-                return
         else:
             self.counts["reconnects"] += 1
             log.warning(kv("disconnected", reason=repr(reason), attempt=attempt, response_lost=was_active))

@@ -128,6 +128,7 @@ class WebStage(PlayerStage):
         self._speech_end_ns = None
         log.info(kv("turn_latency", item_id=item_id, latency_ms=latency_ms))
         self.link.send_page({"type": "turn", "item_id": item_id, "latency_ms": latency_ms})
+        self.out.event("web.turn", {"item_id": item_id, "latency_ms": latency_ms})
 
     def counters(self) -> dict[str, Any]:
         track = self.link.track

@@ -141,7 +141,8 @@ def test_bad_wav_inputs_give_clear_errors(tmp_path, make, message, chaos_record)
     make(path)
     result = subprocess.run([sys.executable, "-m", "services.cli", "mic", "--wav", str(path)], cwd=REPO,
                             capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    # exit 2: a setup error, which `up` reports and stops on instead of restarting the mic forever
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     chaos_record(case=f"bad WAV: {message}", tried=1, survived=1, lost=0)
 
 

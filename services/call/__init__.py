@@ -1,0 +1,1 @@
+"""`voicebus call`: a caller that is not a browser (aiortc), for smoke tests, tests and benchmarks."""

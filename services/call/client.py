@@ -1,0 +1,189 @@
+"""Talk to a `voicebus web` or `voicebus serve` endpoint as a browser would, over real WebRTC.
+
+The caller sends the same offer the page sends (`POST /offer`, a data channel for the page's
+messages, one audio m-line both ways), speaks a WAV (then silence, as a live mic does: a stage
+hangs up on a browser that sends no RTP for 3 s), records what it receives, and reads the page's
+messages for transcripts and turn latency. It hangs up like the page (a `hangup` message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame
+
+MIC_RATE = 48_000
+FRAME_MS = 20
+OFFER_TIMEOUT_S = 30.0
+QUIET_AFTER_REPLY_S = 1.0  # the last reply has played out when what arrives has been this quiet this long
+QUIET_LEVEL = 300  # peak sample (of 32767) below which a received frame is silence
+REPLY_PLAYOUT_MAX_S = 60.0
+
+
+class CallTimeout(TimeoutError):
+    """A step of the call did not happen in time; says which."""
+
+
+class CallRefused(RuntimeError):
+    """The endpoint said no (busy, bad offer): the HTTP status and what it said."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message, self.retry_after_s = status, message, retry_after_s
+
+
+class SpeakingTrack(MediaStreamTrack):
+    """A microphone that says `pcm` (48 kHz mono s16le) once, then silence, on a real-time clock."""
+
+    kind = "audio"
+
+    def __init__(self, pcm: bytes) -> None:
+        super().__init__()
+        self.pcm = pcm
+        self.samples = MIC_RATE * FRAME_MS // 1000
+        self._start = 0.0
+        self._pts = 0
+        self.spoken_until_ns = 0  # wall clock when the last speech sample went out
+
+    async def recv(self) -> AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if not self._start:
+            self._start = now
+        else:
+            self._pts += self.samples
+            due = self._start + self._pts / MIC_RATE
+            if due > now:
+                await asyncio.sleep(due - now)
+        chunk = self.pcm[2 * self._pts:2 * (self._pts + self.samples)]
+        if chunk:
+            self.spoken_until_ns = time.time_ns()
+        frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
+        frame.planes[0].update(chunk.ljust(2 * self.samples, b"\0"))
+        frame.pts, frame.sample_rate = self._pts, MIC_RATE
+        frame.time_base = fractions.Fraction(1, MIC_RATE)
+        return frame
+
+
+@dataclass
+class CallResult:
+    session: str = ""
+    user: list[str] = field(default_factory=list)  # what the server heard, per turn
+    assistant: list[str] = field(default_factory=list)  # what the assistant said, per turn
+    latency_ms: list[float] = field(default_factory=list)  # as the stage measured it (speech end -> heard)
+    truncated: list[dict[str, Any]] = field(default_factory=list)
+    received: bytearray = field(default_factory=bytearray)  # what the caller heard, 48 kHz mono s16le
+    connect_ms: float = 0.0  # offer sent -> first audio frame received (the line is live)
+    gaps: int = 0  # received frames that did not follow on from the one before (lost or late audio)
+    last_loud_at: float = 0.0  # monotonic: the last received frame that was not silence
+
+
+async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool = True) -> CallResult:
+    """One call: speak `pcm`, wait for `turns` assistant replies, hang up; what was heard and said."""
+    result = CallResult()
+    peer = RTCPeerConnection()
+    channel = peer.createDataChannel("voicebus")
+    mic = SpeakingTrack(pcm)
+    peer.addTrack(mic)
+    replies = asyncio.Event()
+    first_audio = asyncio.Event()
+
+    @channel.on("message")
+    def on_message(text: str) -> None:
+        message = json.loads(text)
+        kind = message.get("type")
+        if kind == "hello":
+            result.session = message.get("session", "")
+        elif kind == "user_done":
+            result.user.append(message.get("text", ""))
+        elif kind == "assistant_done":
+            result.assistant.append(message.get("text", ""))
+            if len(result.assistant) >= turns:
+                replies.set()
+        elif kind == "turn":
+            result.latency_ms.append(float(message.get("latency_ms", 0)))
+        elif kind == "truncated":
+            result.truncated.append(message)
+
+    @peer.on("track")
+    def on_track(track) -> None:
+        asyncio.ensure_future(_record(track, result, first_audio))
+
+    started = time.monotonic()
+    try:
+        await peer.setLocalDescription(await peer.createOffer())
+        answer = await _post_offer(url, {"type": "offer", "sdp": peer.localDescription.sdp,
+                                         "mic": {"channelCount": 1, "sampleRate": MIC_RATE}})
+        await peer.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        await _within(first_audio.wait(), OFFER_TIMEOUT_S, "no audio arrived after the offer was answered")
+        result.connect_ms = round(1000 * (time.monotonic() - started), 1)
+        await _within(replies.wait(), timeout_s, f"fewer than {turns} replies (got {len(result.assistant)})")
+        # the transcript comes with the reply's first audio: stay until the reply has been heard to its end
+        deadline = time.monotonic() + REPLY_PLAYOUT_MAX_S
+        while time.monotonic() < deadline and time.monotonic() - result.last_loud_at < QUIET_AFTER_REPLY_S:
+            await asyncio.sleep(0.1)
+    finally:
+        if hang_up and channel.readyState == "open":
+            channel.send(json.dumps({"type": "hangup"}))
+            await asyncio.sleep(0.1)
+        await peer.close()
+    return result
+
+
+async def _within(waiting, timeout_s: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(waiting, timeout_s)
+    except TimeoutError:
+        raise CallTimeout(f"{what} within {timeout_s:g} s") from None
+
+
+async def _post_offer(url: str, offer: dict[str, Any]) -> dict[str, Any]:
+    target = urllib.parse.urljoin(url if url.endswith("/") else url + "/", "offer")
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.post(target, json=offer, timeout=aiohttp.ClientTimeout(total=OFFER_TIMEOUT_S)) as response:
+            body = await response.text()
+            status, retry = response.status, response.headers.get("Retry-After")
+    except TimeoutError:
+        raise CallTimeout(f"the offer was not answered within {OFFER_TIMEOUT_S:g} s") from None
+    if status != 200:
+        try:
+            message = json.loads(body).get("error", body)
+        except (ValueError, AttributeError):
+            message = body[:200]
+        raise CallRefused(status, message, float(retry) if retry else None)
+    return json.loads(body)
+
+
+async def _record(track, result: CallResult, first_audio: asyncio.Event) -> None:
+    expected_pts = None
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        channels = len(frame.layout.channels)
+        samples = frame.to_ndarray().reshape(-1, channels)[:, 0]
+        if frame.sample_rate != MIC_RATE:
+            from common.resample import float_to_pcm, resample_oneshot
+
+            samples = np.frombuffer(float_to_pcm(resample_oneshot(samples.astype(np.float64) / 32768,
+                                                                  frame.sample_rate, MIC_RATE)), "<i2")
+        if expected_pts is not None and frame.pts != expected_pts:
+            result.gaps += 1
+        expected_pts = frame.pts + frame.samples
+        result.received += np.ascontiguousarray(samples, dtype="<i2").tobytes()
+        if len(samples) and int(np.abs(samples.astype(np.int32)).max()) > QUIET_LEVEL:
+            result.last_loud_at = time.monotonic()
+        first_audio.set()

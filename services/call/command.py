@@ -1,0 +1,65 @@
+"""`voicebus call`'s command line: speech in, what was said and heard out, an exit code for scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+
+from services.call.client import MIC_RATE, CallRefused, CallResult, CallTimeout, call
+
+BUSY_EXIT_CODE = 3  # the endpoint is full (HTTP 503): try again later, not a failure of the endpoint
+
+
+def speech(sentences: list[str], wav_path: str | None, voice: str, pause_s: float) -> bytes:
+    """48 kHz mono s16le: the sentences with pauses between them (and a lead-in while the call connects)."""
+    from common.utterances import compose
+
+    if wav_path:
+        from common.resample import float_to_pcm, resample_oneshot
+        from common.speech import read_wav_mono
+
+        samples, rate = read_wav_mono(Path(wav_path))
+        return bytes(MIC_RATE) + float_to_pcm(resample_oneshot(samples, rate, MIC_RATE))
+    parts: list[tuple[str, object]] = [("silence", 1.0)]
+    for index, sentence in enumerate(sentences):
+        parts += [("say", sentence)] + ([("silence", pause_s)] if index < len(sentences) - 1 else [])
+    return compose(parts, MIC_RATE, voice=voice)
+
+
+def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, turns: int, pause_s: float,
+             timeout_s: float, record_path: str | None, as_json: bool) -> int:
+    try:
+        result = asyncio.run(call(url, speech(sentences, wav_path, voice, pause_s), turns, timeout_s))
+    except CallRefused as exc:
+        click.echo(f"voicebus call: {url} refused the call: {exc.message}"
+                   + (f" (try again in {exc.retry_after_s:g} s)" if exc.retry_after_s else ""), err=True)
+        return BUSY_EXIT_CODE if exc.status == 503 else 1
+    except CallTimeout as exc:
+        click.echo(f"voicebus call: {url}: {exc}", err=True)
+        return 1
+    except OSError as exc:
+        click.echo(f"voicebus call: cannot reach {url}: {exc}", err=True)
+        return 1
+    if record_path:
+        from common.wavio import write_wav
+
+        write_wav(Path(record_path), bytes(result.received), MIC_RATE)
+    _print(result, as_json)
+    return 0
+
+
+def _print(result: CallResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"session": result.session, "user": result.user, "assistant": result.assistant,
+                               "latency_ms": result.latency_ms, "truncated": result.truncated,
+                               "connect_ms": result.connect_ms, "gaps": result.gaps,
+                               "received_s": round(len(result.received) / 2 / MIC_RATE, 2)}))
+        return
+    click.echo(f"session {result.session}: live in {result.connect_ms:.0f} ms")
+    for index, answer in enumerate(result.assistant):
+        heard = result.user[index] if index < len(result.user) else "?"
+        latency = f"{result.latency_ms[index]:.0f} ms" if index < len(result.latency_ms) else "n/a"
+        click.echo(f"  turn {index + 1}: you said {heard!r}; assistant {answer!r}; latency {latency}")

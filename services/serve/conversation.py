@@ -1,0 +1,160 @@
+"""One conversation as a Ray actor: the launcher of its own stage set, on the node Ray placed it on.
+
+The actor holds one `conversation` slot of its node (a Ray resource each node declares). It starts
+a run dir of its own with a bus and the browser path's stages (web, resample, tools, gateway,
+logger, and the simulator when offline), exactly as `voicebus up --web` does, and its web stage
+answers the browser's offer, so media flows between the browser and this node; only signalling
+passed through the front door. The conversation is over when its caller hangs up or vanishes (the
+web stage's `session.end`) or has been idle too long; the front door then stops the actor, which
+stops every process it started (they also die with it: PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from common.config import BusConfig
+from common.log import kv
+from common.ports import free_port
+
+SLOT_RESOURCE = "conversation"
+READY_TIMEOUT_S = 60.0
+OFFER_TIMEOUT_S = 30.0
+WATCH = ["health.", "session.", "web.", "rt.response.done", "rt.input_audio_buffer.speech_started",
+         "rt.session.updated"]
+
+log = logging.getLogger("voicebus.serve")
+
+
+class Conversation:
+    """A Ray actor (see `services.serve.front`): one caller's stage set on this node."""
+
+    def __init__(self, session: str, settings: dict[str, Any]) -> None:
+        import ray
+
+        self.session = session
+        self.settings = settings
+        # this worker process is this conversation's alone: its stages inherit these (trace dir, simulator URL)
+        os.environ.update(settings.get("env", {}))
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.host = settings.get("media_host") or ray.util.get_node_ip_address()
+        self.started_at = time.time()
+        self.run_dir = Path(tempfile.mkdtemp(prefix="vb-c-", dir="/tmp"))
+        os.chmod(self.run_dir, 0o700)
+        self.web_port = free_port()
+        self.state: dict[str, Any] = {"turns": 0, "last_latency_ms": None, "report": "", "ended": "",
+                                      "stages": [], "restarts": 0, "last_activity": time.monotonic()}
+        self._ready = threading.Event()  # every stage beats and the Realtime session is configured
+        self._beating: set[str] = set()
+        self._session_configured = False
+        self._stop = threading.Event()
+        self._failed = ""
+        self._thread = threading.Thread(target=self._run, name="stage-set", daemon=True)
+        self._thread.start()
+
+    # --- called by the front door -------------------------------------------------------------
+    def ready(self) -> dict[str, Any]:
+        """Once its web stage serves: where it runs (raises if the stage set could not start)."""
+        if not self._ready.wait(READY_TIMEOUT_S) or self._failed:
+            raise RuntimeError(self._failed or f"the stage set did not start within {READY_TIMEOUT_S:.0f} s")
+        return {"session": self.session, "node_id": self.node_id, "host": self.host, "web_port": self.web_port,
+                "pid": os.getpid()}
+
+    def offer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The browser's offer, answered by this conversation's web stage: {status, body}."""
+        request = urllib.request.Request(f"http://{self.host}:{self.web_port}/offer", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=OFFER_TIMEOUT_S) as response:
+                return {"status": response.status, "body": json.loads(response.read())}
+        except urllib.error.HTTPError as error:
+            return {"status": error.code, "body": json.loads(error.read() or b"{}")}
+
+    def status(self) -> dict[str, Any]:
+        state = dict(self.state)
+        idle_s = time.monotonic() - state.pop("last_activity")
+        idle_limit = float(self.settings.get("idle_timeout_s") or 0)
+        if idle_limit and idle_s > idle_limit and not state["ended"]:
+            self.state["ended"] = state["ended"] = f"idle for {idle_s:.0f} s (--idle-timeout)"
+        return {**state, "session": self.session, "node_id": self.node_id, "host": self.host,
+                "age_s": round(time.time() - self.started_at, 1), "idle_s": round(idle_s, 1), "pid": os.getpid()}
+
+    def stop(self) -> dict[str, Any]:
+        """Stop every process of this conversation (stores its turns on the way) and remove its run dir."""
+        self._stop.set()
+        self._thread.join(timeout=15)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return self.status()
+
+    # --- the stage set's own thread (owns the supervisor's sockets) ------------------------------
+    def _run(self) -> None:
+        from common.bus import Receiver, connect_sub
+        from services.launcher import LauncherError, Supervisor
+        from services.pipeline import WEB_STAGES, pipeline_specs
+
+        cfg = BusConfig(pub=f"ipc://{self.run_dir}/pub.sock", sub=f"ipc://{self.run_dir}/sub.sock")
+        extra = {"web": ["--host", self.host, "--port", str(self.web_port)],
+                 "logger": list(self.settings.get("logger_args", [])),
+                 **({"tools": list(self.settings["tools_args"])} if self.settings.get("tools_args") else {}),
+                 **({"gateway": list(self.settings["gateway_args"])} if self.settings.get("gateway_args") else {}),
+                 **({"simulator": list(self.settings["simulator_args"])}
+                    if self.settings.get("simulator_args") else {})}
+        os.environ["VOICEBUS_RUN_DIR"] = str(self.run_dir)  # its bus lock lives here
+        specs, env = pipeline_specs(WEB_STAGES, extra)
+        supervisor = Supervisor(cfg, specs, self.session, env)
+        self.state["stages"] = [spec.name for spec in specs]
+        receiver = None
+        try:
+            supervisor.start()
+            receiver = Receiver(connect_sub(supervisor.ctx, cfg, WATCH), "serve")
+            while not self._stop.is_set() and supervisor.fatal is None:
+                supervisor.poll()
+                self.state["restarts"] = sum(child.restarts for child in supervisor.children)
+                deadline = time.monotonic() + 0.1
+                while (message := receiver.recv(timeout_ms=max(0, int((deadline - time.monotonic()) * 1000)))):
+                    self._note(message)
+            if supervisor.fatal is not None:
+                self._failed = supervisor.fatal
+        except LauncherError as exc:
+            self._failed = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported to ready() and the front door
+            self._failed = f"{type(exc).__name__}: {exc}"
+            log.exception(kv("stage_set_failed", session=self.session))
+        finally:
+            self._ready.set()
+            if receiver is not None:
+                receiver.sock.close(linger=0)
+            supervisor.stop()
+
+    def _note(self, message) -> None:
+        topic = message.topic
+        if topic.startswith("health."):
+            self._beating.add(topic.removeprefix("health."))
+        if topic == "rt.session.updated":
+            self._session_configured = True
+        if not self._ready.is_set() and self._session_configured and \
+                set(self.state["stages"]) - {"simulator"} <= self._beating:
+            self._ready.set()  # a caller's first words now reach the server
+        if topic == "health.logger":
+            self.state["report"] = str(message.data.get("session_dir", "")) or self.state["report"]
+        elif topic == "session.end" and not self.state["ended"]:
+            self.state["ended"] = str(message.data.get("reason") or "the caller hung up")
+        elif topic == "rt.response.done":
+            self.state["turns"] += 1
+            self.state["last_activity"] = time.monotonic()
+        elif topic == "rt.input_audio_buffer.speech_started":
+            self.state["last_activity"] = time.monotonic()
+        elif topic == "web.turn":
+            self.state["last_latency_ms"] = message.data.get("latency_ms")
+        elif topic == "web.connected":
+            self.state["last_activity"] = time.monotonic()

@@ -1,0 +1,295 @@
+"""`voicebus serve`'s front door: the page, offers, status; Ray places each conversation.
+
+Every offer becomes a named Ray actor (`services.serve.conversation.Conversation`) that needs one
+`conversation` slot: Ray's scheduler picks a node with a free one, so no node is ever given more
+than it declared, and there is no placement loop here. When no slot is free the caller hears so at
+once (HTTP 503 with Retry-After), never a hang; offers being placed are bounded too. Signalling
+passes through here; media goes straight to the node that owns the conversation.
+
+A reaper asks each conversation how it is every half second: one that is over (hung up, vanished,
+idle) is stopped and its slot freed; one whose node is gone is reported as dropped. It also keeps
+`prewarm` stage sets started and idle (as LiveKit keeps idle job processes): a caller is handed one
+that already runs, so Connect -> live is one offer round trip, not six Python processes starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from common.config import new_session_id
+from common.log import kv
+from services.serve.conversation import SLOT_RESOURCE, Conversation
+
+STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
+MAX_PENDING_OFFERS = 4  # placements under way at once; more are refused (a flood never queues up)
+MAX_OFFER_BYTES = 256 * 1024
+REAP_INTERVAL_S = 0.5
+STATUS_TIMEOUT_S = 2.0
+STOP_TIMEOUT_S = 8.0
+START_TIMEOUT_S = 45.0  # placed and serving; past it the caller hears why (a node short of slots waits forever)
+RETRY_AFTER_S = 5
+BUSY_MESSAGE = "all lines are busy, try again shortly"
+NAMESPACE = "voicebus"
+
+log = logging.getLogger("voicebus.serve")
+
+
+@dataclass
+class Placed:
+    session: str
+    actor: Any
+    node_id: str
+    host: str
+    placed_at: float = field(default_factory=time.time)
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+class FrontDoor:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import ray
+
+        self.ray = ray
+        self.settings = settings
+        self.actor_class = ray.remote(Conversation)
+        self.live: dict[str, Placed] = {}
+        self.pool: list[Placed] = []  # started, idle, waiting for a caller
+        self.prewarm = int(settings.get("prewarm", 0))
+        self.warming = 0
+        self.ended: list[dict[str, Any]] = []  # the last few, for /status
+        self.pending = 0
+        self.stopping = False
+        self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
+                       "dropped": 0, "failed_starts": 0}
+        self.connect_ms: list[float] = []  # offer received -> answer sent
+
+    # --- capacity ------------------------------------------------------------------------------
+    def total_slots(self) -> int:
+        """Slots the cluster's live nodes declare (a lost node's go with it)."""
+        return int(self.ray.cluster_resources().get(SLOT_RESOURCE, 0))
+
+    def unheld_slots(self) -> int:
+        """Slots none of this front door's conversations holds or is being given. Counted here, not
+        from Ray's available resources: those trail an actor's creation, so a burst of offers would be
+        refused (or counted twice). Which node a conversation gets is still Ray's choice."""
+        return self.total_slots() - len(self.live) - len(self.pool) - self.pending - self.warming
+
+    def free_slots(self) -> int:
+        """How many more callers can be taken now: idle prewarmed stage sets and slots nobody holds."""
+        return len(self.pool) + self.unheld_slots()
+
+    def nodes(self) -> list[dict[str, Any]]:
+        used: dict[str, int] = {}
+        for placed in [*self.live.values(), *self.pool]:
+            used[placed.node_id] = used.get(placed.node_id, 0) + 1
+        rows = []
+        for node in self.ray.nodes():
+            slots = int(node.get("Resources", {}).get(SLOT_RESOURCE, 0))
+            if not node.get("Alive") or not slots:
+                continue
+            rows.append({"node_id": node["NodeID"], "address": node.get("NodeManagerAddress"), "slots": slots,
+                         "used": used.get(node["NodeID"], 0), "free": slots - used.get(node["NodeID"], 0)})
+        return rows
+
+    # --- HTTP --------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_OFFER_BYTES)
+        app.router.add_get("/", self.page)
+        app.router.add_post("/offer", self.offer)
+        app.router.add_get("/status", self.status)
+        app.router.add_static("/static/", STATIC)
+        return app
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        if self.free_slots() < 1:
+            return web.Response(status=503, content_type="text/html", headers={"Retry-After": str(RETRY_AFTER_S)},
+                                text=_busy_page())
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    def _refuse(self, status: int, error: str, remote: str | None, counter: str) -> web.Response:
+        self.counts[counter] += 1
+        log.warning(kv("offer_refused", remote=remote, status=status, error=repr(error)))
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else {}
+        return web.json_response({"error": error}, status=status, headers=headers)
+
+    async def offer(self, request: web.Request) -> web.Response:
+        if self.stopping:
+            return self._refuse(503, "this voicebus serve is shutting down", request.remote, "busy_refused")
+        if self.pending >= MAX_PENDING_OFFERS:
+            return self._refuse(503, f"too many calls being placed at once ({MAX_PENDING_OFFERS}); try again shortly",
+                                request.remote, "flood_refused")
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
+                raise ValueError('expected JSON {"type": "offer", "sdp": "..."}')
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._refuse(400, f"malformed offer: {exc}", request.remote, "bad_offers")
+        if self.free_slots() < 1:
+            return self._refuse(503, BUSY_MESSAGE, request.remote, "busy_refused")
+        self.pending += 1
+        received = time.monotonic()
+        try:
+            return await self._place(body, request.remote, received)
+        finally:
+            self.pending -= 1
+
+    async def _start_one(self) -> Placed:
+        """A new conversation's stage set on a node Ray chooses, once it serves."""
+        session = new_session_id()
+        actor = self.actor_class.options(name=session, namespace=NAMESPACE, num_cpus=0,
+                                         resources={SLOT_RESOURCE: 1}, max_restarts=0).remote(session, self.settings)
+        try:
+            where = await asyncio.wait_for(actor.ready.remote(), START_TIMEOUT_S)
+        except BaseException:
+            self.ray.kill(actor)
+            raise
+        return Placed(session, actor, where["node_id"], where["host"])
+
+    async def _place(self, body: dict[str, Any], remote: str | None, received: float) -> web.Response:
+        placed, answer = None, None
+        while self.pool and answer is None:  # a prewarmed one, unless its node went away meanwhile
+            candidate = self.pool.pop(0)
+            try:
+                answer = await candidate.actor.offer.remote(body)
+                placed = candidate
+            except Exception as exc:  # noqa: BLE001 - RayActorError: that idle stage set is gone
+                log.warning(kv("prewarmed_lost", session=candidate.session, error=repr(str(exc)[:200])))
+                self.ray.kill(candidate.actor)
+        if placed is None:
+            try:
+                placed = await self._start_one()
+                answer = await placed.actor.offer.remote(body)
+            except Exception as exc:  # noqa: BLE001 - a stage set that cannot start, a node lost meanwhile
+                self.counts["failed_starts"] += 1
+                log.error(kv("conversation_failed", error=repr(str(exc)[:300] or type(exc).__name__)))
+                if placed is not None:
+                    self.ray.kill(placed.actor)
+                return web.json_response({"error": f"the conversation could not start: "
+                                                   f"{str(exc)[:300] or type(exc).__name__}"}, status=500)
+        assert answer is not None
+        session = placed.session
+        if answer["status"] != 200:
+            self.ray.kill(placed.actor)
+            self.counts["bad_offers"] += 1
+            return web.json_response(answer["body"], status=answer["status"])
+        placed.placed_at = time.time()
+        self.live[session] = placed
+        self.counts["placed"] += 1
+        connect_ms = round(1000 * (time.monotonic() - received), 1)
+        self.connect_ms.append(connect_ms)
+        log.info(kv("conversation_placed", session=session, node=placed.node_id[:12], host=placed.host,
+                    remote=remote, connect_ms=connect_ms))
+        return web.json_response({**answer["body"], "session": session, "node_id": placed.node_id})
+
+    async def status(self, request: web.Request) -> web.Response:
+        report = {"nodes": self.nodes(), "conversations": [
+            {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
+             "turns": p.status.get("turns", 0), "last_latency_ms": p.status.get("last_latency_ms"),
+             "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0)}
+            for p in self.live.values()], "prewarmed": len(self.pool), "warming": self.warming,
+            "ended": self.ended[-20:], "counts": self.counts, "pending": self.pending,
+            "connect_ms": self.connect_ms[-100:]}
+        wants = request.query.get("format", "")
+        if wants not in ("", "json", "html"):
+            return web.json_response({"error": "unknown format: use ?format=json or ?format=html"}, status=400)
+        if wants == "json" or (not wants and "application/json" in request.headers.get("Accept", "")):
+            return web.json_response(report)
+        return web.Response(content_type="text/html", text=_status_page(report))
+
+    # --- the reaper ------------------------------------------------------------------------------
+    async def reap_forever(self) -> None:
+        while not self.stopping:
+            await self.reap()
+            self.top_up()
+            await asyncio.sleep(REAP_INTERVAL_S)
+
+    def top_up(self) -> None:
+        """Start idle stage sets until `prewarm` are ready, in slots nobody holds (callers first)."""
+        while not self.stopping and len(self.pool) + self.warming < self.prewarm and self.unheld_slots() >= 1:
+            self.warming += 1
+            asyncio.ensure_future(self._warm_one())
+
+    async def _warm_one(self) -> None:
+        try:
+            placed = await self._start_one()
+        except Exception as exc:  # noqa: BLE001 - said, and tried again on the next round
+            self.counts["failed_starts"] += 1
+            log.error(kv("prewarm_failed", error=repr(str(exc)[:300] or type(exc).__name__)))
+            return
+        finally:
+            self.warming -= 1
+        if self.stopping:
+            await self._stop_one(placed)
+        else:
+            self.pool.append(placed)
+
+    async def reap(self) -> None:
+        for placed in list(self.live.values()):
+            try:
+                placed.status = await asyncio.wait_for(placed.actor.status.remote(), STATUS_TIMEOUT_S)
+            except TimeoutError:
+                continue  # busy, not gone: asked again next round
+            except Exception as exc:  # noqa: BLE001 - RayActorError: its node (or its process) is gone
+                self._end(placed, f"line dropped: {type(exc).__name__}", dropped=True)
+                continue
+            if placed.status.get("ended"):
+                await self._stop_one(placed)
+                self._end(placed, placed.status["ended"])
+
+    async def _stop_one(self, placed: Placed) -> None:
+        try:
+            placed.status = await asyncio.wait_for(placed.actor.stop.remote(), STOP_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - stopping anyway: the kill below takes the process tree
+            log.warning(kv("stop_failed", session=placed.session, error=repr(str(exc)[:200])))
+        self.ray.kill(placed.actor)
+
+    def _end(self, placed: Placed, reason: str, dropped: bool = False) -> None:
+        self.live.pop(placed.session, None)
+        self.counts["dropped" if dropped else "ended"] += 1
+        self.ended.append({"session": placed.session, "node_id": placed.node_id, "reason": reason,
+                           "turns": placed.status.get("turns", 0), "report": placed.status.get("report", ""),
+                           "age_s": round(time.time() - placed.placed_at, 1)})
+        log.log(logging.WARNING if dropped else logging.INFO,
+                kv("conversation_ended", session=placed.session, reason=repr(reason), turns=placed.status.get("turns")))
+
+    async def stop_all(self) -> None:
+        self.stopping = True
+        idle, self.pool = self.pool, []
+        await asyncio.gather(*(self._stop_one(p) for p in [*self.live.values(), *idle]), return_exceptions=True)
+        for placed in list(self.live.values()):
+            self._end(placed, "serve stopped")
+
+
+def _busy_page() -> str:
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>voicebus: all lines busy</title>"
+            "<link rel='stylesheet' href='/static/page.css'></head><body><header><h1>voicebus</h1>"
+            "<span class='status error'>busy</span></header>"
+            f"<p id='busy' class='error'>All lines are busy: every conversation slot is taken. Try again shortly "
+            f"(in about {RETRY_AFTER_S} s).</p></body></html>")
+
+
+def _status_page(report: dict[str, Any]) -> str:
+    def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>"
+                       for row in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><meta http-equiv='refresh' content='1'>"
+            "<title>voicebus serve: status</title><link rel='stylesheet' href='/static/page.css'></head><body>"
+            "<header><h1>voicebus serve</h1></header><h2>Nodes</h2>"
+            + table(report["nodes"], ["node_id", "address", "slots", "used", "free"])
+            + "<h2>Live conversations</h2>"
+            + table(report["conversations"], ["session", "node_id", "age_s", "turns", "last_latency_ms", "report"])
+            + "<h2>Ended</h2>" + table(report["ended"], ["session", "reason", "turns", "age_s", "report"])
+            + f"<p>prewarmed and idle: {report['prewarmed']} (+{report['warming']} starting); placing now: "
+            f"{report['pending']}; counts: {html.escape(json.dumps(report['counts']))}</p>"
+            + "</body></html>")

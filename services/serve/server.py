@@ -1,0 +1,132 @@
+"""Start Ray (an embedded local one by default, or join `--ray-address`), the front door, and stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from common.config import openai_target
+from common.log import kv
+from common.ports import free_port, port_listening
+from services.serve.conversation import SLOT_RESOURCE
+from services.serve.front import NAMESPACE, FrontDoor
+
+# One conversation on the browser path measured ~14 % of a core (README, Benchmarks); a node is
+# full at 70 % (LiveKit's load threshold), so 2 cores hold 10 by default. `--slots` overrides.
+CONVERSATION_CORE_SHARE = 0.14
+LOAD_TARGET = 0.7
+SIMULATOR_READY_S = 30.0
+
+log = logging.getLogger("voicebus.serve")
+
+
+def default_slots() -> int:
+    return max(1, int((os.cpu_count() or 1) * LOAD_TARGET / CONVERSATION_CORE_SHARE))
+
+
+def start_ray(address: str | None, slots: int | None) -> dict[str, Any]:
+    """Join a cluster, or start an embedded single-node Ray (dashboard off, on loopback)."""
+    import ray
+
+    if address:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        mode = f"joined the Ray cluster at {address}"
+    else:
+        slots = slots or default_slots()
+        ray.init(num_cpus=os.cpu_count() or 1, resources={SLOT_RESOURCE: slots}, include_dashboard=False,
+                 namespace=NAMESPACE, logging_level=logging.WARNING)
+        mode = f"embedded local Ray, {slots} conversation slots"
+    total = int(ray.cluster_resources().get(SLOT_RESOURCE, 0))
+    if total == 0:
+        raise RuntimeError(f"no node of this Ray cluster declares a {SLOT_RESOURCE!r} resource: start nodes with "
+                           f"ray start ... --resources '{{\"{SLOT_RESOURCE}\": N}}'")
+    return {"mode": mode, "slots": total}
+
+
+def start_simulator() -> tuple[Any, str] | None:
+    """Offline: one simulator for every conversation (it serves many sessions; it is the test peer)."""
+    from services.launcher import spawn
+
+    target = openai_target()
+    if not target.is_simulator:
+        return None
+    if os.environ.get("VOICEBUS_SIM_URL"):
+        return None, target.base_url
+    port = free_port()
+    proc = spawn(["simulate", "--port", str(port), "--log-level", "WARNING"], dict(os.environ))
+    deadline = time.monotonic() + SIMULATOR_READY_S
+    while not port_listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the local simulator did not start")
+        time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settings: dict[str, Any],
+                stopped: asyncio.Event) -> None:
+    front = FrontDoor(settings)
+    runner = web.AppRunner(front.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise RuntimeError(f"cannot serve on {host}:{port}: {exc.strerror} (--port 0 picks a free one)") from exc
+    bound = runner.addresses[0][1]
+    log.info(kv("serving", url=f"{'https' if ssl_context else 'http'}://{host}:{bound}/",
+                status=f"{'https' if ssl_context else 'http'}://{host}:{bound}/status"))
+    reaper = asyncio.ensure_future(front.reap_forever())
+    await stopped.wait()
+    log.info(kv("stopping", live=len(front.live)))
+    started = time.monotonic()
+    await front.stop_all()
+    reaper.cancel()
+    await runner.cleanup()
+    log.info(kv("stopped_all", seconds=round(time.monotonic() - started, 1)))
+
+
+def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_address: str | None, slots: int | None,
+              idle_timeout_s: float, root: Path, tools_args: list[str], prewarm: int, node_host: str | None) -> int:
+    import ray
+
+    try:
+        cluster = start_ray(ray_address, slots)
+    except (RuntimeError, ConnectionError, ValueError) as exc:
+        print(f"voicebus serve: {exc}", file=sys.stderr)
+        return 2
+    simulator = None
+    try:
+        simulator = start_simulator()
+        env = {"VOICEBUS_TRACE_DIR": str(root)}
+        if simulator is not None:
+            env["VOICEBUS_SIM_URL"] = simulator[1]
+            log.warning(kv("offline", reason="OPENAI_API_KEY is not set", using=f"local simulator at {simulator[1]}"))
+        settings = {"env": env, "idle_timeout_s": idle_timeout_s, "logger_args": ["--root", str(root)],
+                    "tools_args": tools_args, "prewarm": prewarm, "media_host": node_host}
+        log.info(kv("ray", mode=repr(cluster["mode"]), slots=cluster["slots"]))
+        loop = asyncio.new_event_loop()
+        stopped = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopped.set)
+        loop.run_until_complete(serve(host, port, ssl_context, settings, stopped))
+        loop.close()
+        return 0
+    except RuntimeError as exc:
+        print(f"voicebus serve: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if simulator is not None and simulator[0] is not None:
+            from services.launcher import terminate
+
+            terminate([simulator[0]], within_s=3.0)
+        ray.shutdown()
