@@ -4,6 +4,7 @@ slots each, one machine): real callers (`voicebus call`, aiortc) over real WebRT
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from common.speech import Transcriber
+from common.speech import Transcriber, word_error_rate
 from common.wavio import read_wav
 from services.logger.store import load_turns
 from tests.helpers import alive, children_of
@@ -48,6 +49,17 @@ def _http(url: str, body: bytes | None = None) -> tuple[int, str, dict]:
 
 def _status(url: str) -> dict:
     return json.loads(_http(url + "status?format=json")[1])
+
+
+def _ended(url: str, session: str, within_s: float = 3.0) -> dict:
+    """The /status record of a call that hung up: reaped within a round (0.5 s), a stop, and a bit."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        found = [e for e in _status(url)["ended"] if e["session"] == session]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{session} was not ended within {within_s} s: {_status(url)}")
 
 
 def _start_serve(procs, cluster_address: str, traces, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -164,3 +176,56 @@ def _stage_processes(made) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_killed_gateway_is_restarted_inside_its_conversation_and_a_lost_node_drops_only_its_callers(
+        procs, cluster, tmp_path):
+    made, nodes = cluster
+    serve, url = _start_serve(procs, made.address, tmp_path / "traces", "--prewarm", "0")
+    second = "please tell me a short story"
+    two_turns = [(QUESTIONS[i], second) for i in range(4)]
+    callers = [procs.voicebus("call", url, "--say", first, "--say", second, "--pause", "20", "--json", "--timeout", "150",
+                              stdout=subprocess.PIPE, name=f"caller-{i}") for i, (first, second) in enumerate(two_turns)]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not any(c["turns"] >= 1 for c in _status(url)["conversations"]):
+        time.sleep(0.1)
+    live = _status(url)["conversations"]
+    assert len(live) == 4, live
+    victim = next(c for c in live if c["turns"] >= 1)  # its first reply is done; its second question is 20 s away
+    # kill -9 one conversation's gateway: its own launcher (the actor) restarts it, the call goes on
+    gateways = [pid for pid in children_of(victim["pid"])
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:4] == [b"gateway"]]
+    assert len(gateways) == 1, gateways
+    gateway = gateways[0]
+    os.kill(gateway, signal.SIGKILL)
+    # a whole node lost mid-conversation: the other node's conversations (the victim's included) go on
+    keep = victim["node_id"]
+    [lost] = [node for node in nodes if node.node_id != keep]
+    lost_sessions = {c["session"] for c in live if c["node_id"] == lost.node_id}
+    assert len(lost_sessions) == SLOTS_PER_NODE
+    made.remove_node(lost, allow_graceful=False)
+    outcomes = {}
+    for caller in callers:
+        out, _ = caller.communicate(timeout=180)
+        outcomes[caller] = (caller.returncode, out)
+    kept = [json.loads(out) for code, out in outcomes.values() if code == 0]
+    dropped = [caller for caller, (code, _) in outcomes.items() if code != 0]
+    assert {r["session"] for r in kept} == {c["session"] for c in live} - lost_sessions
+    for result in kept:  # both turns answered, the killed gateway's conversation too
+        print(f"{'victim' if result['session'] == victim['session'] else 'kept'}: {result['assistant']}")
+        assert len(result["assistant"]) == 2 and result["assistant"][1].startswith("I heard: "), result
+        # the second turn's own words came back (the simulator's recogniser may miss one of them)
+        assert word_error_rate(second, result["assistant"][1].removeprefix("I heard: "))[0] <= 1, result
+    assert len(dropped) == SLOTS_PER_NODE and all("the line dropped" in procs.log_of(c) for c in dropped)
+    victim_ended = _ended(url, victim["session"])
+    after = _status(url)
+    assert victim_ended["restarts"] >= 1 and victim_ended["turns"] >= 2  # restarted, and the call went on
+    assert after["counts"]["dropped"] == SLOTS_PER_NODE
+    assert [n["node_id"] for n in after["nodes"]] == [keep]
+    # a new caller lands on the node that is left
+    again = _call(procs, url, "what is the weather like today", tmp_path, "caller-after")
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, procs.log_of(again)
+    assert _ended(url, json.loads(out)["session"])["node_id"] == keep
+    nodes.remove(lost)
+    nodes.append(made.add_node(num_cpus=1, resources={"conversation": SLOTS_PER_NODE}))  # for any test after

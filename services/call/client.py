@@ -128,7 +128,14 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
         await peer.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
         await _within(first_audio.wait(), OFFER_TIMEOUT_S, "no audio arrived after the offer was answered")
         result.connect_ms = round(1000 * (time.monotonic() - started), 1)
-        await _within(replies.wait(), timeout_s, f"fewer than {turns} replies (got {len(result.assistant)})")
+        watch = asyncio.ensure_future(_watch_line(url, answer["session"])) if answer.get("node_id") else None
+        waiting = asyncio.ensure_future(_within(replies.wait(), timeout_s,
+                                                f"fewer than {turns} replies (got {len(result.assistant)})"))
+        done, _ = await asyncio.wait([t for t in (waiting, watch) if t], return_when=asyncio.FIRST_COMPLETED)
+        for task in (waiting, watch):
+            if task is not None and task not in done:
+                task.cancel()
+        next(iter(done)).result()  # the line dropped, or too few replies: raised here
         # the transcript comes with the reply's first audio: stay until the reply has been heard to its end
         deadline = time.monotonic() + REPLY_PLAYOUT_MAX_S
         while time.monotonic() < deadline and time.monotonic() - result.last_loud_at < QUIET_AFTER_REPLY_S:
@@ -139,6 +146,25 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
             await asyncio.sleep(0.1)
         await peer.close()
     return result
+
+
+class LineDropped(RuntimeError):
+    """`serve` says the conversation's node went away mid-call."""
+
+
+async def _watch_line(url: str, session: str, interval_s: float = 1.0) -> None:
+    """Under `serve`, ask the front door now and then what became of this call (a lost node cannot say)."""
+    target = urllib.parse.urljoin(url if url.endswith("/") else url + "/", f"call/{session}")
+    async with aiohttp.ClientSession() as http:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                async with http.get(target, timeout=aiohttp.ClientTimeout(total=5)) as response:
+                    state = await response.json() if response.status == 200 else {}
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                continue  # the front door busy or restarting: ask again
+            if state.get("state") == "dropped":
+                raise LineDropped(f"the line dropped: {state.get('reason', '')}")
 
 
 async def _within(waiting, timeout_s: float, what: str) -> None:

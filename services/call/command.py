@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from services.call.client import MIC_RATE, CallRefused, CallResult, CallTimeout, call
+from services.call.client import MIC_RATE, CallRefused, CallResult, CallTimeout, LineDropped, call
 
 BUSY_EXIT_CODE = 3  # the endpoint is full (HTTP 503): try again later, not a failure of the endpoint
 
@@ -37,7 +37,7 @@ def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, t
         click.echo(f"voicebus call: {url} refused the call: {exc.message}"
                    + (f" (try again in {exc.retry_after_s:g} s)" if exc.retry_after_s else ""), err=True)
         return BUSY_EXIT_CODE if exc.status == 503 else 1
-    except CallTimeout as exc:
+    except (CallTimeout, LineDropped) as exc:
         click.echo(f"voicebus call: {url}: {exc}", err=True)
         return 1
     except OSError as exc:

@@ -19,6 +19,7 @@ import html
 import json
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ START_TIMEOUT_S = 45.0  # placed and serving; past it the caller hears why (a no
 RETRY_AFTER_S = 5
 BUSY_MESSAGE = "all lines are busy, try again shortly"
 NAMESPACE = "voicebus"
+ENDED_REMEMBERED = 1000
 
 log = logging.getLogger("voicebus.serve")
 
@@ -64,7 +66,7 @@ class FrontDoor:
         self.pool: list[Placed] = []  # started, idle, waiting for a caller
         self.prewarm = int(settings.get("prewarm", 0))
         self.warming = 0
-        self.ended: list[dict[str, Any]] = []  # the last few, for /status
+        self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_REMEMBERED)  # for /status and /call/SESSION
         self.pending = 0
         self.stopping = False
         self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
@@ -105,6 +107,7 @@ class FrontDoor:
         app.router.add_get("/", self.page)
         app.router.add_post("/offer", self.offer)
         app.router.add_get("/status", self.status)
+        app.router.add_get("/call/{session}", self.call_state)
         app.router.add_static("/static/", STATIC)
         return app
 
@@ -189,13 +192,25 @@ class FrontDoor:
                     remote=remote, connect_ms=connect_ms))
         return web.json_response({**answer["body"], "session": session, "node_id": placed.node_id})
 
+    async def call_state(self, request: web.Request) -> web.Response:
+        """What became of one call: the page and `voicebus call` ask, so a lost node's callers are told."""
+        session = request.match_info["session"]
+        if session in self.live:
+            return web.json_response({"session": session, "state": "live"})
+        ended = next((e for e in reversed(self.ended) if e["session"] == session), None)
+        if ended is None:
+            return web.json_response({"error": "no such call here"}, status=404)
+        return web.json_response({"session": session, "state": "dropped" if ended["dropped"] else "ended",
+                                  "reason": ended["reason"]})
+
     async def status(self, request: web.Request) -> web.Response:
         report = {"nodes": self.nodes(), "conversations": [
             {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
              "turns": p.status.get("turns", 0), "last_latency_ms": p.status.get("last_latency_ms"),
-             "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0)}
+             "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0),
+             "pid": p.status.get("pid")}
             for p in self.live.values()], "prewarmed": len(self.pool), "warming": self.warming,
-            "ended": self.ended[-20:], "counts": self.counts, "pending": self.pending,
+            "ended": list(self.ended)[-20:], "counts": self.counts, "pending": self.pending,
             "connect_ms": self.connect_ms[-100:]}
         wants = request.query.get("format", "")
         if wants not in ("", "json", "html"):
@@ -254,8 +269,9 @@ class FrontDoor:
     def _end(self, placed: Placed, reason: str, dropped: bool = False) -> None:
         self.live.pop(placed.session, None)
         self.counts["dropped" if dropped else "ended"] += 1
-        self.ended.append({"session": placed.session, "node_id": placed.node_id, "reason": reason,
+        self.ended.append({"session": placed.session, "node_id": placed.node_id, "reason": reason, "dropped": dropped,
                            "turns": placed.status.get("turns", 0), "report": placed.status.get("report", ""),
+                           "restarts": placed.status.get("restarts", 0),
                            "age_s": round(time.time() - placed.placed_at, 1)})
         log.log(logging.WARNING if dropped else logging.INFO,
                 kv("conversation_ended", session=placed.session, reason=repr(reason), turns=placed.status.get("turns")))

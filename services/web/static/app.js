@@ -124,12 +124,23 @@ async function connect() {
     const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
     if (!response.ok) { fail(answer.error || `HTTP ${response.status}`); return; }
     await pc.setRemoteDescription(answer);
+    if (answer.node_id) watchLine(answer.session);  // under voicebus serve: the front door knows if a node is lost
   } catch (error) {
     fail(`Could not connect: ${error.message || error}`);
     return;
   }
   $("mute").disabled = $("hangup").disabled = false;
   statsTimer = setInterval(sendStats, STATS_INTERVAL_MS);
+}
+
+function watchLine(session) {
+  const timer = setInterval(async () => {
+    if (!pc) { clearInterval(timer); return; }
+    try {
+      const state = await (await fetch(`/call/${encodeURIComponent(session)}`)).json();
+      if (state.state === "dropped") { clearInterval(timer); fail(`The line dropped: ${state.reason}`); }
+    } catch (error) { /* the front door busy or restarting: ask again */ }
+  }, 1000);
 }
 
 function iceGathered(peer) {
