@@ -94,6 +94,19 @@ def tap(cfg, prefixes, as_json, count, duration, stats_interval, quiet):
     sys.exit(run_tap(cfg, list(prefixes), as_json, count, duration, stats_interval, quiet))
 
 
+def _tls_context(cert: str | None, key: str | None):
+    """HTTPS for the page (browsers allow the microphone off localhost only over HTTPS), or None."""
+    if bool(cert) != bool(key):
+        raise click.UsageError("--cert and --key go together")
+    if not cert:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def _use_run_dir(_ctx, _param, value: str | None) -> str | None:
     """Parsed before the bus options read it: the run dir decides where the ipc:// bus lives."""
     if value:
@@ -243,15 +256,8 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch):
     from common.runner import run_stage
     from services.web.stage import WebStage
 
-    if bool(cert) != bool(key):
-        raise click.UsageError("--cert and --key go together")
-    ssl_context = None
-    if cert:
-        import ssl
-
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(cert, key)
-    elif host not in ("127.0.0.1", "localhost", "::1"):
+    ssl_context = _tls_context(cert, key)
+    if ssl_context is None and host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("voicebus.web").warning(
             "serving plain HTTP on %s: browsers on other machines will refuse the microphone (getUserMedia needs "
             "HTTPS off localhost); give --cert and --key", host)
@@ -285,14 +291,7 @@ def serve(host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, 
     from services.serve.server import run_serve
 
     setup_logging(log_level)
-    if bool(cert) != bool(key):
-        raise click.UsageError("--cert and --key go together")
-    ssl_context = None
-    if cert:
-        import ssl
-
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ssl_context.load_cert_chain(cert, key)
+    ssl_context = _tls_context(cert, key)
     tools_args = [arg for module in tool_modules for arg in ("--module", str(Path(module).resolve()))]
     sys.exit(run_serve(host, port, ssl_context, ray_address, slots, idle_timeout_s, _trace_root(root), tools_args,
                        prewarm, node_host or (None if ray_address else "127.0.0.1")))

@@ -22,6 +22,8 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
+from common.pacing import FrameClock
+
 MIC_RATE = 48_000
 FRAME_MS = 20
 OFFER_TIMEOUT_S = 30.0
@@ -51,27 +53,15 @@ class SpeakingTrack(MediaStreamTrack):
         super().__init__()
         self.pcm = pcm
         self.samples = MIC_RATE * FRAME_MS // 1000
-        self._start = 0.0
-        self._pts = 0
-        self.spoken_until_ns = 0  # wall clock when the last speech sample went out
+        self.clock = FrameClock(self.samples, MIC_RATE)
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        now = time.monotonic()
-        if not self._start:
-            self._start = now
-        else:
-            self._pts += self.samples
-            due = self._start + self._pts / MIC_RATE
-            if due > now:
-                await asyncio.sleep(due - now)
-        chunk = self.pcm[2 * self._pts:2 * (self._pts + self.samples)]
-        if chunk:
-            self.spoken_until_ns = time.time_ns()
+        pts = await self.clock.tick()
         frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
-        frame.planes[0].update(chunk.ljust(2 * self.samples, b"\0"))
-        frame.pts, frame.sample_rate = self._pts, MIC_RATE
+        frame.planes[0].update(self.pcm[2 * pts:2 * (pts + self.samples)].ljust(2 * self.samples, b"\0"))
+        frame.pts, frame.sample_rate = pts, MIC_RATE
         frame.time_base = fractions.Fraction(1, MIC_RATE)
         return frame
 

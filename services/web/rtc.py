@@ -24,6 +24,7 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 
 from common.log import kv
+from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
 
@@ -56,30 +57,21 @@ class AssistantTrack(MediaStreamTrack):
         super().__init__()
         self.buffer = buffer
         self.samples = buffer.rate * FRAME_MS // 1000
-        self._start = 0.0
-        self._pts = 0
+        self.clock = FrameClock(self.samples, buffer.rate)
         self.late_frames = 0  # the loop came back after the frame was due by more than a frame
         self.max_lateness_ms = 0.0
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        now = time.monotonic()
-        if not self._start:
-            self._start = now
-        else:
-            self._pts += self.samples
-            due = self._start + self._pts / self.buffer.rate
-            if due > now:
-                await asyncio.sleep(due - now)
-            else:
-                lateness_ms = 1000 * (now - due)
-                self.max_lateness_ms = max(self.max_lateness_ms, lateness_ms)
-                if lateness_ms > FRAME_MS:
-                    self.late_frames += 1
+        pts = await self.clock.tick()
+        lateness_ms = 1000 * self.clock.lateness_s
+        self.max_lateness_ms = max(self.max_lateness_ms, lateness_ms)
+        if lateness_ms > FRAME_MS:
+            self.late_frames += 1
         frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
         frame.planes[0].update(self.buffer.pull(self.samples))
-        frame.pts = self._pts
+        frame.pts = pts
         frame.sample_rate = self.buffer.rate
         frame.time_base = fractions.Fraction(1, self.buffer.rate)
         return frame
