@@ -21,11 +21,19 @@ def _inspect(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=60)
 
 
+def _wait_listening(procs, capture, timeout_s: float = 20.0) -> None:
+    """capture logs `capturing` once its probe came back on its own SUB: its subscriptions are live."""
+    deadline = time.monotonic() + timeout_s
+    while "capturing" not in procs.log_of(capture):
+        assert time.monotonic() < deadline and capture.poll() is None, procs.log_of(capture)
+        time.sleep(0.05)
+
+
 def test_capture_then_replay_reproduces_payloads_and_timing(procs, client_factory, tmp_path):
     path = tmp_path / "session.vbcap"
     capture = procs.voicebus("capture", "-o", str(path), "audio.", "rt.")
     client = client_factory(["audio.", "rt."])
-    time.sleep(1.0)  # capture subscribes asynchronously; its first record below proves it was listening
+    _wait_listening(procs, capture)
     out = Output("mic", "s1", client.publisher.send)
     pcm = tone(440, 1.0, 16000)
     gaps_ms = [20, 20, 5, 80, 20, 0, 40, 20, 20, 33] * 5
@@ -43,7 +51,7 @@ def test_capture_then_replay_reproduces_payloads_and_timing(procs, client_factor
     # replay at 1x while a second capture records what comes back
     path2 = tmp_path / "replayed.vbcap"
     recapture = procs.voicebus("capture", "-o", str(path2), "audio.", "rt.")
-    time.sleep(1.0)
+    _wait_listening(procs, recapture)
     replay = procs.voicebus("replay", str(path), "--speed", "1")
     assert replay.wait(timeout=30) == 0
     time.sleep(0.5)
