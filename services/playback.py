@@ -44,7 +44,7 @@ class PlaybackBuffer:
         self._starved_item: str | None = None
         self.item_changed = False
         self.item_started_ns = 0
-        self.last_output_at = 0.0  # monotonic: when the last sample of an item was handed to the output
+        self.ran_dry_at = 0.0  # monotonic: when the output last ran out of item audio (0: it is not dry)
         self.handoff_ms: deque[float] = deque(maxlen=500)  # frame received -> first sample handed to output
 
     @staticmethod
@@ -72,6 +72,7 @@ class PlaybackBuffer:
                 waited = time.monotonic() - self._last_arrival
                 if self._buffered and (self._buffered >= self.jitter_bytes or waited >= self.jitter_s):
                     self.playing = True
+                    self.ran_dry_at = 0.0
                 else:
                     return bytes(wanted)
             out = bytearray()
@@ -90,9 +91,8 @@ class PlaybackBuffer:
                 self._bump(self.played, segment.item_id, len(take) // BYTES_PER_SAMPLE)
                 if segment.offset >= len(segment.pcm):
                     self._segments.popleft()
-            if out:
-                self.last_output_at = time.monotonic()
             if len(out) < wanted:
+                self.ran_dry_at = time.monotonic()
                 self.playing = False
                 self._starved_item = self.current.item_id if self.current else None
                 out += bytes(wanted - len(out))
@@ -104,6 +104,8 @@ class PlaybackBuffer:
             dropped = self._buffered
             self._segments.clear()
             self._buffered = 0
+            if self.playing:
+                self.ran_dry_at = time.monotonic()
             self.playing = False
             self._starved_item = None
         return round(1000 * dropped / BYTES_PER_SAMPLE / self.rate)

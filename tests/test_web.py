@@ -288,10 +288,12 @@ def test_a_reply_sent_to_its_end_is_played_to_its_end_once_the_browser_drains():
     stage.out, _ = Output.collecting("web")
     stage.link.stats = BrowserStats(jitter_buffer_ms=60, output_latency_ms=30, rtt_ms=4)  # holds 92 ms
     stage.buffer.push(Segment("item_a", 0, "resp_a", bytes(24000 * 2)))  # 1 s
-    stage.buffer.pull(24000 + 480)  # all of it left, and a frame of silence after it
-    just_sent = stage.current_state()
-    assert 1000 - 92 <= just_sent["played_ms"] <= 1000 - 80 and just_sent["sent_ms"] == 1000
-    stage.buffer.last_output_at -= 0.2  # 200 ms later: the browser has played what it held
+    stage.buffer.pull(24000)  # all of it left for the browser, and more would still be sent
+    assert stage.current_state()["played_ms"] == 1000 - 92  # while sending: the browser holds 92 ms
+    stage.buffer.pull(480)  # the next frame finds nothing: the output ran dry
+    just_dry = stage.current_state()
+    assert 1000 - 92 <= just_dry["played_ms"] <= 1000 - 80 and just_dry["sent_ms"] == 1000
+    stage.buffer.ran_dry_at -= 0.2  # 200 ms later: the browser has played what it held
     drained = stage.current_state()
     assert drained["played_ms"] == 1000 and not drained["playing"] and drained["buffered_ms"] == 0
 

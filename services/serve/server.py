@@ -25,6 +25,7 @@ from services.serve.front import NAMESPACE, FrontDoor
 CONVERSATION_CORE_SHARE = 0.14
 LOAD_TARGET = 0.7
 SIMULATOR_READY_S = 30.0
+RAY_SHUTDOWN_S = 4.0
 
 log = logging.getLogger("voicebus.serve")
 
@@ -85,12 +86,15 @@ async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settin
     bound = runner.addresses[0][1]
     log.info(kv("serving", url=f"{'https' if ssl_context else 'http'}://{host}:{bound}/",
                 status=f"{'https' if ssl_context else 'http'}://{host}:{bound}/status"))
-    reaper = asyncio.ensure_future(front.reap_forever())
+    asyncio.ensure_future(front.reap_forever())
     await stopped.wait()
     log.info(kv("stopping", live=len(front.live)))
     started = time.monotonic()
     await front.stop_all()
-    reaper.cancel()
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:  # the reaper, stage sets still warming up (stop_all stops what they start)
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
     await runner.cleanup()
     log.info(kv("stopped_all", seconds=round(time.monotonic() - started, 1)))
 
@@ -129,4 +133,18 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
             from services.launcher import terminate
 
             terminate([simulator[0]], within_s=3.0)
-        ray.shutdown()
+        _shutdown_ray(ray)
+
+
+def _shutdown_ray(ray) -> None:
+    """Leave the cluster, but not at the price of a hung exit: every conversation is stopped and its actor
+    killed by now, and a driver that exits is let go by Ray anyway (seen: shutdown taking over 10 s)."""
+    import threading
+
+    leaving = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    leaving.start()
+    leaving.join(RAY_SHUTDOWN_S)
+    if leaving.is_alive():
+        log.warning(kv("ray_shutdown_slow", waited_s=RAY_SHUTDOWN_S, action="exiting without waiting"))
+        logging.shutdown()
+        os._exit(0)

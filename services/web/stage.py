@@ -106,9 +106,10 @@ class WebStage(PlayerStage):
         state = super().current_state(**extra)
         sent_ms = state["played_ms"]
         state["sent_ms"] = sent_ms
-        if not state.get("flushed"):  # the browser still holds what left in the last delay_ms
-            since_sent_ms = int(1000 * (time.monotonic() - self.buffer.last_output_at))  # stats are whole ms
-            held_ms = max(0.0, self.link.stats.delay_ms - since_sent_ms)
+        if not state.get("flushed"):  # the browser still holds what left in the last delay_ms ...
+            held_ms = self.link.stats.delay_ms
+            if self.buffer.ran_dry_at:  # ... and plays it out once nothing more is sent
+                held_ms = max(0.0, held_ms - int(1000 * (time.monotonic() - self.buffer.ran_dry_at)))
             state["played_ms"] = max(0.0, round(sent_ms - held_ms, 1))
         return state
 
