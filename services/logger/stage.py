@@ -19,13 +19,15 @@ from services.logger.store import SessionStore
 log = logging.getLogger("voicebus.logger")
 STORE_RETRY_S = 5.0
 # heartbeat counters whose rise is written into the record, with the turn it happened in
+LAUNCHER_EVENTS = {"launcher.restart": "stage_restarted", "launcher.finished": "stage_finished",
+                   "launcher.fatal": "stage_cannot_start"}
 WATCHED_COUNTERS = {"dropped": ("dropped", "gaps"),
                     "playback_glitch": ("underruns", "late_callbacks", "output_underflows")}
 
 
 class LoggerStage(Stage):
     name = "logger"
-    subscriptions = ["audio.user", "audio.assistant", "rt.", "player.", "health.", "tool.call"]
+    subscriptions = ["audio.user", "audio.assistant", "rt.", "player.", "health.", "tool.call", "launcher."]
     tick_interval_s = 0.5
     batch_interval_s = 0.2  # nothing here is on the latency path: wake 5 times a second, not 100
 
@@ -62,6 +64,9 @@ class LoggerStage(Stage):
                              retry_in_s=STORE_RETRY_S))
         if message.topic.startswith("health."):
             self._watch_counters(message)
+        elif message.topic in LAUNCHER_EVENTS:  # a stage restarted mid-conversation belongs in its record
+            self.builder.note({"kind": LAUNCHER_EVENTS[message.topic], **{k: message.data.get(k) for k in
+                               ("stage", "reason", "restarts") if k in message.data}, "t_ns": message.header.t_ns})
         self.builder.handle(message, time.monotonic())
         self._flush_events()
         if self.store is not None and self.builder.session_facts != self.facts_written:
