@@ -41,6 +41,7 @@ RETRY_AFTER_S = 5
 BUSY_MESSAGE = "all lines are busy, try again shortly"
 NAMESPACE = "voicebus"
 ENDED_REMEMBERED = 1000
+CONNECT_TIMES_REMEMBERED = 1000
 
 log = logging.getLogger("voicebus.serve")
 
@@ -71,7 +72,7 @@ class FrontDoor:
         self.stopping = False
         self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
                        "dropped": 0, "failed_starts": 0}
-        self.connect_ms: list[float] = []  # offer received -> answer sent
+        self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 
     # --- capacity ------------------------------------------------------------------------------
     def total_slots(self) -> int:
@@ -211,7 +212,7 @@ class FrontDoor:
              "pid": p.status.get("pid")}
             for p in self.live.values()], "prewarmed": len(self.pool), "warming": self.warming,
             "ended": list(self.ended)[-20:], "counts": self.counts, "pending": self.pending,
-            "connect_ms": self.connect_ms[-100:]}
+            "connect_ms": list(self.connect_ms)[-100:]}
         wants = request.query.get("format", "")
         if wants not in ("", "json", "html"):
             return web.json_response({"error": "unknown format: use ?format=json or ?format=html"}, status=400)
