@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,100 @@ def align(recording: np.ndarray, source: np.ndarray) -> tuple[int, float]:
     usable = source[:len(segment)]
     ncc = float(np.dot(segment, usable) / (np.linalg.norm(segment) * np.linalg.norm(usable) + 1e-12))
     return offset, ncc
+
+
+PLACED_NCC = 0.6  # a chunk matched at least this well says where the source is in the recording
+LOUD = 1000.0  # a chunk quieter than this at its peak carries too little to be placed
+
+
+@dataclass(frozen=True)
+class Followed:
+    """Where each loud chunk of a source was found in a recording, in order.
+
+    One offset for a whole utterance (`align`) scores ~0.5 when a busy machine slips 20 ms of silence
+    into the middle of playback, though every word was played. Following the source chunk by chunk
+    tells the two apart: the content is there, in order, and `added_ms` says how much the glitches
+    delayed it.
+    """
+
+    rate: int
+    source_at: list[int]  # chunk starts in the source (samples)
+    recording_at: list[int]  # where each chunk was found in the recording
+    ncc: list[float]
+
+    def clear_fraction(self, min_ncc: float = 0.9) -> float:
+        return sum(n >= min_ncc for n in self.ncc) / len(self.ncc) if self.ncc else 0.0
+
+    def _placed(self) -> list[tuple[int, int]]:
+        """(source, recording) starts of the chunks placed with confidence: the map between the two."""
+        return [(s, r) for s, r, n in zip(self.source_at, self.recording_at, self.ncc, strict=True) if n >= PLACED_NCC]
+
+    @property
+    def added_ms(self) -> float:
+        """Delay the recording gained from the first placed chunk to the last (gaps minus drops)."""
+        placed = self._placed()
+        return 1000 * ((placed[-1][1] - placed[-1][0]) - (placed[0][1] - placed[0][0])) / self.rate if placed else 0.0
+
+    def source_index(self, recording_index: float) -> float:
+        """The source position being heard at `recording_index` (from the last chunk placed before it)."""
+        placed = self._placed() or [(0, 0)]
+        s, r = next((pair for pair in reversed(placed) if pair[1] <= recording_index), placed[0])
+        return s + (recording_index - r)
+
+    def recording_index(self, source_index: float) -> float:
+        placed = self._placed() or [(0, 0)]
+        s, r = next((pair for pair in reversed(placed) if pair[0] <= source_index), placed[0])
+        return r + (source_index - s)
+
+    def summary(self) -> str:
+        worst = min(self.ncc) if self.ncc else 0.0
+        return (f"{len(self.ncc)} chunks, {self.clear_fraction():.0%} at NCC>=0.9 (worst {worst:.2f}), "
+                f"glitches added {self.added_ms:.0f} ms")
+
+
+def _best_match(window: np.ndarray, piece: np.ndarray) -> tuple[int, float]:
+    """(offset in window, NCC) of the best normalised match of `piece` anywhere in `window`."""
+    corr = np.correlate(window, piece, mode="valid")
+    energy = np.concatenate(([0.0], np.cumsum(window * window)))
+    segment_norms = np.sqrt(np.maximum(energy[len(piece):] - energy[:-len(piece)], 0.0))
+    piece_norm = np.linalg.norm(piece)
+    audible = segment_norms > 0.01 * piece_norm  # silence matches nothing (and its norm is rounding noise)
+    ncc = np.where(audible, corr / np.where(audible, segment_norms * piece_norm, 1.0), 0.0)
+    at = int(np.argmax(ncc))
+    return at, float(ncc[at])
+
+
+def follow(recording: np.ndarray, source: np.ndarray, rate: int, chunk_ms: int = 100,
+           early_ms: int = 20, late_ms: int = 300) -> Followed:
+    """Place each loud `chunk_ms` of `source` in `recording`, each after the one before.
+
+    Each chunk is searched from `early_ms` before to `late_ms` after where the previous lag puts
+    it: a glitch only delays what follows (inserted silence), a recorder drop pulls it a little earlier.
+    """
+    chunk = rate * chunk_ms // 1000
+    lag, _ = align(recording, source)
+    first_search = rate * 300 // 1000
+    source_at, recording_at, nccs = [], [], []
+    for start in range(0, len(source) - chunk + 1, chunk):
+        piece = source[start:start + chunk]
+        if np.abs(piece).max() < LOUD:
+            continue
+        early = first_search if not nccs else rate * early_ms // 1000
+        late = first_search if not nccs else rate * late_ms // 1000
+        low = max(start + lag - early, 0)
+        window = recording[low:start + lag + late + chunk]
+        if len(window) < chunk:
+            source_at.append(start)
+            recording_at.append(start + lag)
+            nccs.append(0.0)
+            continue
+        at, ncc = _best_match(window, piece)
+        source_at.append(start)
+        recording_at.append(low + at)
+        nccs.append(ncc)
+        if ncc >= PLACED_NCC:  # a confident placement moves the lag; a garbled chunk does not
+            lag = low + at - start
+    return Followed(rate, source_at, recording_at, nccs)
 
 
 def player_health(client) -> dict:

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from common.envelope import AudioHeader
-from common.rig import MonitorRecorder, align, play_into_mic, player_health
+from common.rig import MonitorRecorder, align, follow, play_into_mic, player_health
 from common.stage import Output
 from common.utterances import speech_pcm, tone
 from common.wavio import read_wav, write_wav
 
+MAX_GLITCH_MS = 200  # silence a loaded machine may insert into 2-3 s of playback; a wrong stream adds far more
 ITEM = {"item_id": "item_test", "content_index": 0, "response_id": "resp_test"}
 
 
@@ -50,8 +51,8 @@ def test_mic_captures_spoken_wav_from_virtual_mic(procs, client_factory, pulse, 
     assert {m.header.rate for m in frames} == {48000}
     assert all(m.header.t_capture_ns <= m.header.t_ns for m in frames)
     recording = np.frombuffer(b"".join(m.payload for m in frames), dtype="<i2").astype(float)
-    _, ncc = align(recording, np.frombuffer(speech, dtype="<i2").astype(float))
-    assert ncc >= 0.9
+    heard = follow(recording, np.frombuffer(speech, dtype="<i2").astype(float), 48000)
+    assert heard.clear_fraction() >= 0.8 and heard.added_ms <= MAX_GLITCH_MS, heard.summary()
 
 
 @pytest.mark.audio
@@ -68,14 +69,17 @@ def test_player_plays_item_on_virtual_speaker_and_reports_position(procs, client
     client.collect(0.5)
     recording = recorder.stop()
     source = np.frombuffer(speech, dtype="<i2").astype(float)
-    offset, ncc = align(recording, source)
-    print(f"ncc {ncc:.3f}; player {player_health(client)}; rig {pulse_rig.state()}")
-    assert ncc >= 0.9, (player_health(client), pulse_rig.state())
+    heard = follow(recording, source, 24000)
+    print(f"heard: {heard.summary()}; player {player_health(client)}; rig {pulse_rig.state()}")
+    # every word reached the speaker, in order; a busy machine may slip a few ms of silence in between
+    # (the player's late_callbacks count them), which must not make played words count as missing
+    assert heard.clear_fraction() >= 0.8 and heard.added_ms <= MAX_GLITCH_MS, \
+        (heard.summary(), player_health(client), pulse_rig.state())
     reports = [m for m in states(client) if m.data["item_id"] == "item_test" and 0 < m.data["played_ms"] < total_ms]
     assert len(reports) >= 5  # ~10 a second while playing
     errors = []
     for message in reports:
-        heard_ms = (recorder.index_at(message.header.t_ns) - offset) / 24
+        heard_ms = heard.source_index(recorder.index_at(message.header.t_ns)) / 24
         errors.append(message.data["played_ms"] - heard_ms)
     print(f"played_ms - heard_ms: median {np.median(errors):.1f} ms, max |err| {np.max(np.abs(errors)):.1f} ms")
     assert np.max(np.abs(errors)) <= 40

@@ -69,9 +69,11 @@ def test_capture_then_replay_reproduces_payloads_and_timing(procs, client_factor
     # late first delivery does not count against every message after it
     offsets = [(a2.t_recv_ns - a1.t_recv_ns) / 1e6 for a1, a2 in zip(original, again, strict=True)]
     median = sorted(offsets)[len(offsets) // 2]
-    errors_ms = [abs(o - median) for o in offsets]
-    print(f"replay timing error: max {max(errors_ms):.2f} ms")
-    assert max(errors_ms) <= 5
+    errors_ms = sorted(abs(o - median) for o in offsets)
+    print(f"replay timing error: median {errors_ms[len(errors_ms) // 2]:.2f} ms, max {errors_ms[-1]:.2f} ms")
+    # paced as captured: a replay that bursts, or sends at a fixed rate, misses the 0-80 ms gaps by hundreds
+    # of ms; scheduling noise on a busy 2-core machine is a few ms, once in a while tens (~1 ms is typical)
+    assert errors_ms[len(errors_ms) // 2] <= 3 and errors_ms[-1] <= 40
 
 
 def test_truncated_capture_opens_at_every_offset_of_its_last_record(tmp_path):

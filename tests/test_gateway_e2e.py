@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common.rig import MonitorRecorder, align, player_health
+from common.rig import MonitorRecorder, follow, player_health
 from common.utterances import compose, speech_pcm
 from tests.pipeline import speak, start_stages
 
@@ -71,12 +71,15 @@ def test_barge_in_flushes_player_and_truncates_at_played_position(procs, client_
     item_id = truncate.data["event"]["item_id"]
     source = np.frombuffer(b"".join(m.payload for m in _of(client, "audio.assistant")
                                     if m.header.extra["item_id"] == item_id), dtype="<i2").astype(float)
-    offset, ncc = align(recording, source[:audio_end_ms * 24])
-    print(f"ncc {ncc:.3f}; player {player_health(client)}; rig {pulse_rig.state()}")
-    assert ncc >= 0.9, (player_health(client), pulse_rig.state())
-    tail = recording[offset + (audio_end_ms + 40) * 24:]
+    heard = follow(recording, source[:audio_end_ms * 24], 24000)
+    print(f"heard: {heard.summary()}; player {player_health(client)}; rig {pulse_rig.state()}")
+    # every word up to the cut reached the speaker, in order (a busy machine may slip a little silence in)
+    assert heard.clear_fraction() >= 0.8 and heard.added_ms <= 200, \
+        (heard.summary(), player_health(client), pulse_rig.state())
+    start = int(heard.recording_index(0))
+    tail = recording[int(heard.recording_index(audio_end_ms * 24)) + 40 * 24:]
     assert np.abs(tail).max(initial=0) < 300, "item audio after the truncation point reached the speaker"
-    last_loud = offset + np.flatnonzero(np.abs(recording[offset:]) > 300)[-1]
+    last_loud = start + np.flatnonzero(np.abs(recording[start:]) > 300)[-1]
     silent_after_ms = (recorder.time_of(last_loud) - flushed.header.t_ns) / 1e6
     print(f"audio_end_ms={audio_end_ms} played_ms={flushed.data['played_ms']} silent {silent_after_ms:.1f} ms "
           f"after flush; heard {summary.data['transcript_heard']!r}")

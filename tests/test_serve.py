@@ -22,7 +22,6 @@ from tests.helpers import alive, children_of
 
 QUESTIONS = ["what is the weather like today", "please turn on the lights in the kitchen",
              "how far away is the moon", "can you help me with my homework"]
-KEY_WORDS = ["weather", "lights", "moon", "help"]
 SLOTS_PER_NODE, NODES = 2, 2
 pytestmark = pytest.mark.timeout(300)  # a cluster, several stage sets and real calls per test
 
@@ -60,6 +59,16 @@ def _ended(url: str, session: str, within_s: float = 3.0) -> dict:
             return found[0]
         time.sleep(0.1)
     raise AssertionError(f"{session} was not ended within {within_s} s: {_status(url)}")
+
+
+def _closest_question(heard: str) -> int | None:
+    """Which of QUESTIONS the recogniser's reading is nearest to, if it is nearer to one than to any other
+    and at most half its words are wrong: robust to a misheard word ("moon" read as "mayor"), not to
+    hearing another caller's answer."""
+    errors = [word_error_rate(question, heard)[0] / len(question.split()) for question in QUESTIONS]
+    best = min(range(len(QUESTIONS)), key=errors.__getitem__)
+    runner_up = min(error for index, error in enumerate(errors) if index != best)
+    return best if errors[best] <= 0.5 and errors[best] < runner_up else None
 
 
 def _start_serve(procs, cluster_address: str, traces, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -105,9 +114,8 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
     for index, result in enumerate(results):
         assert result["assistant"] == [f"I heard: {QUESTIONS[index]}"], result
         heard = transcriber.transcribe(read_wav(tmp_path / f"caller-{index}.wav").pcm, 48000)
-        others = [word for other, word in enumerate(KEY_WORDS) if other != index and word in heard]
         print(f"caller {index} heard {heard!r}")
-        assert KEY_WORDS[index] in heard and not others, (index, heard)
+        assert _closest_question(heard.removeprefix("i heard")) == index, (index, heard)
     # each conversation's trace holds its own turn and nothing else; the sessions are all different
     sessions = {result["session"] for result in results}
     assert len(sessions) == 4
@@ -116,7 +124,7 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
         time.sleep(0.2)
     for index, result in enumerate(results):
         [turn] = load_turns(traces / result["session"])
-        assert KEY_WORDS[index] in turn["user"]["transcript"], turn["user"]
+        assert _closest_question(turn["user"]["transcript"]) == index, turn["user"]
     # hung up: the slots are free again within 2 s of the last caller leaving
     deadline = time.monotonic() + 2.0 + 1.0  # the reaper's half-second round, a stop, Ray's resource view
     while time.monotonic() < deadline and _status(url)["conversations"]:
