@@ -264,7 +264,7 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch):
     sys.exit(run_stage(WebStage(host, port, ssl_context, jitter_ms=jitter_ms, rx_prefetch=rx_prefetch), cfg))
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address for the page and offers; 0.0.0.0 for a LAN (give --cert/--key: browsers need HTTPS there).")
 @click.option("--port", type=int, default=8080, show_default=True, help="HTTP(S) port (0: any free one, logged).")
@@ -286,8 +286,14 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch):
 @click.option("--tools", "tool_modules", multiple=True, metavar="PATH_OR_MODULE",
               help="More tools for every conversation, beside examples/tools.py (repeatable).")
 @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
-def serve(host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, prewarm, root, tool_modules, log_level):
-    """Serve many callers: every browser its own conversation (own stage set), placed on nodes by Ray."""
+@click.pass_context
+def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, prewarm, root, tool_modules,
+          log_level):
+    """Serve many callers: every browser its own conversation (own stage set), placed on nodes by Ray.
+
+    `voicebus serve drain NODE` marks a node draining on a running serve."""
+    if ctx.invoked_subcommand:
+        return
     from services.serve.server import run_serve
 
     setup_logging(log_level)
@@ -295,6 +301,27 @@ def serve(host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, 
     tools_args = [arg for module in tool_modules for arg in ("--module", str(Path(module).resolve()))]
     sys.exit(run_serve(host, port, ssl_context, ray_address, slots, idle_timeout_s, _trace_root(root), tools_args,
                        prewarm, node_host or (None if ray_address else "127.0.0.1")))
+
+
+@serve.command("drain")
+@click.argument("node")
+@click.option("--url", default="http://127.0.0.1:8080/", show_default=True, help="The running serve's address.")
+def serve_drain(node, url):
+    """No new conversations on NODE (an id, or its first digits, from /status); its live ones finish, then Ray
+    stops the node."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url.rstrip("/") + "/drain", data=json.dumps({"node": node}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            click.echo(json.loads(response.read())["message"])
+    except urllib.error.HTTPError as error:
+        raise click.ClickException(json.loads(error.read() or b"{}").get("error", f"HTTP {error.code}")) from None
+    except (urllib.error.URLError, OSError) as error:
+        raise click.ClickException(f"no voicebus serve answers at {url}: {getattr(error, 'reason', error)}") from None
 
 
 @main.command("call")

@@ -7,6 +7,7 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 from common.envelope import Stamper
 from common.realtime_types import validate_client_event
@@ -241,23 +242,32 @@ def test_a_reply_no_player_reported_on_is_not_audible_once_it_would_have_played_
     assert tracker.audible_item(now=102.5) is None  # 1 s of audio, 1.5 s past it: nobody is hearing it
 
 
-def test_speech_after_a_reply_played_to_its_end_sends_no_truncate():
-    """The player's flushed state says all of it was heard: a new turn, not an interruption."""
+@pytest.mark.parametrize("status", ["completed", "cancelled"])
+def test_speech_after_a_reply_played_to_its_end_sends_no_truncate_unless_the_server_cut_it(status):
+    """The player's flushed state says all it was sent was heard: a new turn, not an interruption, if the
+    reply had finished. A reply the server cancelled as the user spoke (interrupt_response) stopped where
+    it was cut: all of it was heard, and it was still cut there."""
     from common.envelope import Stamper
 
     stage, published, sent = _gateway(interrupt_response=True)
     now = time.monotonic()
     stage.tracker.add_audio("item_1", "resp_1", 0, tone(300, 1.0, 24000), now=now)
+    _server(stage, type="response.done", response={"id": "resp_1", "object": "realtime.response", "status": status,
+                                                   "output": []})
     # a player whose reports still lag the end (a browser's buffer): audible by its last report
     stage.tracker.on_player_state({"item_id": "item_1", "played_ms": 908, "playing": False, "buffered_ms": 0}, now)
     stage._barge_in()
-    assert [m.topic for m in published] == ["player.flush"]
+    assert [m.topic for m in published] == ["rt.response.done", "player.flush"]
     flushed = Stamper("player", "test").event("player.state", {"item_id": "item_1", "played_ms": 1000.0,
                                                                "flushed": True, "playing": False}, 1)
     stage.handle(flushed)
-    assert not [e for e in sent if e["type"] in ("conversation.item.truncate", "conversation.item.delete")]
-    assert not [m for m in published if m.topic == "rt.gateway.truncated"]
-    assert stage.counts["played_to_end"] == 1 and stage.counts["truncations"] == 0
+    truncates = [e for e in sent if e["type"] in ("conversation.item.truncate", "conversation.item.delete")]
+    if status == "completed":
+        assert not truncates and not [m for m in published if m.topic == "rt.gateway.truncated"]
+        assert stage.counts["played_to_end"] == 1 and stage.counts["truncations"] == 0
+    else:
+        assert [(e["type"], e.get("audio_end_ms")) for e in truncates] == [("conversation.item.truncate", 1000)]
+        assert stage.counts["played_to_end"] == 0 and stage.counts["truncations"] == 1
 
 
 def test_a_conversation_that_ends_closes_its_server_session_and_the_next_starts_clean():

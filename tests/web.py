@@ -10,6 +10,7 @@ import numpy as np
 
 from common.browser import Chromium
 from common.resample import resample_oneshot
+from common.rig import Followed, follow
 from tests.helpers import BusClient, Procs
 
 
@@ -47,3 +48,29 @@ def dark_pixels(png: Path, rect: dict[str, float]) -> int:
     top, left = int(rect["top"]), int(rect["left"])
     crop = image[top:top + int(rect["height"]), left:left + int(rect["width"])]
     return int((crop.sum(axis=2) < 1.5).sum())
+
+
+def where_the_browser_stopped(recording: np.ndarray, source: np.ndarray,
+                              audio_end_ms: float) -> tuple[Followed, float, float]:
+    """Place a reply cut at `audio_end_ms` in what the page played (24 kHz); asserts it is there, and returns
+    (the placement, the reply's ms the page played until, the ms of the first loud part after that it did
+    not play). A truncation at the played position lies between the two.
+
+    Opus is a perceptual codec and the browser's jitter buffer may stretch time a little: chunk by chunk
+    the waveform still correlates well enough to place the reply. A dropout earlier in the reply is neither
+    where it stopped nor what it missed.
+    """
+    placed = follow(recording, source[:int(audio_end_ms) * 24], 24000)
+    assert placed.clear_fraction(min_ncc=0.6) >= 0.8, placed.summary()
+    blocks = 240  # 10 ms at 24 kHz
+    offset = int(placed.recording_index(0))
+    end = int(placed.recording_index(audio_end_ms * 24)) + 600 * 24
+    loud = np.flatnonzero(np.abs(recording[offset:end]) > 300)
+    heard_until_ms = placed.source_index(offset + loud[-1]) / 24 if loud.size else 0.0
+    cut_by_ms = (end - offset) / 24
+    for b in range(int(heard_until_ms * 24), len(source) - blocks, blocks):
+        at = int(placed.recording_index(b))
+        if np.abs(source[b:b + blocks]).max() > 3000 and np.abs(recording[at:at + blocks]).max(initial=0) < 300:
+            cut_by_ms = b / 24
+            break
+    return placed, heard_until_ms, cut_by_ms

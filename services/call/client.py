@@ -27,7 +27,10 @@ from common.pacing import FrameClock
 MIC_RATE = 48_000
 FRAME_MS = 20
 OFFER_TIMEOUT_S = 30.0
-QUIET_AFTER_REPLY_S = 1.0  # the last reply has played out when what arrives has been this quiet this long
+# once the last reply was sent in full, this much quiet received after its last loud sample means all of
+# it has arrived (counted in received audio, not wall time: a starved caller decodes late)
+QUIET_AFTER_REPLY_S = 0.8
+IN_FLIGHT_MAX_S = 5.0  # sent in full, but still arriving: no longer than this
 QUIET_LEVEL = 300  # peak sample (of 32767) below which a received frame is silence
 REPLY_PLAYOUT_MAX_S = 60.0
 
@@ -76,7 +79,7 @@ class CallResult:
     received: bytearray = field(default_factory=bytearray)  # what the caller heard, 48 kHz mono s16le
     connect_ms: float = 0.0  # offer sent -> first audio frame received (the line is live)
     gaps: int = 0  # received frames that did not follow on from the one before (lost or late audio)
-    last_loud_at: float = 0.0  # monotonic: the last received frame that was not silence
+    quiet_samples: int = 0  # received since the last frame that was not silence
 
 
 async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool = True) -> CallResult:
@@ -88,6 +91,8 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
     peer.addTrack(mic)
     replies = asyncio.Event()
     first_audio = asyncio.Event()
+    reply_items: list[str | None] = []  # each reply's item id, in order
+    sent_items: set[str | None] = set()  # replies the endpoint has sent in full (or cut)
 
     @channel.on("message")
     def on_message(text: str) -> None:
@@ -99,12 +104,16 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
             result.user.append(message.get("text", ""))
         elif kind == "assistant_done":
             result.assistant.append(message.get("text", ""))
+            reply_items.append(message.get("item_id"))
             if len(result.assistant) >= turns:
                 replies.set()
+        elif kind == "assistant_sent":
+            sent_items.add(message.get("item_id"))
         elif kind == "turn":
             result.latency_ms.append(float(message.get("latency_ms", 0)))
         elif kind == "truncated":
             result.truncated.append(message)
+            sent_items.add(message.get("item_id"))  # cut: nothing more of it comes
 
     @peer.on("track")
     def on_track(track) -> None:
@@ -126,10 +135,14 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
             if task is not None and task not in done:
                 task.cancel()
         next(iter(done)).result()  # the line dropped, or too few replies: raised here
-        # the transcript comes with the reply's first audio: stay until the reply has been heard to its end
+        # the transcript comes with the reply's first audio: stay until the endpoint has sent all of the
+        # last reply, then until what was in flight has arrived (it goes quiet)
         deadline = time.monotonic() + REPLY_PLAYOUT_MAX_S
-        while time.monotonic() < deadline and time.monotonic() - result.last_loud_at < QUIET_AFTER_REPLY_S:
-            await asyncio.sleep(0.1)
+        while time.monotonic() < deadline and reply_items[-1] not in sent_items:
+            await asyncio.sleep(0.05)
+        deadline = min(deadline, time.monotonic() + IN_FLIGHT_MAX_S)
+        while time.monotonic() < deadline and result.quiet_samples < QUIET_AFTER_REPLY_S * MIC_RATE:
+            await asyncio.sleep(0.05)
     finally:
         if hang_up and channel.readyState == "open":
             channel.send(json.dumps({"type": "hangup"}))
@@ -201,5 +214,7 @@ async def _record(track, result: CallResult, first_audio: asyncio.Event) -> None
         expected_pts = frame.pts + frame.samples
         result.received += np.ascontiguousarray(samples, dtype="<i2").tobytes()
         if len(samples) and int(np.abs(samples.astype(np.int32)).max()) > QUIET_LEVEL:
-            result.last_loud_at = time.monotonic()
+            result.quiet_samples = 0
+        else:
+            result.quiet_samples += len(samples)
         first_audio.set()

@@ -41,6 +41,7 @@ class AssistantItem:
     transcript: str = ""
     truncated: bool = False
     first_audio_at: float = 0.0  # monotonic, when its first audio arrived
+    complete: bool = False  # its response finished on its own (not cancelled): no more audio comes
 
     def could_still_be_unreported(self, now: float) -> bool:
         return now - self.first_audio_at < self.received_ms / 1000 + UNREPORTED_GRACE_S

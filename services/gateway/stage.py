@@ -43,6 +43,7 @@ APPEND_RUN_S = 1.0
 BENIGN_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_response"}
 TOOL_TIMEOUT_MARGIN_S = 1.0  # the tools stage answers a timeout itself; the gateway waits this much longer
 
+FINISHED_STATUSES = ("completed", "incomplete")  # a response that ended by itself; "cancelled" was cut
 log = logging.getLogger("voicebus.gateway")
 
 
@@ -303,6 +304,9 @@ class GatewayStage(Stage):
         elif kind == "response.done":
             self.response_active = None
             response_id = data["response"].get("id", "")
+            if data["response"].get("status") in FINISHED_STATUSES:
+                for item in self.tracker.items.values():
+                    item.complete = item.complete or item.response_id == response_id
             self.calls.on_response_done(response_id)
             self._maybe_follow_up(response_id)
         elif kind == "response.output_audio_transcript.delta":
@@ -432,8 +436,10 @@ class GatewayStage(Stage):
             return
         item.truncated = True
         audio_end_ms = self.tracker.truncate_at_ms(item, played_ms)
-        if audio_end_ms >= int(item.received_ms) and item.response_id != self.response_active:
-            # the whole reply had been heard when the user spoke: a new turn, nothing to cut
+        if audio_end_ms >= int(item.received_ms) and item.complete:
+            # the whole reply had been heard when the user spoke: a new turn, nothing to cut. Not so
+            # for a reply the server cancelled when the user spoke (interrupt_response): it stopped
+            # sending there, so all it sent was heard, but the reply was cut all the same
             self.counts["played_to_end"] += 1
             log.info(kv("not_truncated", item_id=item.item_id, played_ms=played_ms,
                         received_ms=round(item.received_ms), reason="played to its end"))

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from common.config import new_session_id
 from common.log import kv
+from services.serve.cluster import DrainError, conversation_nodes, drain_node, find_node
 from services.serve.conversation import SLOT_RESOURCE, Conversation
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -67,6 +68,7 @@ class FrontDoor:
         self.pool: list[Placed] = []  # started, idle, waiting for a caller
         self.prewarm = int(settings.get("prewarm", 0))
         self.warming = 0
+        self.pool_grew = asyncio.Event()  # a prewarmed stage set joined the pool
         self.ended: deque[dict[str, Any]] = deque(maxlen=ENDED_REMEMBERED)  # for /status and /call/SESSION
         self.pending = 0
         self.stopping = False
@@ -75,32 +77,27 @@ class FrontDoor:
         self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 
     # --- capacity ------------------------------------------------------------------------------
-    def total_slots(self) -> int:
-        """Slots the cluster's live nodes declare (a lost node's go with it)."""
-        return int(self.ray.cluster_resources().get(SLOT_RESOURCE, 0))
-
     def unheld_slots(self) -> int:
-        """Slots none of this front door's conversations holds or is being given. Counted here, not
-        from Ray's available resources: those trail an actor's creation, so a burst of offers would be
-        refused (or counted twice). Which node a conversation gets is still Ray's choice."""
-        return self.total_slots() - len(self.live) - len(self.pool) - self.pending - self.warming
+        """Slots of serving (not draining) nodes that none of this front door's conversations holds or is
+        being given. Counted here, not from Ray's available resources: those trail an actor's creation,
+        so a burst of offers would be refused (or counted twice). Which node a conversation gets is
+        still Ray's choice."""
+        serving = {node.node_id: node.slots for node in conversation_nodes(self.ray) if not node.draining}
+        held = sum(1 for placed in [*self.live.values(), *self.pool] if placed.node_id in serving)
+        return sum(serving.values()) - held - self.pending - self.warming
 
     def free_slots(self) -> int:
-        """How many more callers can be taken now: idle prewarmed stage sets and slots nobody holds."""
-        return len(self.pool) + self.unheld_slots()
+        """How many more callers can be taken now: idle prewarmed stage sets, ones still starting (a caller
+        waits for one rather than hear "busy" while a slot is being made ready), and slots nobody holds."""
+        return len(self.pool) + self.warming + self.unheld_slots()
 
     def nodes(self) -> list[dict[str, Any]]:
         used: dict[str, int] = {}
         for placed in [*self.live.values(), *self.pool]:
             used[placed.node_id] = used.get(placed.node_id, 0) + 1
-        rows = []
-        for node in self.ray.nodes():
-            slots = int(node.get("Resources", {}).get(SLOT_RESOURCE, 0))
-            if not node.get("Alive") or not slots:
-                continue
-            rows.append({"node_id": node["NodeID"], "address": node.get("NodeManagerAddress"), "slots": slots,
-                         "used": used.get(node["NodeID"], 0), "free": slots - used.get(node["NodeID"], 0)})
-        return rows
+        return [{"node_id": node.node_id, "address": node.address, "slots": node.slots,
+                 "used": used.get(node.node_id, 0), "free": 0 if node.draining else node.slots - used.get(node.node_id, 0),
+                 "state": "draining" if node.draining else "serving"} for node in conversation_nodes(self.ray)]
 
     # --- HTTP --------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -109,6 +106,7 @@ class FrontDoor:
         app.router.add_post("/offer", self.offer)
         app.router.add_get("/status", self.status)
         app.router.add_get("/call/{session}", self.call_state)
+        app.router.add_post("/drain", self.drain)
         app.router.add_static("/static/", STATIC)
         return app
 
@@ -159,6 +157,14 @@ class FrontDoor:
 
     async def _place(self, body: dict[str, Any], remote: str | None, received: float) -> web.Response:
         placed, answer = None, None
+        # no idle stage set and no slot of its own (this offer is counted in `pending`): a set that is
+        # warming up will be this caller's
+        while not self.pool and self.unheld_slots() < 0 and self.warming and not self.stopping:
+            self.pool_grew.clear()
+            try:
+                await asyncio.wait_for(self.pool_grew.wait(), START_TIMEOUT_S)
+            except TimeoutError:
+                break
         while self.pool and answer is None:  # a prewarmed one, unless its node went away meanwhile
             candidate = self.pool.pop(0)
             try:
@@ -204,6 +210,35 @@ class FrontDoor:
         return web.json_response({"session": session, "state": "dropped" if ended["dropped"] else "ended",
                                   "reason": ended["reason"]})
 
+    async def drain(self, request: web.Request) -> web.Response:
+        """Mark a node draining: no new conversations there, its live ones finish, then Ray stops it."""
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or not isinstance(body.get("node"), str):
+                raise ValueError('expected JSON {"node": "NODE_ID"}')
+        except (ValueError, UnicodeDecodeError) as exc:
+            return web.json_response({"error": f"malformed drain request: {exc}"}, status=400)
+        try:
+            node = find_node(conversation_nodes(self.ray), body["node"])
+            idle = [placed for placed in self.pool if placed.node_id == node.node_id]
+            drain_node(self.ray, node)
+        except DrainError as exc:
+            log.warning(kv("drain_refused", node=repr(body["node"][:64]), error=repr(str(exc))))
+            return web.json_response({"error": str(exc)}, status=404 if "no node" in str(exc) else 400)
+        await self._stop_idle(idle)
+        live = [p.session for p in self.live.values() if p.node_id == node.node_id]
+        log.info(kv("node_draining", node=node.node_id[:12], live=len(live), prewarmed_stopped=len(idle)))
+        return web.json_response({"node_id": node.node_id, "live": live, "prewarmed_stopped": len(idle),
+                                  "message": f"no new conversations on {node.node_id[:12]}; {len(live)} live "
+                                             f"finish, then Ray stops the node"})
+
+    async def _stop_idle(self, idle: list[Placed]) -> None:
+        """Prewarmed stage sets on a draining node: nobody is in them, and they would keep the node busy."""
+        for placed in idle:
+            if placed in self.pool:
+                self.pool.remove(placed)
+        await asyncio.gather(*(self._stop_one(placed) for placed in idle), return_exceptions=True)
+
     async def status(self, request: web.Request) -> web.Response:
         report = {"nodes": self.nodes(), "conversations": [
             {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
@@ -242,12 +277,17 @@ class FrontDoor:
             return
         finally:
             self.warming -= 1
+            self.pool_grew.set()  # waiting callers look again (a failed start frees its slot)
         if self.stopping:
             await self._stop_one(placed)
         else:
             self.pool.append(placed)
+            self.pool_grew.set()
 
     async def reap(self) -> None:
+        if self.pool:  # a drain made with Ray's own tools (ray drain-node) is honoured too
+            draining = {node.node_id for node in conversation_nodes(self.ray) if node.draining}
+            await self._stop_idle([placed for placed in self.pool if placed.node_id in draining])
         for placed in list(self.live.values()):
             try:
                 placed.status = await asyncio.wait_for(placed.actor.status.remote(), STATUS_TIMEOUT_S)
@@ -303,7 +343,7 @@ def _status_page(report: dict[str, Any]) -> str:
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><meta http-equiv='refresh' content='1'>"
             "<title>voicebus serve: status</title><link rel='stylesheet' href='/static/page.css'></head><body>"
             "<header><h1>voicebus serve</h1></header><h2>Nodes</h2>"
-            + table(report["nodes"], ["node_id", "address", "slots", "used", "free"])
+            + table(report["nodes"], ["node_id", "address", "state", "slots", "used", "free"])
             + "<h2>Live conversations</h2>"
             + table(report["conversations"], ["session", "node_id", "age_s", "turns", "last_latency_ms", "report"])
             + "<h2>Ended</h2>" + table(report["ended"], ["session", "reason", "turns", "age_s", "report"])

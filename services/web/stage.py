@@ -69,6 +69,7 @@ class WebStage(PlayerStage):
         self._latency_item: str | None = None
         self.conversations = 0
         self.other_session_dropped = 0  # messages of a conversation that is over, kept from the page
+        self._reply_done_item: str | None = None  # the last reply the server finished, until it has all been sent
 
     # --- runner thread --------------------------------------------------------------------------
     def start(self) -> None:
@@ -90,6 +91,10 @@ class WebStage(PlayerStage):
             if report != self.link.hello.get("report"):
                 self.link.hello["report"] = report
                 self.link.send_page({"type": "report", "report": report})
+        elif topic == "rt.response.done":
+            output = ((message.data.get("event") or {}).get("response") or {}).get("output") or []
+            replies = [item.get("id") for item in output if isinstance(item, dict) and item.get("type") == "message"]
+            self._reply_done_item = replies[-1] if replies else self._reply_done_item
         elif topic == "rt.gateway.speech_end":
             self._speech_end_ns = message.data.get("speech_end_capture_ns")
         elif topic == "rt.gateway.truncated":
@@ -116,7 +121,18 @@ class WebStage(PlayerStage):
     def publish_state(self, **extra: Any) -> dict[str, Any]:
         state = super().publish_state(**extra)
         self._turn_latency(state)
+        self._reply_sent(state)
         return state
+
+    def _reply_sent(self, state: dict[str, Any]) -> None:
+        """Tell the page once the server's last reply has left in full. A caller that hangs up after a
+        reply needs it: on a starved machine a reply can pause for a second mid-sentence, so a silence
+        is no sign that it is over."""
+        item_id = self._reply_done_item
+        if item_id and state["item_id"] == item_id and self.buffer.ran_dry_at and \
+                state["sent_ms"] >= state["received_ms"]:
+            self._reply_done_item = None
+            self.link.send_page({"type": "assistant_sent", "item_id": item_id, "sent_ms": state["sent_ms"]})
 
     def _turn_latency(self, state: dict[str, Any]) -> None:
         """User stopped speaking (captured) -> first reply sample heard in the browser, per turn."""
@@ -145,6 +161,7 @@ class WebStage(PlayerStage):
         if kind == "connected":
             self._rtp_next = self._clock_offset_ns = None
             self.buffer.reset()  # nothing of a previous browser's reply is left to send to this one
+            self._reply_done_item = None
             session = self.out.stamper.session if self.conversations == 0 else new_session_id()
             self.conversations += 1
             self.adopt_session(session)  # at once: this thread publishes the new caller's mic frames
