@@ -22,7 +22,7 @@ from common.utterances import compose
 from common.wavio import read_wav, write_wav
 from services.logger.store import load_turns
 from tests.helpers import alive, children_of
-from tests.web import page_recording, where_the_browser_stopped
+from tests.web import BARGE_IN_AFTER_S, page_recording, where_the_browser_stopped
 
 QUESTIONS = ["what is the weather like today", "please turn on the lights in the kitchen",
              "how far away is the moon", "can you help me with my homework"]
@@ -167,7 +167,7 @@ def test_a_browser_page_through_serve_talks_and_is_cut_where_it_stopped_playing(
     traces = tmp_path / "traces"
     serve, url = _start_serve(procs, made.address, traces, "--prewarm", "1", env={"VOICEBUS_SIM_URL": sim})
     _wait_prewarmed(url, 1)  # Chromium's fake mic starts with getUserMedia: the call must be live at once
-    speech = compose([("silence", 1.0), ("say", QUESTIONS[0]), ("silence", 4.5), ("say", "stop please"),
+    speech = compose([("silence", 1.0), ("say", QUESTIONS[0]), ("silence", BARGE_IN_AFTER_S), ("say", "stop please"),
                       ("silence", 6.0)], 48000)
     wav = write_wav(tmp_path / "mic.wav", speech, 48000)
     with Chromium(url + "?record=1", fake_mic_wav=wav, log_path=tmp_path / "chromium.log") as page:

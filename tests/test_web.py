@@ -15,7 +15,13 @@ from common.speech import Transcriber
 from common.utterances import compose
 from common.wavio import write_wav
 from services.player import IDLE_STATE_INTERVAL_S
-from tests.web import dark_pixels, page_recording, start_web_pipeline, where_the_browser_stopped
+from tests.web import (
+    BARGE_IN_AFTER_S,
+    dark_pixels,
+    page_recording,
+    start_web_pipeline,
+    where_the_browser_stopped,
+)
 
 QUESTION = "what is the weather like today"
 STORY = ("Once upon a time there was a little robot who lived in a quiet town by the sea and every morning it "
@@ -48,7 +54,7 @@ def test_browser_conversation_with_barge_in(procs, client_factory, simulator, tm
     sim = _story_sim(simulator, tmp_path)
     client = client_factory(PREFIXES)
     url = start_web_pipeline(procs, client, sim, tmp_path / "traces")
-    speech = compose([("silence", LEAD_S), ("say", QUESTION), ("silence", 4.5), ("say", "stop please"),
+    speech = compose([("silence", LEAD_S), ("say", QUESTION), ("silence", BARGE_IN_AFTER_S), ("say", "stop please"),
                       ("silence", 6.0)], 48000)
     wav = write_wav(tmp_path / "mic.wav", speech, 48000)
     with Chromium(url + "?record=1", fake_mic_wav=wav, log_path=tmp_path / "chromium.log") as page:

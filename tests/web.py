@@ -13,6 +13,10 @@ from common.resample import resample_oneshot
 from common.rig import Followed, follow
 from tests.helpers import BusClient, Procs
 
+# "stop please" this long after the question: the reply starts 2-4.5 s after it (the simulator's VAD and
+# recogniser, slower on a busy machine) and runs 8-10 s, so the cut lands 1.5-4 s into it
+BARGE_IN_AFTER_S = 6.0
+
 
 def start_web_pipeline(procs: Procs, client: BusClient, sim_url: str | None, traces: Path,
                        stages: tuple[str, ...] = ("resample", "gateway", "logger")) -> str:

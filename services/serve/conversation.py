@@ -11,6 +11,7 @@ stops every process it started (they also die with it: PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,9 @@ from common.log import kv
 from common.ports import free_port
 
 SLOT_RESOURCE = "conversation"
+# a stage set starts (and waits, prewarmed) at this niceness, and goes to 0 when a caller gets it: a
+# start costs ~10 s of CPU, and at the same weight as live conversations it starves their audio
+WARMING_NICE = 10
 READY_TIMEOUT_S = 60.0
 OFFER_TIMEOUT_S = 30.0
 WATCH = ["health.", "session.", "web.", "rt.response.done", "rt.input_audio_buffer.speech_started",
@@ -72,6 +76,7 @@ class Conversation:
 
     def offer(self, body: dict[str, Any]) -> dict[str, Any]:
         """The browser's offer, answered by this conversation's web stage: {status, body}."""
+        self._to_foreground()
         request = urllib.request.Request(f"http://{self.host}:{self.web_port}/offer", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
@@ -96,12 +101,30 @@ class Conversation:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.status()
 
+    def _to_foreground(self) -> None:
+        """A caller has this stage set now: its processes (and the thread that restarts them) leave the
+        warming priority. Only threads still at WARMING_NICE: an audio stage has raised its own."""
+        tasks = [self._thread.native_id or 0]
+        for pid in _descendants(os.getpid()):
+            try:
+                tasks += [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+        for tid in tasks:
+            try:
+                if os.getpriority(os.PRIO_PROCESS, tid) == WARMING_NICE:
+                    os.setpriority(os.PRIO_PROCESS, tid, 0)
+            except OSError:
+                continue  # gone meanwhile, or not permitted (then it stays nice: slower, not wrong)
+
     # --- the stage set's own thread (owns the supervisor's sockets) ------------------------------
     def _run(self) -> None:
         from common.bus import Receiver, connect_sub
         from services.launcher import LauncherError, Supervisor
         from services.pipeline import WEB_STAGES, pipeline_specs
 
+        with contextlib.suppress(OSError):  # this thread only: what it starts inherits it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARMING_NICE)
         cfg = BusConfig(pub=f"ipc://{self.run_dir}/pub.sock", sub=f"ipc://{self.run_dir}/sub.sock")
         extra = {"web": ["--host", self.host, "--port", str(self.web_port)],
                  "logger": list(self.settings.get("logger_args", [])),
@@ -158,3 +181,22 @@ class Conversation:
             self.state["last_latency_ms"] = message.data.get("latency_ms")
         elif topic == "web.connected":
             self.state["last_activity"] = time.monotonic()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process under `root` (stages, and what they started)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    found, frontier = [], [root]
+    while frontier:
+        children = parents.get(frontier.pop(), [])
+        found += children
+        frontier += children
+    return found
