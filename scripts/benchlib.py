@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.processes import descendants  # noqa: E402
 from common.rig import PulseRig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,20 +62,7 @@ def process_label(pid: int) -> str:
 
 def process_tree(root: int) -> list[int]:
     """Every descendant of `root` (not root itself)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = [], [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        found += children
-        frontier += children
-    return found
+    return descendants(root)
 
 
 def sample_processes(pids: dict[str, int], seconds: float) -> dict[str, dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import zmq
 from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
 from common.config import BusConfig
 from common.envelope import Message, Stamper
+from common.processes import descendants
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,22 +101,7 @@ class BusClient:
 
 def children_of(pid: int) -> set[int]:
     """All descendants of `pid`, read from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            parents[int(entry)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+    return set(descendants(pid))
 
 
 def alive(pid: int) -> bool:

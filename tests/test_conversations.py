@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 
+from common.speech import word_error_rate
 from common.utterances import compose
 from services.logger.store import load_turns
 from tests.pipeline import speak, start_stages
 
 PREFIXES = ["rt.", "player.", "health.", "session."]
 FIRST, SECOND = "test-session", "second-caller"  # the first is base_env's VOICEBUS_SESSION
+FIRST_QUESTIONS = ("turn on the lights in the kitchen", "please tell me a short story")
+SECOND_QUESTION = "what is the weather like today"
+
+
+def _nearest(heard: str) -> str | None:
+    """The question the recogniser's reading is nearest to, if at most half its words are wrong."""
+    errors = {q: word_error_rate(q, heard)[0] / len(q.split()) for q in (*FIRST_QUESTIONS, SECOND_QUESTION)}
+    best = min(errors, key=errors.get)
+    return best if errors[best] <= 0.5 else None
 
 
 def _of(client, topic, session=None):
@@ -28,8 +38,8 @@ def test_each_conversation_is_its_own_session_and_a_reply_nobody_cut_is_not_trun
     start_stages(procs, client, sim, stages=("gateway", "resample"))
     first_server = client.wait_for(lambda m: m.topic == "rt.session.created").data["event"]["session"]["id"]
     # the second question comes well after the first reply would have played out
-    speak(procs, compose([("say", "turn on the lights in the kitchen"), ("silence", 7.0),
-                          ("say", "please tell me a short story")], 48000), 48000, tmp_path, tail_s=3.0)
+    speak(procs, compose([("say", FIRST_QUESTIONS[0]), ("silence", 7.0), ("say", FIRST_QUESTIONS[1])], 48000), 48000,
+          tmp_path, tail_s=3.0)
     client.wait_for(lambda m: m.topic == "rt.response.done" and len(_of(client, "rt.response.done")) >= 2,
                     timeout_s=60)
     assert len(_of(client, "rt.input_audio_buffer.speech_started")) == 2
@@ -50,20 +60,21 @@ def test_each_conversation_is_its_own_session_and_a_reply_nobody_cut_is_not_trun
                                     ).data["event"]["session"]["id"]
     assert second_server != first_server
     client.wait_for(lambda m: m.topic == "rt.session.updated" and m.header.session == SECOND, timeout_s=10)
-    speak(procs, compose([("say", "what is the weather like today")], 48000), 48000, tmp_path, tail_s=3.0,
+    speak(procs, compose([("say", SECOND_QUESTION)], 48000), 48000, tmp_path, tail_s=3.0,
           env={"VOICEBUS_SESSION": SECOND})
     answer = client.wait_for(lambda m: m.topic == "rt.response.output_audio_transcript.done"
                              and m.header.session == SECOND, timeout_s=60)
-    assert "weather" in answer.data["event"]["transcript"]
+    # the answer is to the second caller's words, not the first's (the recogniser may miss a word or two)
+    heard = answer.data["event"]["transcript"].removeprefix("I heard: ")
+    assert _nearest(heard) == SECOND_QUESTION, heard
     client.wait_for(lambda m: m.topic == "health.logger" and m.data["turns_stored"] >= 3, timeout_s=30)
     live_meta = json.loads((traces / SECOND / "meta.json").read_text())  # what a report made now would show
     assert live_meta["server_session_id"] == second_server and live_meta["protocol"] == "ga" and live_meta["model"]
     procs.stop_all()
 
     first_turns, second_turns = load_turns(traces / FIRST), load_turns(traces / SECOND)
-    assert [("lights" in t["user"]["transcript"], "story" in t["user"]["transcript"]) for t in first_turns] == \
-        [(True, False), (False, True)]
-    assert [("weather" in t["user"]["transcript"]) for t in second_turns] == [True]
+    assert [_nearest(t["user"]["transcript"]) for t in first_turns] == list(FIRST_QUESTIONS)
+    assert [_nearest(t["user"]["transcript"]) for t in second_turns] == [SECOND_QUESTION]
     assert not any(turn["assistant"]["barge_in"] for turn in first_turns + second_turns)
     first_meta = json.loads((traces / FIRST / "meta.json").read_text())
     second_meta = json.loads((traces / SECOND / "meta.json").read_text())

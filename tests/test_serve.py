@@ -145,7 +145,9 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
     while time.monotonic() < deadline and _status(url)["conversations"]:
         time.sleep(0.1)
     after = _status(url)
-    assert after["conversations"] == [] and sorted(n["free"] for n in after["nodes"]) == [SLOTS_PER_NODE] * NODES
+    # every slot is free again or already holds a prewarmed set (the pool refills at once)
+    assert after["conversations"] == [] and sum(n["free"] for n in after["nodes"]) + after["prewarmed"] == \
+        SLOTS_PER_NODE * NODES, after
     assert after["counts"]["busy_refused"] >= 1 and after["counts"]["ended"] == 4
     again = _call(procs, url, "what is the weather like today", tmp_path, "caller-again")
     out, _ = again.communicate(timeout=120)

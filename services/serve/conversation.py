@@ -27,10 +27,13 @@ from typing import Any
 from common.config import BusConfig
 from common.log import kv
 from common.ports import free_port
+from common.processes import descendants
 
 SLOT_RESOURCE = "conversation"
-# a stage set starts (and waits, prewarmed) at this niceness, and goes to 0 when a caller gets it: a
-# start costs ~10 s of CPU, and at the same weight as live conversations it starves their audio
+# a prewarmed stage set starts (and waits) at this niceness, and goes to 0 when a caller gets it: a
+# start costs ~10 s of CPU, and at the same weight as live conversations it starves their audio. One
+# started for a caller who is waiting runs at 0 from the start (at 10 on a busy machine it can take
+# minutes)
 WARMING_NICE = 10
 READY_TIMEOUT_S = 60.0
 OFFER_TIMEOUT_S = 30.0
@@ -43,10 +46,11 @@ log = logging.getLogger("voicebus.serve")
 class Conversation:
     """A Ray actor (see `services.serve.front`): one caller's stage set on this node."""
 
-    def __init__(self, session: str, settings: dict[str, Any]) -> None:
+    def __init__(self, session: str, settings: dict[str, Any], prewarm: bool = False) -> None:
         import ray
 
         self.session = session
+        self.prewarm = prewarm  # started ahead of any caller: in the background (WARMING_NICE)
         self.settings = settings
         # this worker process is this conversation's alone: its stages inherit these (trace dir, simulator URL)
         os.environ.update(settings.get("env", {}))
@@ -76,7 +80,8 @@ class Conversation:
 
     def offer(self, body: dict[str, Any]) -> dict[str, Any]:
         """The browser's offer, answered by this conversation's web stage: {status, body}."""
-        self._to_foreground()
+        if self.prewarm:
+            self._to_foreground()
         request = urllib.request.Request(f"http://{self.host}:{self.web_port}/offer", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
@@ -105,7 +110,7 @@ class Conversation:
         """A caller has this stage set now: its processes (and the thread that restarts them) leave the
         warming priority. Only threads still at WARMING_NICE: an audio stage has raised its own."""
         tasks = [self._thread.native_id or 0]
-        for pid in _descendants(os.getpid()):
+        for pid in descendants(os.getpid()):
             try:
                 tasks += [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
             except OSError:
@@ -123,8 +128,9 @@ class Conversation:
         from services.launcher import LauncherError, Supervisor
         from services.pipeline import WEB_STAGES, pipeline_specs
 
-        with contextlib.suppress(OSError):  # this thread only: what it starts inherits it
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARMING_NICE)
+        if self.prewarm:
+            with contextlib.suppress(OSError):  # this thread only: what it starts inherits it
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARMING_NICE)
         cfg = BusConfig(pub=f"ipc://{self.run_dir}/pub.sock", sub=f"ipc://{self.run_dir}/sub.sock")
         extra = {"web": ["--host", self.host, "--port", str(self.web_port)],
                  "logger": list(self.settings.get("logger_args", [])),
@@ -182,21 +188,3 @@ class Conversation:
         elif topic == "web.connected":
             self.state["last_activity"] = time.monotonic()
 
-
-def _descendants(root: int) -> list[int]:
-    """Every process under `root` (stages, and what they started)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            parents.setdefault(ppid, []).append(int(entry))
-    found, frontier = [], [root]
-    while frontier:
-        children = parents.get(frontier.pop(), [])
-        found += children
-        frontier += children
-    return found

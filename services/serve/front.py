@@ -143,11 +143,11 @@ class FrontDoor:
         finally:
             self.pending -= 1
 
-    async def _start_one(self) -> Placed:
+    async def _start_one(self, prewarm: bool = False) -> Placed:
         """A new conversation's stage set on a node Ray chooses, once it serves."""
         session = new_session_id()
         actor = self.actor_class.options(name=session, namespace=NAMESPACE, num_cpus=0,
-                                         resources={SLOT_RESOURCE: 1}, max_restarts=0).remote(session, self.settings)
+                                         resources={SLOT_RESOURCE: 1}, max_restarts=0).remote(session, self.settings, prewarm)
         try:
             where = await asyncio.wait_for(actor.ready.remote(), START_TIMEOUT_S)
         except BaseException:
@@ -270,7 +270,7 @@ class FrontDoor:
 
     async def _warm_one(self) -> None:
         try:
-            placed = await self._start_one()
+            placed = await self._start_one(prewarm=True)
         except Exception as exc:  # noqa: BLE001 - said, and tried again on the next round
             self.counts["failed_starts"] += 1
             log.error(kv("prewarm_failed", error=repr(str(exc)[:300] or type(exc).__name__)))
