@@ -88,6 +88,16 @@ class Transcriber:
         return hypothesis.hypstr.strip() if hypothesis is not None else ""
 
 
+def nearest_sentence(heard: str, sentences: list[str] | tuple[str, ...], max_error: float = 0.5) -> str | None:
+    """The sentence a recogniser's reading is nearest to by word error rate, if it is nearer to it than to
+    any other and at most `max_error` of its words are wrong: robust to a misheard word, not to hearing
+    another sentence."""
+    errors = {sentence: word_error_rate(sentence, heard)[0] / len(sentence.split()) for sentence in sentences}
+    best = min(errors, key=errors.__getitem__)
+    runner_up = min((error for sentence, error in errors.items() if sentence != best), default=float("inf"))
+    return best if errors[best] <= max_error and errors[best] < runner_up else None
+
+
 def word_error_rate(reference: str, hypothesis: str) -> tuple[int, int]:
     """(word edits, reference words): Levenshtein distance over words."""
     ref, hyp = reference.lower().split(), hypothesis.lower().split()

@@ -24,3 +24,13 @@ def test_pocketsphinx_wer_on_flite_sentences():
     wer = edits / words
     print(f"\nWER {wer:.1%} over {len(SENTENCES)} sentences\n" + "\n".join(rows))
     assert wer <= 0.10, "\n".join(rows)
+
+
+def test_nearest_sentence_takes_a_misheard_word_but_not_another_sentence():
+    from common.speech import nearest_sentence
+
+    questions = ["what is the weather like today", "how far away is the moon"]
+    assert nearest_sentence("how far the way the mayor", questions) == questions[1]
+    assert nearest_sentence("what is the weather like today", questions) == questions[0]
+    assert nearest_sentence("the", questions) is None  # nearer to neither, and mostly wrong
+    assert nearest_sentence("please tell me a short story", questions) is None

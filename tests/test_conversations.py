@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from common.speech import word_error_rate
+from common.speech import nearest_sentence
 from common.utterances import compose
 from services.logger.store import load_turns
 from tests.pipeline import speak, start_stages
@@ -16,11 +16,8 @@ FIRST_QUESTIONS = ("turn on the lights in the kitchen", "please tell me a short 
 SECOND_QUESTION = "what is the weather like today"
 
 
-def _nearest(heard: str) -> str | None:
-    """The question the recogniser's reading is nearest to, if at most half its words are wrong."""
-    errors = {q: word_error_rate(q, heard)[0] / len(q.split()) for q in (*FIRST_QUESTIONS, SECOND_QUESTION)}
-    best = min(errors, key=errors.get)
-    return best if errors[best] <= 0.5 else None
+def _nearest_question(heard: str) -> str | None:
+    return nearest_sentence(heard, (*FIRST_QUESTIONS, SECOND_QUESTION))
 
 
 def _of(client, topic, session=None):
@@ -66,15 +63,15 @@ def test_each_conversation_is_its_own_session_and_a_reply_nobody_cut_is_not_trun
                              and m.header.session == SECOND, timeout_s=60)
     # the answer is to the second caller's words, not the first's (the recogniser may miss a word or two)
     heard = answer.data["event"]["transcript"].removeprefix("I heard: ")
-    assert _nearest(heard) == SECOND_QUESTION, heard
+    assert _nearest_question(heard) == SECOND_QUESTION, heard
     client.wait_for(lambda m: m.topic == "health.logger" and m.data["turns_stored"] >= 3, timeout_s=30)
     live_meta = json.loads((traces / SECOND / "meta.json").read_text())  # what a report made now would show
     assert live_meta["server_session_id"] == second_server and live_meta["protocol"] == "ga" and live_meta["model"]
     procs.stop_all()
 
     first_turns, second_turns = load_turns(traces / FIRST), load_turns(traces / SECOND)
-    assert [_nearest(t["user"]["transcript"]) for t in first_turns] == list(FIRST_QUESTIONS)
-    assert [_nearest(t["user"]["transcript"]) for t in second_turns] == [SECOND_QUESTION]
+    assert [_nearest_question(t["user"]["transcript"]) for t in first_turns] == list(FIRST_QUESTIONS)
+    assert [_nearest_question(t["user"]["transcript"]) for t in second_turns] == [SECOND_QUESTION]
     assert not any(turn["assistant"]["barge_in"] for turn in first_turns + second_turns)
     first_meta = json.loads((traces / FIRST / "meta.json").read_text())
     second_meta = json.loads((traces / SECOND / "meta.json").read_text())

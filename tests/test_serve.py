@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from common.browser import Chromium
-from common.speech import Transcriber, word_error_rate
+from common.speech import Transcriber, nearest_sentence, word_error_rate
 from common.utterances import compose
 from common.wavio import read_wav, write_wav
 from services.logger.store import load_turns
@@ -63,16 +63,6 @@ def _ended(url: str, session: str, within_s: float = 3.0) -> dict:
             return found[0]
         time.sleep(0.1)
     raise AssertionError(f"{session} was not ended within {within_s} s: {_status(url)}")
-
-
-def _closest_question(heard: str) -> int | None:
-    """Which of QUESTIONS the recogniser's reading is nearest to, if it is nearer to one than to any other
-    and at most half its words are wrong: robust to a misheard word ("moon" read as "mayor"), not to
-    hearing another caller's answer."""
-    errors = [word_error_rate(question, heard)[0] / len(question.split()) for question in QUESTIONS]
-    best = min(range(len(QUESTIONS)), key=errors.__getitem__)
-    runner_up = min(error for index, error in enumerate(errors) if index != best)
-    return best if errors[best] <= 0.5 and errors[best] < runner_up else None
 
 
 def _wait_prewarmed(url: str, count: int, within_s: float = 120) -> None:
@@ -130,7 +120,7 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
         assert result["assistant"] == [f"I heard: {QUESTIONS[index]}"], result
         heard = transcriber.transcribe(read_wav(tmp_path / f"caller-{index}.wav").pcm, 48000)
         print(f"caller {index} heard {heard!r}")
-        assert _closest_question(heard.removeprefix("i heard")) == index, (index, heard)
+        assert nearest_sentence(heard.removeprefix("i heard"), QUESTIONS) == QUESTIONS[index], (index, heard)
     # each conversation's trace holds its own turn and nothing else; the sessions are all different
     sessions = {result["session"] for result in results}
     assert len(sessions) == 4
@@ -139,7 +129,7 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
         time.sleep(0.2)
     for index, result in enumerate(results):
         [turn] = load_turns(traces / result["session"])
-        assert _closest_question(turn["user"]["transcript"]) == index, turn["user"]
+        assert nearest_sentence(turn["user"]["transcript"], QUESTIONS) == QUESTIONS[index], turn["user"]
     # hung up: the slots are free again within 2 s of the last caller leaving
     deadline = time.monotonic() + 2.0 + 1.0  # the reaper's half-second round, a stop, Ray's resource view
     while time.monotonic() < deadline and _status(url)["conversations"]:

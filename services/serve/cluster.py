@@ -26,7 +26,11 @@ class Node:
 
 
 class DrainError(Exception):
-    """Why a drain request cannot be done (the message is the operator's answer)."""
+    """Why a drain request cannot be done (the message is the operator's answer, `status` its HTTP code)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def conversation_nodes(ray: Any) -> list[Node]:
@@ -52,7 +56,7 @@ def find_node(nodes: list[Node], prefix: str) -> Node:
         raise DrainError(f"give a node id (at least {MIN_NODE_PREFIX} hex digits, as /status shows it)")
     found = [node for node in nodes if node.node_id.startswith(prefix)]
     if not found:
-        raise DrainError(f"no node taking conversations has an id starting {prefix!r}")
+        raise DrainError(f"no node taking conversations has an id starting {prefix!r}", status=404)
     if len(found) > 1:
         raise DrainError(f"{len(found)} nodes have ids starting {prefix!r}: give more of the id")
     return found[0]

@@ -224,7 +224,7 @@ class FrontDoor:
             drain_node(self.ray, node)
         except DrainError as exc:
             log.warning(kv("drain_refused", node=repr(body["node"][:64]), error=repr(str(exc))))
-            return web.json_response({"error": str(exc)}, status=404 if "no node" in str(exc) else 400)
+            return web.json_response({"error": str(exc)}, status=exc.status)
         await self._stop_idle(idle)
         live = [p.session for p in self.live.values() if p.node_id == node.node_id]
         log.info(kv("node_draining", node=node.node_id[:12], live=len(live), prewarmed_stopped=len(idle)))
