@@ -1,8 +1,29 @@
-"""The process tree under a process, read from /proc (stage sets, benchmarks and tests all need it)."""
+"""The process tree under a process and what it spent, read from /proc (stage sets, benchmarks and
+tests all need it)."""
 
 from __future__ import annotations
 
 import os
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process. Raises OSError when it is gone."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of `root` and every living process under it (ones that ended are not counted)."""
+    total = 0.0
+    for pid in [root, *descendants(root)]:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            continue
+    return total
 
 
 def descendants(root: int) -> list[int]:

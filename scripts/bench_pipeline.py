@@ -41,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +48,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchlib import REPO, cpu_seconds, machine, pct, process_label, process_tree, pss_mb, rss_mb  # noqa: E402
+from benchlib import (  # noqa: E402
+    REPO,
+    bench_python,
+    cpu_seconds,
+    machine,
+    pct,
+    process_label,
+    process_tree,
+    pss_mb,
+    rss_mb,
+)
 
 from common import markers  # noqa: E402
 from common.rig import MonitorRecorder, PulseRig  # noqa: E402
@@ -73,23 +82,7 @@ STORY = ("Once upon a time there was a little robot who lived in a quiet town by
 INTERRUPT_AFTER_S = 3.5  # into the reply: past LiveKit console's 3 s "AEC warm-up" without interruptions
 SILENCE_GAP_S = 0.1
 README_START, README_END = "<!-- bench_pipeline:start -->", "<!-- bench_pipeline:end -->"
-BENCH_VENV = REPO / ".venv-bench"
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_", "PULSE_"))}
-
-
-def bench_python() -> Path:
-    """.venv-bench with the `bench` extra of pyproject.toml (pipecat, LiveKit Agents); made on first use."""
-    python = BENCH_VENV / "bin/python"
-    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
-    stamp = BENCH_VENV / "bench-extra.json"
-    if python.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
-        return python
-    print(f"bench: installing the bench extra into {BENCH_VENV} ({', '.join(wanted)}); first run only", flush=True)
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *wanted], check=True)
-    stamp.write_text(json.dumps(wanted))
-    return python
 
 
 @dataclass

@@ -1,19 +1,24 @@
 #!/usr/bin/env python
-"""Ramp concurrent `voicebus serve` conversations with `voicebus call` callers until it breaks.
+"""Ramp concurrent conversations with `voicebus call` callers until it breaks: voicebus serve, then
+pipecat's SmallWebRTC runner, in one run, against one simulator.
 
-One `voicebus serve` (embedded local Ray, `--slots` the largest step, default `--prewarm 2`) against
-one `voicebus simulate --pace realtime`; per step, N callers (staggered 0.5 s, as people press
-Connect) each speak `--turns` questions with pauses and wait for each reply. While they talk the
-script samples CPU and PSS from /proc, apart for: the conversations' stage sets (each conversation
-actor's process tree), Ray's own processes (the rest of serve's tree), the callers and the
-simulator. Per step: CPU % of one core and PSS per conversation, Connect -> live p50/p99 and turn
-latency p50/p99 as the callers saw them (speech end -> first reply sample heard, measured by the web
-stage), glitches (received audio frames that did not follow on, failed calls). The ramp stops
-after the first step with a failed call or a glitch, or at the last step.
+One `voicebus simulate --pace realtime` answers both. voicebus: one `voicebus serve` (embedded
+local Ray, `--slots` the largest step, `--prewarm 2`). pipecat: its own development runner
+(`pipecat.runner.run`, one bot per connection as a task in one process) with its Realtime bot
+(scripts/pipecat_webrtc_peer.py, from `.venv-bench`). Per step, N callers (staggered 0.5 s, as
+people press Connect) each take `--turns` turns (`voicebus call --take-turns`: a question, the
+reply played out, the next question), the same callers for both. While they talk the script samples
+CPU and PSS from /proc, apart for: the conversations (voicebus: each conversation actor's process
+tree; pipecat: the runner's process), voicebus's pool of prewarmed sets and Ray's own processes
+(the rest of serve's tree), the callers and the simulator. Per step: CPU % of one core and PSS per
+conversation, Connect -> live p50/p99 (offer sent -> first audio frame), turn latency p50/p99 at
+the caller (the question's last sample sent -> the reply's first sample received, the same clock
+for both), glitches (received frames that did not follow on; for voicebus also the web stage's
+underruns and late frames from each session's events.jsonl), failed calls. Each ramp stops after
+the first step with a failed call or a glitch, or at the last step.
 
-    .venv/bin/python scripts/bench_serve.py [--steps 1,2,4,8] [--turns 3] [--json out.json]
-
-Not yet: the same callers against pipecat's SmallWebRTC runner in the same run (issue 23 stays open).
+    .venv/bin/python scripts/bench_serve.py [--steps 1,2,4,8] [--turns 3] [--peers voicebus,pipecat]
+                                            [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.benchlib import REPO, cpu_seconds, machine, pct, process_tree, pss_mb  # noqa: E402
+from scripts.benchlib import REPO, bench_python, cpu_seconds, free_port, machine, pct, process_tree, pss_mb  # noqa: E402
 
 QUESTIONS = ["what is the weather like today", "please turn on the lights in the kitchen", "how far away is the moon",
              "can you help me with my homework", "please tell me a short story", "what time is it in tokyo"]
@@ -83,42 +88,36 @@ def _is_stage(pid: int) -> bool:
 class Sampler(threading.Thread):
     """CPU seconds of every process, each with its group at that moment, while the callers talk.
 
-    Groups: `stage_sets` (the live conversations' actors and everything under them), `pool` (stage
-    processes of prewarmed or starting sets), `ray` (the rest of serve's tree: raylet, GCS, idle
-    workers, serve itself), `callers`, `simulator`. A process can change group (a prewarmed set
-    becomes a caller's), so CPU is summed per interval, each in the group it was in at its end.
+    Groups: `conversations` (voicebus: the live conversations' actors and everything under them;
+    pipecat: the runner's process, where every bot runs), `pool` (voicebus stage processes of
+    prewarmed or starting sets), `ray` (the rest of serve's tree: raylet, GCS, idle workers, serve
+    itself), `callers`, `simulator`. A process can change group (a prewarmed set becomes a caller's),
+    so CPU is summed per interval, each in the group it was in at its end.
     """
 
-    def __init__(self, url: str, serve_pid: int, simulator_pid: int, callers: list[subprocess.Popen]) -> None:
+    def __init__(self, peer: Peer, simulator_pid: int, callers: list[subprocess.Popen]) -> None:
         super().__init__(daemon=True)
-        self.url, self.serve_pid, self.simulator_pid, self.callers = url, serve_pid, simulator_pid, callers
+        self.peer, self.simulator_pid, self.callers = peer, simulator_pid, callers
         self.stop = threading.Event()
         self.samples: list[dict] = []
-
-    def groups(self, live: list[dict]) -> dict[int, str]:
-        group = {pid: "ray" for pid in [self.serve_pid, *process_tree(self.serve_pid)]}
-        group.update({pid: "pool" for pid in group if _is_stage(pid)})
-        for actor in (c["pid"] for c in live if c.get("pid")):
-            group.update({pid: "stage_sets" for pid in [actor, *process_tree(actor)]})
-        for caller in self.callers:
-            group.update({pid: "callers" for pid in [caller.pid, *process_tree(caller.pid)]})
-        group.update({pid: "simulator" for pid in [self.simulator_pid, *process_tree(self.simulator_pid)]})
-        return group
 
     def run(self) -> None:
         while not self.stop.wait(SAMPLE_INTERVAL_S):
             try:
-                live = status(self.url)["conversations"]
+                live, group, pss_roots = self.peer.groups()
             except OSError:
                 continue
+            for caller in self.callers:
+                group.update({pid: "callers" for pid in [caller.pid, *process_tree(caller.pid)]})
+            group.update({pid: "simulator" for pid in [self.simulator_pid, *process_tree(self.simulator_pid)]})
             cpu = {}
-            for pid, name in self.groups(live).items():
+            for pid, name in group.items():
                 try:
                     cpu[pid] = (name, cpu_seconds(pid))
                 except OSError:
                     continue
-            self.samples.append({"t": time.monotonic(), "live": len(live), "cpu": cpu,
-                                 "pss_mb": [round(tree_pss(c["pid"]), 1) for c in live if c.get("pid")]})
+            self.samples.append({"t": time.monotonic(), "live": live, "cpu": cpu,
+                                 "pss_mb": [round(tree_pss(root), 1) for root in pss_roots]})
 
     def cpu_pct(self, window: list[dict]) -> dict[str, float]:
         """% of one core per group over the window."""
@@ -131,25 +130,118 @@ class Sampler(threading.Thread):
         return {name: 100 * seconds / elapsed for name, seconds in spent.items()}
 
 
-def wait_prewarmed(url: str, count: int, timeout_s: float = 180) -> None:
-    """Until the pool is full and nobody is on the line (the last step's calls reaped)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        now = status(url)
-        if now["prewarmed"] >= count and not now["conversations"]:
-            return
-        time.sleep(0.5)
+class Peer:
+    """One system under test behind a WebRTC offer endpoint."""
+
+    name = ""
+    offer_path = "offer"
+    proc: subprocess.Popen
+
+    def groups(self) -> tuple[int, dict[int, str], list[int]]:
+        """Live conversations, each process's group, and the roots whose trees hold the conversations."""
+        raise NotImplementedError
+
+    def wait_ready(self, count: int) -> None:
+        """Until the peer is at rest (the last step's calls gone; for voicebus a full pool)."""
+
+    def stage_glitches(self, results: list[dict]) -> dict[str, int] | None:
+        """Underruns and late frames the peer's own output stage counted (None: it does not say)."""
+        return None
+
+    def pss_per_conversation(self, pss: list[float], count: int) -> float:
+        return sum(pss) / len(pss) if pss else float("nan")
 
 
-def run_step(url: str, count: int, turns: int, serve_pid: int, simulator_pid: int, env: dict[str, str],
-             work: Path) -> dict:
+class VoicebusPeer(Peer):
+    name = "voicebus"
+
+    def __init__(self, env: dict[str, str], work: Path, slots: int, prewarm: int) -> None:
+        self.work, self.prewarm = work, prewarm
+        log = work / "serve.log"
+        self.proc = voicebus("serve", "--port", "0", "--slots", str(slots), "--prewarm", str(prewarm),
+                             "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO",
+                             env=env, log=log, stdout_to_log=True)
+        self.url = wait_for_line(log, r"serving url=(\S+)", self.proc, 120)
+
+    def groups(self) -> tuple[int, dict[int, str], list[int]]:
+        live = status(self.url)["conversations"]
+        group = {pid: "ray" for pid in [self.proc.pid, *process_tree(self.proc.pid)]}
+        group.update({pid: "pool" for pid in group if _is_stage(pid)})
+        actors = [c["pid"] for c in live if c.get("pid")]
+        for actor in actors:
+            group.update({pid: "conversations" for pid in [actor, *process_tree(actor)]})
+        return len(live), group, actors
+
+    def wait_ready(self, count: int, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            now = status(self.url)
+            if now["prewarmed"] >= self.prewarm and not now["conversations"]:
+                return
+            time.sleep(0.5)
+
+    def stage_glitches(self, results: list[dict]) -> dict[str, int] | None:
+        """Underruns and late frames (sent > 20 ms after due) the web stage of each caller's conversation
+        stored, from the rises of its heartbeat counters (`playback_glitch` events)."""
+        total = {"underruns": 0, "late_frames": 0}
+        for session in (r["session"] for r in results if r.get("session")):
+            events = self.work / "sessions" / session / "events.jsonl"
+            last = {"underruns": 0, "late_frames": 0}
+            for line in events.read_text().splitlines() if events.exists() else []:
+                record = json.loads(line)
+                if record.get("kind") == "playback_glitch" and record.get("stage") == "web":
+                    last = {"underruns": int(record.get("underruns") or 0),
+                            "late_frames": int(record.get("late_callbacks") or 0)}
+            for key in total:  # the counters are cumulative: a session's last report is its total
+                total[key] += last[key]
+        return total
+
+
+class PipecatPeer(Peer):
+    name = "pipecat"
+    offer_path = "api/offer"
+
+    def __init__(self, env: dict[str, str], work: Path, sim_url: str) -> None:
+        port = free_port()
+        realtime = sim_url.replace("http://", "ws://").rstrip("/") + "/realtime"
+        log = work / "pipecat.log"
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([str(bench_python()), str(REPO / "scripts/pipecat_webrtc_peer.py"),
+                                          "--host", "127.0.0.1", "--port", str(port), "-t", "webrtc"],
+                                         cwd=REPO, env={**env, "PIPECAT_PEER_REALTIME_URL": realtime},
+                                         stdout=out, stderr=out)
+        wait_for_line(log, r"(Uvicorn running)", self.proc, 120)
+        self.url = f"http://127.0.0.1:{port}/"
+        self.idle_pss_mb = tree_pss(self.proc.pid)
+        self.live = 0
+
+    def groups(self) -> tuple[int, dict[int, str], list[int]]:
+        group = {pid: "conversations" for pid in [self.proc.pid, *process_tree(self.proc.pid)]}
+        return self.live, group, [self.proc.pid]
+
+    def wait_ready(self, count: int) -> None:
+        time.sleep(3)  # the last step's bots cancelled on disconnect
+
+    def pss_per_conversation(self, pss: list[float], count: int) -> float:
+        """The runner's PSS shared out over its conversations (its idle PSS counted in, as voicebus's)."""
+        return sum(pss) / len(pss) / count if pss else float("nan")
+
+
+def ms(values: list[float], q: float) -> int | None:
+    """A percentile in whole ms; None when no call got that far."""
+    return round(pct(values, q)) if values else None
+
+
+def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[str, str], work: Path) -> dict:
     callers = []
     for index in range(count):
         says = [arg for q in range(turns) for arg in ("--say", QUESTIONS[(index + q) % len(QUESTIONS)])]
-        callers.append(voicebus("call", url, *says, "--pause", "3", "--json", "--timeout", "240", env=env,
-                                log=work / f"caller-{count}-{index}.log"))
+        callers.append(voicebus("call", peer.url, *says, "--take-turns", "--offer-path", peer.offer_path, "--json",
+                                "--timeout", "240", env=env, log=work / f"{peer.name}-caller-{count}-{index}.log"))
         time.sleep(STAGGER_S)
-    sampler = Sampler(url, serve_pid, simulator_pid, callers)
+    if isinstance(peer, PipecatPeer):
+        peer.live = count  # the runner has no status: every caller is on the line once all have dialled
+    sampler = Sampler(peer, simulator_pid, callers)
     sampler.start()
     results, failed = [], 0
     for caller in callers:
@@ -163,22 +255,57 @@ def run_step(url: str, count: int, turns: int, serve_pid: int, simulator_pid: in
     # the talking window: every conversation live at once
     full = [s for s in sampler.samples if s["live"] >= count]
     window = full if len(full) >= 2 else sampler.samples
-
     cpu = sampler.cpu_pct(window)
-
     connect = [r["connect_ms"] for r in results]
-    latency = [ms for r in results for ms in r["latency_ms"]]
+    latency = [ms for r in results for ms in r["heard_ms"]]
     gaps = sum(r["gaps"] for r in results)
+    late = sum(r["late_frames"] for r in results)
+    stage = peer.stage_glitches(results)
     pss = [mb for s in window for mb in s["pss_mb"]]
-    return {"conversations": count, "ok": len(results), "failed": failed, "window_s": round(
+    return {"peer": peer.name, "conversations": count, "ok": len(results), "failed": failed, "window_s": round(
         window[-1]["t"] - window[0]["t"], 1) if len(window) >= 2 else 0.0,
-        "cpu_pct_per_conversation": round(cpu.get("stage_sets", 0.0) / count, 1),
+        "cpu_pct_per_conversation": round(cpu.get("conversations", 0.0) / count, 1),
         "ray_cpu_pct": round(cpu.get("ray", 0.0), 1), "pool_cpu_pct": round(cpu.get("pool", 0.0), 1),
         "callers_cpu_pct": round(cpu.get("callers", 0.0), 1), "simulator_cpu_pct": round(cpu.get("simulator", 0.0), 1),
-        "pss_mb_per_conversation": round(sum(pss) / len(pss), 1) if pss else float("nan"),
-        "connect_ms_p50": round(pct(connect, 50)), "connect_ms_p99": round(pct(connect, 99)),
-        "turn_ms_p50": round(pct(latency, 50)), "turn_ms_p99": round(pct(latency, 99)),
-        "turns": len(latency), "gaps": gaps}
+        "pss_mb_per_conversation": round(peer.pss_per_conversation(pss, count), 1),
+        "connect_ms_p50": ms(connect, 50), "connect_ms_p99": ms(connect, 99),
+        "turn_ms_p50": ms(latency, 50), "turn_ms_p99": ms(latency, 99),
+        "turns": len(latency), "gaps": gaps, "late_at_caller": late,
+        "max_late_ms": max((r["max_late_ms"] for r in results), default=None),
+        "stage_underruns": stage["underruns"] if stage else None, "stage_late_frames": stage["late_frames"] if stage else None,
+        "callers": [{key: r[key] for key in ("session", "connect_ms", "heard_ms", "late_frames", "max_late_ms",
+                                             "gaps", "page_messages")} for r in results]}
+
+
+def glitches(row: dict) -> int:
+    """What a listener hears: frames lost or arriving too late at the caller, and the stage running dry."""
+    return row["gaps"] + row["late_at_caller"] + (row["stage_underruns"] or 0)
+
+
+def ramp(peer: Peer, steps: list[int], turns: int, simulator_pid: int, env: dict[str, str], work: Path,
+         json_path: str | None, before: list[dict]) -> list[dict]:
+    rows: list[dict] = []
+    for count in steps:
+        peer.wait_ready(count)  # each step starts from the peer at rest
+        print(f"bench_serve: {peer.name}, {count} conversation(s) at once ...", file=sys.stderr)
+        row = run_step(peer, count, turns, simulator_pid, env, work)
+        print(json.dumps(row), file=sys.stderr)
+        rows.append(row)
+        if json_path:  # as it goes: a ramp that breaks the machine keeps what it measured
+            Path(json_path).write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                                                   "rows": before + rows}, indent=1))
+        if row["failed"]:
+            break
+        time.sleep(3)  # voicebus's reaper frees their slots
+    return rows
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main() -> int:
@@ -186,9 +313,11 @@ def main() -> int:
     parser.add_argument("--steps", default="1,2,4,8", help="Concurrent conversations per step (default 1,2,4,8).")
     parser.add_argument("--turns", type=int, default=3, help="Questions each caller asks (default 3).")
     parser.add_argument("--prewarm", type=int, default=2, help="serve --prewarm (default 2, serve's own).")
+    parser.add_argument("--peers", default="voicebus,pipecat", help="Which to ramp, in order (default both).")
     parser.add_argument("--json", dest="json_path", help="Write the figures here too.")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
+    peers = args.peers.split(",")
     work = Path(tempfile.mkdtemp(prefix="vb-bench-serve-"))
     env = {**os.environ, "VOICEBUS_LOG_LEVEL": "WARNING"}
     env.pop("OPENAI_API_KEY", None)
@@ -197,44 +326,38 @@ def main() -> int:
                          stdout_to_log=True)
     sim_url = wait_for_line(simulator_log, r"(http://127\.0\.0\.1:\d+/v1)", simulator, 60)
     env = {**env, "VOICEBUS_SIM_URL": sim_url}
-    serve_log = work / "serve.log"
-    serve = voicebus("serve", "--port", "0", "--slots", str(max(steps)), "--prewarm", str(args.prewarm),
-                     "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO", env=env,
-                     log=serve_log, stdout_to_log=True)
-    rows = []
+    rows: list[dict] = []
     try:
-        url = wait_for_line(serve_log, r"serving url=(\S+)", serve, 120)
-        for count in steps:
-            wait_prewarmed(url, args.prewarm)  # each step starts from serve's steady state
-            print(f"bench_serve: {count} conversation(s) at once ...", file=sys.stderr)
-            row = run_step(url, count, args.turns, serve.pid, simulator.pid, env, work)
-            print(json.dumps(row), file=sys.stderr)
-            rows.append(row)
-            if row["failed"] or row["gaps"]:
-                break
-            time.sleep(3)  # the reaper frees their slots
-    finally:
-        for proc in (serve, simulator):
-            proc.terminate()
-        for proc in (serve, simulator):
+        for name in peers:
+            peer: Peer = VoicebusPeer(env, work, max(steps), args.prewarm) if name == "voicebus" \
+                else PipecatPeer(env, work, sim_url)
             try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    clean = [r["conversations"] for r in rows if not r["failed"] and not r["gaps"]]
+                rows += ramp(peer, steps, args.turns, simulator.pid, env, work, args.json_path, rows)
+            finally:
+                stop(peer.proc)
+    finally:
+        stop(simulator)
     print(f"bench_serve {time.strftime('%Y-%m-%d')} on {machine()}; voicebus serve (embedded Ray, --prewarm "
-          f"{args.prewarm}), {args.turns} turns per caller, callers and simulator on the same machine\n")
-    print("| conversations | ok | CPU %/conv | PSS MB/conv | Ray CPU % | pool CPU % | callers CPU % | simulator CPU % "
-          "| Connect→live p50/p99 ms | turn p50/p99 ms | gaps |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{args.prewarm}) and pipecat's SmallWebRTC runner, the same callers ({args.turns} turns each, "
+          "--take-turns) and simulator, all on the same machine\n")
+    print("| peer | conversations | ok | CPU %/conv | PSS MB/conv | Ray CPU % | pool CPU % | callers CPU % "
+          "| simulator CPU % | Connect→live p50/p99 ms | turn at caller p50/p99 ms | gaps | late at caller (max ms) "
+          "| stage underruns / late frames |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['conversations']} | {r['ok']}/{r['ok'] + r['failed']} | {r['cpu_pct_per_conversation']} | "
-              f"{r['pss_mb_per_conversation']} | {r['ray_cpu_pct']} | {r['pool_cpu_pct']} | {r['callers_cpu_pct']} | "
-              f"{r['simulator_cpu_pct']} | {r['connect_ms_p50']} / {r['connect_ms_p99']} | "
-              f"{r['turn_ms_p50']} / {r['turn_ms_p99']} | {r['gaps']} |")
-    print(f"\nhighest count with every call answered and no gap: {max(clean) if clean else 0}")
+        stage = "n/a" if r["stage_underruns"] is None else f"{r['stage_underruns']} / {r['stage_late_frames']}"
+        print(f"| {r['peer']} | {r['conversations']} | {r['ok']}/{r['ok'] + r['failed']} | "
+              f"{r['cpu_pct_per_conversation']} | {r['pss_mb_per_conversation']} | {r['ray_cpu_pct']} | "
+              f"{r['pool_cpu_pct']} | {r['callers_cpu_pct']} | {r['simulator_cpu_pct']} | "
+              f"{r['connect_ms_p50']} / {r['connect_ms_p99']} | {r['turn_ms_p50']} / {r['turn_ms_p99']} | "
+              f"{r['gaps']} | {r['late_at_caller']} ({r['max_late_ms']}) | {stage} |")
+    for name in peers:
+        clean = [r["conversations"] for r in rows if r["peer"] == name and not r["failed"] and not glitches(r)]
+        print(f"\n{name}: highest count with every call answered and no glitch heard (gaps, late at the caller, "
+              f"underruns): {max(clean) if clean else 0}")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        Path(args.json_path).write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                                                    "rows": rows}, indent=1))
     return 0
 
 

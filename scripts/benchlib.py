@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -9,16 +10,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.processes import descendants  # noqa: E402
+from common.ports import free_port  # noqa: E402, F401 - for the bench scripts
+from common.processes import cpu_seconds, descendants  # noqa: E402, F401 - cpu_seconds for the bench scripts
 from common.rig import PulseRig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BENCH_VENV = REPO / ".venv-bench"
 
 
 def machine() -> str:
@@ -31,9 +34,19 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+def bench_python() -> Path:
+    """.venv-bench with the `bench` extra of pyproject.toml (pipecat, LiveKit Agents); made on first use."""
+    python = BENCH_VENV / "bin/python"
+    wanted = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["bench"]
+    stamp = BENCH_VENV / "bench-extra.json"
+    if python.exists() and stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return python
+    print(f"bench: installing the bench extra into {BENCH_VENV} ({', '.join(wanted)}); first run only", flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(BENCH_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *wanted], check=True)
+    stamp.write_text(json.dumps(wanted))
+    return python
 
 
 def rss_mb(pid: int) -> float:

@@ -337,14 +337,22 @@ def serve_drain(node, url):
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Give up after this long.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), help="Write what the caller heard (WAV).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json):
+@click.option("--take-turns", is_flag=True,
+              help="Speak each --say once the reply to the one before has played out, counting replies by ear "
+                   "and timing each at the caller (heard_ms): works with any WebRTC voice endpoint, not only "
+                   "voicebus (--pause and --turns are then unused).")
+@click.option("--offer-path", default="offer", show_default=True,
+              help="Where the endpoint takes offers (pipecat's SmallWebRTC runner: api/offer).")
+def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path):
     """Call a `voicebus web` or `voicebus serve` endpoint over WebRTC as a browser would; print each turn."""
     from services.call.command import run_call
 
     if bool(sentences) == bool(wav_path):
         raise click.UsageError("give --say SENTENCE (repeatable) or --wav FILE")
+    if take_turns and not sentences:
+        raise click.UsageError("--take-turns speaks --say sentences")
     sys.exit(run_call(url, list(sentences), wav_path, voice, turns or max(1, len(sentences)), pause_s, timeout_s,
-                      record_path, as_json))
+                      record_path, as_json, take_turns=take_turns, offer_path=offer_path))
 
 
 @main.command()

@@ -106,6 +106,15 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
     placed = _status(url)
     assert len(placed["conversations"]) == 4, placed
     assert sorted(n["used"] for n in placed["nodes"]) == [SLOTS_PER_NODE] * NODES  # Ray spread them, 2 and 2
+    # the operator's view: each node's load as its stage sets report it, each conversation's CPU
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(c.get("cpu_pct") for c in _status(url)["conversations"]):
+        time.sleep(0.2)
+    loaded = _status(url)
+    assert all(c["cpu_pct"] > 0 for c in loaded["conversations"]), loaded
+    assert all(n["load_1m"] is not None and n["cpus"] and n["conversations_cpu_pct"] > 0 for n in loaded["nodes"]), \
+        loaded
+    assert "conversations_cpu_pct" in _http(url + "status?format=html")[1]
     refused = procs.voicebus("call", url, "--say", "hello", name="caller-refused")
     assert refused.wait(timeout=30) == 3 and "all lines are busy" in procs.log_of(refused)
     status, page, headers = _http(url)
@@ -204,12 +213,24 @@ def test_bad_input_gets_clear_http_errors_and_a_clean_stop_leaves_no_process(pro
     status, text, _ = _http(url + "status?format=<script>")
     assert status == 400 and "unknown format" in text and "<script>" not in text
     assert _http(url + "status")[0] == 200 and "voicebus serve" in _http(url + "status")[1]
-    # prewarmed stage sets: a caller is handed one that already runs
+    # prewarmed stage sets: two callers are each handed one that already runs; a third, once the pool
+    # is refilling, waits for a refill (hurried out of the background) instead of starting one more
     _wait_prewarmed(url, 2)
-    caller = _call(procs, url, "what is the weather like today", tmp_path, "caller-warm")
-    out, _ = caller.communicate(timeout=120)
-    assert caller.returncode == 0, procs.log_of(caller)
-    print(f"connect -> live with a prewarmed stage set: {json.loads(out)['connect_ms']} ms")
+    callers = [_call(procs, url, question, tmp_path, f"caller-warm-{i}") for i, question in enumerate(QUESTIONS[:2])]
+    deadline, now = time.monotonic() + 30, _status(url)
+    while time.monotonic() < deadline and now["warming"] < 2:
+        time.sleep(0.1)
+        now = _status(url)
+    assert now["warming"] == 2 and now["prewarmed"] == 0, now  # both taken, both being replaced
+    waited_before = now["counts"]["waited_for_warming"]  # (the nonsense offer above waited for the first pool)
+    callers.append(_call(procs, url, QUESTIONS[2], tmp_path, "caller-after-refill"))
+    for index, caller in enumerate(callers):
+        out, _ = caller.communicate(timeout=120)
+        assert caller.returncode == 0, procs.log_of(caller)
+        result = json.loads(out)
+        assert result["assistant"] == [f"I heard: {QUESTIONS[index]}"], result
+        print(f"connect -> live, caller {index}: {result['connect_ms']} ms")
+    assert _status(url)["counts"]["waited_for_warming"] == waited_before + 1
     # Ctrl-C: every stage set stops within 10 s and no process of any conversation is left on any node
     stage_processes = _stage_processes(made)
     assert len(stage_processes) >= 2 * 6, f"expected two stage sets under the Ray workers, found {stage_processes}"

@@ -330,3 +330,48 @@ def test_each_browser_is_a_conversation_of_its_own_and_a_hang_up_forgets_the_rep
                                                   {"event": {"item_id": "item_b", "delta": "new"}}, 2))
     assert [p["text"] for p in pages] == ["new"]
     assert not published or all(m.header.session in ("launcher-session", second) for m in published)
+
+
+def test_voicebus_call_takes_turns_by_ear_and_times_each_reply_after_its_question(procs, client_factory, simulator,
+                                                                                   tmp_path):
+    """`voicebus call --take-turns`: what bench_serve runs against voicebus and pipecat alike. Each question is
+    spoken once the reply before it played out; each reply is timed from its question's end (never before it:
+    the server's VAD needs its silence first), and what the caller heard is the answer to each, in order."""
+    import subprocess
+
+    from common.speech import nearest_sentence
+    from common.wavio import read_wav
+
+    questions = ["what is the weather like today", "how far away is the moon"]
+    client = client_factory(PREFIXES)
+    url = start_web_pipeline(procs, client, simulator("--pace", "realtime"), tmp_path / "traces")
+    caller = procs.voicebus("call", url, "--take-turns", *[a for q in questions for a in ("--say", q)], "--json",
+                            "--timeout", "90", "--record", str(tmp_path / "heard.wav"), stdout=subprocess.PIPE,
+                            name="caller")
+    out, _ = caller.communicate(timeout=120)
+    assert caller.returncode == 0, procs.log_of(caller)
+    result = json.loads(out)
+    assert result["assistant"] == [f"I heard: {q}" for q in questions], result
+    assert len(result["heard_ms"]) == 2 and all(300 < ms < 15_000 for ms in result["heard_ms"]), result
+    assert result["gaps"] == 0 and result["page_messages"] > 0
+    # the recording holds two replies apart (each played out before the next question): each one, heard
+    # on its own, answers its own question
+    pcm = np.frombuffer(read_wav(tmp_path / "heard.wav").pcm, "<i2")
+    frame = 960  # 20 ms
+    loud = np.abs(pcm[:len(pcm) // frame * frame].reshape(-1, frame).astype(np.int32)).max(axis=1) > 300
+    replies, start, quiet = [], None, 0
+    for index, is_loud in enumerate(loud):
+        if is_loud:
+            start = index if start is None else start
+            quiet = 0
+        elif start is not None:
+            quiet += 1
+            if quiet >= 50:  # a second of quiet: that reply is over
+                replies.append(pcm[start * frame:(index - quiet + 1) * frame])
+                start = None
+    if start is not None:
+        replies.append(pcm[start * frame:])
+    transcriber = Transcriber()
+    heard = [transcriber.transcribe(reply.tobytes(), 48000) for reply in replies]
+    print(f"the caller heard {heard!r}; replies {result['heard_ms']} ms after each question")
+    assert [nearest_sentence(h.removeprefix("i heard"), questions) for h in heard] == questions, heard

@@ -13,6 +13,7 @@ import fractions
 import json
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,10 @@ QUIET_AFTER_REPLY_S = 0.8
 IN_FLIGHT_MAX_S = 5.0  # sent in full, but still arriving: no longer than this
 QUIET_LEVEL = 300  # peak sample (of 32767) below which a received frame is silence
 REPLY_PLAYOUT_MAX_S = 60.0
+# taking turns by ear: a reply has played out after this much quiet received (longer than the pauses
+# between a reply's sentences)
+REPLY_QUIET_S = 1.5
+LATE_AT_CALLER_MS = 100.0
 
 
 class CallTimeout(TimeoutError):
@@ -48,24 +53,41 @@ class CallRefused(RuntimeError):
 
 
 class SpeakingTrack(MediaStreamTrack):
-    """A microphone that says `pcm` (48 kHz mono s16le) once, then silence, on a real-time clock."""
+    """A microphone on a real-time clock: says `pcm` (48 kHz mono s16le) from the start, then whatever
+    `say()` is given, and silence in between (as a live mic does)."""
 
     kind = "audio"
 
-    def __init__(self, pcm: bytes) -> None:
+    def __init__(self, pcm: bytes = b"") -> None:
         super().__init__()
-        self.pcm = pcm
+        self.script = bytearray(pcm)  # what the mic says, from its first sample on
         self.samples = MIC_RATE * FRAME_MS // 1000
         self.clock = FrameClock(self.samples, MIC_RATE)
+        self.next_sample = 0  # the first sample of the next frame
+        self._ends: list[tuple[int, asyncio.Future]] = []
+
+    def say(self, pcm: bytes) -> asyncio.Future:
+        """Speak `pcm` from the next frame on; the future gets the monotonic time its last frame left."""
+        start = max(len(self.script) // 2, self.next_sample)
+        self.script += bytes(2 * start - len(self.script)) + pcm
+        done = asyncio.get_running_loop().create_future()
+        self._ends.append((start + len(pcm) // 2, done))
+        return done
 
     async def recv(self) -> AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
         pts = await self.clock.tick()
         frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
-        frame.planes[0].update(self.pcm[2 * pts:2 * (pts + self.samples)].ljust(2 * self.samples, b"\0"))
+        frame.planes[0].update(bytes(self.script[2 * pts:2 * (pts + self.samples)]).ljust(2 * self.samples, b"\0"))
         frame.pts, frame.sample_rate = pts, MIC_RATE
         frame.time_base = fractions.Fraction(1, MIC_RATE)
+        self.next_sample = pts + self.samples
+        now = time.monotonic()
+        for end, done in [e for e in self._ends if e[0] <= self.next_sample]:
+            self._ends.remove((end, done))
+            if not done.done():
+                done.set_result(now)
         return frame
 
 
@@ -79,11 +101,27 @@ class CallResult:
     received: bytearray = field(default_factory=bytearray)  # what the caller heard, 48 kHz mono s16le
     connect_ms: float = 0.0  # offer sent -> first audio frame received (the line is live)
     gaps: int = 0  # received frames that did not follow on from the one before (lost or late audio)
+    # frames of the assistant's voice that arrived more than LATE_AT_CALLER_MS behind the sender's own
+    # timeline (pts, anchored at the least-delayed frame): later than a browser's jitter buffer holds,
+    # so a browser would have played a gap. Silence is not counted: nobody hears it late
+    late_frames: int = 0
+    max_late_ms: float = 0.0
     quiet_samples: int = 0  # received since the last frame that was not silence
+    heard_ms: list[float] = field(default_factory=list)  # at the caller: each sentence's end -> first reply sample
+    page_messages: int = 0  # data-channel messages from the endpoint (a voicebus page's events; 0 elsewhere)
+    listen_from: float | None = None  # monotonic time after which the next loud frame is a reply's first
+    heard_at: float | None = None  # when it arrived
 
 
-async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool = True) -> CallResult:
-    """One call: speak `pcm`, wait for `turns` assistant replies, hang up; what was heard and said."""
+async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool = True, *,
+               offer_path: str = "offer", utterances: list[bytes] | None = None) -> CallResult:
+    """One call: speak `pcm`, wait for `turns` assistant replies, hang up; what was heard and said.
+
+    With `utterances` the caller takes turns instead, counting by ear alone (any WebRTC endpoint, not
+    only voicebus): after `pcm` (a lead-in) it speaks each one once the reply to the one before has
+    played out, and times each reply at the caller (`heard_ms`). `offer_path` is where the endpoint
+    takes offers (`offer` for voicebus; `api/offer` for pipecat's SmallWebRTC runner).
+    """
     result = CallResult()
     peer = RTCPeerConnection()
     channel = peer.createDataChannel("voicebus")
@@ -97,6 +135,7 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
     @channel.on("message")
     def on_message(text: str) -> None:
         message = json.loads(text)
+        result.page_messages += 1
         kind = message.get("type")
         if kind == "hello":
             result.session = message.get("session", "")
@@ -122,19 +161,26 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
     started = time.monotonic()
     try:
         await peer.setLocalDescription(await peer.createOffer())
-        answer = await _post_offer(url, {"type": "offer", "sdp": peer.localDescription.sdp,
+        answer = await _post_offer(url, offer_path, {"type": "offer", "sdp": peer.localDescription.sdp,
                                          "mic": {"channelCount": 1, "sampleRate": MIC_RATE}})
         await peer.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
         await _within(first_audio.wait(), OFFER_TIMEOUT_S, "no audio arrived after the offer was answered")
         result.connect_ms = round(1000 * (time.monotonic() - started), 1)
         watch = asyncio.ensure_future(_watch_line(url, answer["session"])) if answer.get("node_id") else None
-        waiting = asyncio.ensure_future(_within(replies.wait(), timeout_s,
-                                                f"fewer than {turns} replies (got {len(result.assistant)})"))
+        if utterances is not None:
+            waiting = asyncio.ensure_future(_within(
+                _take_turns(mic, utterances, result), timeout_s,
+                lambda: f"fewer than {len(utterances)} replies heard (heard {len(result.heard_ms)})"))
+        else:
+            waiting = asyncio.ensure_future(_within(
+                replies.wait(), timeout_s, lambda: f"fewer than {turns} replies (got {len(result.assistant)})"))
         done, _ = await asyncio.wait([t for t in (waiting, watch) if t], return_when=asyncio.FIRST_COMPLETED)
         for task in (waiting, watch):
             if task is not None and task not in done:
                 task.cancel()
         next(iter(done)).result()  # the line dropped, or too few replies: raised here
+        if utterances is not None:
+            return result
         # the transcript comes with the reply's first audio: stay until the endpoint has sent all of the
         # last reply, then until what was in flight has arrived (it goes quiet)
         deadline = time.monotonic() + REPLY_PLAYOUT_MAX_S
@@ -149,6 +195,20 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
             await asyncio.sleep(0.1)
         await peer.close()
     return result
+
+
+async def _take_turns(mic: SpeakingTrack, utterances: list[bytes], result: CallResult) -> None:
+    """Say each utterance, wait for the reply's first sample, then for it to play out (quiet received)."""
+    for pcm in utterances:
+        ended = await mic.say(pcm)
+        result.listen_from, result.heard_at = ended, None
+        while result.heard_at is None:
+            await asyncio.sleep(0.01)
+        result.heard_ms.append(round(1000 * (result.heard_at - ended), 1))
+        result.quiet_samples = 0
+        deadline = time.monotonic() + REPLY_PLAYOUT_MAX_S
+        while time.monotonic() < deadline and result.quiet_samples < REPLY_QUIET_S * MIC_RATE:
+            await asyncio.sleep(0.02)
 
 
 class LineDropped(RuntimeError):
@@ -170,15 +230,16 @@ async def _watch_line(url: str, session: str, interval_s: float = 1.0) -> None:
                 raise LineDropped(f"the line dropped: {state.get('reason', '')}")
 
 
-async def _within(waiting, timeout_s: float, what: str) -> None:
+async def _within(waiting, timeout_s: float, what: str | Callable[[], str]) -> None:
+    """`what` did not happen in time: a string, or a function saying it as things stand at the timeout."""
     try:
         await asyncio.wait_for(waiting, timeout_s)
     except TimeoutError:
-        raise CallTimeout(f"{what} within {timeout_s:g} s") from None
+        raise CallTimeout(f"{what() if callable(what) else what} within {timeout_s:g} s") from None
 
 
-async def _post_offer(url: str, offer: dict[str, Any]) -> dict[str, Any]:
-    target = urllib.parse.urljoin(url if url.endswith("/") else url + "/", "offer")
+async def _post_offer(url: str, path: str, offer: dict[str, Any]) -> dict[str, Any]:
+    target = urllib.parse.urljoin(url if url.endswith("/") else url + "/", path.lstrip("/"))
     try:
         async with aiohttp.ClientSession() as session, \
                 session.post(target, json=offer, timeout=aiohttp.ClientTimeout(total=OFFER_TIMEOUT_S)) as response:
@@ -197,6 +258,7 @@ async def _post_offer(url: str, offer: dict[str, Any]) -> dict[str, Any]:
 
 async def _record(track, result: CallResult, first_audio: asyncio.Event) -> None:
     expected_pts = None
+    anchor = None  # arrival minus pts of the least-delayed frame: the sender's timeline on this clock
     while True:
         try:
             frame = await track.recv()
@@ -213,8 +275,17 @@ async def _record(track, result: CallResult, first_audio: asyncio.Event) -> None
             result.gaps += 1
         expected_pts = frame.pts + frame.samples
         result.received += np.ascontiguousarray(samples, dtype="<i2").tobytes()
+        arrived = time.monotonic()
+        offset = arrived - frame.pts / frame.sample_rate
+        anchor = offset if anchor is None else min(anchor, offset)
         if len(samples) and int(np.abs(samples.astype(np.int32)).max()) > QUIET_LEVEL:
+            late_ms = 1000 * (offset - anchor)
+            result.max_late_ms = max(result.max_late_ms, round(late_ms, 1))
+            if late_ms > LATE_AT_CALLER_MS:
+                result.late_frames += 1
             result.quiet_samples = 0
+            if result.listen_from is not None and result.heard_at is None and time.monotonic() > result.listen_from:
+                result.heard_at = time.monotonic()
         else:
             result.quiet_samples += len(samples)
         first_audio.set()

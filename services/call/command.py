@@ -30,9 +30,16 @@ def speech(sentences: list[str], wav_path: str | None, voice: str, pause_s: floa
 
 
 def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, turns: int, pause_s: float,
-             timeout_s: float, record_path: str | None, as_json: bool) -> int:
+             timeout_s: float, record_path: str | None, as_json: bool, *, take_turns: bool = False,
+             offer_path: str = "offer") -> int:
+    if take_turns:  # a second of lead-in, then each sentence when the reply before it has played out
+        from common.utterances import speech_pcm
+
+        pcm, utterances = bytes(2 * MIC_RATE), [speech_pcm(s, voice, MIC_RATE) for s in sentences]
+    else:
+        pcm, utterances = speech(sentences, wav_path, voice, pause_s), None
     try:
-        result = asyncio.run(call(url, speech(sentences, wav_path, voice, pause_s), turns, timeout_s))
+        result = asyncio.run(call(url, pcm, turns, timeout_s, offer_path=offer_path, utterances=utterances))
     except CallRefused as exc:
         click.echo(f"voicebus call: {url} refused the call: {exc.message}"
                    + (f" (try again in {exc.retry_after_s:g} s)" if exc.retry_after_s else ""), err=True)
@@ -56,9 +63,13 @@ def _print(result: CallResult, as_json: bool) -> None:
         click.echo(json.dumps({"session": result.session, "user": result.user, "assistant": result.assistant,
                                "latency_ms": result.latency_ms, "truncated": result.truncated,
                                "connect_ms": result.connect_ms, "gaps": result.gaps,
+                               "heard_ms": result.heard_ms, "page_messages": result.page_messages,
+                               "late_frames": result.late_frames, "max_late_ms": result.max_late_ms,
                                "received_s": round(len(result.received) / 2 / MIC_RATE, 2)}))
         return
-    click.echo(f"session {result.session}: live in {result.connect_ms:.0f} ms")
+    click.echo(f"session {result.session or '(not a voicebus endpoint)'}: live in {result.connect_ms:.0f} ms")
+    for index, heard_ms in enumerate(result.heard_ms):
+        click.echo(f"  reply {index + 1} heard {heard_ms:.0f} ms after the sentence ended")
     for index, answer in enumerate(result.assistant):
         heard = result.user[index] if index < len(result.user) else "?"
         latency = f"{result.latency_ms[index]:.0f} ms" if index < len(result.latency_ms) else "n/a"

@@ -27,7 +27,7 @@ from typing import Any
 from common.config import BusConfig
 from common.log import kv
 from common.ports import free_port
-from common.processes import descendants
+from common.processes import descendants, tree_cpu_seconds
 
 SLOT_RESOURCE = "conversation"
 # a prewarmed stage set starts (and waits) at this niceness, and goes to 0 when a caller gets it: a
@@ -67,6 +67,7 @@ class Conversation:
         self._session_configured = False
         self._stop = threading.Event()
         self._failed = ""
+        self._cpu_mark = (time.monotonic(), 0.0)  # (when, CPU seconds of the set) at the last status
         self._thread = threading.Thread(target=self._run, name="stage-set", daemon=True)
         self._thread.start()
 
@@ -97,7 +98,20 @@ class Conversation:
         if idle_limit and idle_s > idle_limit and not state["ended"]:
             self.state["ended"] = state["ended"] = f"idle for {idle_s:.0f} s (--idle-timeout)"
         return {**state, "session": self.session, "node_id": self.node_id, "host": self.host,
-                "age_s": round(time.time() - self.started_at, 1), "idle_s": round(idle_s, 1), "pid": os.getpid()}
+                "age_s": round(time.time() - self.started_at, 1), "idle_s": round(idle_s, 1), "pid": os.getpid(),
+                "cpu_pct": self._cpu_pct(), "node_load": round(os.getloadavg()[0], 2), "node_cpus": os.cpu_count()}
+
+    def _cpu_pct(self) -> float:
+        """% of one core the stage set (this actor and its processes) used since the last status."""
+        now, spent = time.monotonic(), tree_cpu_seconds(os.getpid())
+        then, spent_then = self._cpu_mark
+        self._cpu_mark = (now, spent)
+        return round(100 * (spent - spent_then) / (now - then), 1) if now > then else 0.0
+
+    def hurry(self) -> None:
+        """A caller is waiting for this prewarmed set while it still starts: start it at full weight."""
+        if self.prewarm:
+            self._to_foreground()
 
     def stop(self) -> dict[str, Any]:
         """Stop every process of this conversation (stores its turns on the way) and remove its run dir."""

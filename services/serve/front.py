@@ -15,6 +15,7 @@ that already runs, so Connect -> live is one offer round trip, not six Python pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import logging
@@ -66,6 +67,8 @@ class FrontDoor:
         self.actor_class = ray.remote(Conversation)
         self.live: dict[str, Placed] = {}
         self.pool: list[Placed] = []  # started, idle, waiting for a caller
+        self.warming_actors: list[Any] = []  # prewarmed sets still starting (at WARMING_NICE)
+        self.waiting_for_warm = 0  # callers waiting for one of them
         self.prewarm = int(settings.get("prewarm", 0))
         self.warming = 0
         self.pool_grew = asyncio.Event()  # a prewarmed stage set joined the pool
@@ -73,7 +76,7 @@ class FrontDoor:
         self.pending = 0
         self.stopping = False
         self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
-                       "dropped": 0, "failed_starts": 0}
+                       "dropped": 0, "failed_starts": 0, "waited_for_warming": 0}
         self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 
     # --- capacity ------------------------------------------------------------------------------
@@ -92,12 +95,24 @@ class FrontDoor:
         return len(self.pool) + self.warming + self.unheld_slots()
 
     def nodes(self) -> list[dict[str, Any]]:
+        """Each node's slots, and its load as its stage sets last reported it: the 1-minute load average
+        of the machine, and the CPU its live conversations used (% of one core, summed)."""
         used: dict[str, int] = {}
+        conversations_cpu: dict[str, float] = {}
+        load: dict[str, tuple[float, int]] = {}
         for placed in [*self.live.values(), *self.pool]:
             used[placed.node_id] = used.get(placed.node_id, 0) + 1
+            if "node_load" in placed.status:
+                load[placed.node_id] = (placed.status["node_load"], placed.status.get("node_cpus") or 0)
+        for placed in self.live.values():
+            conversations_cpu[placed.node_id] = conversations_cpu.get(placed.node_id, 0.0) + \
+                float(placed.status.get("cpu_pct") or 0.0)
         return [{"node_id": node.node_id, "address": node.address, "slots": node.slots,
                  "used": used.get(node.node_id, 0), "free": 0 if node.draining else node.slots - used.get(node.node_id, 0),
-                 "state": "draining" if node.draining else "serving"} for node in conversation_nodes(self.ray)]
+                 "state": "draining" if node.draining else "serving",
+                 "load_1m": load.get(node.node_id, (None, None))[0], "cpus": load.get(node.node_id, (None, None))[1],
+                 "conversations_cpu_pct": round(conversations_cpu.get(node.node_id, 0.0), 1)}
+                for node in conversation_nodes(self.ray)]
 
     # --- HTTP --------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -146,25 +161,41 @@ class FrontDoor:
     async def _start_one(self, prewarm: bool = False) -> Placed:
         """A new conversation's stage set on a node Ray chooses, once it serves."""
         session = new_session_id()
-        actor = self.actor_class.options(name=session, namespace=NAMESPACE, num_cpus=0,
+        # two threads: `hurry` must get through while `ready` waits for the stage set
+        actor = self.actor_class.options(name=session, namespace=NAMESPACE, num_cpus=0, max_concurrency=2,
                                          resources={SLOT_RESOURCE: 1}, max_restarts=0).remote(session, self.settings, prewarm)
+        if prewarm:
+            self.warming_actors.append(actor)
         try:
             where = await asyncio.wait_for(actor.ready.remote(), START_TIMEOUT_S)
         except BaseException:
             self.ray.kill(actor)
             raise
+        finally:
+            if prewarm:
+                self.warming_actors.remove(actor)
         return Placed(session, actor, where["node_id"], where["host"])
 
     async def _place(self, body: dict[str, Any], remote: str | None, received: float) -> web.Response:
         placed, answer = None, None
-        # no idle stage set and no slot of its own (this offer is counted in `pending`): a set that is
-        # warming up will be this caller's
-        while not self.pool and self.unheld_slots() < 0 and self.warming and not self.stopping:
-            self.pool_grew.clear()
+        # no idle stage set, but one is warming up that no other caller waits for: it is this caller's
+        # (hurried to full weight), rather than one more start beside it: on a busy machine the starts
+        # share the CPU, and four at once took 35 s where one took 10
+        if not self.pool and self.warming > self.waiting_for_warm and not self.stopping:
+            self.waiting_for_warm += 1
+            self.counts["waited_for_warming"] += 1
             try:
-                await asyncio.wait_for(self.pool_grew.wait(), START_TIMEOUT_S)
-            except TimeoutError:
-                break
+                # the first started is nearest ready; one per waiting caller leaves background work
+                for actor in self.warming_actors[:self.waiting_for_warm]:
+                    actor.hurry.remote()
+                while not self.pool and self.warming and not self.stopping:
+                    self.pool_grew.clear()
+                    try:
+                        await asyncio.wait_for(self.pool_grew.wait(), START_TIMEOUT_S)
+                    except TimeoutError:
+                        break
+            finally:
+                self.waiting_for_warm -= 1
         while self.pool and answer is None:  # a prewarmed one, unless its node went away meanwhile
             candidate = self.pool.pop(0)
             try:
@@ -244,7 +275,7 @@ class FrontDoor:
             {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
              "turns": p.status.get("turns", 0), "last_latency_ms": p.status.get("last_latency_ms"),
              "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0),
-             "pid": p.status.get("pid")}
+             "pid": p.status.get("pid"), "cpu_pct": p.status.get("cpu_pct")}
             for p in self.live.values()], "prewarmed": len(self.pool), "warming": self.warming,
             "ended": list(self.ended)[-20:], "counts": self.counts, "pending": self.pending,
             "connect_ms": list(self.connect_ms)[-100:]}
@@ -288,6 +319,9 @@ class FrontDoor:
         if self.pool:  # a drain made with Ray's own tools (ray drain-node) is honoured too
             draining = {node.node_id for node in conversation_nodes(self.ray) if node.draining}
             await self._stop_idle([placed for placed in self.pool if placed.node_id in draining])
+        for placed in list(self.pool):  # idle sets say how loaded their node is (nodes with no caller too)
+            with contextlib.suppress(Exception):  # a lost node's set: its next caller finds out
+                placed.status = await asyncio.wait_for(placed.actor.status.remote(), STATUS_TIMEOUT_S)
         for placed in list(self.live.values()):
             try:
                 placed.status = await asyncio.wait_for(placed.actor.status.remote(), STATUS_TIMEOUT_S)
@@ -343,9 +377,11 @@ def _status_page(report: dict[str, Any]) -> str:
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><meta http-equiv='refresh' content='1'>"
             "<title>voicebus serve: status</title><link rel='stylesheet' href='/static/page.css'></head><body>"
             "<header><h1>voicebus serve</h1></header><h2>Nodes</h2>"
-            + table(report["nodes"], ["node_id", "address", "state", "slots", "used", "free"])
+            + table(report["nodes"], ["node_id", "address", "state", "slots", "used", "free", "load_1m", "cpus",
+                                      "conversations_cpu_pct"])
             + "<h2>Live conversations</h2>"
-            + table(report["conversations"], ["session", "node_id", "age_s", "turns", "last_latency_ms", "report"])
+            + table(report["conversations"], ["session", "node_id", "age_s", "turns", "last_latency_ms", "cpu_pct",
+                                              "report"])
             + "<h2>Ended</h2>" + table(report["ended"], ["session", "reason", "turns", "age_s", "report"])
             + f"<p>prewarmed and idle: {report['prewarmed']} (+{report['warming']} starting); placing now: "
             f"{report['pending']}; counts: {html.escape(json.dumps(report['counts']))}</p>"

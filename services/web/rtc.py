@@ -58,7 +58,9 @@ class AssistantTrack(MediaStreamTrack):
         self.buffer = buffer
         self.samples = buffer.rate * FRAME_MS // 1000
         self.clock = FrameClock(self.samples, buffer.rate)
-        self.late_frames = 0  # the loop came back after the frame was due by more than a frame
+        # the loop came back for a frame of the assistant's audio more than a frame after it was due
+        # (a late frame of silence, while the call is set up or nobody speaks, is heard by nobody)
+        self.late_frames = 0
         self.max_lateness_ms = 0.0
 
     async def recv(self) -> AudioFrame:
@@ -66,11 +68,12 @@ class AssistantTrack(MediaStreamTrack):
             raise MediaStreamError
         pts = await self.clock.tick()
         lateness_ms = 1000 * self.clock.lateness_s
-        self.max_lateness_ms = max(self.max_lateness_ms, lateness_ms)
-        if lateness_ms > FRAME_MS:
-            self.late_frames += 1
         frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
         frame.planes[0].update(self.buffer.pull(self.samples))
+        if self.buffer.playing:
+            self.max_lateness_ms = max(self.max_lateness_ms, lateness_ms)
+            if lateness_ms > FRAME_MS:
+                self.late_frames += 1
         frame.pts = pts
         frame.sample_rate = self.buffer.rate
         frame.time_base = fractions.Fraction(1, self.buffer.rate)

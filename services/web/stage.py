@@ -23,6 +23,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from common.audio_devices import prioritize_audio_process
 from common.config import new_session_id
 from common.envelope import Message
 from common.log import kv
@@ -73,9 +74,12 @@ class WebStage(PlayerStage):
 
     # --- runner thread --------------------------------------------------------------------------
     def start(self) -> None:
+        # the web loop is this conversation's audio clock both ways (as the local mic and player are):
+        # the same protection from starvation, taken before its thread starts so the thread inherits it
+        priority = prioritize_audio_process()
         self.link.hello = {"session": self.out.stamper.session, "report": ""}
         self.link.start()
-        log.info(kv("serving", url=self.link.url))
+        log.info(kv("serving", url=self.link.url, **priority))
 
     def handle(self, message: Message) -> None:
         topic = message.topic
