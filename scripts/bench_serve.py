@@ -256,6 +256,7 @@ def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[s
     full = [s for s in sampler.samples if s["live"] >= count]
     window = full if len(full) >= 2 else sampler.samples
     cpu = sampler.cpu_pct(window)
+    live_mean = sum(s["live"] for s in window) / len(window) if window else 0.0
     connect = [r["connect_ms"] for r in results]
     latency = [ms for r in results for ms in r["heard_ms"]]
     gaps = sum(r["gaps"] for r in results)
@@ -264,7 +265,9 @@ def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[s
     pss = [mb for s in window for mb in s["pss_mb"]]
     return {"peer": peer.name, "conversations": count, "ok": len(results), "failed": failed, "window_s": round(
         window[-1]["t"] - window[0]["t"], 1) if len(window) >= 2 else 0.0,
-        "cpu_pct_per_conversation": round(cpu.get("conversations", 0.0) / count, 1),
+        # over the conversations on the line in the window (all of them, unless some never got on)
+        "cpu_pct_per_conversation": round(cpu.get("conversations", 0.0) / max(1.0, live_mean), 1),
+        "live_mean": round(live_mean, 1),
         "ray_cpu_pct": round(cpu.get("ray", 0.0), 1), "pool_cpu_pct": round(cpu.get("pool", 0.0), 1),
         "callers_cpu_pct": round(cpu.get("callers", 0.0), 1), "simulator_cpu_pct": round(cpu.get("simulator", 0.0), 1),
         "pss_mb_per_conversation": round(peer.pss_per_conversation(pss, count), 1),
