@@ -17,7 +17,11 @@ SECOND_QUESTION = "what is the weather like today"
 
 
 def _nearest_question(heard: str) -> str | None:
-    return nearest_sentence(heard, (*FIRST_QUESTIONS, SECOND_QUESTION))
+    """Which of the three questions the simulator's recogniser heard: nearest by word error rate, and
+    nearer to it than to the other two. Up to 3/4 of its words may be wrong: on the mic path it heard
+    "the fact that like today" for the weather question once in CI (4 of 6 wrong; 6 of 7 and 5 of 6
+    against the others), and which question was asked is still plain."""
+    return nearest_sentence(heard, (*FIRST_QUESTIONS, SECOND_QUESTION), max_error=0.75)
 
 
 def _of(client, topic, session=None):

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,15 +18,18 @@ import numpy as np
 import pytest
 
 from common.browser import Chromium
+from common.config import BusConfig
 from common.speech import Transcriber, nearest_sentence, word_error_rate
 from common.utterances import compose
 from common.wavio import read_wav, write_wav
 from services.logger.store import load_turns
-from tests.helpers import alive, children_of
+from tests.helpers import BusClient, alive, children_of
 from tests.web import BARGE_IN_AFTER_S, page_recording, where_the_browser_stopped
 
 QUESTIONS = ["what is the weather like today", "please turn on the lights in the kitchen",
              "how far away is the moon", "can you help me with my homework"]
+# the four callers: the last asks for the time, which the simulator answers with a tool call
+FOUR_QUESTIONS = [*QUESTIONS[:3], "what time is it in tokyo"]
 SLOTS_PER_NODE, NODES = 2, 2
 pytestmark = pytest.mark.timeout(300)  # a cluster, several stage sets and real calls per test
 
@@ -86,6 +90,27 @@ def _start_serve(procs, cluster_address: str, traces, *extra: str,
     raise AssertionError(f"serve did not start:\n{procs.log_of(serve)}")
 
 
+class _BusTap(threading.Thread):
+    """Everything on one conversation's bus (all topics), from now until `stop()`."""
+
+    def __init__(self, session: str, bus: dict[str, str]) -> None:
+        super().__init__(daemon=True)
+        self.session = session
+        self.client = BusClient(BusConfig(pub=bus["pub"], sub=bus["sub"]), [""])
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.client.collect(0.2)
+
+    def stop(self) -> list:
+        self.done.set()
+        self.join(timeout=5)
+        self.client.close()
+        return self.client.seen
+
+
 def _call(procs, url: str, question: str, tmp_path, name: str) -> subprocess.Popen:
     return procs.voicebus("call", url, "--say", question, "--json", "--timeout", "90", "--record",
                           str(tmp_path / f"{name}.wav"), stdout=subprocess.PIPE, name=name)
@@ -98,13 +123,15 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
     # them (the starts are what 2 cores cannot also do in real time; bench_serve measures that)
     serve, url = _start_serve(procs, made.address, traces, "--prewarm", str(SLOTS_PER_NODE * NODES))
     _wait_prewarmed(url, SLOTS_PER_NODE * NODES)
-    callers = [_call(procs, url, question, tmp_path, f"caller-{i}") for i, question in enumerate(QUESTIONS)]
+    callers = [_call(procs, url, question, tmp_path, f"caller-{i}") for i, question in enumerate(FOUR_QUESTIONS)]
     # every slot is taken while they talk: the next caller hears so at once
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(_status(url)["conversations"]) < len(QUESTIONS):
+    while time.monotonic() < deadline and len(_status(url)["conversations"]) < len(FOUR_QUESTIONS):
         time.sleep(0.2)
     placed = _status(url)
     assert len(placed["conversations"]) == 4, placed
+    # each conversation's own bus, watched from the moment it is placed: nothing of another gets on it
+    taps = [_BusTap(c["session"], c["bus"]) for c in placed["conversations"]]
     assert sorted(n["used"] for n in placed["nodes"]) == [SLOTS_PER_NODE] * NODES  # Ray spread them, 2 and 2
     # the operator's view: each node's load as its stage sets report it, each conversation's CPU
     deadline = time.monotonic() + 10
@@ -125,11 +152,21 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
         assert caller.returncode == 0, procs.log_of(caller)
         results.append(json.loads(out))
     transcriber = Transcriber()
-    for index, result in enumerate(results):
-        assert result["assistant"] == [f"I heard: {QUESTIONS[index]}"], result
+    for index, result in enumerate(results[:3]):
+        assert result["assistant"] == [f"I heard: {FOUR_QUESTIONS[index]}"], result
         heard = transcriber.transcribe(read_wav(tmp_path / f"caller-{index}.wav").pcm, 48000)
         print(f"caller {index} heard {heard!r}")
-        assert nearest_sentence(heard.removeprefix("i heard"), QUESTIONS) == QUESTIONS[index], (index, heard)
+        assert nearest_sentence(heard.removeprefix("i heard"), FOUR_QUESTIONS) == FOUR_QUESTIONS[index], (index, heard)
+    # the fourth asked for the time: its conversation's own tools stage answered, the reply says it
+    [answer] = results[3]["assistant"]
+    assert re.fullmatch(r"It is \d\d \d\d in Tokyo\.", answer), results[3]
+    for tap in taps:
+        seen = tap.stop()
+        sessions = {m.header.session for m in seen if m.header.src != "test"}
+        topics = {m.topic for m in seen}
+        print(f"bus of {tap.session}: {len(seen)} messages, sessions {sessions}")
+        assert sessions == {tap.session}, (tap.session, sessions)
+        assert {"audio.user", "rt.response.done"} <= topics, topics  # it saw the conversation, not nothing
     # each conversation's trace holds its own turn and nothing else; the sessions are all different
     sessions = {result["session"] for result in results}
     assert len(sessions) == 4
@@ -138,7 +175,9 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
         time.sleep(0.2)
     for index, result in enumerate(results):
         [turn] = load_turns(traces / result["session"])
-        assert nearest_sentence(turn["user"]["transcript"], QUESTIONS) == QUESTIONS[index], turn["user"]
+        assert nearest_sentence(turn["user"]["transcript"], FOUR_QUESTIONS) == FOUR_QUESTIONS[index], turn["user"]
+        called = [(t["name"], t.get("error")) for t in turn["tools"]]
+        assert called == ([("get_current_time", None)] if index == 3 else []), turn["tools"]
     # hung up: the slots are free again within 2 s of the last caller leaving
     deadline = time.monotonic() + 2.0 + 1.0  # the reaper's half-second round, a stop, Ray's resource view
     while time.monotonic() < deadline and _status(url)["conversations"]:

@@ -99,6 +99,8 @@ class Conversation:
             self.state["ended"] = state["ended"] = f"idle for {idle_s:.0f} s (--idle-timeout)"
         return {**state, "session": self.session, "node_id": self.node_id, "host": self.host,
                 "age_s": round(time.time() - self.started_at, 1), "idle_s": round(idle_s, 1), "pid": os.getpid(),
+                # this conversation's own bus, on its node: `voicebus tap --pub P --sub S` there watches it
+                "bus": {"pub": f"ipc://{self.run_dir}/pub.sock", "sub": f"ipc://{self.run_dir}/sub.sock"},
                 "cpu_pct": self._cpu_pct(), "node_load": round(os.getloadavg()[0], 2), "node_cpus": os.cpu_count()}
 
     def _cpu_pct(self) -> float:

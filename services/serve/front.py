@@ -275,7 +275,7 @@ class FrontDoor:
             {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
              "turns": p.status.get("turns", 0), "last_latency_ms": p.status.get("last_latency_ms"),
              "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0),
-             "pid": p.status.get("pid"), "cpu_pct": p.status.get("cpu_pct")}
+             "pid": p.status.get("pid"), "cpu_pct": p.status.get("cpu_pct"), "bus": p.status.get("bus")}
             for p in self.live.values()], "prewarmed": len(self.pool), "warming": self.warming,
             "ended": list(self.ended)[-20:], "counts": self.counts, "pending": self.pending,
             "connect_ms": list(self.connect_ms)[-100:]}
