@@ -4,6 +4,7 @@ tests all need it)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -15,15 +16,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time of `root` and every living process under it (ones that ended are not counted)."""
+def tree_total(root: int, measure: Callable[[int], float]) -> float:
+    """`measure(pid)` summed over `root` and every living process under it (one that ends meanwhile,
+    raising OSError, is not counted)."""
     total = 0.0
     for pid in [root, *descendants(root)]:
         try:
-            total += cpu_seconds(pid)
+            total += measure(pid)
         except OSError:
             continue
     return total
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of `root` and every living process under it."""
+    return tree_total(root, cpu_seconds)
 
 
 def descendants(root: int) -> list[int]:

@@ -36,7 +36,17 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scripts.benchlib import REPO, bench_python, cpu_seconds, free_port, machine, pct, process_tree, pss_mb  # noqa: E402
+from scripts.benchlib import (  # noqa: E402
+    REPO,
+    bench_python,
+    cpu_seconds,
+    free_port,
+    machine,
+    pct,
+    process_tree,
+    pss_mb,
+    tree_total,
+)
 
 QUESTIONS = ["what is the weather like today", "please turn on the lights in the kitchen", "how far away is the moon",
              "can you help me with my homework", "please tell me a short story", "what time is it in tokyo"]
@@ -69,13 +79,7 @@ def status(url: str) -> dict:
 
 
 def tree_pss(root: int) -> float:
-    total = 0.0
-    for pid in [root, *process_tree(root)]:
-        try:
-            total += pss_mb(pid)
-        except OSError:
-            continue
-    return total
+    return tree_total(root, pss_mb)
 
 
 def _is_stage(pid: int) -> bool:
@@ -141,8 +145,11 @@ class Peer:
         """Live conversations, each process's group, and the roots whose trees hold the conversations."""
         raise NotImplementedError
 
-    def wait_ready(self, count: int) -> None:
+    def wait_ready(self) -> None:
         """Until the peer is at rest (the last step's calls gone; for voicebus a full pool)."""
+
+    def dialled(self, count: int) -> None:
+        """Every caller of the step has dialled (a peer with no status of its own counts them on the line)."""
 
     def stage_glitches(self, results: list[dict]) -> dict[str, int] | None:
         """Underruns and late frames the peer's own output stage counted (None: it does not say)."""
@@ -156,7 +163,7 @@ class VoicebusPeer(Peer):
     name = "voicebus"
 
     def __init__(self, env: dict[str, str], work: Path, slots: int, prewarm: int) -> None:
-        self.work, self.prewarm = work, prewarm
+        self.work, self.prewarm = work, min(prewarm, slots)  # a pool never holds more than the slots
         log = work / "serve.log"
         self.proc = voicebus("serve", "--port", "0", "--slots", str(slots), "--prewarm", str(prewarm),
                              "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO",
@@ -172,7 +179,7 @@ class VoicebusPeer(Peer):
             group.update({pid: "conversations" for pid in [actor, *process_tree(actor)]})
         return len(live), group, actors
 
-    def wait_ready(self, count: int, timeout_s: float = 180) -> None:
+    def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             now = status(self.url)
@@ -212,15 +219,17 @@ class PipecatPeer(Peer):
                                          stdout=out, stderr=out)
         wait_for_line(log, r"(Uvicorn running)", self.proc, 120)
         self.url = f"http://127.0.0.1:{port}/"
-        self.idle_pss_mb = tree_pss(self.proc.pid)
         self.live = 0
 
     def groups(self) -> tuple[int, dict[int, str], list[int]]:
         group = {pid: "conversations" for pid in [self.proc.pid, *process_tree(self.proc.pid)]}
         return self.live, group, [self.proc.pid]
 
-    def wait_ready(self, count: int) -> None:
+    def wait_ready(self) -> None:
         time.sleep(3)  # the last step's bots cancelled on disconnect
+
+    def dialled(self, count: int) -> None:
+        self.live = count  # the runner has no status: every caller is on the line once all have dialled
 
     def pss_per_conversation(self, pss: list[float], count: int) -> float:
         """The runner's PSS shared out over its conversations (its idle PSS counted in, as voicebus's)."""
@@ -239,8 +248,7 @@ def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[s
         callers.append(voicebus("call", peer.url, *says, "--take-turns", "--offer-path", peer.offer_path, "--json",
                                 "--timeout", "240", env=env, log=work / f"{peer.name}-caller-{count}-{index}.log"))
         time.sleep(STAGGER_S)
-    if isinstance(peer, PipecatPeer):
-        peer.live = count  # the runner has no status: every caller is on the line once all have dialled
+    peer.dialled(count)
     sampler = Sampler(peer, simulator_pid, callers)
     sampler.start()
     results, failed = [], 0
@@ -289,7 +297,7 @@ def ramp(peer: Peer, steps: list[int], turns: int, simulator_pid: int, env: dict
          json_path: str | None, before: list[dict]) -> list[dict]:
     rows: list[dict] = []
     for count in steps:
-        peer.wait_ready(count)  # each step starts from the peer at rest
+        peer.wait_ready()  # each step starts from the peer at rest
         print(f"bench_serve: {peer.name}, {count} conversation(s) at once ...", file=sys.stderr)
         row = run_step(peer, count, turns, simulator_pid, env, work)
         print(json.dumps(row), file=sys.stderr)

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.ports import free_port  # noqa: E402, F401 - for the bench scripts
-from common.processes import cpu_seconds, descendants  # noqa: E402, F401 - cpu_seconds for the bench scripts
+from common.processes import cpu_seconds, descendants, tree_total  # noqa: E402, F401 - for the bench scripts
 from common.rig import PulseRig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
