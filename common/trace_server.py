@@ -1,7 +1,8 @@
 """A loopback W&B/Weave trace server for tests: answers what the real weave client calls, records it all.
 
 Endpoints: /graphql (viewer, project, upsertModel), /traces/server_info, /traces/obj/create,
-/traces/file/create (multipart), /traces/v2/{entity}/{project}/calls/complete (batched) and
+/traces/table/create, /traces/file/create (multipart), /traces/v2/{entity}/{project}/calls/complete (batched),
+/traces/v2/.../call/start and call/end (calls kept open), /traces/feedback/batch/create and
 /traces/calls/stream_query (JSON lines), so uploads can be read back. `mode` makes it misbehave:
 "500", "429" or "hang".
 """
@@ -36,6 +37,8 @@ class LoopbackTraceServer:
         self.requests: list[Recorded] = []
         self.calls: dict[str, dict] = {}
         self.files: dict[str, dict] = {}
+        self.tables: list[list[dict]] = []
+        self.feedback: list[dict] = []  # scores, as the weave client attaches them to calls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -75,6 +78,12 @@ class LoopbackTraceServer:
         if path.endswith("/obj/create"):
             obj = json.loads(body).get("obj", {})
             return web.json_response({"digest": obj.get("expected_digest") or hashlib.sha256(body).hexdigest()[:43]})
+        if path.endswith("/table/create"):
+            rows = json.loads(body).get("table", {}).get("rows", [])
+            self.tables.append(rows)
+            return web.json_response({"digest": hashlib.sha256(body).hexdigest()[:43],
+                                      "row_digests": [hashlib.sha256(json.dumps(row, sort_keys=True).encode())
+                                                      .hexdigest()[:43] for row in rows]})
         if path.endswith("/file/create"):
             form = self._parse_multipart(request, body)
             digest = hashlib.sha256(form.get("file", {}).get("data", b"")).hexdigest()[:43]
@@ -84,6 +93,20 @@ class LoopbackTraceServer:
             for call in json.loads(body).get("batch", []):
                 self.calls[call["id"]] = call
             return web.json_response({})
+        if path.endswith("/call/start"):  # a call kept open (Evaluation.evaluate), v2
+            start = json.loads(body).get("start", {})
+            self.calls[start["id"]] = start
+            return web.json_response({"id": start["id"], "trace_id": start.get("trace_id")})
+        if path.endswith("/call/end"):
+            end = json.loads(body).get("end", {})
+            self.calls.setdefault(end["id"], {"id": end["id"]}).update(end)
+            return web.json_response({})
+        if path.endswith("/feedback/batch/create"):
+            batch = json.loads(body).get("batch", [])
+            self.feedback.extend(batch)
+            return web.json_response({"res": [{"id": f"f{len(self.feedback) - len(batch) + i}", "created_at":
+                                               "2026-01-01T00:00:00Z", "wb_user_id": "u1", "payload": {}}
+                                              for i in range(len(batch))]})
         if path.endswith("/calls/stream_query"):
             wanted = set((json.loads(body).get("filter") or {}).get("call_ids") or self.calls)
             lines = [json.dumps(self.calls[i]) for i in wanted if i in self.calls]

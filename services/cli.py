@@ -195,21 +195,26 @@ def _list_devices_and_exit() -> None:
 @click.option("--lead-silence", type=float, default=0.0, show_default=True, help="With --wav: seconds of silence first.")
 @click.option("--tail-silence", type=float, default=0.0, show_default=True,
               help="With --wav: seconds of silence after (lets server VAD see the end of speech).")
+@click.option("--cued", is_flag=True, help="A mic that hears silence until a `mic.play {cue, path}` message on the bus "
+              "names a WAV to speak (what `voicebus eval` drives); each cue's start and end go out on `mic.cue`.")
 @click.option("--pulse-source", help="PulseAudio source to capture, e.g. voicebus_mic_aec from "
               "scripts/pulse-aec.sh (echo cancellation); sets PULSE_SOURCE for this stage.")
 def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, speed, lead_silence, tail_silence,
-        pulse_source):
+        cued, pulse_source):
     """Stage: capture a device (or a WAV) and publish audio.mic frames."""
     from common.runner import run_stage
     from common.wavio import WavError
-    from services.mic import DeviceSource, MicStage, WavSource
+    from services.mic import CuedSource, DeviceSource, MicStage, WavSource
 
     if pulse_source:
         os.environ["PULSE_SOURCE"] = pulse_source
     if list_devices:
         _list_devices_and_exit()
     try:
-        source = (WavSource(wav_path, frame_ms, speed, loop, lead_silence, tail_silence) if wav_path
+        if cued and wav_path:
+            raise click.UsageError("--cued and --wav are two kinds of mic: choose one")
+        source = (CuedSource(rate or 48_000, frame_ms) if cued
+                  else WavSource(wav_path, frame_ms, speed, loop, lead_silence, tail_silence) if wav_path
                   else DeviceSource(device, rate, channels, frame_ms))
     except WavError as exc:
         raise SetupError(str(exc)) from exc
@@ -466,6 +471,67 @@ def demo(questions, out_dir, voice, root, tool_modules, rules, log_level):
                       list(tool_modules), Path(rules) if rules else None))
 
 
+@main.command("eval")
+@click.argument("scenarios", nargs=-1, type=click.Path(exists=True))
+@click.option("--instructions", type=click.Path(exists=True, dir_okay=False),
+              help="A file with the assistant's instructions (the gateway's --instructions).")
+@click.option("--tools", "tool_modules", multiple=True, metavar="PATH_OR_MODULE",
+              help="Tool modules (typed Python functions) instead of examples/tools.py (repeatable).")
+@click.option("--mcp", "mcp_commands", multiple=True, metavar="COMMAND",
+              help="An MCP server's command line whose tools are offered too (repeatable).")
+@click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
+              help="Run every scenario this many times: pass rates for a flaky agent.")
+@click.option("--baseline", metavar="RUN", help="An earlier run (its id, its directory, or `latest`): the report "
+              "diffs against it, and a check that held there and fails now is a regression (exit 1).")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False),
+              help="Reply rules for the simulator (see `voicebus simulate --help`). Offline only.")
+@click.option("--out", "evals_root", envvar="VOICEBUS_EVAL_DIR", type=click.Path(file_okay=False),
+              help="Where runs are stored (default: $XDG_DATA_HOME/voicebus/evals).")
+@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store that `session:` turns and --from-session "
+              "read (default: $XDG_DATA_HOME/voicebus/sessions).")
+@click.option("--from-session", "from_session", metavar="SESSION",
+              help="Write a scenario file (-o) from a stored conversation (id or directory) instead of running.")
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
+              help="With --from-session: the scenario file to write (its WAVs go beside it).")
+@click.option("--no-upload", is_flag=True, help="Store the run only, even when WANDB_API_KEY is set.")
+@click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
+def eval_cmd(scenarios, instructions, tool_modules, mcp_commands, repeat, baseline, rules, evals_root, root,
+             from_session, output, no_upload, log_level):
+    """Spoken regression tests: run YAML scenarios through the real pipeline and check every turn.
+
+    Each scenario is a conversation of user turns (spoken by flite, a WAV, or a stored session's
+    audio), each with expectations: what the reply contains or matches, the tools called, the user's
+    transcript within a WER, the latency at the ear, and after a barge-in that the reply was cut
+    where the player had played it. Offline on the simulator by default; on OpenAI with a key.
+    Prints a table, stores the run (run.json, report.html, audio), uploads it as a Weave
+    Evaluation when WANDB_API_KEY is set. Exit 0: every check held; 1: a check failed or a
+    regression against --baseline; 2: the run could not start (nothing is stored).
+    """
+    from services.evals.command import default_evals_root, run_eval
+    from services.evals.run import Settings
+
+    setup_logging(log_level)
+    if from_session:
+        from services.evals.from_session import scenario_from_session
+
+        if not output:
+            raise click.UsageError("--from-session writes a scenario file: name it with -o FILE.yaml")
+        session_dir = Path(from_session) if Path(from_session).is_dir() else _trace_root(root) / from_session
+        try:
+            written = scenario_from_session(session_dir, Path(output))
+        except (ValueError, OSError) as exc:
+            raise SetupError(str(exc)) from exc
+        click.echo(f"wrote {written} (run it: voicebus eval {written})")
+        return
+    files = [f for path in map(Path, scenarios) for f in (sorted(path.glob("*.yaml")) if path.is_dir() else [path])]
+    if not files:
+        raise click.UsageError("name the scenario files (or folders of *.yaml) to run, e.g. examples/evals/")
+    settings = Settings(Path(instructions) if instructions else None, list(tool_modules), list(mcp_commands), repeat,
+                        Path(rules) if rules else None, _trace_root(root))
+    sys.exit(run_eval(files, settings, Path(evals_root) if evals_root else default_evals_root(), baseline,
+                      upload=not no_upload))
+
+
 @main.command()
 @bus_options
 @click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False), help="Capture file (appended).")
@@ -553,13 +619,16 @@ def logger(cfg, root, project, prices, no_upload):
 
 @main.command()
 @click.argument("sessions", nargs=-1)
-@click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
+@click.option("--root", help="Session store (default: $VOICEBUS_TRACE_DIR or $XDG_DATA_HOME/voicebus/sessions); "
+              "with --evals the eval runs' folder (default: $VOICEBUS_EVAL_DIR or $XDG_DATA_HOME/voicebus/evals).")
+@click.option("--evals", is_flag=True, help="Upload eval runs (`voicebus eval`) as Weave Evaluations, not sessions; "
+              "the arguments are run ids.")
 @click.option("--project", default="voicebus", show_default=True, envvar="WEAVE_PROJECT", help="Weave project.")
 @click.option("--timeout", type=int, default=600, show_default=True,
               help="Give up after this many seconds (what is not confirmed stays pending).")
 @click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
-def upload(sessions, root, project, timeout, log_level):
-    """Upload stored sessions to W&B Weave through the real weave client, each exactly once."""
+def upload(sessions, root, evals, project, timeout, log_level):
+    """Upload stored sessions (or eval runs) to W&B Weave through the real weave client, each exactly once."""
     import signal
 
     from services.logger.upload import UploadError, run_upload
@@ -571,6 +640,10 @@ def upload(sessions, root, project, timeout, log_level):
     signal.alarm(timeout)
     setup_logging(log_level)
     try:
+        if evals:
+            from services.evals.command import default_evals_root
+
+            sys.exit(run_upload(Path(root) if root else default_evals_root(), list(sessions), project, evals=True))
         sys.exit(run_upload(_trace_root(root), list(sessions), project))
     except UploadError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,11 @@ from common.audio_devices import (
     prioritize_audio_process,
     realtime_threads,
 )
+from common.envelope import Message
 from common.log import kv
+from common.resample import float_to_pcm, pcm_to_mono_float, resample_oneshot
 from common.stage import Output, Stage
-from common.wavio import read_wav
+from common.wavio import WavError, read_wav
 
 log = logging.getLogger("voicebus.mic")
 MAX_ADC_SKEW_S = 1.0  # adc time further than this from "now" is not trusted
@@ -153,19 +156,131 @@ class WavSource:
             self._thread.join(timeout=1.0)
 
 
+CUE_TOPIC = "mic.play"  # {cue, path}: speak this WAV into a cued mic now
+CUE_STATE_TOPIC = "mic.cue"  # {cue, state: started|ended|error, t_capture_ns, pts, reason}
+
+
+@dataclass
+class _Cue:
+    cue: str
+    pcm: bytes
+    offset: int = 0
+    started: bool = False
+
+
+class CuedSource:
+    """A live microphone that hears silence until it is told to speak (`voicebus eval`).
+
+    Each `mic.play {cue, path}` on the bus queues a WAV; its first sample goes out in the next frame
+    (<= one frame after the cue), so a test can barge in at a chosen moment of a reply, and the
+    stream never stops between turns, as a real microphone's does not. The start and end of each cue
+    are published (`mic.cue`) with their capture times, on the same clock as the frames.
+    """
+
+    clock = "wav"
+
+    def __init__(self, rate: int, frame_ms: int) -> None:
+        self.rate, self.channels, self.frame_ms = rate, 1, frame_ms
+        self._queue: deque[_Cue] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._notify = None
+
+    def cue(self, cue: str, path: str) -> float:
+        """Queue a WAV (any rate, mono or stereo, 16-bit); its length in seconds. Raises WavError."""
+        audio = read_wav(path)
+        mono = pcm_to_mono_float(audio.pcm, audio.channels)
+        pcm = float_to_pcm(resample_oneshot(mono, audio.rate, self.rate)) if audio.rate != self.rate \
+            else float_to_pcm(mono)
+        with self._lock:
+            self._queue.append(_Cue(cue, pcm))
+        return audio.seconds
+
+    def start(self, put, notify=None) -> None:
+        self._notify = notify
+        self._thread = threading.Thread(target=self._run, args=(put,), name="cued-source", daemon=True)
+        self._thread.start()
+        log.info(kv("cued_mic_open", rate=self.rate, frame_ms=self.frame_ms, cue_topic=CUE_TOPIC))
+
+    def _next_frame(self, frame_bytes: int, t_ns: int, pts: int) -> bytes:
+        with self._lock:
+            current = self._queue[0] if self._queue else None
+            if current is None:
+                return bytes(frame_bytes)
+            if not current.started:
+                current.started = True
+                self._tell(current.cue, "started", t_ns, pts)
+            chunk = current.pcm[current.offset:current.offset + frame_bytes]
+            current.offset += len(chunk)
+            if current.offset >= len(current.pcm):
+                self._queue.popleft()
+                end_ns = t_ns + len(chunk) // 2 * 1_000_000_000 // self.rate
+                self._tell(current.cue, "ended", end_ns, pts + len(chunk) // 2)
+        return chunk + bytes(frame_bytes - len(chunk))
+
+    def _tell(self, cue: str, state: str, t_ns: int, pts: int) -> None:
+        if self._notify is not None:
+            self._notify({"cue": cue, "state": state, "t_capture_ns": t_ns, "pts": pts})
+
+    def _run(self, put) -> None:
+        frame_bytes = self.rate * self.frame_ms // 1000 * 2
+        period_s = self.frame_ms / 1000
+        started = time.monotonic()
+        index = 0
+        while not self._stop.is_set():
+            delay = started + index * period_s - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+            now_ns = time.time_ns()
+            put(CapturedFrame(self._next_frame(frame_bytes, now_ns, index * frame_bytes // 2), now_ns,
+                              t_callback_ns=now_ns))
+            index += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+
 class MicStage(Stage):
     name = "mic"
     publishes_from_thread = True  # frames go out from the audio (or WAV clock) thread itself
 
-    def __init__(self, source: DeviceSource | WavSource, topic: str = "audio.mic") -> None:
+    def __init__(self, source: DeviceSource | WavSource | CuedSource, topic: str = "audio.mic") -> None:
         super().__init__()
         self.source, self.topic = source, topic
         self.pts = 0
         self.overflows = 0
         self.frames = 0
+        self.cues = {"queued": 0, "refused": 0}
+        if isinstance(source, CuedSource):
+            self.subscriptions = [CUE_TOPIC]
 
     def start(self) -> None:
-        self.source.start(self._take if self.thread_out is not None else self.inbox.put)
+        put = self._take if self.thread_out is not None else self.inbox.put
+        if isinstance(self.source, CuedSource):
+            self.source.start(put, notify=self.inbox.put)
+        else:
+            self.source.start(put)
+
+    def handle(self, message: Message) -> None:
+        """A cue (cued mic only): queue its WAV; a bad one is refused, said on the bus, and counted."""
+        if message.topic != CUE_TOPIC or not isinstance(self.source, CuedSource):
+            return
+        data = message.data if isinstance(message.data, dict) else {}
+        cue, path = str(data.get("cue", "")), data.get("path")
+        try:
+            if not isinstance(path, str):
+                raise WavError(f"a cue needs a WAV path, got {path!r}")
+            seconds = self.source.cue(cue, path)
+        except WavError as exc:
+            self.cues["refused"] += 1
+            log.warning(kv("cue_refused", cue=cue, reason=str(exc)))
+            self.out.event(CUE_STATE_TOPIC, {"cue": cue, "state": "error", "reason": str(exc)})
+            return
+        self.cues["queued"] += 1
+        log.info(kv("cue_queued", cue=cue, seconds=round(seconds, 2)))
 
     def _take(self, item: Any) -> None:
         """On the source's thread: publish a frame at once; the end of a WAV goes to the runner."""
@@ -175,6 +290,9 @@ class MicStage(Stage):
             self.publish(item, self.thread_out)
 
     def on_inbox(self, item: Any) -> None:
+        if isinstance(item, dict):  # a cue started or ended (cued mic)
+            self.out.event(CUE_STATE_TOPIC, item)
+            return
         if item is END_OF_SOURCE:
             log.info(kv("end_of_source", frames=self.frames, seconds=round(self.pts / self.source.rate, 2)))
             self.finished = True
@@ -192,5 +310,8 @@ class MicStage(Stage):
         self.source.stop()
 
     def counters(self) -> dict[str, Any]:
-        return {"frames": self.frames, "overflows": self.overflows, "clock": self.source.clock,
-                "rate": self.source.rate, "channels": self.source.channels}
+        counters = {"frames": self.frames, "overflows": self.overflows, "clock": self.source.clock,
+                    "rate": self.source.rate, "channels": self.source.channels}
+        if isinstance(self.source, CuedSource):
+            counters["cues"] = dict(self.cues)
+        return counters

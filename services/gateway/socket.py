@@ -48,6 +48,7 @@ class RealtimeSocket:
         self._stop = threading.Event()
         self._renew = threading.Event()
         self._paused = threading.Event()  # between conversations: no server session at all
+        self._closed_for_pause = threading.Event()  # set by pause(), cleared by the reader that saw it
         self._thread = threading.Thread(target=self._run, name="realtime-socket", daemon=True)
         self.connected = False
         self.connects = 0
@@ -75,6 +76,7 @@ class RealtimeSocket:
     def pause(self) -> None:
         """Close and stay closed until `resume()`: a conversation ended, the next one gets a fresh session."""
         self._paused.set()
+        self._closed_for_pause.set()  # a resume() right after must not make this close look like a drop
         self._close_current()
 
     def resume(self) -> None:
@@ -124,9 +126,10 @@ class RealtimeSocket:
             backoff = BACKOFF_START_S
             self._put(SocketEvent("connected", attempt=attempt))
             reason = self._read(ws, connected_at)
-            if self._paused.is_set():  # however the read ended, it was ours to close (maybe mid-connect)
+            if self._paused.is_set() or self._closed_for_pause.is_set():  # ours to close, however it ended
                 self._close_current()
                 reason = PAUSED_REASON
+            self._closed_for_pause.clear()
             self.connected = False
             self._ws = None
             self._put(SocketEvent("closed", reason=reason, attempt=attempt))

@@ -144,38 +144,49 @@ def _trace_conversation(client, meta: dict[str, Any], turns: list[dict[str, Any]
     return call_ids
 
 
-def run_upload(root: Path, sessions: list[str], project: str) -> int:
+def run_upload(root: Path, names: list[str], project: str, evals: bool = False) -> int:
+    """Upload what is pending under `root`: sessions, or eval runs (`voicebus eval`) with `evals`."""
+    what = "eval run" if evals else "session"
     if not root.exists():
-        raise click.ClickException(f"no sessions stored under {root}")
-    todo = pending_sessions(root, sessions)
+        raise click.ClickException(f"no {what}s stored under {root}")
+    if evals:
+        from services.evals.upload import pending_runs, upload_eval_run
+
+        todo, upload_one = pending_runs(root, names), upload_eval_run
+    else:
+        todo, upload_one = pending_sessions(root, names), upload_session
     if not todo:
-        click.echo("nothing to upload: every stored session is already confirmed on the trace server")
+        click.echo(f"nothing to upload: every stored {what} is already confirmed on the trace server")
         return 0
     if not os.environ.get("WANDB_API_KEY"):
-        raise click.ClickException("WANDB_API_KEY is not set: nothing can be uploaded (sessions stay in "
+        raise click.ClickException(f"WANDB_API_KEY is not set: nothing can be uploaded ({what}s stay in "
                                    f"{root}; weave is never asked to prompt for a login)")
     ok, why = reachable()
     if not ok:
-        raise click.ClickException(f"W&B is not reachable: {why}; {len(todo)} session(s) stay stored for later")
+        raise click.ClickException(f"W&B is not reachable: {why}; {len(todo)} {what}(s) stay stored for later")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # weave reports its own sessions and errors to Sentry unless told not to: nothing of a conversation's
+    # trace goes anywhere but the trace server (set WANDB_ERROR_REPORTING=true to allow it)
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
     import weave
 
     entity = os.environ.get("WANDB_ENTITY")
     client = weave.init(f"{entity}/{project}" if entity else project)
     total_mb = sum(f.stat().st_size for d in todo for f in d.rglob("*.wav")) / 1e6
-    click.echo(f"uploading {len(todo)} session(s), {total_mb:.1f} MB of audio, to {trace_server_url()}")
+    click.echo(f"uploading {len(todo)} {what}(s), {total_mb:.1f} MB of audio, to {trace_server_url()}")
     failures = 0
-    for index, session_dir in enumerate(todo, 1):
-        def progress(turn: dict[str, Any], index: int = index, name: str = session_dir.name) -> None:
-            click.echo(f"  [{index}/{len(todo)}] {name} turn {turn['turn']}")
+    for index, item_dir in enumerate(todo, 1):
+        def progress(turn: dict[str, Any], index: int = index, name: str = item_dir.name) -> None:
+            click.echo(f"  [{index}/{len(todo)}] {name} {'' if evals else 'turn '}{turn['turn']}")
 
         try:
-            result = upload_session(client, session_dir, progress)
+            result = upload_one(client, item_dir, progress)
         except UploadError as exc:
             failures += 1
             click.echo(f"  {exc}", err=True)
             continue
-        note = "already on the server" if result["already_there"] else f"{result['turns']} turn(s)"
-        click.echo(f"  [{index}/{len(todo)}] {session_dir.name}: confirmed ({note})")
+        note = "already on the server" if result["already_there"] else \
+            f"{result['turns']} {'scenario run' if evals else 'turn'}(s)"
+        click.echo(f"  [{index}/{len(todo)}] {item_dir.name}: confirmed ({note})")
     client.finish()
     return 1 if failures else 0

@@ -1,0 +1,156 @@
+"""`voicebus eval` end to end: the shipped scenarios spoken through the real pipeline on the simulator,
+checked, stored, reported and uploaded as a Weave Evaluation to the loopback trace server (once);
+a broken tool fails by name and regresses against the first run; a stored conversation becomes a
+scenario that passes; bad input is refused before anything is stored."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+
+from common.trace_server import LoopbackTraceServer
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "evals"
+pytestmark = pytest.mark.timeout(420)
+
+
+def _env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOICEBUS_", "OPENAI_", "WANDB_"))}
+    env.update(XDG_DATA_HOME=str(home), PYTHONUNBUFFERED="1", **(extra or {}))
+    return env
+
+
+def _eval(env: dict[str, str], *args: str, timeout: float = 360) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "services.cli", "eval", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    print(result.stdout[-6000:], result.stderr[-3000:])
+    return result
+
+
+def _runs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir()) if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """The shipped scenarios, run once, uploaded to a loopback trace server as they finish."""
+    home = tmp_path_factory.mktemp("eval-home")
+    server = LoopbackTraceServer().start()
+    env = _env(home, server.env())
+    result = _eval(env, str(EXAMPLES))
+    runs = _runs(home / "voicebus" / "evals")
+    yield {"result": result, "env": env, "home": home, "server": server, "runs": runs}
+    server.stop()
+
+
+def test_shipped_scenarios_pass_offline_and_reach_weave_as_an_evaluation_once(shipped):
+    result, server = shipped["result"], shipped["server"]
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(shipped["runs"]) == 1 and not any(p.name.startswith(".") for p in shipped["runs"])
+    run_dir = shipped["runs"][0]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert {s["name"] for s in run["scenarios"]} == {"time in tokyo, then paris", "weather needs no tool",
+                                                      "barge in on a long reply"}
+    assert all(s["passed"] for s in run["scenarios"]) and run["summary"]["failed_checks"] == 0
+    turns = {(s["name"], t["turn"]): t for s in run["scenarios"] for t in s["turns"]}
+    tokyo = turns[("time in tokyo, then paris", 1)]
+    assert [t["name"] for t in tokyo["tools"]] == ["get_current_time"] and not tokyo["tools"][0]["error"]
+    arguments = tokyo["tools"][0]["arguments"]
+    assert (json.loads(arguments) if isinstance(arguments, str) else arguments) == {"timezone": "Asia/Tokyo"}
+    # the barge-in was checked against the player's own position, and the reply was really cut
+    barge = {c["name"]: c for c in turns[("barge in on a long reply", 2)]["checks"]}
+    cut = barge["truncated where played (within 60 ms)"]
+    assert cut["passed"] and "the player had played" in cut["detail"] and cut["value"] <= 60
+    first = turns[("barge in on a long reply", 1)]
+    session = next(s["session"] for s in run["scenarios"] if s["name"] == "barge in on a long reply")
+    stored = [json.loads(line) for line in (run_dir / "sessions" / session / "turns.jsonl").read_text().splitlines()]
+    interrupted = next(t for t in stored if t["assistant"]["barge_in"])
+    assert interrupted["assistant"]["played_ms"] < interrupted["assistant"]["generated_ms"]
+    assert barge["kept transcript is what was heard (WER 0.5)"]["passed"]
+    with wave.open(str(run_dir / first["audio"]["heard"])) as heard:  # the audio as heard: the cut reply
+        assert abs(heard.getnframes() / 24 - interrupted["assistant"]["played_ms"]) <= 1
+    # a report, with every turn's audio playable
+    report = (run_dir / "report.html").read_text()
+    assert report.count("<audio") == 2 * len(turns) and "barge in on a long reply" in report
+    # the Evaluation on the trace server: one prediction per scenario, scores, the WAVs
+    assert (json.loads((run_dir / "upload.json").read_text()))["confirmed"]
+    ops = [c.get("op_name", "") for c in server.calls.values()]
+    assert sum("Evaluation.evaluate" in op for op in ops) == 1
+    assert sum("Evaluation.predict_and_score" in op for op in ops) == 3
+    evaluate = next(c for c in server.calls.values() if "Evaluation.evaluate" in c.get("op_name", ""))
+    assert evaluate.get("ended_at") and evaluate["output"]["passed"]["true_count"] == 3
+    assert any("turn1_tool_get_current_time" in op for op in ops) and any("turn1_latency_ms" in op for op in ops)
+    wavs = [f["data"] for f in server.files.values() if f.get("data", b"")[:4] == b"RIFF"]
+    assert len(wavs) >= 2 * len(turns)  # each turn's user audio and reply as heard (content-addressed)
+    with wave.open(io.BytesIO(wavs[0])) as uploaded:
+        assert uploaded.getframerate() == 24000
+    # a second upload sends nothing
+    before = len(server.requests)
+    again = subprocess.run([sys.executable, "-m", "services.cli", "upload", "--evals", "--root",
+                            str(run_dir.parent)], cwd=REPO, env=shipped["env"], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0 and "nothing to upload" in again.stdout, again.stdout + again.stderr
+    assert len(server.requests) == before
+
+
+def test_broken_tool_fails_by_name_and_a_stored_conversation_replays_as_a_passing_scenario(shipped, tmp_path):
+    first = shipped["runs"][0]
+    run = json.loads((first / "run.json").read_text())
+    weather = next(s["session"] for s in run["scenarios"] if s["name"] == "weather needs no tool")
+    scenario = tmp_path / "from-production.yaml"
+    env = _env(shipped["home"])
+    made = _eval(env, "--from-session", str(first / "sessions" / weather), "-o", str(scenario))
+    assert made.returncode == 0 and scenario.exists()
+    assert (tmp_path / "from-production-turn-1.wav").exists() and "no_tool: true" in scenario.read_text()
+    # one run: the stored conversation replayed, and the tool scenarios with a clock that raises
+    result = _eval(env, str(scenario), str(EXAMPLES / "tools.yaml"), "--tools", str(EXAMPLES / "broken_tools.py"),
+                   "--baseline", str(first), "--no-upload")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "called, but it failed: " in result.stdout and "the clock is broken" in result.stdout
+    assert "REGRESSION time in tokyo, then paris turn 1: tool get_current_time" in result.stdout
+    second = next(p for p in _runs(first.parent) if p != first)
+    now = json.loads((second / "run.json").read_text())
+    replayed = next(s for s in now["scenarios"] if s["file"] == str(scenario))
+    assert replayed["passed"], replayed
+    assert {c["name"] for c in replayed["turns"][0]["checks"]} >= {"no tool", "reply contains 'weather'"}
+    regressions = now["baseline"]["regressions"]
+    assert {r["check"] for r in regressions} >= {'tool get_current_time {"timezone": "Asia/Tokyo"}'}
+    report = (second / "report.html").read_text()
+    assert "class='regress'" in report and "regression(s)" in report
+    assert os.path.relpath(first, second) in report  # the baseline's audio, playable beside this run's
+
+
+def test_bad_input_gets_one_clear_error_and_nothing_is_stored(tmp_path):
+    env = _env(tmp_path / "home")
+    root = tmp_path / "home" / "voicebus" / "evals"
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("scenarios:\n  - name: a\n    turns:\n      - say: hello\n       expect: {}\n")
+    result = _eval(env, str(broken_yaml))
+    assert result.returncode == 2 and f"{broken_yaml}:5: not valid YAML" in result.stderr
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("scenarios:\n  - name: a\n    turns:\n      - say: hello\n        expect:\n"
+                    "          reply_contain: hi\n")
+    result = _eval(env, str(typo))
+    assert result.returncode == 2 and f"{typo}:6: scenarios[0].turns[0].expect.reply_contain: Extra inputs" \
+        in result.stderr
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("scenarios:\n  - name: a\n    turns:\n      - wav: nowhere.wav\n")
+    result = _eval(env, str(missing))
+    assert result.returncode == 2 and "nowhere.wav" in result.stderr and "turn 1" in result.stderr
+    down = _eval({**env, "VOICEBUS_SIM_URL": "http://127.0.0.1:9/v1"}, str(EXAMPLES / "tools.yaml"))
+    assert down.returncode == 2 and "is down" in down.stderr and "nothing was run" in down.stderr
+    unknown = tmp_path / "unknown-tool.yaml"
+    unknown.write_text("scenarios:\n  - name: a\n    turns:\n      - say: what time is it\n        expect:\n"
+                       "          tool: {name: get_weather}\n")
+    result = _eval(env, str(unknown))
+    assert result.returncode == 2 and "expects tool 'get_weather', which the tools stage does not offer" \
+        in result.stderr and "get_current_time" in result.stderr
+    assert _runs(root) == []  # nothing half-written, not even a staging folder
