@@ -54,8 +54,9 @@ def summarize(path: str) -> int:
     return 0
 
 
-def export_wav(path: str, topic: str, out: str) -> int:
-    """Concatenate an audio topic by pts; silence where the stream had gaps (and say how much)."""
+def capture_audio(path: str | Path, topic: str) -> tuple[bytes, int, int, int, bool]:
+    """An audio topic of a capture as one PCM stream by pts: (pcm, rate, channels, samples of gaps filled
+    with silence, whether the format changed); ValueError if the topic has no audio in it."""
     streams: dict[tuple[int, int], dict[int, bytes]] = defaultdict(dict)
     for record in read_capture(path):
         try:
@@ -65,7 +66,7 @@ def export_wav(path: str, topic: str, out: str) -> int:
         if message.topic == topic and isinstance(message.header, AudioHeader):
             streams[(message.header.rate, message.header.channels)][message.header.pts] = message.payload
     if not streams:
-        raise click.ClickException(f"no audio on topic {topic!r} in {path}")
+        raise ValueError(f"no audio on topic {topic!r} in {path}")
     (rate, channels), frames = max(streams.items(), key=lambda kv: len(kv[1]))
     pcm = bytearray()
     filled = 0
@@ -78,10 +79,19 @@ def export_wav(path: str, topic: str, out: str) -> int:
         elif pts < expected:  # overlap (a restarted stream): keep the newest samples
             del pcm[(pts - start) * 2 * channels:]
         pcm += frames[pts]
-    write_wav(Path(out), bytes(pcm), rate, channels)
+    return bytes(pcm), rate, channels, filled, len(streams) > 1
+
+
+def export_wav(path: str, topic: str, out: str) -> int:
+    """Concatenate an audio topic by pts; silence where the stream had gaps (and say how much)."""
+    try:
+        pcm, rate, channels, filled, changed = capture_audio(path, topic)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_wav(Path(out), pcm, rate, channels)
     click.echo(f"wrote {out}: {len(pcm) / (2 * channels * rate):.2f} s at {rate} Hz, {channels} ch"
                + (f"; {filled / rate * 1000:.0f} ms of gaps filled with silence" if filled else "; no gaps"))
-    if len(streams) > 1:
+    if changed:
         click.echo(f"note: {topic} changed format during the capture; exported the longest ({rate} Hz)")
     return 0
 

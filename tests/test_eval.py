@@ -58,7 +58,7 @@ def test_shipped_scenarios_pass_offline_and_reach_weave_as_an_evaluation_once(sh
     run_dir = shipped["runs"][0]
     run = json.loads((run_dir / "run.json").read_text())
     assert {s["name"] for s in run["scenarios"]} == {"time in tokyo, then paris", "weather needs no tool",
-                                                      "barge in on a long reply"}
+                                                      "barge in on a long reply", "barge in at the first words"}
     assert all(s["passed"] for s in run["scenarios"]) and run["summary"]["failed_checks"] == 0
     turns = {(s["name"], t["turn"]): t for s in run["scenarios"] for t in s["turns"]}
     tokyo = turns[("time in tokyo, then paris", 1)]
@@ -75,6 +75,9 @@ def test_shipped_scenarios_pass_offline_and_reach_weave_as_an_evaluation_once(sh
     interrupted = next(t for t in stored if t["assistant"]["barge_in"])
     assert interrupted["assistant"]["played_ms"] < interrupted["assistant"]["generated_ms"]
     assert barge["kept transcript is what was heard (WER 0.5)"]["passed"]
+    # timed from an event: spoken 300 ms after the reply's first words, so it is cut earlier in the reply
+    early = {c["name"]: c for c in turns[("barge in at the first words", 2)]["checks"]}
+    assert early["reply interrupted"]["passed"] and early["truncated where played (within 60 ms)"]["passed"]
     with wave.open(str(run_dir / first["audio"]["heard"])) as heard:  # the audio as heard: the cut reply
         assert abs(heard.getnframes() / 24 - interrupted["assistant"]["played_ms"]) <= 1
     # a report, with every turn's audio playable
@@ -84,9 +87,9 @@ def test_shipped_scenarios_pass_offline_and_reach_weave_as_an_evaluation_once(sh
     assert (json.loads((run_dir / "upload.json").read_text()))["confirmed"]
     ops = [c.get("op_name", "") for c in server.calls.values()]
     assert sum("Evaluation.evaluate" in op for op in ops) == 1
-    assert sum("Evaluation.predict_and_score" in op for op in ops) == 3
+    assert sum("Evaluation.predict_and_score" in op for op in ops) == 4
     evaluate = next(c for c in server.calls.values() if "Evaluation.evaluate" in c.get("op_name", ""))
-    assert evaluate.get("ended_at") and evaluate["output"]["passed"]["true_count"] == 3
+    assert evaluate.get("ended_at") and evaluate["output"]["passed"]["true_count"] == 4
     assert any("turn1_tool_get_current_time" in op for op in ops) and any("turn1_latency_ms" in op for op in ops)
     wavs = [f["data"] for f in server.files.values() if f.get("data", b"")[:4] == b"RIFF"]
     assert len(wavs) >= 2 * len(turns)  # each turn's user audio and reply as heard (content-addressed)
@@ -154,3 +157,28 @@ def test_bad_input_gets_one_clear_error_and_nothing_is_stored(tmp_path):
     assert result.returncode == 2 and "expects tool 'get_weather', which the tools stage does not offer" \
         in result.stderr and "get_current_time" in result.stderr
     assert _runs(root) == []  # nothing half-written, not even a staging folder
+
+
+def test_online_a_judge_model_scores_the_turn_through_the_openai_sdk(simulator, tmp_path):
+    """Online (a key set), `judge:` asks a chat model; here the simulator stands in for OpenAI, its
+    reply rules playing the judge: PASS for one rubric, anything else (a FAIL) for the other."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([
+        {"match": r"rubric\? the reply is about the weather", "reply": "PASS: it repeats the weather question."},
+        {"match": r"rubric\?", "reply": "FAIL: it is in English."},
+        {"match": ".*", "reply": "I heard: {transcript}"}]))
+    sim = simulator("--rules", str(rules))
+    scenario = tmp_path / "judged.yaml"
+    scenario.write_text("scenarios:\n  - name: judged\n    turns:\n      - say: what is the weather like today\n"
+                        "        expect:\n          judge: the reply is about the weather\n"
+                        "      - say: what is the weather like tomorrow\n        expect:\n"
+                        "          judge: the reply is in French\n")
+    env = _env(tmp_path / "home", {"OPENAI_API_KEY": "sk-judge-test-key-never-printed", "OPENAI_BASE_URL": sim})
+    result = _eval(env, str(scenario), "--no-upload")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"online: {sim}" in result.stdout and "sk-judge-test" not in result.stdout + result.stderr
+    run = json.loads(next((tmp_path / "home" / "voicebus" / "evals").glob("*/run.json")).read_text())
+    judged = [next(c for c in t["checks"] if c["name"].startswith("judge:")) for t in run["scenarios"][0]["turns"]]
+    assert [c["passed"] for c in judged] == [True, False]
+    assert judged[0]["detail"].endswith("PASS: it repeats the weather question.")
+    assert "x judge: the reply is in French: gpt-4o-mini: FAIL: it is in English." in result.stdout

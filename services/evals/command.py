@@ -103,7 +103,8 @@ def _run(files: list[Path], settings: Settings, staging: Path, run_id: str) -> d
     target = openai_target()
     click.echo(f"{len(planned)} scenario(s) x {settings.repeat} from {', '.join(map(str, files))}; "
                + ("offline: the local simulator answers" if target.is_simulator else f"online: {target.base_url}"))
-    pipeline = Pipeline(staging, settings, run_id)
+    barge_topics = {t.barge_in_after for p in planned for t in p.scenario.turns if t.barge_in_after}
+    pipeline = Pipeline(staging, settings, run_id, barge_topics)
     transcriber = Transcriber()
     scenarios = []
     try:

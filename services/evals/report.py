@@ -49,6 +49,20 @@ def write_report(run_dir: Path, result: dict[str, Any], baseline_dir: Path | Non
         parts.append(f"<p>Against baseline <b>{html.escape(diff['run'])}</b>: "
                      f"<span class='fail'>{len(diff['regressions'])} regression(s)</span>, "
                      f"<span class='pass'>{len(diff['fixed'])} fixed</span>.</p>")
+        changes = [("regress", "pass → FAIL", r) for r in diff["regressions"]] + \
+            [("fixed", "FAIL → pass", r) for r in diff["fixed"]]
+        if changes:
+            parts.append("<table><tr><th>change</th><th>scenario</th><th>turn</th><th>check</th><th>held before</th>"
+                         "<th>held now</th></tr>" + "".join(
+                             f"<tr class='{kind}'><td>{label}</td><td>{html.escape(r['scenario'])}</td>"
+                             f"<td>{r['turn']}</td><td>{html.escape(r['check'])}</td><td>{r['before']:.0%}</td>"
+                             f"<td>{r['now']:.0%}</td></tr>" for kind, label, r in changes) + "</table>")
+        if diff.get("latency"):
+            parts.append("<table><tr><th>latency at the ear</th><th>turn</th><th>baseline</th><th>now</th>"
+                         "<th>delta</th></tr>" + "".join(
+                             f"<tr><td>{html.escape(d['scenario'])}</td><td>{d['turn']}</td><td>{d['before_ms']} ms</td>"
+                             f"<td>{d['now_ms']} ms</td><td>{d['delta_ms']:+d} ms</td></tr>" for d in diff["latency"])
+                         + "</table>")
     for scenario in result["scenarios"]:
         title = f"{scenario['name']} #{scenario['repeat']}" if result["settings"]["repeat"] > 1 else scenario["name"]
         parts.append(f"<h2>{_badge(scenario['passed'])} {html.escape(title)} <small>{html.escape(scenario['file'])}"
@@ -67,8 +81,9 @@ def write_report(run_dir: Path, result: dict[str, Any], baseline_dir: Path | Non
                               f"{was_text}<br><small>{html.escape(check['detail'])}</small></div>")
             latency = f"{turn['latency_ms']:.0f} ms" if turn.get("latency_ms") is not None else "-"
             said = turn.get("say") or turn.get("wav") or ""
-            barge = f"<br><small>barge-in at {turn['barge_in_ms']} ms</small>" if turn.get("barge_in_ms") is not None \
-                else ""
+            after = html.escape(turn.get("barge_in_after") or "the reply started")
+            barge = f"<br><small>barge-in {turn['barge_in_ms']} ms after {after}</small>" \
+                if turn.get("barge_in_ms") is not None else ""
             cells = [str(turn["turn"]),
                      f"{html.escape(said)}<br><small>{html.escape(str(turn.get('user_transcript')))}</small>{barge}",
                      html.escape(turn.get("reply_heard") or ""), latency, "".join(checks),

@@ -103,8 +103,8 @@ def plan(files: list[Path], staging_audio: Path, settings: Settings) -> list[Pla
         for scenario in parsed.scenarios:
             audio = []
             for index, turn in enumerate(scenario.turns, 1):
-                source = resolve_audio(turn, path, sessions_root)
                 where = f"{path}: scenario {scenario.name!r} turn {index}"
+                source = resolve_audio(turn, path, sessions_root, staging_audio)
                 if source is None:
                     out = staging_audio / f"{slug(path.stem)}-{slug(scenario.name)}-{index}.wav"
                     try:
@@ -148,7 +148,7 @@ def unknown_tools(planned: list[Planned], offered: set[str]) -> list[str]:
 class Pipeline:
     """The stages of one eval run, and the eval's own sockets on their bus."""
 
-    def __init__(self, staging: Path, settings: Settings, run_id: str) -> None:
+    def __init__(self, staging: Path, settings: Settings, run_id: str, topics: set[str] | None = None) -> None:
         self.sessions_dir = staging / "sessions"
         self.run_dir = Path(tempfile.mkdtemp(prefix="vb-eval-", dir="/tmp"))
         os.chmod(self.run_dir, 0o700)
@@ -172,6 +172,7 @@ class Pipeline:
         self.receiver: Receiver | None = None
         self.publisher: Publisher | None = None
         self.stamper = Stamper("eval", f"eval-{run_id}")
+        self.topics = sorted({"rt.", "player.state", "health.", CUE_STATE_TOPIC, *(topics or ())})
 
     def start(self) -> set[str]:
         """Start everything; the names of the tools the conversation offers."""
@@ -179,8 +180,7 @@ class Pipeline:
             self.supervisor.start()
         except (LauncherError, RuntimeError) as exc:
             raise EvalError(str(exc)) from exc
-        self.receiver = Receiver(connect_sub(self.ctx, self.cfg, ["rt.", "player.state", "health.",
-                                                                  CUE_STATE_TOPIC]), "eval")
+        self.receiver = Receiver(connect_sub(self.ctx, self.cfg, self.topics), "eval")
         self.publisher = Publisher(connect_pub(self.ctx, self.cfg))
         wait_for_bus(self.ctx, self.cfg, timeout_s=10, pub=self.publisher.sock, sub=self.receiver.sock)
         seen: set[str] = set()
@@ -233,12 +233,15 @@ class Conversation:
         self.spoken_items: set[str] = set()  # items of responses that carried audio
         self.session_ready = False  # the gateway's server session for this conversation is configured
         self.first_delta_ns: dict[str, int] = {}  # assistant item -> when its first audio arrived
+        self.topic_times: dict[str, list[int]] = {}  # this conversation's messages: topic -> sent at (ns)
 
     def _pump(self, timeout_ms: int = 50) -> Message | None:
         message = self.pipeline.recv(timeout_ms)
         if message is None:
             return None
         data = message.data if isinstance(message.data, dict) else {}
+        if message.header.session == self.session:
+            self.topic_times.setdefault(message.topic, []).append(message.header.t_ns)
         if message.topic == "player.state" and message.header.session == self.session:
             item = data.get("item_id")
             if item and data.get("item_started_ns"):
@@ -282,17 +285,29 @@ class Conversation:
             raise EvalError(f"the mic did not start speaking {cue} within 10 s")
         return cue
 
-    def wait_reply_started(self, cue: str, after_ms: int) -> None:
-        """For a barge-in: return when the reply to `cue` has played `after_ms` (or it never started)."""
-        before = set(self.items_started)
+    def wait_reply_started(self, cue: str, after_ms: int, after_topic: str | None = None) -> None:
+        """For a barge-in: return `after_ms` after the reply to `cue` started playing, or after the first
+        `after_topic` message since `cue` started (or when neither comes within the turn timeout)."""
+        if after_topic is not None:
+            def seen() -> bool:
+                started = self.observed.cues.get(cue, {}).get("started")
+                return started is not None and any(t > started for t in self.topic_times.get(after_topic, []))
 
-        def started() -> bool:
-            return "ended" in self.observed.cues.get(cue, {}) and bool(set(self.items_started) - before)
+            if not self._until(seen, TURN_TIMEOUT_S):
+                return
+            started = self.observed.cues[cue]["started"]
+            origin_ns = min(t for t in self.topic_times[after_topic] if t > started)
+        else:
+            before = set(self.items_started)
 
-        if not self._until(started, TURN_TIMEOUT_S):
-            return
-        item = min(set(self.items_started) - before, key=self.items_started.__getitem__)
-        due_ns = self.items_started[item] + after_ms * 1_000_000 - CUE_LEAD_NS
+            def playing() -> bool:
+                return "ended" in self.observed.cues.get(cue, {}) and bool(set(self.items_started) - before)
+
+            if not self._until(playing, TURN_TIMEOUT_S):
+                return
+            item = min(set(self.items_started) - before, key=self.items_started.__getitem__)
+            origin_ns = self.items_started[item]
+        due_ns = origin_ns + after_ms * 1_000_000 - CUE_LEAD_NS
         while time.time_ns() < due_ns:
             self._pump(max(1, min(50, (due_ns - time.time_ns()) // 1_000_000)))
 
@@ -325,7 +340,7 @@ def converse(pipeline: Pipeline, planned: Planned, session: str) -> Observed:
         cue = conversation.speak(index, wav)
         following = turns[index] if index < len(turns) else None
         if following is not None and following.barge_in_ms is not None:
-            conversation.wait_reply_started(cue, following.barge_in_ms)
+            conversation.wait_reply_started(cue, following.barge_in_ms, following.barge_in_after)
         else:
             conversation.wait_reply_done(cue, index)
     replies = len(conversation.spoken_items)
@@ -396,7 +411,9 @@ def turn_result(index: int, turn: UserTurn, record: dict[str, Any] | None, check
                 store_dir: Path) -> dict[str, Any]:
     files = (record or {}).get("audio_files", {})
     return {
-        "turn": index, "say": turn.say, "wav": turn.wav, "barge_in_ms": turn.barge_in_ms,
+        "turn": index, "say": turn.say, "wav": turn.wav or turn.capture or (
+            f"{turn.session} turn {turn.turn}" if turn.session else None),
+        "barge_in_ms": turn.barge_in_ms, "barge_in_after": turn.barge_in_after,
         "expect": turn.expect.model_dump(exclude_defaults=True),
         "user_transcript": (record or {}).get("user", {}).get("transcript"),
         "reply_heard": (record or {}).get("assistant", {}).get("transcript_heard"),

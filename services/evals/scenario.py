@@ -85,14 +85,25 @@ class UserTurn(_Strict):
     wav: str | None = None
     session: str | None = None
     turn: int | None = Field(None, ge=1)
-    barge_in_ms: int | None = Field(None, ge=0, description="speak this long after the previous reply started")
+    capture: str | None = Field(None, description="a `voicebus capture` file: its user audio is spoken")
+    topic: str = Field("audio.user", description="with capture: the audio topic to take")
+    from_s: float = Field(0.0, ge=0, description="with capture: where the turn starts in that audio")
+    to_s: float | None = Field(None, gt=0, description="with capture: where it ends (default: the end)")
+    barge_in_ms: int | None = Field(None, ge=0, description="speak this long after the previous reply started "
+                                    "(or after `barge_in_after`)")
+    barge_in_after: str | None = Field(None, description="a bus topic, e.g. rt.response.output_audio_transcript"
+                                       ".delta: barge_in_ms counts from its first message after the last turn")
     expect: Expect = Field(default_factory=Expect)
 
     @model_validator(mode="after")
     def _one_source(self) -> UserTurn:
-        sources = [name for name in ("say", "wav", "session") if getattr(self, name) is not None]
+        sources = [name for name in ("say", "wav", "session", "capture") if getattr(self, name) is not None]
         if len(sources) != 1:
-            raise ValueError(f"a turn speaks exactly one of say, wav or session+turn (got {sources or 'none'})")
+            raise ValueError(f"a turn speaks exactly one of say, wav, session+turn or capture (got {sources or 'none'})")
+        if self.to_s is not None and self.to_s <= self.from_s:
+            raise ValueError(f"to_s ({self.to_s}) must come after from_s ({self.from_s})")
+        if self.barge_in_after is not None and self.barge_in_ms is None:
+            self.barge_in_ms = 0
         if (self.session is None) != (self.turn is None):
             raise ValueError("session and turn go together")
         if self.voice is not None and self.voice not in FLITE_VOICES and self.voice not in FLITE_VOICES.values():
@@ -110,7 +121,7 @@ class Scenario(_Strict):
 
     @model_validator(mode="after")
     def _barge_in_needs_a_reply(self) -> Scenario:
-        if self.turns[0].barge_in_ms is not None:
+        if self.turns[0].barge_in_ms is not None:  # barge_in_after sets it too
             raise ValueError("the first turn has no reply to barge in on")
         return self
 
@@ -175,8 +186,26 @@ def load_scenarios(path: Path) -> ScenarioFile:
     return parsed
 
 
-def resolve_audio(turn: UserTurn, scenario_file: Path, sessions_root: Path) -> Path | None:
-    """The WAV a `wav` or `session` turn speaks (relative paths: beside the scenario file), or None."""
+def resolve_audio(turn: UserTurn, scenario_file: Path, sessions_root: Path, staging: Path) -> Path | None:
+    """The WAV a `wav`, `session` or `capture` turn speaks (relative paths: beside the scenario file);
+    None for a `say` turn. A capture's audio is cut and written into `staging`."""
+    if turn.capture is not None:
+        from common.wavio import write_wav
+        from services.inspect_capture import capture_audio
+
+        capture = Path(turn.capture) if Path(turn.capture).is_absolute() else scenario_file.parent / turn.capture
+        try:
+            pcm, rate, channels, _filled, _changed = capture_audio(capture, turn.topic)
+        except (ValueError, OSError) as exc:
+            raise ScenarioError(f"{scenario_file}: capture {capture}: {exc}") from exc
+        frame = 2 * channels
+        start = int(turn.from_s * rate) * frame
+        end = int(turn.to_s * rate) * frame if turn.to_s is not None else len(pcm)
+        if start >= len(pcm):
+            raise ScenarioError(f"{scenario_file}: capture {capture}: from_s {turn.from_s} is past its "
+                                f"{len(pcm) / frame / rate:.1f} s of {turn.topic}")
+        out = staging / f"capture-{capture.stem}-{turn.from_s:g}-{turn.to_s or 'end'}.wav"
+        return write_wav(out, pcm[start:end], rate, channels)
     if turn.wav is not None:
         wav = Path(turn.wav)
         return wav if wav.is_absolute() else scenario_file.parent / wav
