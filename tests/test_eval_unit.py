@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
-import wave
 import time
+import wave
 
 import pytest
 
