@@ -113,8 +113,8 @@ def _run(files: list[Path], settings: Settings, staging: Path, run_id: str) -> d
         if problems:
             raise EvalError("; ".join(problems))
         for repeat in range(1, settings.repeat + 1):
-            for item in planned:
-                session = f"{run_id}-{slug(item.scenario.name)}-{repeat}"
+            for number, item in enumerate(planned, 1):  # numbered: two files may use one scenario name
+                session = f"{run_id}-{number:02d}-{slug(item.scenario.name)}-{repeat}"
                 click.echo(f"  {item.scenario.name} ({repeat}/{settings.repeat}): {len(item.scenario.turns)} turn(s)")
                 observed = converse(pipeline, item, session)
                 turns = evaluate(item, observed, pipeline.sessions_dir / session, transcriber)

@@ -381,8 +381,11 @@ def judge_turn(rubric: str, stored: dict[str, Any]) -> Check:
               f"{stored['assistant'].get('transcript_heard')!r}\nTools: {json.dumps(stored.get('tools') or [])}\n"
               f"Does the assistant's turn satisfy this rubric? {rubric}\nAnswer PASS or FAIL, then one sentence why.")
     model = os.environ.get("VOICEBUS_EVAL_JUDGE_MODEL", "gpt-4o-mini")
-    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                            max_tokens=80).choices[0].message.content or ""
+    try:
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=80).choices[0].message.content or ""
+    except Exception as exc:  # the SDK's many errors: a judge that did not answer is a failed check, not a crash
+        return Check(f"judge: {rubric}", False, f"{model} did not answer: {type(exc).__name__}: {exc}")
     return Check(f"judge: {rubric}", answer.strip().upper().startswith("PASS"), f"{model}: {answer.strip()}")
 
 
