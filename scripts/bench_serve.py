@@ -160,13 +160,11 @@ class Peer:
 
 
 class VoicebusPeer(Peer):
-    """`voicebus serve`; as `voicebus-zygote` its stage processes are forked from a zygote (VOICEBUS_ZYGOTE=1)."""
+    name = "voicebus"
 
-    def __init__(self, env: dict[str, str], work: Path, slots: int, prewarm: int, zygote: bool = False) -> None:
-        self.name = "voicebus-zygote" if zygote else "voicebus"
+    def __init__(self, env: dict[str, str], work: Path, slots: int, prewarm: int) -> None:
         self.work, self.prewarm = work, min(prewarm, slots)  # a pool never holds more than the slots
-        env = {**env, "VOICEBUS_ZYGOTE": "1" if zygote else "0"}
-        log = work / f"serve-{self.name}.log"
+        log = work / "serve.log"
         self.proc = voicebus("serve", "--port", "0", "--slots", str(slots), "--prewarm", str(prewarm),
                              "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO",
                              env=env, log=log, stdout_to_log=True)
@@ -326,9 +324,7 @@ def main() -> int:
     parser.add_argument("--steps", default="1,2,4,8", help="Concurrent conversations per step (default 1,2,4,8).")
     parser.add_argument("--turns", type=int, default=3, help="Questions each caller asks (default 3).")
     parser.add_argument("--prewarm", type=int, default=2, help="serve --prewarm (default 2, serve's own).")
-    parser.add_argument("--peers", default="voicebus,pipecat",
-                        help="Which to ramp, in order: voicebus, voicebus-zygote (stages forked from a zygote), "
-                        "pipecat (default voicebus,pipecat).")
+    parser.add_argument("--peers", default="voicebus,pipecat", help="Which to ramp, in order (default both).")
     parser.add_argument("--json", dest="json_path", help="Write the figures here too.")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
@@ -344,8 +340,8 @@ def main() -> int:
     rows: list[dict] = []
     try:
         for name in peers:
-            peer: Peer = PipecatPeer(env, work, sim_url) if name == "pipecat" else \
-                VoicebusPeer(env, work, max(steps), args.prewarm, zygote=name == "voicebus-zygote")
+            peer: Peer = VoicebusPeer(env, work, max(steps), args.prewarm) if name == "voicebus" \
+                else PipecatPeer(env, work, sim_url)
             try:
                 rows += ramp(peer, steps, args.turns, simulator.pid, env, work, args.json_path, rows)
             finally:

@@ -108,13 +108,7 @@ def child_env(cfg: BusConfig, session: str, extra: dict[str, str] | None = None)
 
 
 def spawn(args: list[str], env: dict[str, str], stderr_tail: deque[str] | None = None) -> subprocess.Popen:
-    """Start `voicebus ARGS`; with `stderr_tail`, its stderr is passed through and its last lines kept.
-
-    With VOICEBUS_ZYGOTE=1 in `env` the process is forked from the stage zygote (services/zygote.py)."""
-    if env.get("VOICEBUS_ZYGOTE") == "1":
-        from services.zygote import ForkedProcess
-
-        return ForkedProcess(args, env, stderr_tail)  # type: ignore[return-value]
+    """Start `voicebus ARGS`; with `stderr_tail`, its stderr is passed through and its last lines kept."""
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, preexec_fn=_die_with_parent,
                             stderr=subprocess.PIPE if stderr_tail is not None else None)
     if stderr_tail is not None:
