@@ -36,17 +36,13 @@ from services.evals.run import (
     unknown_tools,
 )
 from services.evals.scenario import ScenarioError
-from services.logger.store import _atomic_write, load_json
+from services.logger.store import _atomic_write, data_dir, load_json
 
 RUN_FILE = "run.json"
 
 
 def default_evals_root() -> Path:
-    configured = os.environ.get("VOICEBUS_EVAL_DIR")
-    if configured:
-        return Path(configured)
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
-    return Path(data_home) / "voicebus" / "evals"
+    return data_dir("VOICEBUS_EVAL_DIR", "evals")
 
 
 def new_run_id() -> str:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 from services.logger.store import _atomic_write, load_json
-from services.logger.upload import UploadError, _audio, _confirmed
+from services.logger.upload import UploadError, _audio, _confirmed, flush_and_confirm
 
 RUN_FILE = "run.json"
 
@@ -74,12 +73,6 @@ def upload_eval_run(client, run_dir: Path, progress) -> dict[str, Any]:
         prediction.finish()
         call_ids.append(prediction.predict_and_score_call.id)
         progress({"turn": f"{scenario['name']} #{scenario['repeat']}"})
-    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": False}, indent=1))
-    evaluation.log_summary(result.get("summary") or {})
-    client.flush()
-    if not _confirmed(client, call_ids):
-        raise UploadError(f"{run_dir.name}: the trace server does not have all {len(call_ids)} calls yet; "
-                          "it stays pending and will be checked on the next upload")
-    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": True, "at_ns": time.time_ns()},
-                                         indent=1))
+    flush_and_confirm(client, state_path, call_ids, run_dir.name,
+                      before_flush=lambda: evaluation.log_summary(result.get("summary") or {}))
     return {"session": result.get("run"), "turns": len(rows), "already_there": False}

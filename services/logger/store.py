@@ -22,12 +22,17 @@ from common.wavio import write_wav
 RATE = 24_000
 
 
-def default_root() -> Path:
-    configured = os.environ.get("VOICEBUS_TRACE_DIR")
+def data_dir(variable: str, leaf: str) -> Path:
+    """`$variable` if set, else `$XDG_DATA_HOME/voicebus/<leaf>` (~/.local/share/voicebus/<leaf>)."""
+    configured = os.environ.get(variable)
     if configured:
         return Path(configured)
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local/share")
-    return Path(data_home) / "voicebus" / "sessions"
+    return Path(data_home) / "voicebus" / leaf
+
+
+def default_root() -> Path:
+    return data_dir("VOICEBUS_TRACE_DIR", "sessions")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -80,14 +80,24 @@ def upload_session(client, session_dir: Path, progress) -> dict[str, Any]:
         return {"session": meta.get("session"), "turns": 0, "already_there": True}
     call_ids = _trace_say(turns[0], session_dir) if meta.get("kind") == "say" else \
         _trace_conversation(client, meta, turns, session_dir, progress)
+    flush_and_confirm(client, state_path, call_ids, session_dir.name)
+    return {"session": meta.get("session"), "turns": len(turns), "already_there": False}
+
+
+def flush_and_confirm(client, state_path: Path, call_ids: list[str], name: str, before_flush=None) -> None:
+    """Write the call ids down, flush, read them back; only then mark `state_path` confirmed.
+
+    An upload cut short after the ids are written is checked on the next run, not sent again.
+    `before_flush` runs between (an Evaluation's summary, which ends its open call)."""
     _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": False}, indent=1))
+    if before_flush is not None:
+        before_flush()
     client.flush()
     if not _confirmed(client, call_ids):
-        raise UploadError(f"{session_dir.name}: the trace server does not have all {len(call_ids)} calls yet; "
+        raise UploadError(f"{name}: the trace server does not have all {len(call_ids)} calls yet; "
                           "it stays pending and will be checked on the next upload")
     _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": True, "at_ns": time.time_ns()},
                                          indent=1))
-    return {"session": meta.get("session"), "turns": len(turns), "already_there": False}
 
 
 def _trace_say(turn: dict[str, Any], session_dir: Path) -> list[str]:
