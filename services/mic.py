@@ -190,9 +190,10 @@ class CuedSource:
     def cue(self, cue: str, path: str) -> float:
         """Queue a WAV (any rate, mono or stereo, 16-bit); its length in seconds. Raises WavError."""
         audio = read_wav(path)
-        mono = pcm_to_mono_float(audio.pcm, audio.channels)
-        pcm = float_to_pcm(resample_oneshot(mono, audio.rate, self.rate)) if audio.rate != self.rate \
-            else float_to_pcm(mono)
+        if audio.rate == self.rate and audio.channels == 1:
+            pcm = audio.pcm  # as it is: no float round trip
+        else:
+            pcm = float_to_pcm(resample_oneshot(pcm_to_mono_float(audio.pcm, audio.channels), audio.rate, self.rate))
         with self._lock:
             self._queue.append(_Cue(cue, pcm))
         return audio.seconds

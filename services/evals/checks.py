@@ -131,7 +131,9 @@ def _barge_in_checks(turn: UserTurn, interruption: Interruption | None) -> list[
     kept, generated = assistant.get("transcript_heard") or "", assistant.get("transcript_generated") or ""
     is_prefix = generated.startswith(kept) and len(kept) < len(generated)
     if interruption.asr_of_played is None:
-        checks.append(Check("kept transcript is what was heard", is_prefix and None, "no audio as played to hear"))
+        # nothing to hear it against: not run, unless the kept transcript is already not a prefix
+        checks.append(Check("kept transcript is what was heard", None if is_prefix else False,
+                            "no audio as played to hear"))
     else:
         error = wer(kept, interruption.asr_of_played) if kept else (0.0 if not interruption.asr_of_played else 1.0)
         checks.append(Check(f"kept transcript is what was heard (WER {turn.expect.heard_wer:g})",

@@ -26,7 +26,6 @@ from common.speech import Transcriber
 from services.evals.run import (
     EvalError,
     Pipeline,
-    Planned,
     Settings,
     check_target_up,
     converse,
@@ -225,5 +224,3 @@ def _upload(run_dir: Path) -> None:
         click.echo(f"the upload did not complete (exit {code}); the run stays stored: "
                    f"`voicebus upload --evals {run_dir.name}` tries again", err=True)
 
-
-__all__ = ["Planned", "run_eval"]

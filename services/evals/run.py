@@ -13,6 +13,7 @@ complete; a run that cannot start (bad file, target down, unknown tool) leaves n
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import zmq
 from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
 from common.config import BusConfig, openai_target
 from common.envelope import Message, Stamper
-from common.speech import SpeechError, Transcriber, read_wav_mono, synthesize
+from common.speech import SpeechError, Transcriber, synthesize
 from common.stage import SESSION_BEGIN, SESSION_END
 from common.wavio import WavError, read_wav, write_wav
 from services.evals.checks import Check, Interruption, check_turn
@@ -172,7 +173,8 @@ class Pipeline:
         self.receiver: Receiver | None = None
         self.publisher: Publisher | None = None
         self.stamper = Stamper("eval", f"eval-{run_id}")
-        self.topics = sorted({"rt.", "player.state", "health.", CUE_STATE_TOPIC, *(topics or ())})
+        self.barge_topics = set(topics or ())  # what `barge_in_after` times from: noted as it passes
+        self.topics = sorted({"rt.", "player.state", "health.", CUE_STATE_TOPIC, *self.barge_topics})
 
     def start(self) -> set[str]:
         """Start everything; the names of the tools the conversation offers."""
@@ -233,14 +235,14 @@ class Conversation:
         self.spoken_items: set[str] = set()  # items of responses that carried audio
         self.session_ready = False  # the gateway's server session for this conversation is configured
         self.first_delta_ns: dict[str, int] = {}  # assistant item -> when its first audio arrived
-        self.topic_times: dict[str, list[int]] = {}  # this conversation's messages: topic -> sent at (ns)
+        self.topic_times: dict[str, list[int]] = {}  # barge-in topics of this conversation -> sent at (ns)
 
     def _pump(self, timeout_ms: int = 50) -> Message | None:
         message = self.pipeline.recv(timeout_ms)
         if message is None:
             return None
         data = message.data if isinstance(message.data, dict) else {}
-        if message.header.session == self.session:
+        if message.topic in self.pipeline.barge_topics and message.header.session == self.session:
             self.topic_times.setdefault(message.topic, []).append(message.header.t_ns)
         if message.topic == "player.state" and message.header.session == self.session:
             item = data.get("item_id")
@@ -365,18 +367,22 @@ def _asr_of_played(store_dir: Path, turn: dict[str, Any] | None, transcriber: Tr
     path = store_dir / (turn or {}).get("audio_files", {}).get("assistant-played", "-")
     if turn is None or not path.is_file():
         return None
-    samples, rate = read_wav_mono(path)
-    from common.resample import float_to_pcm
+    played = read_wav(path)  # the store writes mono s16 at 24 kHz
+    return transcriber.transcribe(played.pcm, played.rate)
 
-    return transcriber.transcribe(float_to_pcm(samples), rate)
+
+@functools.cache
+def _judge_client():
+    """One openai client for every judged turn of the run (its connection pool is reused)."""
+    from openai import OpenAI
+
+    target = openai_target()
+    return OpenAI(api_key=target.api_key, base_url=target.base_url)
 
 
 def judge_turn(rubric: str, stored: dict[str, Any]) -> Check:
     """An LLM judge on the turn (online only): the openai SDK's chat completions, a yes/no verdict."""
-    from openai import OpenAI
-
-    target = openai_target()
-    client = OpenAI(api_key=target.api_key, base_url=target.base_url)
+    client = _judge_client()
     prompt = (f"User said: {stored['user'].get('transcript')!r}\nAssistant said (as heard): "
               f"{stored['assistant'].get('transcript_heard')!r}\nTools: {json.dumps(stored.get('tools') or [])}\n"
               f"Does the assistant's turn satisfy this rubric? {rubric}\nAnswer PASS or FAIL, then one sentence why.")
