@@ -6,11 +6,16 @@ downloaded at run time.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
 import wave
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +91,79 @@ class Transcriber:
             decoder.end_utt()
             hypothesis = decoder.hyp()
         return hypothesis.hypstr.strip() if hypothesis is not None else ""
+
+
+class TranscriberPool:
+    """pocketsphinx in worker processes, for a server that hears many sessions at once (the simulator).
+
+    Its decoder holds the GIL while it decodes (~0.4 s per second of speech here): in the server's own
+    process one turn froze every session's VAD, pacing and websocket for that long, and four callers at
+    once heard their replies 12-19 s late. In workers the server's loop never stops, and two decode at once.
+    """
+
+    def __init__(self, workers: int = 2) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Start the workers and load the model in each (call it from the main thread: each worker dies with
+        the thread that started it, PR_SET_PDEATHSIG, so a server killed with -9 leaves none behind)."""
+        with self._lock:
+            pool = self._started()
+        for future in [pool.submit(_worker_ready) for _ in range(self.workers)]:
+            future.result()
+
+    def _started(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_start)
+        return self._pool
+
+    def transcribe(self, pcm: bytes, rate: int = OUTPUT_RATE) -> str:
+        """Blocks the calling thread (not the GIL) until a worker has heard it; a worker that died is
+        replaced once and the audio heard again."""
+        for attempt in (1, 2):
+            with self._lock:
+                pool = self._started()
+            try:
+                return pool.submit(_worker_transcribe, pcm, rate).result()
+            except BrokenProcessPool:
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_worker_transcriber: Transcriber | None = None
+
+
+def _worker_start() -> None:
+    global _worker_transcriber
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; it closes the pool
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the pool's own shutdown still stops the workers
+    _worker_transcriber = Transcriber()
+    _worker_transcriber.warm()
+
+
+def _worker_ready() -> bool:
+    return _worker_transcriber is not None
+
+
+def _worker_transcribe(pcm: bytes, rate: int) -> str:
+    assert _worker_transcriber is not None
+    return _worker_transcriber.transcribe(pcm, rate)
 
 
 def nearest_sentence(heard: str, sentences: list[str] | tuple[str, ...], max_error: float = 0.5) -> str | None:

@@ -337,15 +337,16 @@ def serve_drain(node, url):
 @click.option("--voice", default="slt", show_default=True, help="flite voice for --say.")
 @click.option("--turns", type=click.IntRange(1), default=None,
               help="Replies to wait for (default: one per --say, or 1 with --wav).")
-@click.option("--pause", "pause_s", type=float, default=4.0, show_default=True,
-              help="Seconds of silence between sentences (the next one is not a barge-in).")
+@click.option("--pause", "pause_s", type=click.FloatRange(0), default=None,
+              help="Seconds of silence between sentences, so the next one is not a barge-in (default 4); with "
+                   "--take-turns, after each reply has played out (default 0).")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Give up after this long.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), help="Write what the caller heard (WAV).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--take-turns", is_flag=True,
               help="Speak each --say once the reply to the one before has played out, counting replies by ear "
                    "and timing each at the caller (heard_ms): works with any WebRTC voice endpoint, not only "
-                   "voicebus (--pause and --turns are then unused).")
+                   "voicebus (--turns is then unused).")
 @click.option("--offer-path", default="offer", show_default=True,
               help="Where the endpoint takes offers (pipecat's SmallWebRTC runner: api/offer).")
 def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path):
@@ -356,6 +357,8 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
         raise click.UsageError("give --say SENTENCE (repeatable) or --wav FILE")
     if take_turns and not sentences:
         raise click.UsageError("--take-turns speaks --say sentences")
+    if pause_s is None:
+        pause_s = 0.0 if take_turns else 4.0
     sys.exit(run_call(url, list(sentences), wav_path, voice, turns or max(1, len(sentences)), pause_s, timeout_s,
                       record_path, as_json, take_turns=take_turns, offer_path=offer_path))
 

@@ -114,12 +114,12 @@ class CallResult:
 
 
 async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool = True, *,
-               offer_path: str = "offer", utterances: list[bytes] | None = None) -> CallResult:
+               offer_path: str = "offer", utterances: list[bytes] | None = None, pause_s: float = 0.0) -> CallResult:
     """One call: speak `pcm`, wait for `turns` assistant replies, hang up; what was heard and said.
 
     With `utterances` the caller takes turns instead, counting by ear alone (any WebRTC endpoint, not
     only voicebus): after `pcm` (a lead-in) it speaks each one once the reply to the one before has
-    played out, and times each reply at the caller (`heard_ms`). `offer_path` is where the endpoint
+    played out (and `pause_s` after that), and times each reply at the caller (`heard_ms`). `offer_path` is where the endpoint
     takes offers (`offer` for voicebus; `api/offer` for pipecat's SmallWebRTC runner).
     """
     result = CallResult()
@@ -169,7 +169,7 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
         watch = asyncio.ensure_future(_watch_line(url, answer["session"])) if answer.get("node_id") else None
         if utterances is not None:
             waiting = asyncio.ensure_future(_within(
-                _take_turns(mic, utterances, result), timeout_s,
+                _take_turns(mic, utterances, result, pause_s), timeout_s,
                 lambda: f"fewer than {len(utterances)} replies heard (heard {len(result.heard_ms)})"))
         else:
             waiting = asyncio.ensure_future(_within(
@@ -197,9 +197,12 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
     return result
 
 
-async def _take_turns(mic: SpeakingTrack, utterances: list[bytes], result: CallResult) -> None:
-    """Say each utterance, wait for the reply's first sample, then for it to play out (quiet received)."""
-    for pcm in utterances:
+async def _take_turns(mic: SpeakingTrack, utterances: list[bytes], result: CallResult, pause_s: float) -> None:
+    """Say each utterance, wait for the reply's first sample, then for it to play out (quiet received),
+    then `pause_s` more before the next: a pause after the reply, however late the reply came."""
+    for index, pcm in enumerate(utterances):
+        if index and pause_s > 0:
+            await asyncio.sleep(pause_s)
         ended = await mic.say(pcm)
         result.listen_from, result.heard_at = ended, None
         while result.heard_at is None:

@@ -39,7 +39,8 @@ def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, t
     else:
         pcm, utterances = speech(sentences, wav_path, voice, pause_s), None
     try:
-        result = asyncio.run(call(url, pcm, turns, timeout_s, offer_path=offer_path, utterances=utterances))
+        result = asyncio.run(call(url, pcm, turns, timeout_s, offer_path=offer_path, utterances=utterances,
+                                  pause_s=pause_s))
     except CallRefused as exc:
         click.echo(f"voicebus call: {url} refused the call: {exc.message}"
                    + (f" (try again in {exc.retry_after_s:g} s)" if exc.retry_after_s else ""), err=True)

@@ -22,7 +22,7 @@ from common.log import kv
 from common.markers import StreamFinder, chirp_pcm
 from common.realtime_names import to_beta
 from common.resample import pcm_to_mono_float
-from common.speech import Transcriber, synthesize
+from common.speech import Transcriber, TranscriberPool, synthesize
 from common.transcripts import cut_transcript
 from services.simulator.faults import Fault, FaultBudget
 from services.simulator.protocol import (
@@ -95,7 +95,7 @@ class ConnectionDropped(Exception):
 class RealtimeConnection:
     def __init__(self, send_text: Callable[[str], Awaitable[None]], drop: Callable[[], None], protocol: Protocol,
                  model: str, options: Options, faults: list[Fault], budget: FaultBudget,
-                 transcriber: Transcriber) -> None:
+                 transcriber: Transcriber | TranscriberPool) -> None:
         self._send_text, self._drop = send_text, drop
         self.protocol = protocol
         self.config = SessionConfig(model=model)

@@ -15,7 +15,7 @@ import socket
 from aiohttp import WSMsgType, web
 
 from common.log import kv
-from common.speech import Transcriber
+from common.speech import TranscriberPool
 from services.simulator.chat import api_error, chat_completions
 from services.simulator.faults import Fault, FaultBudget
 from services.simulator.realtime import Options, RealtimeConnection
@@ -38,7 +38,7 @@ def _unauthorized() -> web.Response:
 def build_app(options: Options, faults: list[Fault], api_key: str | None = None) -> web.Application:
     app = web.Application(client_max_size=MAX_WS_MESSAGE)
     budget = FaultBudget()
-    transcriber = Transcriber()
+    transcriber = TranscriberPool()
     app["budget"] = budget
     app["transcriber"] = transcriber
 
@@ -101,10 +101,9 @@ def build_app(options: Options, faults: list[Fault], api_key: str | None = None)
 
 def run_simulator(host: str, port: int, options: Options, faults: list[Fault], api_key: str | None) -> int:
     app = build_app(options, faults, api_key)
-    transcriber: Transcriber = app["transcriber"]
+    transcriber: TranscriberPool = app["transcriber"]
 
     async def serve() -> None:
-        await asyncio.to_thread(transcriber.warm)  # load the ASR model before saying we are ready
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -118,21 +117,24 @@ def run_simulator(host: str, port: int, options: Options, faults: list[Fault], a
         site = web.SockSite(runner, sock, shutdown_timeout=1.0)
         await site.start()
         bound = sock.getsockname()[1]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # before we say we listen: a stop right after is clean
+            loop.add_signal_handler(sig, stop.set)
         print(f"voicebus simulator (local, not OpenAI) listening on http://{host}:{bound}/v1", flush=True)
         log.info(kv("listening", host=host, port=bound, faults=",".join(f.kind for f in faults) or "-",
                     pace=options.pace))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await runner.cleanup()
 
+    transcriber.warm()  # the ASR workers up and their model loaded before we say we are ready
     try:
         asyncio.run(serve())
     except BindError as exc:
         log.error(kv("listen_failed", error=repr(str(exc))))
         return 2
+    finally:
+        transcriber.close()
     return 0
 
 
