@@ -16,6 +16,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of `pid`; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def tree_total(root: int, measure: Callable[[int], float]) -> float:
     """`measure(pid)` summed over `root` and every living process under it (one that ends meanwhile,
     raising OSError, is not counted)."""

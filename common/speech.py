@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 import wave
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -97,8 +98,9 @@ class TranscriberPool:
     """pocketsphinx in worker processes, for a server that hears many sessions at once (the simulator).
 
     Its decoder holds the GIL while it decodes (~0.4 s per second of speech here): in the server's own
-    process one turn froze every session's VAD, pacing and websocket for that long, and four callers at
-    once heard their replies 12-19 s late. In workers the server's loop never stops, and two decode at once.
+    process one turn froze every session's VAD, pacing and websocket for that long. In workers the
+    server's loop never waits, and `workers` turns are decoded at once. `warm()` loads the model once and
+    forks the workers from it (its pages shared, not loaded again per worker).
     """
 
     def __init__(self, workers: int = 2) -> None:
@@ -107,22 +109,28 @@ class TranscriberPool:
         self._lock = threading.Lock()
 
     def warm(self) -> None:
-        """Start the workers and load the model in each (call it from the main thread: each worker dies with
-        the thread that started it, PR_SET_PDEATHSIG, so a server killed with -9 leaves none behind)."""
+        """Load the model and fork the workers from it. Call it from the main thread before any other
+        thread starts (a fork is only safe then); each worker dies with that thread (PR_SET_PDEATHSIG),
+        so a server killed with -9 leaves none behind."""
+        global _worker_transcriber
+        if _worker_transcriber is None:
+            _worker_transcriber = Transcriber()
+            _worker_transcriber.warm()
         with self._lock:
-            pool = self._started()
-        for future in [pool.submit(_worker_ready) for _ in range(self.workers)]:
+            pool = self._started("fork")
+        for future in [pool.submit(_worker_ready) for _ in range(self.workers)]:  # all at once: one fork each
             future.result()
 
-    def _started(self) -> ProcessPoolExecutor:
+    def _started(self, start_method: str = "spawn") -> ProcessPoolExecutor:
+        """The pool; made anew (after a worker died, or without `warm()`) by spawning: this may be any thread."""
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(start_method),
                                              initializer=_worker_start)
         return self._pool
 
     def transcribe(self, pcm: bytes, rate: int = OUTPUT_RATE) -> str:
-        """Blocks the calling thread (not the GIL) until a worker has heard it; a worker that died is
-        replaced once and the audio heard again."""
+        """Blocks the calling thread (not the GIL) until a worker has heard it; if a worker died, the pool
+        is made anew once and the audio heard again."""
         for attempt in (1, 2):
             with self._lock:
                 pool = self._started()
@@ -143,7 +151,7 @@ class TranscriberPool:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-_worker_transcriber: Transcriber | None = None
+_worker_transcriber: Transcriber | None = None  # loaded before the fork (shared), or in a spawned worker
 
 
 def _worker_start() -> None:
@@ -153,11 +161,13 @@ def _worker_start() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: the pool's own shutdown still stops the workers
-    _worker_transcriber = Transcriber()
-    _worker_transcriber.warm()
+    if _worker_transcriber is None:
+        _worker_transcriber = Transcriber()
+        _worker_transcriber.warm()
 
 
 def _worker_ready() -> bool:
+    time.sleep(0.05)  # held a moment, so the next ping finds this worker busy and a fork of its own is made
     return _worker_transcriber is not None
 
 

@@ -31,6 +31,7 @@ from benchlib import REPO, cpu_seconds, machine, process_tree, rss_mb  # noqa: E
 
 from common.bus import Receiver, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
+from common.processes import parent_pid  # noqa: E402
 from common.rig import PulseRig  # noqa: E402
 from common.trace_server import LoopbackTraceServer  # noqa: E402
 from common.utterances import compose  # noqa: E402
@@ -57,12 +58,17 @@ README_START, README_END = "<!-- soak:start -->", "<!-- soak:end -->"
 
 def stage_pids(beats: dict[str, dict], up_pid: int) -> dict[str, int]:
     pids = {stage: beat["pid"] for stage, beat in beats.items() if "pid" in beat}
+    simulators = set()
     for pid in process_tree(up_pid):
         try:
             if b"simulate" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids["simulator"] = pid
+                simulators.add(pid)
         except OSError:
             pass
+    # the simulator, not one of its ASR workers (forked from it, the same command line)
+    for pid in simulators:
+        if parent_pid(pid) not in simulators:
+            pids["simulator"] = pid
     return pids
 
 
