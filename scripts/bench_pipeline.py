@@ -13,6 +13,9 @@ starts every spoken reply with the same marker. Per turn and system:
     server -> ear     the simulator sending the delta that starts with the marker -> the marker at the
                       virtual speaker (a recording of its monitor)
     user-perceived    the question's last sample at the mic -> the reply's first sample at the speaker
+                      (its marker, the first after the question ended); compared on the turns every
+                      replying system measured, and every turn not measured is listed with why (a
+                      speaker already playing when the question ended is not a 0 ms reply)
     barge-in          (separate turns: the user talks over a long reply, 3.5 s into it) the simulator
                       sending speech_started -> the assistant silent at the speaker (start of the first
                       100 ms of silence); a system that does not stop plays on to the end of its reply
@@ -217,13 +220,22 @@ def speech_end(mic: np.ndarray, after: int) -> int | None:
 
 
 def analyse(contender: Contender, speaker_pcm: np.ndarray, mic_pcm: np.ndarray, sim_log: str) -> list[dict]:
+    """Each turn's legs; a leg that cannot be measured is None and the turn says why (`unmeasured`).
+
+    User-perceived: the question's last loud sample at the mic -> the first sample of the reply to it
+    at the speaker, that is the first reply marker (every simulator reply starts with one) after the
+    question ended. A turn in which the speaker was already playing when the question ended (the
+    system answered the lead-in, or a reply of its own, early) is not measured: whatever came first
+    was heard before the user finished, and a loud-sample search there reads 0 ms.
+    """
     arrivals, sends = server_events(contender, sim_log)
     size_mic = len(markers.chirp(contender.mic.rate))
     turns = []
     for start_ns, end_ns in contender.windows:
-        turn: dict[str, float | None] = {"mouth_server_ms": None, "server_ear_ms": None, "perceived_ms": None}
+        turn: dict = {"mouth_server_ms": None, "server_ear_ms": None, "perceived_ms": None, "unmeasured": None}
         m0, m1 = int(contender.mic.index_at(start_ns)), int(contender.mic.index_at(end_ns))
         found = markers.find(mic_pcm[m0:m1], contender.mic.rate)
+        speech_end_ns = None
         if found:
             marker_end = m0 + found[0][0] + size_mic
             mic_end_ns = contender.mic.time_of(marker_end)
@@ -232,18 +244,28 @@ def analyse(contender: Contender, speaker_pcm: np.ndarray, mic_pcm: np.ndarray, 
                 turn["mouth_server_ms"] = (arrival - mic_end_ns) / 1e6
             last = speech_end(mic_pcm[:m1], marker_end + int(0.1 * contender.mic.rate))
             speech_end_ns = contender.mic.time_of(last) if last is not None else None
-        else:
-            speech_end_ns = None
         s0, s1 = int(contender.speaker.index_at(start_ns)), int(contender.speaker.index_at(end_ns))
         heard = markers.find(speaker_pcm[s0:s1], contender.speaker.rate)
         sent = next((t for t in sends if start_ns <= t <= end_ns), None)
         if heard and sent is not None:
             turn["server_ear_ms"] = (contender.speaker.time_of(s0 + heard[0][0]) - sent) / 1e6
-        if speech_end_ns is not None and contender.name != "floor":
-            s_from = int(contender.speaker.index_at(speech_end_ns))
-            answer = np.flatnonzero(np.abs(speaker_pcm[s_from:s1]) > LOUD)
-            if len(answer):
-                turn["perceived_ms"] = (contender.speaker.time_of(s_from + answer[0]) - speech_end_ns) / 1e6
+        if contender.name == "floor":
+            turn["unmeasured"] = "the floor does not reply"
+        elif speech_end_ns is None:
+            turn["unmeasured"] = "the question's marker or speech was not found at the mic"
+        else:
+            s_end = int(contender.speaker.index_at(speech_end_ns))
+            rate = contender.speaker.rate
+            already = np.abs(speaker_pcm[max(s0, s_end - rate // 20):s_end]).max(initial=0) > LOUD
+            after = [s0 + index for index, _ in heard if s0 + index >= s_end]
+            if already:
+                early = [s0 + index for index, _ in heard if s0 + index < s_end]
+                began = f" (a reply began {(s_end - early[-1]) * 1000 // rate} ms before)" if early else ""
+                turn["unmeasured"] = f"the speaker was already playing when the question ended{began}"
+            elif not after:
+                turn["unmeasured"] = "no reply marker at the speaker after the question ended"
+            else:
+                turn["perceived_ms"] = (contender.speaker.time_of(after[0]) - speech_end_ns) / 1e6
         turns.append(turn)
     return turns
 
@@ -371,11 +393,21 @@ def run(systems: list[str], turns: int, barge_turns: int, work: Path, seed: int)
 
 
 def summarize(results: dict[str, dict]) -> dict[str, dict]:
+    """Per system: each leg over its measured turns, and user-perceived over the turns every replying
+    system measured (the same questions for all), with every unmeasured turn and why."""
+    replying = [name for name in results if name != "floor"]
+    common = [index for index in range(min((len(results[n]["turns"]) for n in replying), default=0))
+              if all(results[n]["turns"][index]["perceived_ms"] is not None for n in replying)]
     rows = {}
     for name, result in results.items():
         legs = {leg: [t[leg] for t in result["turns"] if t[leg] is not None]
                 for leg in ("mouth_server_ms", "server_ear_ms", "perceived_ms")}
         rows[name] = {**legs, "barge_in_ms": result["barge_in_ms"], "turns": len(result["turns"]),
+                      "perceived_common_ms": [result["turns"][i]["perceived_ms"] for i in common]
+                      if name != "floor" else [],
+                      "common_turns": [i + 1 for i in common],
+                      "unmeasured": {i + 1: t["unmeasured"] for i, t in enumerate(result["turns"])
+                                     if t["unmeasured"] and name != "floor"},
                       **{k: result[k] for k in ("cpu_listening_pct", "cpu_talking_pct", "rss_mb", "pss_mb",
                                                 "processes")}}
     return rows
@@ -391,9 +423,9 @@ def render(rows: dict[str, dict], turns: int, barge_turns: int) -> str:
              "system on its own virtual PulseAudio, one shared simulator (fast pacing, no think delay), systems "
              "interleaved in shuffled order per turn. Latency in ms (p50 / p99; \"above floor\" = p50 minus the rig "
              "floor's p50); CPU in % of one core, all of a system's processes.", "",
-             "| system | mouth → server | above floor | server → ear | above floor | user-perceived | barge-in → "
-             "silence | CPU listening | CPU talking | RSS MB | PSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| system | mouth → server | above floor | server → ear | above floor | user-perceived, same turns "
+             "| user-perceived, all it measured | barge-in → silence | CPU listening | CPU talking | RSS MB | PSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in rows.items():
         above = []
         for leg in ("mouth_server_ms", "server_ear_ms"):
@@ -403,14 +435,21 @@ def render(rows: dict[str, dict], turns: int, barge_turns: int) -> str:
         lines.append(
             f"| {LABELS[name]} | {_cell(row['mouth_server_ms'], 50)} / {_cell(row['mouth_server_ms'], 99)} | "
             f"{above[0]} | {_cell(row['server_ear_ms'], 50)} / {_cell(row['server_ear_ms'], 99)} | {above[1]} | "
-            f"{_cell(row['perceived_ms'], 50)} / {_cell(row['perceived_ms'], 99)} | "
+            f"{_cell(row['perceived_common_ms'], 50)} / {_cell(row['perceived_common_ms'], 99)} | "
+            f"{_cell(row['perceived_ms'], 50)} / {_cell(row['perceived_ms'], 99)} ({len(row['perceived_ms'])}) | "
             f"{_cell(row['barge_in_ms'], 50)} / {_cell(row['barge_in_ms'], 99)} | {row['cpu_listening_pct']:.1f} | "
             f"{row['cpu_talking_pct']:.1f} | {row['rss_mb']} | {row['pss_mb']} |")
     counts = ", ".join(f"{LABELS[n]} {len(r['mouth_server_ms'])}/{len(r['server_ear_ms'])}/{len(r['perceived_ms'])}"
                        for n, r in rows.items())
     barges = ", ".join(f"{LABELS[n]} {len(r['barge_in_ms'])}" for n, r in rows.items() if n != "floor")
+    common = next((r["common_turns"] for n, r in rows.items() if n != "floor"), [])
     lines += ["", f"Turns measured (mouth → server / server → ear / user-perceived) of {turns}: {counts}. "
-              f"Barge-ins measured of {barge_turns}: {barges}."]
+              f"Barge-ins measured of {barge_turns}: {barges}. User-perceived on the same turns: the "
+              f"{len(common)} turns every replying system measured ({', '.join(map(str, common)) or 'none'}); "
+              "not measured:"]
+    for name, row in rows.items():
+        for index, why in row["unmeasured"].items():
+            lines.append(f"- {LABELS[name]}, turn {index}: {why}")
     return "\n".join(lines)
 
 
