@@ -13,7 +13,6 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 import wave
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -109,17 +108,20 @@ class TranscriberPool:
         self._lock = threading.Lock()
 
     def warm(self) -> None:
-        """Load the model and fork the workers from it. Call it from the main thread before any other
-        thread starts (a fork is only safe then); each worker dies with that thread (PR_SET_PDEATHSIG),
-        so a server killed with -9 leaves none behind."""
+        """Load the model and fork the workers from it, from the main thread before any other thread
+        starts (a fork is only safe then; with threads running they are spawned, each loading the model).
+        Each worker dies with the thread that started it (PR_SET_PDEATHSIG): a server killed with -9
+        leaves none behind."""
         global _worker_transcriber
-        if _worker_transcriber is None:
+        alone = threading.active_count() == 1
+        if alone and _worker_transcriber is None:
             _worker_transcriber = Transcriber()
             _worker_transcriber.warm()
         with self._lock:
-            pool = self._started("fork")
-        for future in [pool.submit(_worker_ready) for _ in range(self.workers)]:  # all at once: one fork each
-            future.result()
+            pool = self._started("fork" if alone else "spawn")
+        # a forking executor forks all its workers at its first submit, here, before any thread of its own
+        if not all(future.result() for future in [pool.submit(_worker_ready) for _ in range(self.workers)]):
+            raise SpeechError("an ASR worker has no model loaded")
 
     def _started(self, start_method: str = "spawn") -> ProcessPoolExecutor:
         """The pool; made anew (after a worker died, or without `warm()`) by spawning: this may be any thread."""
@@ -167,7 +169,6 @@ def _worker_start() -> None:
 
 
 def _worker_ready() -> bool:
-    time.sleep(0.05)  # held a moment, so the next ping finds this worker busy and a fork of its own is made
     return _worker_transcriber is not None
 
 
