@@ -9,18 +9,22 @@ from collections.abc import Callable
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the command name (state, ppid, ...). Raises OSError when it is gone."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process. Raises OSError when it is gone."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def parent_pid(pid: int) -> int | None:
     """The parent of `pid`; None when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[1])
+        return int(_stat_fields(pid)[1])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -49,8 +53,7 @@ def descendants(root: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            fields = _stat_fields(entry)
         except OSError:
             continue
         if fields[0] != "Z":
