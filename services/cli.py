@@ -256,7 +256,10 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path, puls
 @click.option("--jitter-ms", type=int, default=40, show_default=True, help="Assistant audio buffered before sending.")
 @click.option("--rx-prefetch", type=click.IntRange(1, 8), default=1, show_default=True,
               help="Browser audio frames (20 ms) held before decoding; aiortc's own default is 4, for lossy paths.")
-def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch):
+@click.option("--via-resampler", is_flag=True,
+              help="Publish audio.mic at the browser's rate for a `voicebus resample` stage, instead of resampling "
+              "to audio.user (24 kHz mono) in this process with the same filter.")
+def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler):
     """Stage: talk from a browser over WebRTC (the mic's and the player's jobs; echo cancelled by the browser)."""
     from common.runner import run_stage
     from services.web.stage import WebStage
@@ -266,7 +269,8 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch):
         logging.getLogger("voicebus.web").warning(
             "serving plain HTTP on %s: browsers on other machines will refuse the microphone (getUserMedia needs "
             "HTTPS off localhost); give --cert and --key", host)
-    sys.exit(run_stage(WebStage(host, port, ssl_context, jitter_ms=jitter_ms, rx_prefetch=rx_prefetch), cfg))
+    sys.exit(run_stage(WebStage(host, port, ssl_context, jitter_ms=jitter_ms, rx_prefetch=rx_prefetch,
+                                via_resampler=via_resampler), cfg))
 
 
 @main.group(invoke_without_command=True)

@@ -26,7 +26,7 @@ STAGES: dict[str, list[str]] = {
     "web": ["web"],  # not in the default set: it replaces mic and player (`voicebus up --web`)
 }
 DEFAULT_STAGES = [name for name in STAGES if name != "web"]
-WEB_STAGES = ["web", "resample", "tools", "gateway", "logger"]
+WEB_STAGES = ["web", "tools", "gateway", "logger"]  # the web stage resamples in-process
 SIMULATOR = "simulator"
 BUS = "bus"
 # what else a user may call a process in --arg: the command's own name

@@ -202,30 +202,36 @@ def test_bad_offers_a_second_browser_and_a_denied_mic_get_clear_errors(procs, cl
     assert "offer_refused" in log_text and "busy" in log_text
 
 
-@pytest.mark.parametrize("channel_count", [1, 2])
-def test_mic_frames_keep_rate_channels_timeline_and_fill_lost_packets(channel_count):
+def _decoded_frame(pts: int, value: int, samples: int = 960):
+    """What aiortc's Opus decoder hands the web stage: 48 kHz stereo s16, pts on the RTP clock."""
+    from fractions import Fraction
+
     from av import AudioFrame
 
+    decoded = AudioFrame.from_ndarray(np.full((1, samples * 2), value, dtype="<i2"), format="s16", layout="stereo")
+    decoded.sample_rate, decoded.pts, decoded.time_base = 48000, pts, Fraction(1, 48000)
+    return decoded
+
+
+def _feed_mic(stage, settings: dict, now_ns: int) -> None:
+    """Four 20 ms packets, the third lost."""
+    stage._mic_frame(_decoded_frame(0, 100), now_ns, settings)
+    stage._mic_frame(_decoded_frame(960, 200), now_ns + 20_000_000, settings)
+    stage._mic_frame(_decoded_frame(2880, 300), now_ns + 60_000_000, settings)
+
+
+@pytest.mark.parametrize("channel_count", [1, 2])
+def test_mic_frames_keep_rate_channels_timeline_and_fill_lost_packets(channel_count):
+    """--via-resampler: audio.mic as the browser sent it, for a resample stage."""
     from common.stage import Output
     from services.web.stage import WebStage
 
-    stage = WebStage("127.0.0.1", 0)
+    stage = WebStage("127.0.0.1", 0, via_resampler=True)
     stage.thread_out, sent = Output.collecting("web")
     samples = 960
-
-    def frame(pts: int, value: int) -> AudioFrame:
-        decoded = AudioFrame.from_ndarray(np.full((1, samples * 2), value, dtype="<i2"), format="s16", layout="stereo")
-        decoded.sample_rate, decoded.pts = 48000, pts
-        from fractions import Fraction
-
-        decoded.time_base = Fraction(1, 48000)
-        return decoded
-
     now = time.time_ns()
-    settings = {"channelCount": channel_count}
-    stage._mic_frame(frame(0, 100), now, settings)
-    stage._mic_frame(frame(960, 200), now + 20_000_000, settings)
-    stage._mic_frame(frame(2880, 300), now + 60_000_000, settings)  # one packet (960 samples) lost
+    _feed_mic(stage, {"channelCount": channel_count}, now)
+    assert {m.topic for m in sent} == {"audio.mic"}
     assert [m.header.pts for m in sent] == [0, 960, 1920, 2880]
     assert {(m.header.rate, m.header.channels) for m in sent} == {(48000, channel_count)}
     values = [np.frombuffer(m.payload, dtype="<i2") for m in sent]
@@ -234,6 +240,41 @@ def test_mic_frames_keep_rate_channels_timeline_and_fill_lost_packets(channel_co
     captures = [m.header.t_capture_ns for m in sent]
     assert np.diff(captures).tolist() == [20_000_000] * 3
     assert stage.mic_gap_fills == 1
+
+
+@pytest.mark.parametrize("channel_count", [1, 2])
+def test_mic_resampled_in_process_is_what_the_resample_stage_makes(channel_count):
+    """The default: the web stage publishes audio.user itself, sample for sample and timestamp for timestamp
+    what `voicebus resample` makes of its --via-resampler audio.mic (gap filled, tail flushed at stop)."""
+    from common.stage import Output
+    from services.resampler import ResampleStage
+    from services.web.stage import WebStage
+
+    now = time.time_ns()
+    settings = {"channelCount": channel_count}
+    via = WebStage("127.0.0.1", 0, via_resampler=True)
+    via.thread_out, mic = Output.collecting("web")
+    _feed_mic(via, settings, now)
+    resample = ResampleStage()
+    resample.out, expected = Output.collecting("resample")
+    for message in mic:
+        resample.handle(message)
+    resample.stop()
+
+    stage = WebStage("127.0.0.1", 0)
+    stage.thread_out, sent = Output.collecting("web")
+    stage.resampler.out = stage.thread_out  # what start() does, without serving
+    _feed_mic(stage, settings, now)
+    stage.resampler.stop()  # the tail, as stop() flushes it once the web loop has stopped
+    assert {m.topic for m in sent} == {"audio.user"} and len(sent) == len(expected) >= 4
+    assert {(m.header.rate, m.header.channels) for m in sent} == {(24000, 1)}
+    assert [(m.header.pts, m.header.t_capture_ns, m.payload) for m in sent] == \
+        [(m.header.pts, m.header.t_capture_ns, m.payload) for m in expected]
+    user = np.concatenate([np.frombuffer(m.payload, dtype="<i2") for m in sent])
+    assert len(user) == 4 * 480  # nothing lost: 80 ms at 24 kHz, the lost packet's 20 ms as silence
+    assert abs(int(user[240]) - 100) <= 2 and abs(int(user[720]) - 200) <= 2 and abs(int(user[1200])) <= 2
+    assert abs(int(user[1680]) - 300) <= 2
+    assert stage.counters()["resample_resets"] == 0 and stage.mic_gap_fills == 1
 
 
 def test_state_reports_heard_position_and_flush_reports_everything_sent():

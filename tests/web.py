@@ -1,4 +1,4 @@
-"""Start the browser path (web stage + resample, gateway, logger) and read back what a page played."""
+"""Start the browser path (web stage, gateway, logger) and read back what a page played."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ BARGE_IN_AFTER_S = 6.0
 
 
 def start_web_pipeline(procs: Procs, client: BusClient, sim_url: str | None, traces: Path,
-                       stages: tuple[str, ...] = ("resample", "gateway", "logger")) -> str:
+                       stages: tuple[str, ...] = ("gateway", "logger")) -> str:
     """Starts the stages and `voicebus web --port 0`; returns the page's URL."""
     env = {"VOICEBUS_SIM_URL": sim_url or "", "VOICEBUS_TRACE_DIR": str(traces)}
     for stage in stages:

@@ -1,8 +1,8 @@
 """One conversation as a Ray actor: the launcher of its own stage set, on the node Ray placed it on.
 
 The actor holds one `conversation` slot of its node (a Ray resource each node declares). It starts
-a run dir of its own with a bus and the browser path's stages (web, resample, tools, gateway,
-logger, and the simulator when offline), exactly as `voicebus up --web` does, and its web stage
+a run dir of its own with a bus and the browser path's stages (web, tools, gateway, logger,
+and the simulator when offline), exactly as `voicebus up --web` does, and its web stage
 answers the browser's offer, so media flows between the browser and this node; only signalling
 passed through the front door. The conversation is over when its caller hangs up or vanishes (the
 web stage's `session.end`) or has been idle too long; the front door then stops the actor, which

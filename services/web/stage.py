@@ -1,9 +1,15 @@
 """`voicebus web`: the mic's and the player's jobs for a person in a browser, over WebRTC.
 
-Browser mic (with the browser's echo cancellation) -> Opus -> `audio.mic` at the rate and channel
-count the browser captured; `audio.assistant` -> Opus -> the browser, under the player's contract
-(`player.flush` empties at once, `player.state` reports per item). The resampler, gateway, tools
-and logger do not know the difference.
+Browser mic (with the browser's echo cancellation) -> Opus -> `audio.user` (24 kHz mono);
+`audio.assistant` -> Opus -> the browser, under the player's contract (`player.flush` empties at
+once, `player.state` reports per item). The gateway, tools and logger do not know the difference.
+
+The resampler's job is done here, by the resample stage's own code (`ResampleStage`, the same
+seam-free filter, gap bridging and capture-time mapping) run on the decoded frames: in its own
+process it cost a conversation ~2.5 % of a core, ~34 MB and one more bus hop for every 20 ms frame,
+for ~25 us of filtering a frame. `voicebus web --via-resampler` publishes `audio.mic` at the rate
+and channel count the browser sent instead, for a `voicebus resample` stage to convert (a local
+mic's path, which stays so: there the device's rate is anything and PortAudio's callback is its own).
 
 Where the user is in the reply: what left for the browser (frames pulled by the outgoing track on
 its real-time clock) minus what the browser reports it still holds (jitter buffer + audio output +
@@ -29,6 +35,7 @@ from common.envelope import Message
 from common.log import kv
 from common.stage import SESSION_BEGIN, SESSION_END
 from services.player import PlayerStage
+from services.resampler import ResampleStage
 from services.web.rtc import RX_PREFETCH_FRAMES, BrowserLink
 
 if TYPE_CHECKING:
@@ -56,8 +63,10 @@ class WebStage(PlayerStage):
     publishes_from_thread = True  # mic frames go out from the web loop's thread
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, rate: int = 24_000,
-                 jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES) -> None:
+                 jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES, via_resampler: bool = False) -> None:
         super().__init__(sink=None, rate=rate, jitter_ms=jitter_ms)  # type: ignore[arg-type]
+        # converts the browser's mic to `audio.user` in this process (None: `audio.mic` for a resample stage)
+        self.resampler = None if via_resampler else ResampleStage()
         self.sink = self.link = BrowserLink(host, port, self.buffer, on_mic_frame=self._mic_frame,
                                             on_client=self._client_event, ssl_context=ssl_context,
                                             rx_prefetch=rx_prefetch)
@@ -77,6 +86,10 @@ class WebStage(PlayerStage):
         # the web loop is this conversation's audio clock both ways (as the local mic and player are):
         # the same protection from starvation, taken before its thread starts so the thread inherits it
         priority = prioritize_audio_process()
+        if self.resampler is not None:
+            assert self.thread_out is not None  # the web loop's thread publishes what it resamples
+            self.resampler.out = self.thread_out
+            self.resampler.start()  # warmed before the first caller's first words
         self.link.hello = {"session": self.out.stamper.session, "report": ""}
         self.link.start()
         log.info(kv("serving", url=self.link.url, **priority))
@@ -151,9 +164,16 @@ class WebStage(PlayerStage):
         self.link.send_page({"type": "turn", "item_id": item_id, "latency_ms": latency_ms})
         self.out.event("web.turn", {"item_id": item_id, "latency_ms": latency_ms})
 
+    def stop(self) -> None:
+        super().stop()  # the web loop has stopped: its thread no longer publishes
+        if self.resampler is not None:
+            self.resampler.stop()  # what the filter still holds (~2 ms) goes out
+
     def counters(self) -> dict[str, Any]:
         track = self.link.track
-        return {**super().counters(), **self.link.counts, "connected": self.link.client is not None,
+        resampled = {f"resample_{key}": value for key, value in self.resampler.counters().items()} \
+            if self.resampler is not None else {}
+        return {**super().counters(), **self.link.counts, **resampled, "connected": self.link.client is not None,
                 "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
                 "conversations": self.conversations, "other_session_dropped": self.other_session_dropped,
                 "browser_delay_ms": round(self.link.stats.delay_ms, 1),
@@ -180,7 +200,7 @@ class WebStage(PlayerStage):
             log.info(kv("conversation_ended", session=self.out.stamper.session, reason=repr(data.get("reason"))))
 
     def _mic_frame(self, frame: AudioFrame, arrival_ns: int, settings: dict[str, Any]) -> None:
-        """One decoded Opus frame -> `audio.mic`, timed from RTP, gaps from lost packets filled."""
+        """One decoded Opus frame -> `audio.user` (or `audio.mic`), timed from RTP, lost packets filled."""
         import numpy as np
 
         assert self.thread_out is not None
@@ -204,7 +224,13 @@ class WebStage(PlayerStage):
 
     def _publish_mic(self, pcm: bytes, rate: int, channels: int, t_capture_ns: int) -> None:
         assert self.thread_out is not None
-        self.thread_out.audio("audio.mic", pcm, rate=rate, channels=channels, pts=self.mic_pts,
-                              t_capture_ns=t_capture_ns, clock="rtp", t_callback_ns=time.time_ns())
+        if self.resampler is None:
+            self.thread_out.audio("audio.mic", pcm, rate=rate, channels=channels, pts=self.mic_pts,
+                                  t_capture_ns=t_capture_ns, clock="rtp", t_callback_ns=time.time_ns())
+        else:  # the frame the resample stage would have been sent, handed to its code here instead
+            now_ns = time.time_ns()
+            self.resampler.handle(self.thread_out.stamper.audio(
+                "audio.mic", pcm, rate=rate, channels=channels, pts=self.mic_pts, t_capture_ns=t_capture_ns,
+                t_ns=now_ns, clock="rtp", t_callback_ns=now_ns))
         self.mic_pts += len(pcm) // (2 * channels)
         self.mic_frames += 1
