@@ -283,7 +283,7 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler):
               help="Join this Ray cluster ('auto': the one `ray start` made here). Default: an embedded local Ray.")
 @click.option("--slots", type=click.IntRange(1), default=None,
               help="Conversations this machine takes with the embedded Ray (default: from the measured cost of one, "
-              "about 5 per core). Cluster nodes declare theirs: ray start --resources '{\"conversation\": N}'.")
+              "about 4 per core). Cluster nodes declare theirs: ray start --resources '{\"conversation\": N}'.")
 @click.option("--idle-timeout", "idle_timeout_s", type=float, default=300.0, show_default=True,
               help="End a conversation after this many seconds without speech or reply (0: never).")
 @click.option("--node-host", default=None,

@@ -22,7 +22,9 @@ from services.serve.front import NAMESPACE, FrontDoor
 
 # One conversation on the browser path measured ~14 % of a core (README, Benchmarks); a node is
 # full at 70 % (LiveKit's load threshold), so 2 cores hold 10 by default. `--slots` overrides.
-CONVERSATION_CORE_SHARE = 0.14
+# a browser conversation's share of a core under serve, its Ray actor included (bench_serve 2026-12-02:
+# 16-18 %)
+CONVERSATION_CORE_SHARE = 0.17
 LOAD_TARGET = 0.7
 SIMULATOR_READY_S = 30.0
 RAY_SHUTDOWN_S = 4.0

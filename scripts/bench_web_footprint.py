@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""What one browser conversation costs, process by process, for each way of running the browser path.
+
+Each variant is a `voicebus up --web` (offline: the simulator is started too, and reported apart)
+called by one `voicebus call --take-turns` (aiortc, as a browser: Opus both ways) asking
+`--turns` questions; once it is on the line, CPU (% of one core, from /proc), RSS and PSS (shared
+pages split between the processes that map them, so the sum is what the conversation occupies)
+are sampled over `--seconds` for every process `up` started; the simulator and its
+speech-recognition workers are the test peer, shown and not counted. Variants are run in turn, `--rounds`
+times (A B A B ...), so that the machine's drift lands on all of them alike:
+
+- `in-process`: the default; the web stage resamples the browser's mic itself (`audio.user`).
+- `via-resampler`: `voicebus web --via-resampler` and a `voicebus resample` stage, as before.
+
+    .venv/bin/python scripts/bench_web_footprint.py [--rounds 3] [--seconds 25] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import REPO, machine, process_label, process_tree, sample_processes  # noqa: E402
+
+from common.ports import free_port  # noqa: E402
+
+# variant -> (`voicebus up` arguments, `voicebus web` arguments)
+VARIANTS = {
+    "in-process": (["--web"], ""),
+    "via-resampler": (["--stages", "web,resample,tools,gateway,logger"], "--via-resampler"),
+}
+QUESTIONS = ["what is the weather like today", "how far away is the moon", "tell me a short story please",
+             "what time is it", "turn on the lights in the kitchen", "how tall is mount everest"]
+SIMULATOR = "simulator"
+CALL_SETTLE_S = 4.0  # the caller connects and its first question starts before sampling
+
+
+def run_variant(name: str, work: Path, seconds: float, turns: int) -> dict:
+    """One `up --web` and one caller; returns the per-process sample and what the caller heard."""
+    run = work / f"{name}-{time.monotonic_ns()}"
+    run.mkdir(mode=0o700)
+    web_port, sim_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))}
+    env.update(VOICEBUS_LOG_LEVEL="WARNING", VOICEBUS_SIM_PORT=str(sim_port))
+    up_args, web_args = VARIANTS[name]
+    command = [sys.executable, "-m", "services.cli", "up", "--run-dir", str(run), *up_args,
+               "--arg", f"web=--port {web_port} {web_args}".strip(), "--arg", "simulator=--pace realtime",
+               "--arg", f"logger=--root {run / 'sessions'}"]
+    with open(run / "up.log", "ab") as log:
+        up = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
+    caller = None
+    try:
+        _wait_for_page(web_port, up)
+        caller_args = [a for q in (QUESTIONS * turns)[:turns] for a in ("--say", q)]
+        caller = subprocess.Popen([sys.executable, "-m", "services.cli", "call", f"http://127.0.0.1:{web_port}",
+                                   "--take-turns", *caller_args, "--timeout", str(seconds + 90), "--json"],
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        time.sleep(CALL_SETTLE_S)
+        pids = {}
+        simulators: set[int] = set()  # the simulator and its speech-recognition workers
+        for pid in [up.pid, *process_tree(up.pid)]:
+            try:
+                label = "launcher" if pid == up.pid else process_label(pid)
+                if label == "simulate" and not simulators:
+                    simulators = {pid, *process_tree(pid)}
+            except OSError:
+                continue
+            if pid in simulators:
+                label = SIMULATOR if label == "simulate" and SIMULATOR not in pids else f"{SIMULATOR} worker {pid}"
+            pids[label if label not in pids else f"{label} {pid}"] = pid
+        sample = sample_processes(pids, seconds)
+        out, _ = caller.communicate(timeout=seconds + 120)
+        heard = json.loads(out.decode() or "{}")
+    finally:
+        if caller is not None and caller.poll() is None:
+            caller.kill()
+        up.terminate()
+        try:
+            up.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    return {"processes": sample, "heard_ms": heard.get("heard_ms", []), "replies": len(heard.get("assistant", [])),
+            "gaps": heard.get("gaps"), "late_frames": heard.get("late_frames")}
+
+
+def _wait_for_page(port: int, up: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    """The web stage serves, and the simulator and gateway have had time to connect."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if up.poll() is not None:
+            raise RuntimeError("voicebus up exited before its web stage served")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1):
+                time.sleep(5.0)  # the gateway's session is configured a moment after the page serves
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("the web stage did not serve")
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant: the conversation's CPU and PSS (everything `up` started but the simulator), mean of rounds."""
+    summary = {}
+    for name, rounds in runs.items():
+        totals = []
+        for one in rounds:
+            counted = {k: v for k, v in one["processes"].items() if not k.startswith(SIMULATOR)}
+            totals.append((sum(v["cpu_pct"] for v in counted.values()), sum(v["pss_mb"] for v in counted.values()),
+                           sum(v["rss_mb"] for v in counted.values()), len(counted)))
+        summary[name] = {"cpu_pct": round(sum(t[0] for t in totals) / len(totals), 2),
+                         "cpu_pct_rounds": [round(t[0], 2) for t in totals],
+                         "pss_mb": round(sum(t[1] for t in totals) / len(totals), 1),
+                         "rss_mb": round(sum(t[2] for t in totals) / len(totals), 1),
+                         "processes": totals[-1][3],
+                         "heard_ms": [ms for one in rounds for ms in one["heard_ms"]]}
+    return summary
+
+
+def render(result: dict) -> str:
+    summary = result["summary"]
+    base = summary.get("in-process")
+    lines = [f"bench_web_footprint {result['date']} on {result['machine']}; `voicebus up --web` offline, one "
+             f"`voicebus call --take-turns` caller ({result['turns']} questions), sampled {result['seconds']:g} s "
+             f"on the line, {result['rounds']} rounds per variant, interleaved", "",
+             "| variant | processes | CPU % of one core (rounds) | vs in-process | PSS MB | RSS MB | reply heard p50 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in summary.items():
+        heard = sorted(row["heard_ms"])
+        p50 = heard[len(heard) // 2] if heard else float("nan")
+        ratio = row["cpu_pct"] / base["cpu_pct"] if base and base["cpu_pct"] else float("nan")
+        lines.append(f"| {name} | {row['processes']} | {row['cpu_pct']:.1f} "
+                     f"({', '.join(f'{c:.1f}' for c in row['cpu_pct_rounds'])}) | {ratio:.2f}x | {row['pss_mb']:.0f} | "
+                     f"{row['rss_mb']:.0f} | {p50:.0f} |")
+    lines += ["", "Per process, last round:", "", "| variant | process | CPU % | PSS MB |", "|---|---|---:|---:|"]
+    for name, rounds in result["runs"].items():
+        for process, figures in rounds[-1]["processes"].items():
+            note = " (test peer, not counted)" if process.startswith(SIMULATOR) else ""
+            lines.append(f"| {name} | {process}{note} | {figures['cpu_pct']:.1f} | {figures['pss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="Times each variant is run, interleaved (default 3).")
+    parser.add_argument("--seconds", type=float, default=25.0, help="Sampling window on the line (default 25).")
+    parser.add_argument("--turns", type=int, default=4, help="Questions the caller asks (default 4).")
+    parser.add_argument("--json", type=Path, help="Write the figures here too.")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vb-webfoot-", dir="/tmp"))
+    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    for round_no in range(args.rounds):
+        for name in VARIANTS:
+            print(f"bench_web_footprint: {name}, round {round_no + 1} of {args.rounds} ...", file=sys.stderr)
+            runs[name].append(run_variant(name, work, args.seconds, args.turns))
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": args.seconds, "turns": args.turns,
+              "rounds": args.rounds, "summary": summarize(runs), "runs": runs}
+    print(render(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
