@@ -20,10 +20,9 @@ from common.ports import free_port, port_listening
 from services.serve.conversation import SLOT_RESOURCE
 from services.serve.front import NAMESPACE, FrontDoor
 
-# One conversation on the browser path measured ~14 % of a core (README, Benchmarks); a node is
-# full at 70 % (LiveKit's load threshold), so 2 cores hold 10 by default. `--slots` overrides.
-# a browser conversation's share of a core under serve, its Ray actor included (bench_serve 2026-12-02:
-# 16-18 %)
+# One browser conversation under serve, its Ray actor included, measured 16-18 % of a core (README,
+# Benchmarks: bench_serve 2026-12-02); a node is full at 70 % (LiveKit's load threshold), so 2 cores
+# hold 8 by default. `--slots` overrides.
 CONVERSATION_CORE_SHARE = 0.17
 LOAD_TARGET = 0.7
 SIMULATOR_READY_S = 30.0

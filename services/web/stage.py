@@ -5,9 +5,10 @@ Browser mic (with the browser's echo cancellation) -> Opus -> `audio.user` (24 k
 once, `player.state` reports per item). The gateway, tools and logger do not know the difference.
 
 The resampler's job is done here, by the resample stage's own code (`ResampleStage`, the same
-seam-free filter, gap bridging and capture-time mapping) run on the decoded frames: in its own
-process it cost a conversation ~2.5 % of a core, ~34 MB and one more bus hop for every 20 ms frame,
-for ~25 us of filtering a frame. `voicebus web --via-resampler` publishes `audio.mic` at the rate
+seam-free filter, gap bridging and capture-time mapping) run on the decoded frames: its own process
+cost a conversation ~2.5 % of a core, 34 MB of PSS and one more bus hop for every 20 ms frame;
+done here, the filtering costs ~1-1.5 %, so a conversation saves ~1 point and 20 MB
+(scripts/bench_web_footprint.py). `voicebus web --via-resampler` publishes `audio.mic` at the rate
 and channel count the browser sent instead, for a `voicebus resample` stage to convert (a local
 mic's path, which stays so: there the device's rate is anything and PortAudio's callback is its own).
 
