@@ -31,6 +31,25 @@ def publish_item(client, pcm: bytes, rate: int = 24_000, frame_ms: int = 20, pac
                   t_capture_ns=time.time_ns(), **(item or ITEM))
 
 
+def wait_player_ready(client, timeout_s: float = 30) -> None:
+    """The player beats and this client's messages reach it: a beat alone does not prove the second, since
+    the player's subscriptions reach this client's publisher through the proxy on their own schedule (on a
+    busy machine the first frames of an item sent at once could be filtered away before). A flush is
+    answered with a flushed player.state; what that exchange left in `client.seen` is dropped."""
+    client.wait_for(lambda m: m.topic == "health.player", timeout_s=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        client.send_event("player.flush", {"reason": "route check"})
+        try:
+            client.wait_for(lambda m: m.topic == "player.state" and m.data.get("reason") == "route check",
+                            timeout_s=0.5)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+    client.seen.clear()
+
+
 def states(client) -> list:
     return [m for m in client.seen if m.topic == "player.state"]
 
@@ -59,7 +78,7 @@ def test_mic_captures_spoken_wav_from_virtual_mic(procs, client_factory, pulse, 
 def test_player_plays_item_on_virtual_speaker_and_reports_position(procs, client_factory, pulse, pulse_rig):
     procs.voicebus("player", env=pulse)
     client = client_factory(["player.state", "health.player"])
-    client.wait_for(lambda m: m.topic == "health.player", timeout_s=30)
+    wait_player_ready(client)
     recorder = MonitorRecorder(pulse)
     recorder.wait_for_samples(4800)
     speech = speech_pcm("how far away is the moon from the earth", "slt", 24000)
@@ -89,7 +108,7 @@ def test_player_plays_item_on_virtual_speaker_and_reports_position(procs, client
 def test_flush_silences_speaker_within_30ms_and_reports_stop_position(procs, client_factory, pulse):
     player = procs.voicebus("player", env=pulse)
     client = client_factory(["player.state", "health.player"])
-    client.wait_for(lambda m: m.topic == "health.player", timeout_s=30)
+    wait_player_ready(client)
     recorder = MonitorRecorder(pulse)
     recorder.wait_for_samples(4800)
     long_tone = tone(440, 4.0, 24000, amplitude=0.3)
@@ -118,7 +137,7 @@ def test_wav_source_and_sink_without_pulseaudio(procs, client_factory, tmp_path)
     sink = tmp_path / "played.wav"
     procs.voicebus("player", "--wav", str(sink))
     client = client_factory(["audio.mic", "player.state", "health."])
-    client.wait_for(lambda m: m.topic == "health.player", timeout_s=30)
+    wait_player_ready(client)
     mic = procs.voicebus("mic", "--wav", str(source), "--speed", "4")
     assert mic.wait(timeout=30) == 0  # a WAV source ends by itself
     client.collect(0.3)
@@ -139,7 +158,7 @@ def test_wav_source_and_sink_without_pulseaudio(procs, client_factory, tmp_path)
 def test_player_converts_other_rates_and_drops_unsupported(procs, client_factory, tmp_path):
     procs.voicebus("player", "--wav", str(tmp_path / "out.wav"))
     client = client_factory(["player.state", "health.player"])
-    client.wait_for(lambda m: m.topic == "health.player", timeout_s=30)
+    wait_player_ready(client)
     publish_item(client, tone(300, 0.5, 6000), rate=6000)  # below 8 kHz: dropped and counted
     publish_item(client, tone(300, 0.5, 48000), rate=48000)  # converted to 24 kHz
     beat = client.wait_for(lambda m: m.topic == "health.player" and m.data["dropped_frames"] >= 25, timeout_s=10)
