@@ -29,6 +29,7 @@ from common.config import BusConfig  # noqa: E402
 from common.rig import PulseRig  # noqa: E402
 from common.utterances import compose  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
+from services.launcher import terminate  # noqa: E402
 
 WARMUP_S = 10.0
 RULES = [{"match": ".*", "reply": "I heard you say {transcript}, and that is fine with me."}]
@@ -129,11 +130,7 @@ def main() -> int:
     finally:
         if feeder is not None:
             feeder.kill()
-        up.terminate()
-        try:
-            up.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        terminate([up], within_s=15)
         rig.stop()
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": args.seconds,
               "listening": listening, "talking": talking}

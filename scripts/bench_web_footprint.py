@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, machine, process_label, process_tree, sample_processes  # noqa: E402
+from benchlib import REPO, machine, pct, process_label, process_tree, sample_processes  # noqa: E402
 
 from common.ports import free_port  # noqa: E402
+from services.launcher import terminate  # noqa: E402
 
 # variant -> (`voicebus up` arguments, `voicebus web` arguments)
 VARIANTS = {
@@ -79,13 +80,7 @@ def run_variant(name: str, work: Path, seconds: float, turns: int) -> dict:
         out, _ = caller.communicate(timeout=seconds + 120)
         heard = json.loads(out.decode() or "{}")
     finally:
-        if caller is not None and caller.poll() is None:
-            caller.kill()
-        up.terminate()
-        try:
-            up.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        terminate([up] if caller is None else [caller, up], within_s=15)
     return {"processes": sample, "heard_ms": heard.get("heard_ms", []), "replies": len(heard.get("assistant", [])),
             "gaps": heard.get("gaps"), "late_frames": heard.get("late_frames")}
 
@@ -134,8 +129,7 @@ def render(result: dict) -> str:
              "| variant | processes | CPU % of one core (rounds) | vs in-process | PSS MB | RSS MB | reply heard p50 ms |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in summary.items():
-        heard = sorted(row["heard_ms"])
-        p50 = heard[len(heard) // 2] if heard else float("nan")
+        p50 = pct(row["heard_ms"], 50)
         ratio = row["cpu_pct"] / base["cpu_pct"] if base and base["cpu_pct"] else float("nan")
         lines.append(f"| {name} | {row['processes']} | {row['cpu_pct']:.1f} "
                      f"({', '.join(f'{c:.1f}' for c in row['cpu_pct_rounds'])}) | {ratio:.2f}x | {row['pss_mb']:.0f} | "
