@@ -8,8 +8,8 @@ local Ray, `--slots` the largest step, `--prewarm 2`). pipecat: its own developm
 (scripts/pipecat_webrtc_peer.py, from `.venv-bench`). Per step, N callers (staggered 0.5 s, as
 people press Connect) each take `--turns` turns (`voicebus call --take-turns`: a question, the
 reply played out, the next question), the same callers for both. While they talk the script samples
-CPU and PSS from /proc, apart for: the conversations (voicebus: each conversation actor's process
-tree; pipecat: the runner's process), voicebus's pool of prewarmed sets and Ray's own processes
+CPU and PSS from /proc, apart for: the conversations (voicebus: each conversation's bus and stages
+with what they started, and the node host that runs them; pipecat: the runner's process), voicebus's pool of prewarmed sets and Ray's own processes
 (the rest of serve's tree), the callers and the simulator. Per step: CPU % of one core and PSS per
 conversation, Connect -> live p50/p99 (offer sent -> first audio frame), turn latency p50/p99 at
 the caller (the question's last sample sent -> the reply's first sample received, the same clock
@@ -92,8 +92,8 @@ def _is_stage(pid: int) -> bool:
 class Sampler(threading.Thread):
     """CPU seconds of every process, each with its group at that moment, while the callers talk.
 
-    Groups: `conversations` (voicebus: the live conversations' actors and everything under them;
-    pipecat: the runner's process, where every bot runs), `pool` (voicebus stage processes of
+    Groups: `conversations` (voicebus: the live conversations' stage processes and everything under
+    them, and the node host process that runs them, its own CPU only; pipecat: the runner's process, where every bot runs), `pool` (voicebus stage processes of
     prewarmed or starting sets), `ray` (the rest of serve's tree: raylet, GCS, idle workers, serve
     itself), `callers`, `simulator`. A process can change group (a prewarmed set becomes a caller's),
     so CPU is summed per interval, each in the group it was in at its end.
@@ -120,8 +120,11 @@ class Sampler(threading.Thread):
                     cpu[pid] = (name, cpu_seconds(pid))
                 except OSError:
                     continue
-            self.samples.append({"t": time.monotonic(), "live": live, "cpu": cpu,
-                                 "pss_mb": [round(tree_pss(root), 1) for root in pss_roots]})
+            try:
+                pss = self.peer.pss_sample(pss_roots)
+            except OSError:  # a host gone meanwhile
+                continue
+            self.samples.append({"t": time.monotonic(), "live": live, "cpu": cpu, "pss_mb": pss})
 
     def cpu_pct(self, window: list[dict]) -> dict[str, float]:
         """% of one core per group over the window."""
@@ -145,6 +148,9 @@ class Peer:
         """Live conversations, each process's group, and the roots whose trees hold the conversations."""
         raise NotImplementedError
 
+    def pss_sample(self, roots: list[int]) -> list[float]:
+        return [round(tree_pss(root), 1) for root in roots]
+
     def wait_ready(self) -> None:
         """Until the peer is at rest (the last step's calls gone; for voicebus a full pool)."""
 
@@ -164,6 +170,7 @@ class VoicebusPeer(Peer):
 
     def __init__(self, env: dict[str, str], work: Path, slots: int, prewarm: int) -> None:
         self.work, self.prewarm = work, min(prewarm, slots)  # a pool never holds more than the slots
+        self.hosts: list[int] = []
         log = work / "serve.log"
         self.proc = voicebus("serve", "--port", "0", "--slots", str(slots), "--prewarm", str(prewarm),
                              "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO",
@@ -174,10 +181,22 @@ class VoicebusPeer(Peer):
         live = status(self.url)["conversations"]
         group = {pid: "ray" for pid in [self.proc.pid, *process_tree(self.proc.pid)]}
         group.update({pid: "pool" for pid in group if _is_stage(pid)})
-        actors = [c["pid"] for c in live if c.get("pid")]
-        for actor in actors:
-            group.update({pid: "conversations" for pid in [actor, *process_tree(actor)]})
-        return len(live), group, actors
+        # the node host is one process for all a node's sets: counted with the conversations it runs
+        # (prewarmed sets' supervision included), its own memory once, not its children's
+        hosts = sorted({c["pid"] for c in live if c.get("pid")})
+        tops = [pid for c in live for pid in (c.get("stage_pids") or {}).values()]
+        group.update({pid: "conversations" for pid in hosts})
+        for top in tops:
+            group.update({pid: "conversations" for pid in [top, *process_tree(top)]})
+        self.hosts = hosts
+        return len(live), group, tops
+
+    def pss_sample(self, roots: list[int]) -> list[float]:
+        """One figure per sample: every live conversation's processes and their hosts' own PSS."""
+        return [round(sum(tree_pss(top) for top in roots) + sum(pss_mb(host) for host in self.hosts), 1)]
+
+    def pss_per_conversation(self, pss: list[float], count: int) -> float:
+        return sum(pss) / len(pss) / count if pss else float("nan")
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s

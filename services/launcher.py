@@ -140,9 +140,9 @@ class BusLock:
     The kernel drops it when the launcher dies however it dies, so a stale file never blocks.
     """
 
-    def __init__(self, cfg: BusConfig) -> None:
+    def __init__(self, cfg: BusConfig, directory: Path | None = None) -> None:
         digest = hashlib.sha1(f"{cfg.pub} {cfg.sub}".encode()).hexdigest()[:12]
-        self.path = run_dir() / f"up-{digest}.lock"
+        self.path = (directory or run_dir()) / f"up-{digest}.lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -183,7 +183,8 @@ class Supervisor:
     """Owns the bus process and the stage processes of one pipeline."""
 
     def __init__(self, cfg: BusConfig, specs: list[ProcessSpec], session: str,
-                 env_extra: dict[str, str] | None = None, bus_args: list[str] | None = None) -> None:
+                 env_extra: dict[str, str] | None = None, bus_args: list[str] | None = None,
+                 lock_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.bus_args = ["bus", "--pub", cfg.pub, "--sub", cfg.sub, *(bus_args or [])]
         self.env = child_env(cfg, session, env_extra)
@@ -193,7 +194,7 @@ class Supervisor:
         self.receiver: Receiver | None = None
         self.events: Publisher | None = None
         self.stamper = Stamper("launcher", session)
-        self.lock = BusLock(cfg)
+        self.lock = BusLock(cfg, lock_dir)  # beside the bus endpoints (VOICEBUS_RUN_DIR unless given)
         self.fatal: str | None = None  # why `up` must stop, once a child can never start
 
     def start(self, bus_timeout_s: float = 15.0) -> None:

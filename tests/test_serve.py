@@ -148,13 +148,21 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
     callers = [_call(procs, url, question, tmp_path, f"caller-{i}") for i, question in enumerate(FOUR_QUESTIONS)]
     # every slot is taken while they talk: the next caller hears so at once
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(_status(url)["conversations"]) < len(FOUR_QUESTIONS):
+    while time.monotonic() < deadline and (len(now := _status(url)["conversations"]) < len(FOUR_QUESTIONS)
+                                           or not all(c.get("stage_pids") for c in now)):
         time.sleep(0.2)
     placed = _status(url)
     assert len(placed["conversations"]) == 4, placed
     # each conversation's own bus, watched from the moment it is placed: nothing of another gets on it
     taps = [_BusTap(c["session"], c["bus"]) for c in placed["conversations"]]
     assert sorted(n["used"] for n in placed["nodes"]) == [SLOTS_PER_NODE] * NODES  # Ray spread them, 2 and 2
+    # one host process a node runs its conversations (not one Ray worker each), each set its own processes
+    hosts = {c["node_id"]: set() for c in placed["conversations"]}
+    for c in placed["conversations"]:
+        hosts[c["node_id"]].add(c["pid"])
+    assert [len(pids) for pids in hosts.values()] == [1] * NODES, hosts
+    stage_pids = [pid for c in placed["conversations"] for pid in c["stage_pids"].values()]
+    assert len(stage_pids) == len(set(stage_pids)) == 4 * (len(WEB_STAGES) + 1), placed["conversations"]
     # the operator's view: each node's load as its stage sets report it, each conversation's CPU
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not all(c.get("cpu_pct") for c in _status(url)["conversations"]):
@@ -337,10 +345,10 @@ def test_a_killed_gateway_is_restarted_inside_its_conversation_and_a_lost_node_d
     assert len(live) == 4, live
     victim = next(c for c in live if c["turns"] >= 1)  # its first reply is stored; its second question is 20 s away
     # kill -9 one conversation's gateway: its own launcher (the actor) restarts it, the call goes on
-    gateways = [pid for pid in children_of(victim["pid"])
-                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[3:4] == [b"gateway"]]
-    assert len(gateways) == 1, gateways
-    gateway = gateways[0]
+    gateway = victim["stage_pids"]["gateway"]
+    # its node's host started it, and it is the gateway the status names
+    assert gateway in children_of(victim["pid"])
+    assert Path(f"/proc/{gateway}/cmdline").read_bytes().split(b"\0")[3:4] == [b"gateway"]
     os.kill(gateway, signal.SIGKILL)
     # a whole node lost mid-conversation: the other node's conversations (the victim's included) go on
     keep = victim["node_id"]

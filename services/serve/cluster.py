@@ -3,7 +3,8 @@
 Draining is Ray's own (the GCS drain the autoscaler uses, reason "preemption", no deadline): Ray
 stops placing anything on the node, what runs there goes on, and once the node is idle its raylet
 shuts itself down. So a drained node finishes its conversations and then leaves the cluster by
-itself; nothing here schedules around it.
+itself; nothing here schedules around it, except that the front door stops the node's host actor
+once it runs nothing (a live actor, even a 0-CPU one, keeps a drained node up).
 """
 
 from __future__ import annotations

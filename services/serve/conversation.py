@@ -1,12 +1,13 @@
-"""One conversation as a Ray actor: the launcher of its own stage set, on the node Ray placed it on.
+"""One conversation: its own stage set, run by its node's host (`services.serve.node_host`).
 
-The actor holds one `conversation` slot of its node (a Ray resource each node declares). It starts
-a run dir of its own with a bus and the browser path's stages (web, tools, gateway, logger,
-and the simulator when offline), exactly as `voicebus up --web` does, and its web stage
-answers the browser's offer, so media flows between the browser and this node; only signalling
-passed through the front door. The conversation is over when its caller hangs up or vanishes (the
-web stage's `session.end`) or has been idle too long; the front door then stops the actor, which
-stops every process it started (they also die with it: PR_SET_PDEATHSIG).
+It holds one `conversation` slot of its node (a Ray placement group of one bundle, which the front
+door reserves: Ray picks the node). It starts a run dir of its own with a bus and the browser
+path's stages (web, tools, gateway, logger, and the simulator when offline), exactly as `voicebus
+up --web` does, and its web stage answers the browser's offer, so media flows between the browser
+and this node; only signalling passed through the front door. The conversation is over when its
+caller hangs up or vanishes (the web stage's `session.end`) or has been idle too long; the front
+door then stops it, which stops every process it started (they also die with the thread that
+started them: PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -48,18 +49,14 @@ log = logging.getLogger("voicebus.serve")
 
 
 class Conversation:
-    """A Ray actor (see `services.serve.front`): one caller's stage set on this node."""
+    """One caller's stage set on this node, in its node host's process (several share it)."""
 
-    def __init__(self, session: str, settings: dict[str, Any], prewarm: bool = False) -> None:
-        import ray
-
+    def __init__(self, session: str, settings: dict[str, Any], node_id: str, host: str, prewarm: bool = False) -> None:
         self.session = session
         self.prewarm = prewarm  # started ahead of any caller: in the background (WARMING_NICE)
         self.settings = settings
-        # this worker process is this conversation's alone: its stages inherit these (trace dir, simulator URL)
-        os.environ.update(settings.get("env", {}))
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.host = settings.get("media_host") or ray.util.get_node_ip_address()
+        self.node_id = node_id
+        self.host = host  # the address its web stage serves media on
         self.started_at = time.time()
         self.run_dir = Path(tempfile.mkdtemp(prefix="vb-c-", dir="/tmp"))
         os.chmod(self.run_dir, 0o700)
@@ -73,7 +70,8 @@ class Conversation:
         self._failed = ""
         self._cpu_at = time.monotonic()  # the last status: when ...
         self._cpu_seen: dict[int, float] = {}  # ... and the CPU seconds of each process then
-        self._tree: list[int] = []  # this actor's process tree ...
+        self._supervisor: Any = None  # its launcher (services.launcher.Supervisor), once made
+        self._tree: list[int] = []  # its processes ...
         self._tree_at = 0.0  # ... looked up then
         self._thread = threading.Thread(target=self._run, name="stage-set", daemon=True)
         self._thread.start()
@@ -83,8 +81,7 @@ class Conversation:
         """Once its web stage serves: where it runs (raises if the stage set could not start)."""
         if not self._ready.wait(READY_TIMEOUT_S) or self._failed:
             raise RuntimeError(self._failed or f"the stage set did not start within {READY_TIMEOUT_S:.0f} s")
-        return {"session": self.session, "node_id": self.node_id, "host": self.host, "web_port": self.web_port,
-                "pid": os.getpid()}
+        return {"session": self.session, "node_id": self.node_id, "host": self.host, "web_port": self.web_port}
 
     def offer(self, body: dict[str, Any]) -> dict[str, Any]:
         """The browser's offer, answered by this conversation's web stage: {status, body}."""
@@ -105,16 +102,30 @@ class Conversation:
         if idle_limit and idle_s > idle_limit and not state["ended"]:
             self.state["ended"] = state["ended"] = f"idle for {idle_s:.0f} s (--idle-timeout)"
         return {**state, "session": self.session, "node_id": self.node_id, "host": self.host,
-                "age_s": round(time.time() - self.started_at, 1), "idle_s": round(idle_s, 1), "pid": os.getpid(),
+                "age_s": round(time.time() - self.started_at, 1), "idle_s": round(idle_s, 1),
+                # the node host's process, and this conversation's own (its bus and stages, by name)
+                "pid": os.getpid(), "stage_pids": self._stage_pids(),
                 # this conversation's own bus, on its node: `voicebus tap --pub P --sub S` there watches it
                 "bus": {"pub": f"ipc://{self.run_dir}/pub.sock", "sub": f"ipc://{self.run_dir}/sub.sock"},
                 "cpu_pct": self._cpu_pct(), "node_load": round(os.getloadavg()[0], 2), "node_cpus": os.cpu_count()}
 
+    def _stage_pids(self) -> dict[str, int]:
+        supervisor = self._supervisor
+        if supervisor is None:
+            return {}
+        pids = {child.spec.name: child.proc.pid for child in supervisor.children if child.proc is not None}
+        return {"bus": supervisor.bus_proc.pid, **pids} if supervisor.bus_proc is not None else pids
+
+    def _processes(self) -> list[int]:
+        """This stage set's processes: its bus and stages and what they started (not its neighbours')."""
+        tops = list(self._stage_pids().values())
+        return [*tops, *(pid for top in tops for pid in descendants(top))]
+
     def _cpu_pct(self) -> float:
-        """% of one core the stage set (this actor and its processes) used since the last status."""
+        """% of one core the stage set's processes used since the last status."""
         now = time.monotonic()
         if now - self._tree_at > TREE_REFRESH_S:
-            self._tree_at, self._tree = now, [os.getpid(), *descendants(os.getpid())]
+            self._tree_at, self._tree = now, self._processes()
         seen: dict[int, float] = {}
         for pid in self._tree:
             with contextlib.suppress(OSError):  # ended meanwhile
@@ -140,7 +151,7 @@ class Conversation:
         """A caller has this stage set now: its processes (and the thread that restarts them) leave the
         warming priority. Only threads still at WARMING_NICE: an audio stage has raised its own."""
         tasks = [self._thread.native_id or 0]
-        for pid in descendants(os.getpid()):
+        for pid in self._processes():
             try:
                 tasks += [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
             except OSError:
@@ -168,9 +179,11 @@ class Conversation:
                  **({"gateway": list(self.settings["gateway_args"])} if self.settings.get("gateway_args") else {}),
                  **({"simulator": list(self.settings["simulator_args"])}
                     if self.settings.get("simulator_args") else {})}
-        os.environ["VOICEBUS_RUN_DIR"] = str(self.run_dir)  # its bus lock lives here
         specs, env = pipeline_specs(WEB_STAGES, extra)
-        supervisor = Supervisor(cfg, specs, self.session, env)
+        # its stages' run dir (passed, not set here: the host's other conversations share os.environ)
+        supervisor = Supervisor(cfg, specs, self.session, {**env, "VOICEBUS_RUN_DIR": str(self.run_dir)},
+                                lock_dir=self.run_dir)
+        self._supervisor = supervisor
         self.state["stages"] = [spec.name for spec in specs]
         receiver = None
         try:

@@ -1,13 +1,16 @@
 """`voicebus serve`'s front door: the page, offers, status; Ray places each conversation.
 
-Every offer becomes a named Ray actor (`services.serve.conversation.Conversation`) that needs one
-`conversation` slot: Ray's scheduler picks a node with a free one, so no node is ever given more
-than it declared, and there is no placement loop here. When no slot is free the caller hears so at
-once (HTTP 503 with Retry-After), never a hang; offers being placed are bounded too. Signalling
-passes through here; media goes straight to the node that owns the conversation.
+Every conversation reserves one `conversation` slot as a Ray placement group of one bundle: Ray's
+scheduler picks a node with a free one, so no node is ever given more than it declared, and there
+is no placement loop here. Its stage set then runs in that node's host (`services.serve.node_host`,
+one Ray actor a node, not one a conversation). When no slot is free the caller hears so at once
+(HTTP 503 with Retry-After), never a hang; offers being placed are bounded too. Signalling passes
+through here; media goes straight to the node that owns the conversation.
 
-A reaper asks each conversation how it is every half second: one that is over (hung up, vanished,
-idle) is stopped and its slot freed; one whose node is gone is reported as dropped. It also keeps
+A reaper asks each node's host how its conversations are every half second: one that is over (hung
+up, vanished, idle) is stopped and its slot freed; those of a host or node that is gone are
+reported as dropped. A draining node's host is stopped once nothing runs there, so Ray can let the
+node go. It also keeps
 `prewarm` stage sets started and idle (as LiveKit keeps idle job processes): a caller is handed one
 that already runs, so Connect -> live is one offer round trip, not six Python processes starting.
 """
@@ -30,7 +33,8 @@ from aiohttp import web
 from common.config import new_session_id
 from common.log import kv
 from services.serve.cluster import DrainError, conversation_nodes, drain_node, find_node
-from services.serve.conversation import SLOT_RESOURCE, Conversation
+from services.serve.conversation import SLOT_RESOURCE
+from services.serve.node_host import HOST_CONCURRENCY, NodeHost
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 MAX_PENDING_OFFERS = 4  # placements under way at once; more are refused (a flood never queues up)
@@ -51,9 +55,10 @@ log = logging.getLogger("voicebus.serve")
 @dataclass
 class Placed:
     session: str
-    actor: Any
+    node_host: Any  # the Ray actor that runs it (its node's NodeHost)
+    slot: Any  # its placement group: the slot it holds
     node_id: str
-    host: str
+    host: str  # where its web stage serves media
     placed_at: float = field(default_factory=time.time)
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -64,10 +69,12 @@ class FrontDoor:
 
         self.ray = ray
         self.settings = settings
-        self.actor_class = ray.remote(Conversation)
+        self.host_class = ray.remote(NodeHost)
+        self.hosts: dict[str, Any] = {}  # node id -> its NodeHost actor
         self.live: dict[str, Placed] = {}
         self.pool: list[Placed] = []  # started, idle, waiting for a caller
-        self.warming_actors: list[Any] = []  # prewarmed sets still starting (at WARMING_NICE)
+        self.warming_sets: list[tuple[Any, str]] = []  # prewarmed sets still starting (at WARMING_NICE)
+        self.starting_on: list[str] = []  # the node of each stage set being started (its host must stay)
         self.waiting_for_warm = 0  # callers waiting for one of them
         self.prewarm = int(settings.get("prewarm", 0))
         self.warming = 0
@@ -158,23 +165,62 @@ class FrontDoor:
         finally:
             self.pending -= 1
 
+    def host_on(self, node_id: str) -> Any:
+        """The node's host actor, started the first time the node is needed (pinned there)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if node_id not in self.hosts:
+            self.hosts[node_id] = self.host_class.options(
+                namespace=NAMESPACE, num_cpus=0, max_concurrency=HOST_CONCURRENCY, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(self.settings)
+            log.info(kv("node_host_started", node=node_id[:12]))
+        return self.hosts[node_id]
+
     async def _start_one(self, prewarm: bool = False) -> Placed:
         """A new conversation's stage set on a node Ray chooses, once it serves."""
+        from ray.util.placement_group import placement_group, placement_group_table
+
         session = new_session_id()
-        # two threads: `hurry` must get through while `ready` waits for the stage set
-        actor = self.actor_class.options(name=session, namespace=NAMESPACE, num_cpus=0, max_concurrency=2,
-                                         resources={SLOT_RESOURCE: 1}, max_restarts=0).remote(session, self.settings, prewarm)
-        if prewarm:
-            self.warming_actors.append(actor)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        slot = placement_group([{SLOT_RESOURCE: 1}], name=f"voicebus-{session}")
+        node_host, node_id, warming = None, "", None
         try:
-            where = await asyncio.wait_for(actor.ready.remote(), START_TIMEOUT_S)
-        except BaseException:
-            self.ray.kill(actor)
+            await asyncio.wait_for(slot.ready(), START_TIMEOUT_S)
+            node_id = placement_group_table(slot)["bundles_to_node_id"][0]
+            self.starting_on.append(node_id)
+            node_host = self.host_on(node_id)
+            await asyncio.wait_for(node_host.start.remote(session, prewarm), max(0.1, deadline - time.monotonic()))
+            if prewarm:
+                warming = (node_host, session)
+                self.warming_sets.append(warming)
+            where = await asyncio.wait_for(node_host.ready.remote(session), max(0.1, deadline - time.monotonic()))
+        except BaseException as exc:
+            lost = _actor_lost(exc)
+            self._release(session, None if lost else node_host, slot)
+            if node_id and lost:
+                self._forget_host(node_id, node_host)
             raise
         finally:
-            if prewarm:
-                self.warming_actors.remove(actor)
-        return Placed(session, actor, where["node_id"], where["host"])
+            if node_id:
+                self.starting_on.remove(node_id)
+            if warming is not None:
+                self.warming_sets.remove(warming)
+        return Placed(session, node_host, slot, where["node_id"], where["host"])
+
+    def _release(self, session: str, node_host: Any, slot: Any) -> None:
+        """Stop a stage set without waiting (if its host still runs) and give its slot back."""
+        from ray.util.placement_group import remove_placement_group
+
+        if node_host is not None:
+            with contextlib.suppress(Exception):  # its host is gone: so are its processes
+                node_host.stop.remote(session)
+        with contextlib.suppress(Exception):  # already removed
+            remove_placement_group(slot)
+
+    def _forget_host(self, node_id: str, node_host: Any) -> None:
+        """A host that died (or whose node did): the next conversation there starts a new one."""
+        if self.hosts.get(node_id) is node_host:
+            del self.hosts[node_id]
 
     async def _place(self, body: dict[str, Any], remote: str | None, received: float) -> web.Response:
         placed, answer = None, None
@@ -186,8 +232,8 @@ class FrontDoor:
             self.counts["waited_for_warming"] += 1
             try:
                 # the first started is nearest ready; one per waiting caller leaves background work
-                for actor in self.warming_actors[:self.waiting_for_warm]:
-                    actor.hurry.remote()
+                for node_host, warming_session in self.warming_sets[:self.waiting_for_warm]:
+                    node_host.hurry.remote(warming_session)
                 while not self.pool and self.warming and not self.stopping:
                     self.pool_grew.clear()
                     try:
@@ -199,26 +245,26 @@ class FrontDoor:
         while self.pool and answer is None:  # a prewarmed one, unless its node went away meanwhile
             candidate = self.pool.pop(0)
             try:
-                answer = await candidate.actor.offer.remote(body)
+                answer = await candidate.node_host.offer.remote(candidate.session, body)
                 placed = candidate
             except Exception as exc:  # noqa: BLE001 - RayActorError: that idle stage set is gone
                 log.warning(kv("prewarmed_lost", session=candidate.session, error=repr(str(exc)[:200])))
-                self.ray.kill(candidate.actor)
+                self._release(candidate.session, candidate.node_host, candidate.slot)
         if placed is None:
             try:
                 placed = await self._start_one()
-                answer = await placed.actor.offer.remote(body)
+                answer = await placed.node_host.offer.remote(placed.session, body)
             except Exception as exc:  # noqa: BLE001 - a stage set that cannot start, a node lost meanwhile
                 self.counts["failed_starts"] += 1
                 log.error(kv("conversation_failed", error=repr(str(exc)[:300] or type(exc).__name__)))
                 if placed is not None:
-                    self.ray.kill(placed.actor)
+                    self._release(placed.session, placed.node_host, placed.slot)
                 return web.json_response({"error": f"the conversation could not start: "
                                                    f"{str(exc)[:300] or type(exc).__name__}"}, status=500)
         assert answer is not None
         session = placed.session
         if answer["status"] != 200:
-            self.ray.kill(placed.actor)
+            self._release(placed.session, placed.node_host, placed.slot)
             self.counts["bad_offers"] += 1
             return web.json_response(answer["body"], status=answer["status"])
         placed.placed_at = time.time()
@@ -275,7 +321,8 @@ class FrontDoor:
             {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
              "turns": p.status.get("turns", 0), "last_latency_ms": p.status.get("last_latency_ms"),
              "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0),
-             "pid": p.status.get("pid"), "cpu_pct": p.status.get("cpu_pct"), "bus": p.status.get("bus")}
+             "pid": p.status.get("pid"), "stage_pids": p.status.get("stage_pids"), "cpu_pct": p.status.get("cpu_pct"),
+             "bus": p.status.get("bus")}
             for p in self.live.values()], "prewarmed": len(self.pool), "warming": self.warming,
             "ended": list(self.ended)[-20:], "counts": self.counts, "pending": self.pending,
             "connect_ms": list(self.connect_ms)[-100:]}
@@ -294,7 +341,11 @@ class FrontDoor:
             await asyncio.sleep(REAP_INTERVAL_S)
 
     def top_up(self) -> None:
-        """Start idle stage sets until `prewarm` are ready, in slots nobody holds (callers first)."""
+        """Start idle stage sets until `prewarm` are ready, in slots nobody holds (callers first); and a host
+        on every serving node, so that a conversation's start there does not wait for a Ray worker."""
+        for node in conversation_nodes(self.ray):
+            if not node.draining and not self.stopping:
+                self.host_on(node.node_id)
         while not self.stopping and len(self.pool) + self.warming < self.prewarm and self.unheld_slots() >= 1:
             self.warming += 1
             asyncio.ensure_future(self._warm_one())
@@ -316,30 +367,61 @@ class FrontDoor:
             self.pool_grew.set()
 
     async def reap(self) -> None:
-        if self.pool:  # a drain made with Ray's own tools (ray drain-node) is honoured too
-            draining = {node.node_id for node in conversation_nodes(self.ray) if node.draining}
+        nodes = conversation_nodes(self.ray)
+        draining = {node.node_id for node in nodes if node.draining}
+        if self.pool and draining:  # a drain made with Ray's own tools (ray drain-node) is honoured too
             await self._stop_idle([placed for placed in self.pool if placed.node_id in draining])
-        for placed in list(self.pool):  # idle sets say how loaded their node is (nodes with no caller too)
-            with contextlib.suppress(Exception):  # a lost node's set: its next caller finds out
-                placed.status = await asyncio.wait_for(placed.actor.status.remote(), STATUS_TIMEOUT_S)
-        for placed in list(self.live.values()):
-            try:
-                placed.status = await asyncio.wait_for(placed.actor.status.remote(), STATUS_TIMEOUT_S)
-            except TimeoutError:
+        # asked of the conversations placed before the question (one placed meanwhile is not missing)
+        asked = {node_id: [p for p in [*self.live.values(), *self.pool] if p.node_host is node_host]
+                 for node_id, node_host in self.hosts.items()}
+        answers = await asyncio.gather(*(asyncio.wait_for(self.hosts[node_id].statuses.remote(), STATUS_TIMEOUT_S)
+                                         for node_id in asked), return_exceptions=True)
+        for (node_id, placed_there), answer in zip(asked.items(), answers, strict=True):
+            if isinstance(answer, TimeoutError):
                 continue  # busy, not gone: asked again next round
-            except Exception as exc:  # noqa: BLE001 - RayActorError: its node (or its process) is gone
-                self._end(placed, f"line dropped: {type(exc).__name__}", dropped=True)
+            if isinstance(answer, BaseException):
+                if _actor_lost(answer):  # its node (or its process) is gone
+                    self._host_gone(node_id, placed_there, f"line dropped: {type(answer).__name__}")
+                else:  # the call failed, not the host: asked again next round
+                    log.warning(kv("statuses_failed", node=node_id[:12], error=repr(str(answer)[:200])))
                 continue
-            if placed.status.get("ended"):
-                await self._stop_one(placed)
-                self._end(placed, placed.status["ended"])
+            for placed in placed_there:
+                if placed.session not in answer:
+                    if placed.session in self.live:
+                        self._end(placed, "line dropped: its stage set is gone", dropped=True)
+                    continue
+                if "status_error" in answer[placed.session]:
+                    continue  # it runs, its status failed this round (the host logged why)
+                placed.status = answer[placed.session]
+                if placed.session in self.live and placed.status.get("ended"):
+                    await self._stop_one(placed)
+                    self._end(placed, placed.status["ended"])
+        for node_id in draining & set(self.hosts):  # nothing runs there any more: let Ray stop the node
+            if not any(p.node_id == node_id for p in [*self.live.values(), *self.pool]) \
+                    and node_id not in self.starting_on:
+                self.ray.kill(self.hosts.pop(node_id))
+                log.info(kv("node_host_stopped", node=node_id[:12], reason="draining, idle"))
+
+    def _host_gone(self, node_id: str, placed_there: list[Placed], reason: str) -> None:
+        """Its conversations are dropped, its idle sets forgotten, their slots given back (else Ray would
+        place the reservations of a lost node again elsewhere)."""
+        self._forget_host(node_id, self.hosts.get(node_id))
+        log.log(logging.WARNING if placed_there else logging.INFO,
+                kv("node_host_lost", node=node_id[:12], conversations=len(placed_there), reason=repr(reason)))
+        for placed in placed_there:
+            self._release(placed.session, None, placed.slot)
+            if placed in self.pool:
+                self.pool.remove(placed)
+            elif placed.session in self.live:
+                self._end(placed, reason, dropped=True)
 
     async def _stop_one(self, placed: Placed) -> None:
         try:
-            placed.status = await asyncio.wait_for(placed.actor.stop.remote(), STOP_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - stopping anyway: the kill below takes the process tree
+            stopped = await asyncio.wait_for(placed.node_host.stop.remote(placed.session), STOP_TIMEOUT_S)
+            placed.status = stopped or placed.status
+        except Exception as exc:  # noqa: BLE001 - its slot is given back anyway
             log.warning(kv("stop_failed", session=placed.session, error=repr(str(exc)[:200])))
-        self.ray.kill(placed.actor)
+        self._release(placed.session, None, placed.slot)
 
     def _end(self, placed: Placed, reason: str, dropped: bool = False) -> None:
         self.live.pop(placed.session, None)
@@ -357,6 +439,16 @@ class FrontDoor:
         await asyncio.gather(*(self._stop_one(p) for p in [*self.live.values(), *idle]), return_exceptions=True)
         for placed in list(self.live.values()):
             self._end(placed, "serve stopped")
+        for node_host in self.hosts.values():  # what a start under way left there dies with its host
+            self.ray.kill(node_host)
+        self.hosts.clear()
+
+
+def _actor_lost(exc: BaseException) -> bool:
+    """The actor is dead (its process or its node), not just unreachable for a moment."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(exc, RayActorError) and not isinstance(exc, ActorUnavailableError)
 
 
 def _busy_page() -> str:

@@ -20,7 +20,7 @@ from common.ports import free_port, port_listening
 from services.serve.conversation import SLOT_RESOURCE
 from services.serve.front import NAMESPACE, FrontDoor
 
-# One browser conversation under serve, its Ray actor included, measured 16-18 % of a core (README,
+# One browser conversation under serve, its share of Ray included, measured 16-18 % of a core (README,
 # Benchmarks: bench_serve 2026-12-02); a node is full at 70 % (LiveKit's load threshold), so 2 cores
 # hold 8 by default. `--slots` overrides.
 CONVERSATION_CORE_SHARE = 0.17
@@ -138,8 +138,8 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
 
 
 def _shutdown_ray(ray) -> None:
-    """Leave the cluster, but not at the price of a hung exit: every conversation is stopped and its actor
-    killed by now, and a driver that exits is let go by Ray anyway (seen: shutdown taking over 10 s)."""
+    """Leave the cluster, but not at the price of a hung exit: every conversation is stopped and its node's
+    host killed by now, and a driver that exits is let go by Ray anyway (seen: shutdown taking over 10 s)."""
     import threading
 
     leaving = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
