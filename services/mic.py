@@ -225,17 +225,19 @@ class CuedSource:
             self._notify({"cue": cue, "state": state, "t_capture_ns": t_ns, "pts": pts})
 
     def _run(self, put) -> None:
+        """Frames on a sample clock: frame i was captured at start + i frames, however late the
+        thread wakes to send it (a sound card's ADC clock does not wander with the scheduler)."""
         frame_bytes = self.rate * self.frame_ms // 1000 * 2
-        period_s = self.frame_ms / 1000
-        started = time.monotonic()
+        period_s, period_ns = self.frame_ms / 1000, self.frame_ms * 1_000_000
+        started, started_ns = time.monotonic(), time.time_ns()
         index = 0
         while not self._stop.is_set():
             delay = started + index * period_s - time.monotonic()
             if delay > 0:
                 self._stop.wait(delay)
-            now_ns = time.time_ns()
-            put(CapturedFrame(self._next_frame(frame_bytes, now_ns, index * frame_bytes // 2), now_ns,
-                              t_callback_ns=now_ns))
+            captured_ns = started_ns + index * period_ns
+            put(CapturedFrame(self._next_frame(frame_bytes, captured_ns, index * frame_bytes // 2), captured_ns,
+                              t_callback_ns=time.time_ns()))
             index += 1
 
     def stop(self) -> None:

@@ -155,7 +155,8 @@ def test_cued_mic_speaks_a_wav_within_a_frame_of_its_cue_and_refuses_a_bad_one(t
     assert any(next(f for t, f in frames if t > queued_ns).pcm)  # the very next frame after the cue speaks
     states = [(t["cue"], t["state"]) for t in told]
     assert states == [("c1", "started"), ("c1", "ended")]
-    assert told[1]["t_capture_ns"] - told[0]["t_capture_ns"] == pytest.approx(100_000_000, abs=1_000_000)
+    assert told[1]["t_capture_ns"] - told[0]["t_capture_ns"] == 100_000_000  # on the sample clock, not the wakeups
+    assert [f.t_capture_ns - frames[0][1].t_capture_ns for _, f in frames[:3]] == [0, 20_000_000, 40_000_000]
     refused = json.loads(json.dumps(stage.counters()["cues"]))
     assert refused == {"queued": 1, "refused": 1}
     assert stage.subscriptions == [CUE_TOPIC] and CUE_STATE_TOPIC == "mic.cue"
