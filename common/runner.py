@@ -16,7 +16,6 @@ from common.signals import StopFlag
 from common.stage import SESSION_BEGIN, SESSION_TOPICS, Output, Stage, StageError
 
 HEARTBEAT_INTERVAL_S = 1.0
-POLL_MS = 50
 MAX_MESSAGES_PER_TURN = 256  # keep the inbox and timers served under a flood
 BUS_WAIT_LOG_INTERVAL_S = 5.0
 
@@ -74,6 +73,8 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
         poller = zmq.Poller()
         poller.register(receiver.sock, zmq.POLLIN)
         poller.register(stage.inbox.read_fd, zmq.POLLIN)
+        wake_fd = stopping.wake_fd()  # a signal wakes the poll: no 20 Hz wakeups just to look at the flag
+        poller.register(wake_fd, zmq.POLLIN)
         next_beat = time.monotonic()
         next_tick = time.monotonic()
         limit = MAX_MESSAGES_PER_TURN * (8 if stage.batch_interval_s else 1)
@@ -86,7 +87,9 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                 stage.tick()
                 next_tick = now + stage.tick_interval_s
             wait_until = min(next_beat, next_tick) if stage.tick_interval_s else next_beat
-            ready = dict(poller.poll(max(0, min(POLL_MS, int((wait_until - now) * 1000) + 1))))
+            ready = dict(poller.poll(max(0, int((wait_until - now) * 1000) + 1)))
+            if wake_fd in ready:
+                stopping.drain_wake()
             if stage.batch_interval_s and receiver.sock in ready:
                 time.sleep(stage.batch_interval_s)  # let frames queue; take them in one wake-up
             if stage.inbox.read_fd in ready:
@@ -128,4 +131,5 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
             thread_publisher.sock.close(linger=200)
         receiver.sock.close(linger=0)
         stage.inbox.close()
+        stopping.close()
         ctx.term()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 
@@ -74,6 +75,7 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
     thread.start()
 
     stopping = StopFlag.install()
+    wake_fd = stopping.wake_fd()
     heartbeat = connect_pub(ctx, cfg)
     stamper = Stamper("bus", session_id())
     started = time.monotonic()
@@ -83,8 +85,9 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
             data = {"state": "running", "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 1)}
             heartbeat.send_multipart(encode(stamper.event("health.bus", data, time.time_ns())), flags=zmq.NOBLOCK)
             deadline = time.monotonic() + HEARTBEAT_INTERVAL_S
-            while not stopping and time.monotonic() < deadline:
-                time.sleep(0.05)
+            while not stopping and (left := deadline - time.monotonic()) > 0:
+                if select.select([wake_fd], [], [], left)[0]:  # a signal: look at the flag at once
+                    stopping.drain_wake()
     finally:
         control.send(b"TERMINATE")
         thread.join(timeout=1.0)
@@ -93,5 +96,6 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
         if authenticator is not None:
             authenticator.stop()
         ctx.term()
+        stopping.close()
         log.info(kv("bus_stopped"))
     return 0

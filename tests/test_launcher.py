@@ -157,3 +157,29 @@ def test_a_mic_that_finished_its_wav_is_done_not_restarted(procs, client_factory
     assert not [m for m in client.seen if m.topic == "launcher.restart"]
     assert len([m for m in client.seen if m.topic == "launcher.started" and m.data["stage"] == "mic"]) <= 1
     assert up.poll() is None and "finished stage=mic" in procs.log_of(up)
+
+
+def test_a_signal_wakes_a_loop_asleep_in_its_poller_instead_of_waiting_out_the_timeout():
+    """Stages sleep in zmq poll until their next heartbeat (no 20 Hz wakeups to look at the flag):
+    a SIGTERM, even one the kernel hands to another thread, must make that poll return."""
+    import threading
+
+    import zmq
+
+    from common.signals import StopFlag
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stopping = StopFlag.install()
+    try:
+        poller = zmq.Poller()
+        poller.register(stopping.wake_fd(), zmq.POLLIN)
+        assert poller.poll(0) == []  # nothing to say before a signal
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        ready = dict(poller.poll(30_000))
+        assert stopping.wake_fd() in ready and stopping and stopping.signal_name == "SIGTERM"
+        stopping.drain_wake()
+        assert poller.poll(0) == []  # drained: the next poll sleeps again
+    finally:
+        stopping.close()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

@@ -50,7 +50,12 @@ log = logging.getLogger("voicebus.gateway")
 class GatewayStage(Stage):
     name = "gateway"
     subscriptions = ["audio.user", "player.state", "gateway.send", "tools.available", "tool.result"]
-    tick_interval_s = 0.05
+    deadline_tick_s = 0.05
+
+    @property
+    def tick_interval_s(self) -> float | None:  # type: ignore[override]
+        """Tick at 20 Hz only while a deadline runs (a tool call, a cut waiting on the player): idle, none."""
+        return self.deadline_tick_s if self.calls.pending or self.pending_truncate is not None else None
 
     def __init__(self, url: str, headers: list[str], protocol: str, settings: SessionSettings,
                  echo_guard: EchoGuard | None = None, ws_log: Path | None = None, max_session_s: float = 55 * 60,
