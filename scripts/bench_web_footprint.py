@@ -11,6 +11,8 @@ times (A B A B ...), so that the machine's drift lands on all of them alike:
 
 - `in-process`: the default; the web stage resamples the browser's mic itself (`audio.user`).
 - `via-resampler`: `voicebus web --via-resampler` and a `voicebus resample` stage, as before.
+- `aiortc-encoder`: `voicebus web --aiortc-encoder`: aiortc Opus-encodes the assistant's audio
+  (48 kHz stereo, in its worker thread) instead of the track (24 kHz mono, in the loop), as before.
 
     .venv/bin/python scripts/bench_web_footprint.py [--rounds 3] [--seconds 25] [--json out.json]
 """
@@ -36,6 +38,7 @@ from services.launcher import terminate  # noqa: E402
 VARIANTS = {
     "in-process": (["--web"], ""),
     "via-resampler": (["--stages", "web,resample,tools,gateway,logger"], "--via-resampler"),
+    "aiortc-encoder": (["--web"], "--aiortc-encoder"),
 }
 QUESTIONS = ["what is the weather like today", "how far away is the moon", "tell me a short story please",
              "what time is it", "turn on the lights in the kitchen", "how tall is mount everest"]
@@ -147,12 +150,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="Times each variant is run, interleaved (default 3).")
     parser.add_argument("--seconds", type=float, default=25.0, help="Sampling window on the line (default 25).")
     parser.add_argument("--turns", type=int, default=4, help="Questions the caller asks (default 4).")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"Comma-separated, the first is the reference (default {','.join(VARIANTS)}).")
     parser.add_argument("--json", type=Path, help="Write the figures here too.")
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.variants.split(",") if name.strip()]
+    if unknown := [name for name in chosen if name not in VARIANTS]:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="vb-webfoot-", dir="/tmp"))
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[dict]] = {name: [] for name in chosen}
     for round_no in range(args.rounds):
-        for name in VARIANTS:
+        for name in chosen:
             print(f"bench_web_footprint: {name}, round {round_no + 1} of {args.rounds} ...", file=sys.stderr)
             runs[name].append(run_variant(name, work, args.seconds, args.turns))
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": args.seconds, "turns": args.turns,

@@ -416,3 +416,37 @@ def test_voicebus_call_takes_turns_by_ear_and_times_each_reply_after_its_questio
     heard = [transcriber.transcribe(reply.tobytes(), 48000) for reply in replies]
     print(f"the caller heard {heard!r}; replies {result['heard_ms']} ms after each question")
     assert [nearest_sentence(h.removeprefix("i heard"), questions) for h in heard] == questions, heard
+
+
+def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_browser_decodes():
+    """The assistant's audio leaves as 24 kHz mono Opus made in the track: one packet per 20 ms frame,
+    stamped with the frame's pts (converted to RTP's 48 kHz by aiortc), decoding to the same speech."""
+    import fractions
+
+    from aiortc.codecs.opus import OpusDecoder, OpusEncoder
+    from aiortc.jitterbuffer import JitterFrame
+    from av import AudioFrame
+
+    from services.web.opus import VoiceEncoder
+
+    rate, samples = 24_000, 480
+    t = np.arange(rate) / rate
+    speech = (np.sin(2 * np.pi * (200 * t + 1400 * t * t)) * 8000).astype("<i2")  # 1 s, 200 -> 3000 Hz
+    encoder, packer, decoder = VoiceEncoder(rate), OpusEncoder(), OpusDecoder()
+    decoded = []
+    for index in range(rate // samples):
+        frame = AudioFrame(format="s16", layout="mono", samples=samples)
+        frame.planes[0].update(speech[index * samples:(index + 1) * samples].tobytes())
+        frame.pts, frame.sample_rate, frame.time_base = index * samples, rate, fractions.Fraction(1, rate)
+        packet = encoder.encode(frame)
+        assert packet is not None and packet.pts == index * samples
+        payloads, timestamp = packer.pack(packet)  # what RTCRtpSender does with a packet from a track
+        assert len(payloads) == 1 and timestamp == index * 960
+        for out in decoder.decode(JitterFrame(payloads[0], timestamp)):
+            decoded.append(out.to_ndarray().reshape(-1, 2)[:, 0])  # the browser's 48 kHz, left channel
+    heard = np.concatenate(decoded).astype(float)[::2]  # back to 24 kHz for the comparison
+    assert len(heard) == len(speech)
+    lag = int(np.argmax(np.correlate(heard[2400:4800], speech[2400:2880].astype(float), "valid")))
+    assert lag <= 480  # the codec's own delay, under a frame
+    tail = heard[2400 + lag:2400 + lag + 12000]
+    assert np.corrcoef(tail, speech[2400:2400 + len(tail)])[0, 1] > 0.95

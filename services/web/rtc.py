@@ -22,11 +22,13 @@ from aiohttp import web
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
+from av.packet import Packet
 
 from common.log import kv
 from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
+from services.web.opus import VoiceEncoder
 
 log = logging.getLogger("voicebus.web")
 # aioice narrates every candidate pair at INFO; our own lines say when a browser connects and goes
@@ -53,9 +55,11 @@ class AssistantTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, buffer: PlaybackBuffer) -> None:
+    def __init__(self, buffer: PlaybackBuffer, encode: bool = True) -> None:
         super().__init__()
         self.buffer = buffer
+        # Opus-encode here (24 kHz mono, in the loop) rather than in aiortc's worker thread (48 kHz stereo)
+        self.encoder = VoiceEncoder(buffer.rate) if encode else None
         self.samples = buffer.rate * FRAME_MS // 1000
         self.clock = FrameClock(self.samples, buffer.rate)
         # the loop came back for a frame of the assistant's audio more than a frame after it was due
@@ -63,7 +67,7 @@ class AssistantTrack(MediaStreamTrack):
         self.late_frames = 0
         self.max_lateness_ms = 0.0
 
-    async def recv(self) -> AudioFrame:
+    async def recv(self) -> AudioFrame | Packet:
         if self.readyState != "live":
             raise MediaStreamError
         pts = await self.clock.tick()
@@ -77,6 +81,8 @@ class AssistantTrack(MediaStreamTrack):
         frame.pts = pts
         frame.sample_rate = self.buffer.rate
         frame.time_base = fractions.Fraction(1, self.buffer.rate)
+        if self.encoder is not None:
+            return self.encoder.encode(frame) or frame
         return frame
 
 
@@ -111,8 +117,10 @@ class BrowserLink:
     def __init__(self, host: str, port: int, buffer: PlaybackBuffer, *,
                  on_mic_frame: Callable[[AudioFrame, int, dict[str, Any]], None],
                  on_client: Callable[[str, dict[str, Any]], None],
-                 ssl_context: ssl.SSLContext | None = None, rx_prefetch: int = RX_PREFETCH_FRAMES) -> None:
+                 ssl_context: ssl.SSLContext | None = None, rx_prefetch: int = RX_PREFETCH_FRAMES,
+                 encode_in_track: bool = True) -> None:
         self.host, self.port, self.buffer, self.rx_prefetch = host, port, buffer, rx_prefetch
+        self.encode_in_track = encode_in_track
         self.on_mic_frame, self.on_client = on_mic_frame, on_client
         self.ssl_context = ssl_context
         self.stats = BrowserStats()
@@ -229,7 +237,7 @@ class BrowserLink:
         client = Client(peer, str(request.remote), mic_settings=body.get("mic") if isinstance(body.get("mic"), dict) else {})
         self.client = client  # taken before the first await below: a second offer meanwhile is busy
         try:
-            self.track = AssistantTrack(self.buffer)
+            self.track = AssistantTrack(self.buffer, encode=self.encode_in_track)
             self._wire(client)
             await peer.setRemoteDescription(offer)
             for transceiver in peer.getTransceivers():

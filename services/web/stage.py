@@ -64,13 +64,14 @@ class WebStage(PlayerStage):
     publishes_from_thread = True  # mic frames go out from the web loop's thread
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, rate: int = 24_000,
-                 jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES, via_resampler: bool = False) -> None:
+                 jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES, via_resampler: bool = False,
+                 aiortc_encoder: bool = False) -> None:
         super().__init__(sink=None, rate=rate, jitter_ms=jitter_ms)  # type: ignore[arg-type]
         # converts the browser's mic to `audio.user` in this process (None: `audio.mic` for a resample stage)
         self.resampler = None if via_resampler else ResampleStage()
         self.sink = self.link = BrowserLink(host, port, self.buffer, on_mic_frame=self._mic_frame,
                                             on_client=self._client_event, ssl_context=ssl_context,
-                                            rx_prefetch=rx_prefetch)
+                                            rx_prefetch=rx_prefetch, encode_in_track=not aiortc_encoder)
         self.mic_pts = 0
         self.mic_frames = 0
         self.mic_gap_fills = 0
