@@ -7,10 +7,14 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import zmq
+
 from common.config import BusConfig
+from common.signals import StopFlag
 from common.utterances import compose
 from common.wavio import write_wav
 from tests.helpers import BusClient, alive, children_of
@@ -162,12 +166,6 @@ def test_a_mic_that_finished_its_wav_is_done_not_restarted(procs, client_factory
 def test_a_signal_wakes_a_loop_asleep_in_its_poller_instead_of_waiting_out_the_timeout():
     """Stages sleep in zmq poll until their next heartbeat (no 20 Hz wakeups to look at the flag):
     a SIGTERM, even one the kernel hands to another thread, must make that poll return."""
-    import threading
-
-    import zmq
-
-    from common.signals import StopFlag
-
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     stopping = StopFlag.install()
     try:

@@ -22,7 +22,6 @@ class VoiceEncoder:
     """One libopus encoder for one outgoing track; `encode(frame)` gives the packet for that frame."""
 
     def __init__(self, rate: int, bit_rate: int = VOICE_BIT_RATE) -> None:
-        self.rate = rate
         self.time_base = fractions.Fraction(1, rate)
         self.codec = CodecContext.create("libopus", "w")
         self.codec.sample_rate = rate

@@ -81,9 +81,8 @@ class AssistantTrack(MediaStreamTrack):
         frame.pts = pts
         frame.sample_rate = self.buffer.rate
         frame.time_base = fractions.Fraction(1, self.buffer.rate)
-        if self.encoder is not None:
-            return self.encoder.encode(frame) or frame
-        return frame
+        packet = self.encoder.encode(frame) if self.encoder is not None else None
+        return frame if packet is None else packet
 
 
 @dataclass
@@ -118,9 +117,9 @@ class BrowserLink:
                  on_mic_frame: Callable[[AudioFrame, int, dict[str, Any]], None],
                  on_client: Callable[[str, dict[str, Any]], None],
                  ssl_context: ssl.SSLContext | None = None, rx_prefetch: int = RX_PREFETCH_FRAMES,
-                 encode_in_track: bool = True) -> None:
+                 aiortc_encoder: bool = False) -> None:
         self.host, self.port, self.buffer, self.rx_prefetch = host, port, buffer, rx_prefetch
-        self.encode_in_track = encode_in_track
+        self.aiortc_encoder = aiortc_encoder  # aiortc encodes the assistant's audio, not the track
         self.on_mic_frame, self.on_client = on_mic_frame, on_client
         self.ssl_context = ssl_context
         self.stats = BrowserStats()
@@ -237,7 +236,7 @@ class BrowserLink:
         client = Client(peer, str(request.remote), mic_settings=body.get("mic") if isinstance(body.get("mic"), dict) else {})
         self.client = client  # taken before the first await below: a second offer meanwhile is busy
         try:
-            self.track = AssistantTrack(self.buffer, encode=self.encode_in_track)
+            self.track = AssistantTrack(self.buffer, encode=not self.aiortc_encoder)
             self._wire(client)
             await peer.setRemoteDescription(offer)
             for transceiver in peer.getTransceivers():

@@ -71,7 +71,7 @@ class WebStage(PlayerStage):
         self.resampler = None if via_resampler else ResampleStage()
         self.sink = self.link = BrowserLink(host, port, self.buffer, on_mic_frame=self._mic_frame,
                                             on_client=self._client_event, ssl_context=ssl_context,
-                                            rx_prefetch=rx_prefetch, encode_in_track=not aiortc_encoder)
+                                            rx_prefetch=rx_prefetch, aiortc_encoder=aiortc_encoder)
         self.mic_pts = 0
         self.mic_frames = 0
         self.mic_gap_fills = 0
