@@ -21,6 +21,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def command_words(pid: int) -> list[str]:
+    """The words of a process's command line (a stage forked by the zygote has set its own as one
+    string: split on spaces, as ps shows it). Raises OSError when it is gone."""
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().replace(b"\0", b" ").decode(errors="replace").split()
+
+
 def parent_pid(pid: int) -> int | None:
     """The parent of `pid`; None when it is gone."""
     try:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What `voicebus up` costs, process by process: CPU and memory while listening and while talking.
 
-Starts `voicebus up` (offline: the simulator is started too, and reported apart) on the virtual
-audio rig, waits until every stage is up and warm, then measures for `--seconds` while nobody
+Starts `voicebus up` on the virtual audio rig, offline, against a `voicebus simulate` started apart
+(the test peer: shown, not counted, and not forked from `up`'s zygote), waits until every stage is up and warm, then measures for `--seconds` while nobody
 speaks (listening) and for `--seconds` while a spoken conversation loops into the virtual mic
 (talking). Per process: CPU % of one core (from /proc, user + system), RSS, and PSS (shared pages
 split between the processes that map them, so the pipeline's PSS sum is what it really occupies).
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, machine, process_label, process_tree, sample_processes  # noqa: E402
+from benchlib import REPO, machine, process_label, process_tree, sample_processes, start_simulator  # noqa: E402
 
 from common.bus import Receiver, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
@@ -39,17 +39,18 @@ LOOP_S = 14.0  # about how long one LOOP lasts
 SIMULATOR = "simulator"
 
 
-def start_up(work: Path, rig: PulseRig, extra: list[str]) -> tuple[subprocess.Popen, dict[str, str]]:
+def start_up(work: Path, rig: PulseRig, extra: list[str]) -> tuple[subprocess.Popen, subprocess.Popen, dict[str, str]]:
+    """The simulator, then `up` talking to it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))}
     env.update(rig.env, VOICEBUS_RUN_DIR=str(work), VOICEBUS_BUS_PUB=f"ipc://{work}/pub.sock",
-               VOICEBUS_BUS_SUB=f"ipc://{work}/sub.sock", VOICEBUS_SIM_PORT=str(19000 + os.getpid() % 900),
-               VOICEBUS_LOG_LEVEL="WARNING")
+               VOICEBUS_BUS_SUB=f"ipc://{work}/sub.sock", VOICEBUS_LOG_LEVEL="WARNING")
     (work / "rules.json").write_text(json.dumps(RULES))
+    simulator, sim_url = start_simulator(work, env, ["--pace", "realtime", "--rules", str(work / "rules.json")])
+    env["VOICEBUS_SIM_URL"] = sim_url
     log = open(work / "up.log", "ab")  # noqa: SIM115 - lives as long as the child
     up = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--arg", f"logger=--root {work / 'sessions'}",
-                           "--arg", f"simulator=--pace realtime --rules {work / 'rules.json'}", *extra],
-                          cwd=REPO, env=env, stdout=log, stderr=log)
-    return up, env
+                           *extra], cwd=REPO, env=env, stdout=log, stderr=log)
+    return simulator, up, env
 
 
 def wait_until_connected(env: dict[str, str], up: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -82,9 +83,9 @@ def name_of(pid: int, up_pid: int) -> str:
     return {"simulate": SIMULATOR}.get(command, command)
 
 
-def measure(up_pid: int, seconds: float) -> dict[str, dict]:
+def measure(up_pid: int, simulator_pid: int, seconds: float) -> dict[str, dict]:
     pids = {name_of(pid, up_pid): pid for pid in [up_pid, *process_tree(up_pid)]}
-    return sample_processes(pids, seconds)
+    return sample_processes({**pids, SIMULATOR: simulator_pid}, seconds)
 
 
 def render(result: dict) -> str:
@@ -116,21 +117,21 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vb-footprint-", dir="/tmp"))
     rig = PulseRig(work / "pulse")
-    up, env = start_up(work, rig, args.up_arg)
+    simulator, up, env = start_up(work, rig, args.up_arg)
     feeder = None
     try:
         wait_until_connected(env, up)
         print(f"footprint: pipeline up; warming {WARMUP_S:g} s, then {args.seconds:g} s listening", file=sys.stderr)
         time.sleep(WARMUP_S)
-        listening = measure(up.pid, args.seconds)
+        listening = measure(up.pid, simulator.pid, args.seconds)
         wav = write_wav(work / "conversation.wav", compose(LOOP * (int(args.seconds / LOOP_S) + 2), 48000), 48000)
         feeder = subprocess.Popen(["paplay", "--device=voicebus_mic_in", str(wav)], env={**os.environ, **rig.env})
         print(f"footprint: {args.seconds:g} s talking", file=sys.stderr)
-        talking = measure(up.pid, args.seconds)
+        talking = measure(up.pid, simulator.pid, args.seconds)
     finally:
         if feeder is not None:
             feeder.kill()
-        terminate([up], within_s=15)
+        terminate([up, simulator], within_s=15)
         rig.stop()
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": args.seconds,
               "listening": listening, "talking": talking}

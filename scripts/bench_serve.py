@@ -36,6 +36,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.processes import parent_pid  # noqa: E402
 from scripts.benchlib import (  # noqa: E402
     REPO,
     bench_python,
@@ -89,11 +90,18 @@ def _is_stage(pid: int) -> bool:
         return False
 
 
+def _is_zygote(pid: int) -> bool:
+    try:
+        return b"common.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class Sampler(threading.Thread):
     """CPU seconds of every process, each with its group at that moment, while the callers talk.
 
     Groups: `conversations` (voicebus: the live conversations' stage processes and everything under
-    them, and the node host process that runs them, its own CPU only; pipecat: the runner's process, where every bot runs), `pool` (voicebus stage processes of
+    them, and the node host process that runs them and its zygote, their own CPU and PSS only; pipecat: the runner's process, where every bot runs), `pool` (voicebus stage processes of
     prewarmed or starting sets), `ray` (the rest of serve's tree: raylet, GCS, idle workers, serve
     itself), `callers`, `simulator`. A process can change group (a prewarmed set becomes a caller's),
     so CPU is summed per interval, each in the group it was in at its end.
@@ -185,14 +193,16 @@ class VoicebusPeer(Peer):
         # (prewarmed sets' supervision included), its own memory once, not its children's
         hosts = sorted({c["pid"] for c in live if c.get("pid")})
         tops = [pid for c in live for pid in (c.get("stage_pids") or {}).values()]
-        group.update({pid: "conversations" for pid in hosts})
+        # and so is its zygote, that every set of the node forks its stages from
+        zygotes = [pid for pid in group if parent_pid(pid) in hosts and _is_zygote(pid)]
+        group.update({pid: "conversations" for pid in [*hosts, *zygotes]})
         for top in tops:
             group.update({pid: "conversations" for pid in [top, *process_tree(top)]})
-        self.hosts = hosts
+        self.hosts = [*hosts, *zygotes]
         return len(live), group, tops
 
     def pss_sample(self, roots: list[int]) -> list[float]:
-        """One figure per sample: every live conversation's processes and their hosts' own PSS."""
+        """One figure per sample: every live conversation's processes, and their hosts' and zygotes' own PSS."""
         return [round(sum(tree_pss(top) for top in roots) + sum(pss_mb(host) for host in self.hosts), 1)]
 
     def pss_per_conversation(self, pss: list[float], count: int) -> float:

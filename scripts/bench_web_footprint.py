@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """What one browser conversation costs, process by process, for each way of running the browser path.
 
-Each variant is a `voicebus up --web` (offline: the simulator is started too, and reported apart)
-called by one `voicebus call --take-turns` (aiortc, as a browser: Opus both ways) asking
-`--turns` questions; once it is on the line, CPU (% of one core, from /proc), RSS and PSS (shared
-pages split between the processes that map them, so the sum is what the conversation occupies)
-are sampled over `--seconds` for every process `up` started; the simulator and its
-speech-recognition workers are the test peer, shown and not counted. Variants are run in turn, `--rounds`
-times (A B A B ...), so that the machine's drift lands on all of them alike:
+Each variant is a `voicebus up --web` called by one `voicebus call --take-turns` (aiortc, as a
+browser: Opus both ways) asking `--turns` questions, all answered by one `voicebus simulate --pace
+realtime` started apart (`VOICEBUS_SIM_URL`): it is the test peer, not part of any variant, and not
+forked from a variant's zygote (whose pages it would then share). Once the caller is on the line, CPU
+(% of one core, from /proc), RSS and PSS (shared pages split between the processes that map them,
+so the sum is what the conversation occupies) are sampled over `--seconds` for every process `up`
+started, its zygote included. Variants are run in turn, `--rounds` times (A B A B ...), so that the
+machine's drift lands on all of them alike:
 
-- `in-process`: the default; the web stage resamples the browser's mic itself (`audio.user`).
+- `in-process`: the default; stages forked by the zygote, the web stage resamples the browser's mic
+  itself (`audio.user`).
+- `no-zygote`: `VOICEBUS_ZYGOTE=0`: every stage its own `python -m services.cli` (as under honcho).
 - `via-resampler`: `voicebus web --via-resampler` and a `voicebus resample` stage, as before.
 - `aiortc-encoder`: `voicebus web --aiortc-encoder`: aiortc Opus-encodes the assistant's audio
   (48 kHz stereo, in its worker thread) instead of the track (24 kHz mono, in the loop), as before.
@@ -29,34 +32,32 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, machine, pct, process_label, process_tree, sample_processes  # noqa: E402
+from benchlib import REPO, machine, pct, process_label, process_tree, sample_processes, start_simulator  # noqa: E402
 
 from common.ports import free_port  # noqa: E402
 from services.launcher import terminate  # noqa: E402
 
-# variant -> (`voicebus up` arguments, `voicebus web` arguments)
+# variant -> (`voicebus up` arguments, `voicebus web` arguments, environment)
 VARIANTS = {
-    "in-process": (["--web"], ""),
-    "via-resampler": (["--stages", "web,resample,tools,gateway,logger"], "--via-resampler"),
-    "aiortc-encoder": (["--web"], "--aiortc-encoder"),
+    "in-process": (["--web"], "", {}),
+    "no-zygote": (["--web"], "", {"VOICEBUS_ZYGOTE": "0"}),
+    "via-resampler": (["--stages", "web,resample,tools,gateway,logger"], "--via-resampler", {}),
+    "aiortc-encoder": (["--web"], "--aiortc-encoder", {}),
 }
 QUESTIONS = ["what is the weather like today", "how far away is the moon", "tell me a short story please",
              "what time is it", "turn on the lights in the kitchen", "how tall is mount everest"]
-SIMULATOR = "simulator"
 CALL_SETTLE_S = 4.0  # the caller connects and its first question starts before sampling
 
 
-def run_variant(name: str, work: Path, seconds: float, turns: int) -> dict:
+def run_variant(name: str, work: Path, seconds: float, turns: int, sim_url: str) -> dict:
     """One `up --web` and one caller; returns the per-process sample and what the caller heard."""
     run = work / f"{name}-{time.monotonic_ns()}"
     run.mkdir(mode=0o700)
-    web_port, sim_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))}
-    env.update(VOICEBUS_LOG_LEVEL="WARNING", VOICEBUS_SIM_PORT=str(sim_port))
-    up_args, web_args = VARIANTS[name]
+    web_port = free_port()
+    up_args, web_args, extra_env = VARIANTS[name]
+    env = {**_clean_env(), "VOICEBUS_SIM_URL": sim_url, **extra_env}
     command = [sys.executable, "-m", "services.cli", "up", "--run-dir", str(run), *up_args,
-               "--arg", f"web=--port {web_port} {web_args}".strip(), "--arg", "simulator=--pace realtime",
-               "--arg", f"logger=--root {run / 'sessions'}"]
+               "--arg", f"web=--port {web_port} {web_args}".strip(), "--arg", f"logger=--root {run / 'sessions'}"]
     with open(run / "up.log", "ab") as log:
         up = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
     caller = None
@@ -68,16 +69,11 @@ def run_variant(name: str, work: Path, seconds: float, turns: int) -> dict:
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         time.sleep(CALL_SETTLE_S)
         pids = {}
-        simulators: set[int] = set()  # the simulator and its speech-recognition workers
         for pid in [up.pid, *process_tree(up.pid)]:
             try:
                 label = "launcher" if pid == up.pid else process_label(pid)
-                if label == "simulate" and not simulators:
-                    simulators = {pid, *process_tree(pid)}
             except OSError:
                 continue
-            if pid in simulators:
-                label = SIMULATOR if label == "simulate" and SIMULATOR not in pids else f"{SIMULATOR} worker {pid}"
             pids[label if label not in pids else f"{label} {pid}"] = pid
         sample = sample_processes(pids, seconds)
         out, _ = caller.communicate(timeout=seconds + 120)
@@ -86,6 +82,12 @@ def run_variant(name: str, work: Path, seconds: float, turns: int) -> dict:
         terminate([up] if caller is None else [caller, up], within_s=15)
     return {"processes": sample, "heard_ms": heard.get("heard_ms", []), "replies": len(heard.get("assistant", [])),
             "gaps": heard.get("gaps"), "late_frames": heard.get("late_frames")}
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without keys or voicebus settings: offline, quiet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))}
+    return {**env, "VOICEBUS_LOG_LEVEL": "WARNING"}
 
 
 def _wait_for_page(port: int, up: subprocess.Popen, timeout_s: float = 120.0) -> None:
@@ -106,12 +108,12 @@ def _wait_for_page(port: int, up: subprocess.Popen, timeout_s: float = 120.0) ->
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per variant: the conversation's CPU and PSS (everything `up` started but the simulator), mean of rounds."""
+    """Per variant: the conversation's CPU and PSS (everything `up` started), mean of rounds."""
     summary = {}
     for name, rounds in runs.items():
         totals = []
         for one in rounds:
-            counted = {k: v for k, v in one["processes"].items() if not k.startswith(SIMULATOR)}
+            counted = one["processes"]
             totals.append((sum(v["cpu_pct"] for v in counted.values()), sum(v["pss_mb"] for v in counted.values()),
                            sum(v["rss_mb"] for v in counted.values()), len(counted)))
         summary[name] = {"cpu_pct": round(sum(t[0] for t in totals) / len(totals), 2),
@@ -141,8 +143,7 @@ def render(result: dict) -> str:
     lines += ["", "Per process, last round:", "", "| variant | process | CPU % | PSS MB |", "|---|---|---:|---:|"]
     for name, rounds in result["runs"].items():
         for process, figures in rounds[-1]["processes"].items():
-            note = " (test peer, not counted)" if process.startswith(SIMULATOR) else ""
-            lines.append(f"| {name} | {process}{note} | {figures['cpu_pct']:.1f} | {figures['pss_mb']:.0f} |")
+            lines.append(f"| {name} | {process} | {figures['cpu_pct']:.1f} | {figures['pss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -160,10 +161,14 @@ def main() -> int:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="vb-webfoot-", dir="/tmp"))
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
-    for round_no in range(args.rounds):
-        for name in chosen:
-            print(f"bench_web_footprint: {name}, round {round_no + 1} of {args.rounds} ...", file=sys.stderr)
-            runs[name].append(run_variant(name, work, args.seconds, args.turns))
+    simulator, sim_url = start_simulator(work, _clean_env(), ["--pace", "realtime"])
+    try:
+        for round_no in range(args.rounds):
+            for name in chosen:
+                print(f"bench_web_footprint: {name}, round {round_no + 1} of {args.rounds} ...", file=sys.stderr)
+                runs[name].append(run_variant(name, work, args.seconds, args.turns, sim_url))
+    finally:
+        terminate([simulator], within_s=10)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "seconds": args.seconds, "turns": args.turns,
               "rounds": args.rounds, "summary": summarize(runs), "runs": runs}
     print(render(result))

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.ports import free_port  # noqa: E402, F401 - for the bench scripts
-from common.processes import cpu_seconds, descendants, tree_total  # noqa: E402, F401 - for the bench scripts
+from common.processes import command_words, cpu_seconds, descendants, tree_total  # noqa: E402, F401 - for the bench scripts
 from common.rig import PulseRig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,12 +65,35 @@ def pss_mb(pid: int) -> float:
 
 
 def process_label(pid: int) -> str:
-    """What a process is, from its command line: the `voicebus` command (`services.cli <command>`),
-    else the script or program it runs. Raises OSError when the process is gone."""
-    words = [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    """What a process is, from its command line: the `voicebus` command (`services.cli <command>`,
+    a stage forked by the zygote too), `zygote`, else the script or program it runs. Raises OSError
+    when the process is gone."""
+    words = command_words(pid)
     if "services.cli" in words:
         return words[words.index("services.cli") + 1]
+    if "common.zygote" in words:
+        return "zygote"
     return next((Path(w).name for w in words[1:] if not w.startswith("-")), Path(words[0]).name)
+
+
+def start_simulator(work: Path, env: dict[str, str], args: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """A `voicebus simulate` of its own (its log in `work`), and its URL for `VOICEBUS_SIM_URL`: the
+    test peer apart from what is measured (not forked from the pipeline's zygote, whose pages it
+    would then share and take its part of)."""
+    import re
+
+    log_path = work / "simulator.log"
+    with open(log_path, "ab") as log:
+        simulator = subprocess.Popen([sys.executable, "-m", "services.cli", "simulate", "--port", "0", *args],
+                                     cwd=REPO, env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and simulator.poll() is None:
+        if found := re.search(r"(http://127\.0\.0\.1:\d+/v1)", log_path.read_text(errors="replace")):
+            return simulator, found.group(1)
+        time.sleep(0.2)
+    simulator.kill()
+    simulator.wait()
+    raise RuntimeError(f"the simulator did not start (see {log_path})")
 
 
 def process_tree(root: int) -> list[int]:

@@ -22,7 +22,7 @@ from common.bus import Receiver, connect_sub
 from common.config import BusConfig, new_session_id, openai_target
 from common.speech import synthesize
 from common.wavio import write_wav
-from services.launcher import LauncherError, ProcessSpec, Supervisor, spawn
+from services.launcher import LauncherError, ProcessSpec, Supervisor, default_zygote, spawn
 from services.pipeline import EXAMPLE_TOOLS, simulator_spec
 
 DEFAULT_QUESTIONS = ["what is the weather like today", "what time is it in tokyo", "please tell me a short story"]
@@ -114,7 +114,7 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
               ProcessSpec("player", ["player", "--wav", str(out_dir / "assistant-played.wav"), *quiet]),
               ProcessSpec("logger", ["logger", "--root", str(trace_root), *quiet])]
     click.echo(f"starting bus and {', '.join(s.name for s in specs)} (session {session})")
-    supervisor = Supervisor(cfg, specs, session, env)
+    supervisor = Supervisor(cfg, specs, session, env, zygote=default_zygote())
     ctx = zmq.Context()
     receiver = Receiver(connect_sub(ctx, cfg, ["rt.", "player.state", "health."]), "demo")
     turns = [Turn(q) for q in questions]
@@ -169,6 +169,7 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
 def _wait_ready(receiver: Receiver, supervisor: Supervisor) -> None:
     deadline = time.monotonic() + 60
     seen: set[str] = set()
+    tools_offered = False  # the server's session has the tools, as the gateway's heartbeat last said
     while time.monotonic() < deadline:
         _poll(supervisor)
         message = receiver.recv(timeout_ms=100)
@@ -176,8 +177,9 @@ def _wait_ready(receiver: Receiver, supervisor: Supervisor) -> None:
             continue
         if message.topic.startswith("health."):
             seen.add(message.topic.removeprefix("health."))
-        if message.topic == "rt.session.updated" and {"gateway", "resample", "player", "logger", "tools"} <= seen \
-                and message.data.get("event", {}).get("session", {}).get("tools"):
+        if message.topic == "health.gateway":
+            tools_offered = bool(message.data.get("session_tools"))
+        if tools_offered and {"gateway", "resample", "player", "logger", "tools"} <= seen:
             return
     raise click.ClickException("the pipeline did not come up within 60 s; run `voicebus doctor`")
 

@@ -1,7 +1,9 @@
 """`voicebus up`: start the bus, then the stages; restart what dies or goes silent; stop it all.
 
-Children are ordinary `voicebus <stage>` processes (the same ones the Procfile lists for honcho).
-Each gets PR_SET_PDEATHSIG so that even a SIGKILL of the launcher leaves no orphan behind.
+Children are ordinary `voicebus <stage>` processes (the same commands the Procfile lists for
+honcho), forked by the launcher's zygote (`common.zygote`: imported once, started in milliseconds,
+pages shared), or each its own `python -m services.cli` with `VOICEBUS_ZYGOTE=0`. Either way a
+SIGKILL of the launcher leaves no orphan behind (PR_SET_PDEATHSIG, through the zygote when forked).
 
 What is restarted and what is not (as LiveKit's supervised job processes, a child has a lifecycle):
 a stage that crashes after it started (its first heartbeat, or its port listening) is restarted with
@@ -35,6 +37,7 @@ from common.envelope import Stamper
 from common.log import kv
 from common.ports import port_listening
 from common.signals import StopFlag
+from common.zygote import ForkedProcess, Zygote
 
 HEARTBEAT_TIMEOUT_S = 5.0  # five missed beats
 STARTUP_GRACE_S = 20.0  # a stage may load models before its first beat
@@ -62,6 +65,9 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+Process = subprocess.Popen | ForkedProcess  # a stage, started either way
+
+
 class LauncherError(RuntimeError):
     """`up` cannot run (or go on): one line for the user, exit code 2."""
 
@@ -77,7 +83,7 @@ class ProcessSpec:
 @dataclass
 class Child:
     spec: ProcessSpec
-    proc: subprocess.Popen | None = None
+    proc: Process | None = None
     started_at: float = 0.0
     last_beat: float | None = None
     restarts: int = 0
@@ -107,17 +113,32 @@ def child_env(cfg: BusConfig, session: str, extra: dict[str, str] | None = None)
     return env
 
 
-def spawn(args: list[str], env: dict[str, str], stderr_tail: deque[str] | None = None) -> subprocess.Popen:
-    """Start `voicebus ARGS`; with `stderr_tail`, its stderr is passed through and its last lines kept."""
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, preexec_fn=_die_with_parent,
-                            stderr=subprocess.PIPE if stderr_tail is not None else None)
+def zygote_enabled() -> bool:
+    """Stages forked from a zygote unless VOICEBUS_ZYGOTE=0 (each then imports for itself, as under honcho)."""
+    return os.environ.get("VOICEBUS_ZYGOTE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def default_zygote() -> Zygote | None:
+    """This process's shared zygote, or None when VOICEBUS_ZYGOTE turns it off."""
+    return Zygote.shared() if zygote_enabled() else None
+
+
+def spawn(args: list[str], env: dict[str, str], stderr_tail: deque[str] | None = None,
+          zygote: Zygote | None = None) -> Process:
+    """Start `voicebus ARGS` (forked by `zygote` when given); with `stderr_tail`, its stderr is passed
+    through and its last lines kept."""
+    if zygote is not None:
+        proc: Process = zygote.spawn(args, env, stderr_pipe=stderr_tail is not None)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, preexec_fn=_die_with_parent,
+                                stderr=subprocess.PIPE if stderr_tail is not None else None)
     if stderr_tail is not None:
         threading.Thread(target=_pass_stderr, args=(proc, stderr_tail), name=f"stderr-{proc.pid}",
                          daemon=True).start()
     return proc
 
 
-def _pass_stderr(proc: subprocess.Popen, tail: deque[str]) -> None:
+def _pass_stderr(proc: Process, tail: deque[str]) -> None:
     assert proc.stderr is not None
     for raw in proc.stderr:
         sys.stderr.buffer.write(raw)
@@ -164,7 +185,7 @@ class BusLock:
             self._fd = None
 
 
-def terminate(procs: list[subprocess.Popen], within_s: float) -> None:
+def terminate(procs: list[Process], within_s: float) -> None:
     """SIGTERM all, wait up to `within_s` in total, SIGKILL whatever is left."""
     for proc in procs:
         if proc.poll() is None:
@@ -184,12 +205,13 @@ class Supervisor:
 
     def __init__(self, cfg: BusConfig, specs: list[ProcessSpec], session: str,
                  env_extra: dict[str, str] | None = None, bus_args: list[str] | None = None,
-                 lock_dir: Path | None = None) -> None:
+                 lock_dir: Path | None = None, zygote: Zygote | None = None) -> None:
         self.cfg = cfg
+        self.zygote = zygote  # forks the bus and the stages; None: each is its own `python -m services.cli`
         self.bus_args = ["bus", "--pub", cfg.pub, "--sub", cfg.sub, *(bus_args or [])]
         self.env = child_env(cfg, session, env_extra)
         self.children = [Child(spec) for spec in specs]
-        self.bus_proc: subprocess.Popen | None = None
+        self.bus_proc: Process | None = None
         self.ctx = zmq.Context()
         self.receiver: Receiver | None = None
         self.events: Publisher | None = None
@@ -203,7 +225,9 @@ class Supervisor:
             raise LauncherError(f"a bus already answers at {self.cfg.pub} (another pipeline, or a `voicebus bus` "
                                 "started by hand); this `up` would join it: stop it, or run this one apart with "
                                 "`voicebus up --run-dir DIR`")
-        self.bus_proc = spawn(self.bus_args, self.env)
+        if self.zygote is not None:
+            self.zygote.start()  # its imports, once: every start after this one is a fork
+        self.bus_proc = spawn(self.bus_args, self.env, zygote=self.zygote)
         if not wait_for_bus(self.ctx, self.cfg, timeout_s=bus_timeout_s):
             raise RuntimeError(f"the bus did not answer within {bus_timeout_s:.0f}s (see its log above)")
         log.info(kv("bus_up", pub=self.cfg.pub, sub=self.cfg.sub, pid=self.bus_proc.pid))
@@ -230,7 +254,7 @@ class Supervisor:
                        after_s=PORT_READY_TIMEOUT_S))
 
     def _start(self, child: Child) -> None:
-        child.proc = spawn(child.spec.args, self.env, child.stderr_tail)
+        child.proc = spawn(child.spec.args, self.env, child.stderr_tail, self.zygote)
         child.started_at = time.monotonic()
         child.last_beat = None
         child.started = False
@@ -258,7 +282,7 @@ class Supervisor:
         if self.bus_proc is not None and self.bus_proc.poll() is not None:
             code = self.bus_proc.returncode
             log.error(kv("bus_exited", code=code, action="restarting bus"))
-            self.bus_proc = spawn(self.bus_args, self.env)
+            self.bus_proc = spawn(self.bus_args, self.env, zygote=self.zygote)
             self._announce("launcher.restart", stage="bus", reason=f"exited with code {code}", backoff_s=0,
                            restarts=None)
         for child in self.children:
@@ -348,7 +372,8 @@ def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: di
            bus_args: list[str] | None = None) -> int:
     """Run the pipeline until Ctrl-C (0), or until a stage can never start (2, with its reason)."""
     stopping = StopFlag.install()
-    supervisor = Supervisor(cfg, specs, session, env_extra, bus_args)
+    zygote = default_zygote()
+    supervisor = Supervisor(cfg, specs, session, env_extra, bus_args, zygote=zygote)
     try:
         supervisor.start()
         log.info(kv("pipeline_up", stages=",".join(s.name for s in specs), session=session))
@@ -359,6 +384,8 @@ def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: di
         supervisor.fatal = str(exc)
     finally:
         supervisor.stop()
+        if zygote is not None:
+            zygote.stop()
     if supervisor.fatal is not None:
         print(f"voicebus up: {supervisor.fatal}", file=sys.stderr)
         return USAGE_EXIT_CODE

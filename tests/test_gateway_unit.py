@@ -286,3 +286,19 @@ def test_a_conversation_that_ends_closes_its_server_session_and_the_next_starts_
     [connected] = [m for m in published if m.topic == "rt.gateway.connected"]
     assert connected.data["replayed_items"] == 0 and connected.data["resumed"] is False
     assert [e["type"] for e in sent] == ["session.update"]
+
+
+def test_the_heartbeat_says_whether_the_server_session_is_configured_and_with_which_tools():
+    """A watcher that subscribed after the one `session.updated` went by (a stage set forked in
+    milliseconds configures its session before `eval` or `serve` has its socket) still learns it."""
+    stage, _published, _sent = _gateway(interrupt_response=True)
+    stage.socket.connects = 1
+    stage._on_connected(attempt=1)
+    assert stage.counters()["session_configured"] is False and stage.counters()["session_tools"] == []
+    _server(stage, type="session.updated", session={
+        "type": "realtime", "object": "realtime.session", "id": "sess_1", "model": "gpt-realtime",
+        "tools": [{"type": "function", "name": "get_current_time", "parameters": {"type": "object"}}]})
+    assert stage.counters()["session_configured"] is True
+    assert stage.counters()["session_tools"] == ["get_current_time"]
+    stage._on_closed("server went away", attempt=1)  # the next server session has to confirm its own
+    assert stage.counters()["session_configured"] is False

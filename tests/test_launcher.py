@@ -11,9 +11,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 
 from common.config import BusConfig
+from common.processes import command_words, parent_pid
 from common.signals import StopFlag
 from common.utterances import compose
 from common.wavio import write_wav
@@ -72,6 +74,26 @@ def test_sigkill_of_launcher_takes_children_down(procs, client_factory_no_bus):
     assert [pid for pid in descendants if alive(pid)] == []
 
 
+@pytest.mark.parametrize("zygote", ["1", "0"])
+def test_stages_fork_from_one_zygote_or_each_run_its_own_python(procs, client_factory_no_bus, zygote):
+    up = procs.voicebus("up", "--stages", "resample", env={"VOICEBUS_ZYGOTE": zygote})
+    client = client_factory_no_bus(["health.resample"])
+    client.wait_for(lambda m: m.topic == "health.resample", timeout_s=30)
+    under_up = {pid: command_words(pid) for pid in children_of(up.pid)}
+    zygotes = [pid for pid, words in under_up.items() if "common.zygote" in words]
+    stages = {words[3]: pid for pid, words in under_up.items() if words[1:3] == ["-m", "services.cli"]}
+    assert set(stages) == {"bus", "resample"}
+    if zygote == "1":
+        assert len(zygotes) == 1 and parent_pid(zygotes[0]) == up.pid
+        assert {parent_pid(pid) for pid in stages.values()} == set(zygotes)
+    else:
+        assert zygotes == []
+        assert {parent_pid(pid) for pid in stages.values()} == {up.pid}
+    up.send_signal(signal.SIGINT)
+    assert up.wait(timeout=20) == 0
+    assert [pid for pid in under_up if alive(pid)] == []
+
+
 def test_unknown_stage_is_a_usage_error(procs):
     up = procs.voicebus("up", "--stages", "nosuch")
     assert up.wait(timeout=20) == 2
@@ -88,11 +110,11 @@ def test_every_process_up_starts_takes_arg(procs, client_factory_no_bus, tmp_pat
     client.wait_for(lambda m: m.topic == "rt.gateway.connected", timeout_s=30)
     # the gateway starts once the simulator listens: no refused first connection, in the log or the trace
     assert "connect_failed" not in procs.log_of(up) and "ConnectionRefusedError" not in procs.log_of(up)
-    command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children_of(up.pid)]
-    simulator = next(c for c in command_lines if b"simulate" in c)
-    bus = next(c for c in command_lines if b"bus" in c and b"services.cli" in c[1:3])
-    assert [b"--rules", str(rules).encode()] == simulator[simulator.index(b"--rules"):simulator.index(b"--rules") + 2]
-    assert b"--log-level" in bus and b"DEBUG" in bus
+    command_lines = [command_words(pid) for pid in children_of(up.pid)]
+    simulator = next(c for c in command_lines if "simulate" in c)
+    bus = next(c for c in command_lines if "bus" in c and "services.cli" in c[1:3])
+    assert ["--rules", str(rules)] == simulator[simulator.index("--rules"):simulator.index("--rules") + 2]
+    assert "--log-level" in bus and "DEBUG" in bus
     wrong = procs.voicebus("up", "--arg", "nosuch=--x", name="up-wrong")
     assert wrong.wait(timeout=20) == 2
     assert "every process `up` starts takes --arg: bus, simulator, mic" in procs.log_of(wrong)

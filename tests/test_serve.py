@@ -19,6 +19,7 @@ import pytest
 
 from common.browser import Chromium
 from common.config import BusConfig
+from common.processes import command_words
 from common.speech import Transcriber, nearest_sentence, word_error_rate
 from common.utterances import compose
 from common.wavio import read_wav, write_wav
@@ -31,6 +32,7 @@ QUESTIONS = ["what is the weather like today", "please turn on the lights in the
              "how far away is the moon", "can you help me with my homework"]
 # the four callers: the last asks for the time, which the simulator answers with a tool call
 FOUR_QUESTIONS = [*QUESTIONS[:3], "what time is it in tokyo"]
+SLOW_START_S = 8  # a stage set's start in the prewarming test: longer than a caller's own start
 SLOTS_PER_NODE, NODES = 2, 2
 pytestmark = pytest.mark.timeout(300)  # a cluster, several stage sets and real calls per test
 
@@ -272,7 +274,12 @@ def test_a_browser_page_through_serve_talks_and_is_cut_where_it_stopped_playing(
 
 def test_bad_input_gets_clear_http_errors_and_a_clean_stop_leaves_no_process(procs, cluster, tmp_path):
     made, _nodes = cluster
-    serve, url = _start_serve(procs, made.address, tmp_path / "traces", "--prewarm", "2")
+    # every stage set takes this long to start (its tools stage loads this module first, as one that
+    # loads a model would): a caller who arrives while the pool refills finds it still refilling
+    slow_tools = tmp_path / "slow_tools.py"
+    slow_tools.write_text(f"import time\n\ntime.sleep({SLOW_START_S})\n\n\n"
+                          "def nothing() -> str:\n    \"\"\"Does nothing.\"\"\"\n    return ''\n")
+    serve, url = _start_serve(procs, made.address, tmp_path / "traces", "--prewarm", "2", "--tools", str(slow_tools))
     for body, expected in ((b"not json", "malformed offer"), (b'{"type": "answer", "sdp": "x"}', "expected JSON"),
                            (b"[1, 2]", "expected JSON")):
         status, text, _ = _http(url + "offer", body)
@@ -292,6 +299,7 @@ def test_bad_input_gets_clear_http_errors_and_a_clean_stop_leaves_no_process(pro
         now = _status(url)
     assert now["warming"] == 2 and now["prewarmed"] == 0, now  # both taken, both being replaced
     waited_before = now["counts"]["waited_for_warming"]  # (the nonsense offer above waited for the first pool)
+    cold_before = now["counts"]["cold_starts"]
     callers.append(_call(procs, url, QUESTIONS[2], tmp_path, "caller-after-refill"))
     for index, caller in enumerate(callers):
         out, _ = caller.communicate(timeout=120)
@@ -300,6 +308,7 @@ def test_bad_input_gets_clear_http_errors_and_a_clean_stop_leaves_no_process(pro
         assert result["assistant"] == [f"I heard: {QUESTIONS[index]}"], result
         print(f"connect -> live, caller {index}: {result['connect_ms']} ms")
     assert _status(url)["counts"]["waited_for_warming"] == waited_before + 1
+    assert _status(url)["counts"]["cold_starts"] == cold_before  # not one more start beside the refills
     # Ctrl-C: every stage set stops within 10 s and no process of any conversation is left on any node
     stage_processes = _stage_processes(made)
     per_set = len(WEB_STAGES) + 1  # its stages and its bus
@@ -348,7 +357,7 @@ def test_a_killed_gateway_is_restarted_inside_its_conversation_and_a_lost_node_d
     gateway = victim["stage_pids"]["gateway"]
     # its node's host started it, and it is the gateway the status names
     assert gateway in children_of(victim["pid"])
-    assert Path(f"/proc/{gateway}/cmdline").read_bytes().split(b"\0")[3:4] == [b"gateway"]
+    assert command_words(gateway)[3:4] == ["gateway"]
     os.kill(gateway, signal.SIGKILL)
     # a whole node lost mid-conversation: the other node's conversations (the victim's included) go on
     keep = victim["node_id"]

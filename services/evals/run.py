@@ -44,7 +44,7 @@ from services.evals.scenario import (
     load_scenarios,
     resolve_audio,
 )
-from services.launcher import LauncherError, ProcessSpec, Supervisor
+from services.launcher import LauncherError, ProcessSpec, Supervisor, default_zygote
 from services.logger.store import load_json, load_turns
 from services.mic import CUE_STATE_TOPIC, CUE_TOPIC
 from services.pipeline import EXAMPLE_TOOLS, simulator_spec
@@ -168,7 +168,7 @@ class Pipeline:
                   ProcessSpec("mic", ["mic", "--cued", "--rate", str(MIC_RATE), *quiet]),
                   ProcessSpec("logger", ["logger", "--root", str(self.sessions_dir), "--no-upload", *quiet])]
         self.stage_names = {spec.name for spec in specs if spec.heartbeat}
-        self.supervisor = Supervisor(self.cfg, specs, f"eval-{run_id}", env)
+        self.supervisor = Supervisor(self.cfg, specs, f"eval-{run_id}", env, zygote=default_zygote())
         self.ctx = zmq.Context()
         self.receiver: Receiver | None = None
         self.publisher: Publisher | None = None
@@ -186,6 +186,7 @@ class Pipeline:
         self.publisher = Publisher(connect_pub(self.ctx, self.cfg))
         wait_for_bus(self.ctx, self.cfg, timeout_s=10, pub=self.publisher.sock, sub=self.receiver.sock)
         seen: set[str] = set()
+        tools: list[str] = []  # the server's session's, as the gateway's heartbeat last said
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             message = self.recv(100)
@@ -193,12 +194,13 @@ class Pipeline:
                 continue
             if message.topic.startswith("health."):
                 seen.add(message.topic.removeprefix("health."))
-            if message.topic == "rt.session.updated" and self.stage_names <= seen:
-                tools = message.data.get("event", {}).get("session", {}).get("tools") or []
-                if tools:  # the tools stage always offers at least one (the example module by default)
-                    # the launch session ends unused: each scenario then begins on a server session of its own
-                    self.send(SESSION_END, {"session": self.stamper.session, "reason": "eval: scenarios follow"})
-                    return {tool.get("name") for tool in tools}
+            if message.topic == "health.gateway":
+                tools = list(message.data.get("session_tools") or [])
+            # the tools stage always offers at least one (the example module by default)
+            if tools and self.stage_names <= seen:
+                # the launch session ends unused: each scenario then begins on a server session of its own
+                self.send(SESSION_END, {"session": self.stamper.session, "reason": "eval: scenarios follow"})
+                return set(tools)
         missing = ", ".join(sorted(self.stage_names - seen)) or "none (no Realtime session came up)"
         raise EvalError(f"the pipeline did not come up within {READY_TIMEOUT_S:.0f} s; stages not heard from: "
                         f"{missing}; run `voicebus doctor`")

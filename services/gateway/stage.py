@@ -70,6 +70,9 @@ class GatewayStage(Stage):
         self.pending_truncate: dict[str, Any] | None = None
         self.conversation: OrderedDict[str, tuple[str, str]] = OrderedDict()  # item_id -> (role, text)
         self.tools: list[dict[str, Any]] = []  # as announced on tools.available
+        # the server's session as it last confirmed it (session.updated), None until then: in every
+        # heartbeat, for whoever subscribed after that one event went by
+        self.session_tools: list[str] | None = None
         self.tools_instance = ""
         self.calls = FunctionCalls(tool_timeout_s)
         self.ws_log_path = ws_log
@@ -105,7 +108,8 @@ class GatewayStage(Stage):
             self._ws_log.close()
 
     def counters(self) -> dict[str, Any]:
-        extra = {"connected": self.socket.connected}
+        extra = {"connected": self.socket.connected, "session_configured": self.session_tools is not None,
+                 "session_tools": self.session_tools or []}
         if self.echo_guard is not None:
             extra.update(echo_gated_frames=self.echo_guard.gated_frames, echo_passed_frames=self.echo_guard.passed_frames)
         return {**self.counts, **self.calls.counts, "tools": len(self.tools), **extra}
@@ -247,6 +251,7 @@ class GatewayStage(Stage):
         self.fresh_session = False
         self.session_samples = 0  # a new socket is a new server session: its audio clock starts at 0
         self.appended_frames.clear()
+        self.session_tools = None  # until this server session confirms its configuration
         log.info(kv("connected", url=self.url_for_logs, attempt=attempt, resumed=resumed))
         self.send(session_update(self.settings, self.protocol, self.tools))
         replayed = 0
@@ -260,6 +265,7 @@ class GatewayStage(Stage):
 
     def _on_closed(self, reason: str, attempt: int) -> None:
         was_active = self.response_active is not None
+        self.session_tools = None
         self.response_active = None
         self.pending_truncate = None
         self.calls.reset()
@@ -289,6 +295,8 @@ class GatewayStage(Stage):
         kind = parsed.type
         if kind == "response.output_audio.delta":
             self._on_audio_delta(data, parsed.audio, t_recv_ns)
+        elif kind == "session.updated":
+            self.session_tools = [str(tool.get("name")) for tool in data.get("session", {}).get("tools") or []]
         benign = kind == "error" and data.get("error", {}).get("code") in BENIGN_ERRORS
         self._publish_event(f"rt.{kind}", {"event": data, "protocol": self.protocol, "t_recv_ns": t_recv_ns,
                                            **({"benign": True} if benign else {})})

@@ -6,8 +6,9 @@ path's stages (web, tools, gateway, logger, and the simulator when offline), exa
 up --web` does, and its web stage answers the browser's offer, so media flows between the browser
 and this node; only signalling passed through the front door. The conversation is over when its
 caller hangs up or vanishes (the web stage's `session.end`) or has been idle too long; the front
-door then stops it, which stops every process it started (they also die with the thread that
-started them: PR_SET_PDEATHSIG).
+door then stops it, which stops every process it started. Its stages are forks of the node host's
+zygote (`common.zygote`: imported once for all the node's conversations, so a stage set starts in
+milliseconds and shares those pages); they die with it, and it with the node host.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class Conversation:
     # --- the stage set's own thread (owns the supervisor's sockets) ------------------------------
     def _run(self) -> None:
         from common.bus import Receiver, connect_sub
-        from services.launcher import LauncherError, Supervisor
+        from services.launcher import LauncherError, Supervisor, default_zygote
         from services.pipeline import WEB_STAGES, pipeline_specs
 
         if self.prewarm:
@@ -182,7 +183,7 @@ class Conversation:
         specs, env = pipeline_specs(WEB_STAGES, extra)
         # its stages' run dir (passed, not set here: the host's other conversations share os.environ)
         supervisor = Supervisor(cfg, specs, self.session, {**env, "VOICEBUS_RUN_DIR": str(self.run_dir)},
-                                lock_dir=self.run_dir)
+                                lock_dir=self.run_dir, zygote=default_zygote())
         self._supervisor = supervisor
         self.state["stages"] = [spec.name for spec in specs]
         receiver = None
@@ -212,8 +213,8 @@ class Conversation:
         topic = message.topic
         if topic.startswith("health."):
             self._beating.add(topic.removeprefix("health."))
-        if topic == "rt.session.updated":
-            self._session_configured = True
+        if topic == "rt.session.updated" or (topic == "health.gateway" and message.data.get("session_configured")):
+            self._session_configured = True  # (the heartbeat: for a watch that began after that event)
         if not self._ready.is_set() and self._session_configured and \
                 set(self.state["stages"]) - {"simulator"} <= self._beating:
             self._ready.set()  # a caller's first words now reach the server

@@ -83,7 +83,8 @@ class FrontDoor:
         self.pending = 0
         self.stopping = False
         self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
-                       "dropped": 0, "failed_starts": 0, "waited_for_warming": 0}
+                       "dropped": 0, "failed_starts": 0, "waited_for_warming": 0,
+                       "cold_starts": 0}  # a caller's own stage set started: none idle, none warming
         self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 
     # --- capacity ------------------------------------------------------------------------------
@@ -251,6 +252,7 @@ class FrontDoor:
                 log.warning(kv("prewarmed_lost", session=candidate.session, error=repr(str(exc)[:200])))
                 self._release(candidate.session, candidate.node_host, candidate.slot)
         if placed is None:
+            self.counts["cold_starts"] += 1
             try:
                 placed = await self._start_one()
                 answer = await placed.node_host.offer.remote(placed.session, body)

@@ -46,6 +46,20 @@ class NodeHost:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.host = settings.get("media_host") or ray.util.get_node_ip_address()
         self.conversations: dict[str, Conversation] = {}
+        self._warm_zygote()
+
+    @staticmethod
+    def _warm_zygote() -> None:
+        """Import the stages once, now, at full priority: every conversation's stages fork from it."""
+        from common.zygote import ZygoteError
+        from services.launcher import default_zygote
+
+        zygote = default_zygote()
+        if zygote is not None:
+            try:
+                zygote.start()
+            except ZygoteError as exc:  # the first conversation tries again, and reports it
+                log.warning(kv("zygote_failed", error=str(exc)))
 
     def where(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "host": self.host, "pid": os.getpid()}

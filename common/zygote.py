@@ -1,0 +1,325 @@
+"""Stage processes forked from one warm process that imported them once (a zygote).
+
+A stage started as `python -m services.cli STAGE` spends a second or more of CPU importing numpy,
+pyzmq, pydantic, aiortc and the openai SDK's event types before it does anything (twenty seconds on
+a machine busy starting several stage sets), and holds a private copy of every module object it
+imported. The zygote imports them once (`PRELOAD`); then each stage is a fork of it: it starts in
+milliseconds and shares the imported pages copy-on-write (`gc.freeze()` keeps the collector from
+touching, and so copying, them). This is LiveKit's forkserver pattern. It is not multiprocessing's
+forkserver: that one re-imports the parent's `__main__` in every child (in a Ray worker: Ray) and
+starts a resource tracker beside it.
+
+The launcher and its zygote talk over a Unix socket pair, one request at a time: the request is
+JSON (argv, env, cwd, nice, name) with the write end of a status pipe and, optionally, the child's
+stderr passed as file descriptors; the answer is the child's pid. The zygote reaps its children and
+writes each one's exit code (as `Popen.returncode`: -N for signal N) to its status pipe. A stage
+is the zygote's child: it gets SIGTERM when the zygote dies (PR_SET_PDEATHSIG), and the zygote ends
+when its launcher does (its socket closes), however the launcher ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import importlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import setproctitle
+
+from common.log import kv
+
+# what the stages import, their lazy imports included (the SDK's event tables, the browser stage's
+# codec and jitter buffer): every stage of `up` and of a served conversation forks with these in
+# place. Not the MCP client (only with `tools --mcp`) nor weave (only when uploading).
+PRELOAD = ["services.cli", "common.runner", "services.bus", "services.resampler", "services.mic",
+           "services.player", "services.gateway.stage", "services.gateway.session", "services.gateway.bargein",
+           "services.tools.stage", "services.logger.stage", "services.web.stage", "services.web.opus",
+           "services.simulator.server", "aiortc.jitterbuffer", "ssl"]
+READY_TIMEOUT_S = 120.0  # its imports, on a machine that is busy starting other stage sets
+REQUEST_TIMEOUT_S = 30.0
+EXIT_CODE = struct.Struct("<i")
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+ZYGOTE_LOST = 255  # the status pipe closed without a code: the zygote died (its children get SIGTERM)
+
+log = logging.getLogger("voicebus.zygote")
+
+
+class ZygoteError(RuntimeError):
+    """The zygote could not start or did not answer."""
+
+
+class ForkedProcess:
+    """A stage forked by the zygote, with the part of `subprocess.Popen` the launcher uses."""
+
+    def __init__(self, args: list[str], pid: int, status_fd: int, stderr: Any = None) -> None:
+        self.args, self.pid, self.stderr = args, pid, stderr
+        self.returncode: int | None = None
+        self._status_fd = status_fd
+        os.set_blocking(status_fd, False)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                data = os.read(self._status_fd, EXIT_CODE.size)
+            except BlockingIOError:
+                return None
+            self.returncode = EXIT_CODE.unpack(data)[0] if len(data) == EXIT_CODE.size else ZYGOTE_LOST
+            os.close(self._status_fd)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.poll() is None:
+            readable, _, _ = select.select([self._status_fd], [], [], timeout)
+            if not readable:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        code = self.poll()
+        assert code is not None
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # not a pid that may have been given to another process since
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class Zygote:
+    """The launcher's end: starts the zygote process, asks it for stages."""
+
+    _shared: Zygote | None = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @classmethod
+    def shared(cls) -> Zygote:
+        """This process's zygote (the node host's conversations share one)."""
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
+
+    def start(self) -> None:
+        """Start it (if it is not running) and wait until it has imported `PRELOAD`."""
+        with self._lock:
+            self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        if self.proc is not None and self._sock is not None:  # it died; not stopped
+            log.warning(kv("zygote_restart", code=self.proc.returncode))
+        if self._sock is not None:
+            self._sock.close()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # a Ray worker has it set (for its own titles): setproctitle would then keep a fork's title
+        # within the zygote's short command line (`voicebus ga`)
+        env.pop("SPT_NOENV", None)
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno())],
+                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+        theirs.close()
+        self._sock = ours
+        ours.settimeout(READY_TIMEOUT_S)
+        try:
+            if ours.recv(64) != b"ready":
+                raise ZygoteError(f"the zygote exited while importing (code {self.proc.wait(5)}; see its log above)")
+        except TimeoutError:
+            self.proc.kill()
+            raise ZygoteError(f"the zygote did not finish its imports within {READY_TIMEOUT_S:.0f} s") from None
+        log.info(kv("zygote_ready", pid=self.proc.pid, after_s=round(time.monotonic() - started, 2)))
+
+    def stop(self, within_s: float = 5.0) -> None:
+        """End it (its launcher is done with it): it exits when its socket closes; killed if it has not
+        within `within_s`. A later `spawn` starts a new one."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            if self.proc is not None:
+                try:
+                    self.proc.wait(within_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+
+    def spawn(self, args: list[str], env: dict[str, str], stderr_pipe: bool = False, name: str = "") -> ForkedProcess:
+        """Fork `voicebus ARGS` with this environment, at the calling thread's niceness (as a
+        subprocess started from it would be); `stderr_pipe`: its stderr is a pipe read from `.stderr`."""
+        status_r, status_w = os.pipe()
+        err_r, err_w = os.pipe() if stderr_pipe else (-1, -1)
+        request = {"argv": args, "env": env, "cwd": os.getcwd(), "name": name or (args[0] if args else "stage"),
+                   "nice": os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
+        try:
+            with self._lock:
+                self._ensure_running()
+                assert self._sock is not None
+                self._sock.settimeout(REQUEST_TIMEOUT_S)
+                fds = [status_w, *([err_w] if stderr_pipe else [])]
+                socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
+                answer = self._sock.recv(64)
+            if not answer:
+                raise ZygoteError("the zygote exited before it answered")
+        except (OSError, ZygoteError):
+            for fd in (status_r, err_r):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in (status_w, err_w):
+                if fd >= 0:
+                    os.close(fd)
+        stderr = os.fdopen(err_r, "rb") if stderr_pipe else None
+        return ForkedProcess(args, int(answer), status_r, stderr)
+
+
+# --- the zygote process itself ------------------------------------------------------------------
+def _serve(control: socket.socket) -> None:
+    """Fork a stage for each request until the launcher's end of `control` closes."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that SIGCHLD writes to the wake pipe
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle: it stops the stages
+    status_fds: dict[int, int] = {}  # child pid -> the write end of its status pipe
+    while True:
+        readable, _, _ = select.select([control, wake_r], [], [])
+        if wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 512)
+            _reap(status_fds)
+        if control not in readable:
+            continue
+        message, fds, _, _ = socket.recv_fds(control, 1 << 20, 2)
+        if not message:
+            return  # the launcher is gone: our children get SIGTERM as we exit
+        request = json.loads(message)
+        pid = os.fork()
+        if pid == 0:
+            _become_stage(request, fds, [control.fileno(), wake_r, wake_w, *status_fds.values()])
+        status_fds[pid] = fds[0]
+        for fd in fds[1:]:
+            os.close(fd)
+        control.sendall(str(pid).encode())
+
+
+def _reap(status_fds: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = status_fds.pop(pid, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):  # the launcher stopped waiting for it
+                os.write(fd, EXIT_CODE.pack(os.waitstatus_to_exitcode(status)))
+            os.close(fd)
+
+
+def _become_stage(request: dict[str, Any], fds: list[int], inherited: list[int]) -> None:
+    """In the fork: become `voicebus ARGV` as a fresh process would be, run it, and exit (never returns)."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for fd in [*inherited, fds[0]]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        zygote = os.getppid()
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != zygote:
+            os._exit(ZYGOTE_LOST)  # the zygote died between our fork and the prctl
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, int(request["nice"]))
+        if len(fds) > 1:
+            os.dup2(fds[1], 2)
+            os.close(fds[1])
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = ["voicebus", *request["argv"]]
+        # last, so that a process named so is set up: what ps and /proc/PID/cmdline show, the command
+        # it would have been started with (not the zygote's); and the short name top shows
+        setproctitle.setproctitle(" ".join([sys.executable, "-m", "services.cli", *request["argv"]]))
+        libc.prctl(PR_SET_NAME, f"vb-{request['name']}"[:15].encode())
+        code = _run_cli(request["argv"])
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _run_cli(argv: list[str]) -> int:
+    """`voicebus ARGV` to its end, as the interpreter would end it: its exit code, then its
+    non-daemon threads joined and its atexit functions run (os._exit skips both)."""
+    import atexit
+
+    from services.cli import main
+
+    try:
+        main(args=argv, prog_name="voicebus")
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - printed as the interpreter would, then exit 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter does at exit
+    atexit._run_exitfuncs()
+    return code
+
+
+def main() -> None:
+    control = socket.socket(fileno=int(sys.argv[1]))
+    # now, with its environment still in place: setproctitle takes the argv and environ area for the
+    # titles on its first call (after a fork's environment is replaced it finds none)
+    setproctitle.setproctitle(f"{sys.executable} -m common.zygote {sys.argv[1]} (voicebus stage zygote)")
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from common.realtime_types import client_event_models, server_event_models
+
+    client_event_models("ga"), server_event_models("ga")  # the gateway's tables, built once here
+    gc.collect()
+    gc.freeze()  # what is imported is never collected: the collector leaves its pages shared
+    if threading.active_count() != 1:
+        raise SystemExit(f"zygote: a preloaded module started a thread ({threading.enumerate()}); a fork would lose it")
+    control.sendall(b"ready")
+    _serve(control)
+
+
+if __name__ == "__main__":
+    main()
