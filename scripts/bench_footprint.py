@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, machine, process_label, process_tree, sample_processes, start_simulator  # noqa: E402
+from benchlib import (  # noqa: E402
+    REPO,
+    machine,
+    offline_env,
+    process_label,
+    process_tree,
+    sample_processes,
+    start_simulator,
+)
 
 from common.bus import Receiver, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
@@ -41,7 +49,7 @@ SIMULATOR = "simulator"
 
 def start_up(work: Path, rig: PulseRig, extra: list[str]) -> tuple[subprocess.Popen, subprocess.Popen, dict[str, str]]:
     """The simulator, then `up` talking to it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))}
+    env = offline_env()
     env.update(rig.env, VOICEBUS_RUN_DIR=str(work), VOICEBUS_BUS_PUB=f"ipc://{work}/pub.sock",
                VOICEBUS_BUS_SUB=f"ipc://{work}/sub.sock", VOICEBUS_LOG_LEVEL="WARNING")
     (work / "rules.json").write_text(json.dumps(RULES))
@@ -79,8 +87,7 @@ def wait_until_connected(env: dict[str, str], up: subprocess.Popen, timeout_s: f
 def name_of(pid: int, up_pid: int) -> str:
     if pid == up_pid:
         return "launcher"
-    command = process_label(pid)
-    return {"simulate": SIMULATOR}.get(command, command)
+    return process_label(pid)
 
 
 def measure(up_pid: int, simulator_pid: int, seconds: float) -> dict[str, dict]:

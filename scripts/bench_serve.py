@@ -44,6 +44,7 @@ from scripts.benchlib import (  # noqa: E402
     free_port,
     machine,
     pct,
+    process_label,
     process_tree,
     pss_mb,
     tree_total,
@@ -92,7 +93,7 @@ def _is_stage(pid: int) -> bool:
 
 def _is_zygote(pid: int) -> bool:
     try:
-        return b"common.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return process_label(pid) == "zygote"
     except OSError:
         return False
 

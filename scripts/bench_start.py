@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import free_port, machine, pct, start_simulator, tree_total  # noqa: E402
+from benchlib import free_port, machine, offline_env, pct, start_simulator, tree_total  # noqa: E402
 
 from common.bus import Receiver, connect_sub  # noqa: E402
 from common.config import BusConfig  # noqa: E402
@@ -83,9 +83,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="Write the figures here too.")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vb-start-", dir="/tmp"))
-    for key in [k for k in os.environ if k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))]:
-        del os.environ[key]  # offline, quiet: what the stage sets inherit
-    os.environ["VOICEBUS_LOG_LEVEL"] = "WARNING"
+    clean = offline_env()  # offline, quiet: what the stage sets inherit
+    os.environ.clear()
+    os.environ.update(clean, VOICEBUS_LOG_LEVEL="WARNING")
     simulator, os.environ["VOICEBUS_SIM_URL"] = start_simulator(work, dict(os.environ), ["--pace", "realtime"])
     zygote = Zygote()
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import REPO, machine, pct, process_label, process_tree, sample_processes, start_simulator  # noqa: E402
+from benchlib import (  # noqa: E402
+    REPO,
+    machine,
+    offline_env,
+    pct,
+    process_label,
+    process_tree,
+    sample_processes,
+    start_simulator,
+)
 
 from common.ports import free_port  # noqa: E402
 from services.launcher import terminate  # noqa: E402
@@ -86,8 +94,7 @@ def run_variant(name: str, work: Path, seconds: float, turns: int, sim_url: str)
 
 def _clean_env() -> dict[str, str]:
     """This environment without keys or voicebus settings: offline, quiet."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))}
-    return {**env, "VOICEBUS_LOG_LEVEL": "WARNING"}
+    return {**offline_env(), "VOICEBUS_LOG_LEVEL": "WARNING"}
 
 
 def _wait_for_page(port: int, up: subprocess.Popen, timeout_s: float = 120.0) -> None:

@@ -24,6 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_VENV = REPO / ".venv-bench"
 
 
+def offline_env() -> dict[str, str]:
+    """This environment without keys or voicebus settings: what a benchmark starts runs offline, on
+    its own run dir and simulator."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "WANDB_", "VOICEBUS_"))}
+
+
 def machine() -> str:
     model = "unknown cpu"
     try:
