@@ -49,6 +49,7 @@ PRELOAD = ["services.cli", "common.runner", "services.bus", "services.resampler"
            "services.simulator.server", "aiortc.jitterbuffer", "ssl"]
 READY_TIMEOUT_S = 120.0  # its imports, on a machine that is busy starting other stage sets
 REQUEST_TIMEOUT_S = 30.0
+REPLY_MAX = 512  # a pid, or "error: ..." when it could not fork
 EXIT_CODE = struct.Struct("<i")
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 ZYGOTE_LOST = 255  # the status pipe closed without a code: the zygote died (its children get SIGTERM)
@@ -179,9 +180,11 @@ class Zygote:
                 self._sock.settimeout(REQUEST_TIMEOUT_S)
                 fds = [status_w, *([err_w] if stderr_pipe else [])]
                 socket.send_fds(self._sock, [json.dumps(request).encode()], fds)
-                answer = self._sock.recv(64)
+                answer = self._sock.recv(REPLY_MAX)
             if not answer:
                 raise ZygoteError("the zygote exited before it answered")
+            if not answer.isdigit():  # it could not fork this one (its other stages run on)
+                raise ZygoteError(f"the zygote could not start {request['name']}: {answer.decode(errors='replace')}")
         except (OSError, ZygoteError):
             for fd in (status_r, err_r):
                 if fd >= 0:
@@ -215,8 +218,14 @@ def _serve(control: socket.socket) -> None:
         message, fds, _, _ = socket.recv_fds(control, 1 << 20, 2)
         if not message:
             return  # the launcher is gone: our children get SIGTERM as we exit
-        request = json.loads(message)
-        pid = os.fork()
+        try:
+            request = json.loads(message)
+            pid = os.fork()
+        except (OSError, ValueError) as exc:  # EAGAIN/ENOMEM: this one stage fails, not every stage forked
+            for fd in fds:
+                os.close(fd)
+            control.sendall(f"error: {type(exc).__name__}: {exc}".encode()[:REPLY_MAX])
+            continue
         if pid == 0:
             _become_stage(request, fds, [control.fileno(), wake_r, wake_w, *status_fds.values()])
         status_fds[pid] = fds[0]

@@ -37,7 +37,7 @@ from common.envelope import Stamper
 from common.log import kv
 from common.ports import port_listening
 from common.signals import StopFlag
-from common.zygote import ForkedProcess, Zygote
+from common.zygote import ForkedProcess, Zygote, ZygoteError
 
 HEARTBEAT_TIMEOUT_S = 5.0  # five missed beats
 STARTUP_GRACE_S = 20.0  # a stage may load models before its first beat
@@ -218,6 +218,7 @@ class Supervisor:
         self.stamper = Stamper("launcher", session)
         self.lock = BusLock(cfg, lock_dir)  # beside the bus endpoints (VOICEBUS_RUN_DIR unless given)
         self.fatal: str | None = None  # why `up` must stop, once a child can never start
+        self._bus_retry_at = 0.0  # after a failed restart of the bus
 
     def start(self, bus_timeout_s: float = 15.0) -> None:
         self.lock.acquire()
@@ -288,19 +289,24 @@ class Supervisor:
         """Check every child once: restart the dead and the silent, with backoff."""
         self._read_heartbeats()
         now = time.monotonic()
-        if self.bus_proc is not None and self.bus_proc.poll() is not None:
+        if self.bus_proc is not None and self.bus_proc.poll() is not None and now >= self._bus_retry_at:
             code = self.bus_proc.returncode
             log.error(kv("bus_exited", code=code, action="restarting bus"))
-            self.bus_proc = spawn(self.bus_args, self.env, zygote=self.zygote)
-            self._announce("launcher.restart", stage="bus", reason=f"exited with code {code}", backoff_s=0,
-                           restarts=None)
+            try:
+                self.bus_proc = spawn(self.bus_args, self.env, zygote=self.zygote)
+            except (OSError, ZygoteError) as exc:  # the machine cannot start a process now: again shortly
+                self._bus_retry_at = now + BACKOFF_START_S
+                log.warning(kv("start_failed", stage="bus", reason=repr(str(exc)), in_s=BACKOFF_START_S))
+            else:
+                self._announce("launcher.restart", stage="bus", reason=f"exited with code {code}", backoff_s=0,
+                               restarts=None)
         for child in self.children:
             proc = child.proc
             if child.finished:
                 continue
             if proc is None:
                 if now >= child.start_due:
-                    self._start(child)
+                    self._restart(child, now)
                 continue
             if child.spec.ready_port is not None and not child.started and proc.poll() is None:
                 child.started = port_listening(child.spec.ready_port)
@@ -328,6 +334,18 @@ class Supervisor:
                            restarts=child.restarts))
             self._announce("launcher.restart", stage=child.spec.name, reason=reason, backoff_s=child.backoff_s,
                            restarts=child.restarts)
+            child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+
+    def _restart(self, child: Child, now: float) -> None:
+        """Start it again; when the machine cannot start a process now (fork's EAGAIN or ENOMEM, the
+        zygote's refusal), try later with the backoff instead of ending every other stage with `up`."""
+        try:
+            self._start(child)
+        except (OSError, ZygoteError) as exc:
+            child.start_due = now + child.backoff_s
+            log.warning(kv("start_failed", stage=child.spec.name, reason=repr(str(exc)), in_s=child.backoff_s))
+            self._announce("launcher.restart", stage=child.spec.name, reason=f"could not start: {exc}",
+                           backoff_s=child.backoff_s, restarts=child.restarts)
             child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
 
     @staticmethod

@@ -110,3 +110,32 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+_FAILING_FORK = '''\
+"""Loaded by every Python this test starts: os.fork fails (EAGAIN, as at a process limit) while
+the flag file exists. subprocess does not use os.fork; the stage zygote does."""
+import errno
+import os
+
+_flag = os.environ.get("VOICEBUS_TEST_FORK_FAILS_WHILE")
+if _flag:
+    _fork = os.fork
+
+    def _fork_unless_flagged():
+        if os.path.exists(_flag):
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return _fork()
+
+    os.fork = _fork_unless_flagged
+'''
+
+
+def fork_failing_env(directory: Path) -> tuple[dict[str, str], Path]:
+    """Environment under which a zygote's fork fails while the returned flag file exists (as it does
+    when a machine is out of processes or memory, which a test cannot arrange for root)."""
+    site = directory / "failing-fork-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_FAILING_FORK)
+    flag = directory / "forks-fail"
+    return {"PYTHONPATH": f"{site}:{REPO}", "VOICEBUS_TEST_FORK_FAILS_WHILE": str(flag)}, flag

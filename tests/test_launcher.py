@@ -19,7 +19,7 @@ from common.processes import command_words, parent_pid
 from common.signals import StopFlag
 from common.utterances import compose
 from common.wavio import write_wav
-from tests.helpers import BusClient, alive, children_of
+from tests.helpers import BusClient, alive, children_of, fork_failing_env
 
 
 @contextlib.contextmanager
@@ -43,6 +43,23 @@ def test_sigkilled_stage_is_restarted(procs, bus_cfg, client_factory_no_bus):
     beat = client.wait_for(lambda m: m.topic == "health.resample" and m.data["pid"] == again.data["pid"], timeout_s=30)
     assert again.data["restarts"] == 1 and beat.data["state"] == "running"
     assert first.data["state"] == "running"
+    assert up.poll() is None
+
+
+def test_a_restart_that_cannot_fork_is_tried_again_and_up_lives_on(procs, client_factory_no_bus, tmp_path):
+    env, forks_fail = fork_failing_env(tmp_path)
+    up = procs.voicebus("up", "--stages", "resample", env=env)
+    client = client_factory_no_bus(["health.resample", "launcher."])
+    victim = client.wait_for(lambda m: m.topic == "health.resample", timeout_s=30).data["pid"]
+    forks_fail.touch()
+    os.kill(victim, signal.SIGKILL)
+    client.wait_for(lambda m: m.topic == "launcher.restart" and "-9" in m.data["reason"], timeout_s=10)
+    failed = client.wait_for(lambda m: m.topic == "launcher.restart" and "could not start" in m.data["reason"],
+                             timeout_s=10)
+    assert "Resource temporarily unavailable" in failed.data["reason"] and up.poll() is None
+    forks_fail.unlink()
+    again = client.wait_for(lambda m: m.topic == "launcher.started" and m.data["stage"] == "resample", timeout_s=15)
+    client.wait_for(lambda m: m.topic == "health.resample" and m.data["pid"] == again.data["pid"], timeout_s=30)
     assert up.poll() is None
 
 

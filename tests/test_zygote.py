@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from common.processes import command_words, descendants, parent_pid
-from common.zygote import ZYGOTE_LOST, Zygote
-from tests.helpers import alive
+from common.zygote import ZYGOTE_LOST, Zygote, ZygoteError
+from tests.helpers import alive, fork_failing_env
 
 
 @pytest.fixture
@@ -79,3 +79,26 @@ def test_when_the_zygote_dies_its_stages_end_and_the_next_spawn_starts_a_new_one
     again = zygote.spawn(["--help"], dict(os.environ), name="help")
     assert zygote.proc.pid != first
     assert again.wait(10) == 0
+
+
+def test_a_fork_that_fails_fails_that_spawn_only(tmp_path, monkeypatch):
+    env, forks_fail = fork_failing_env(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # the zygote starts with this process's environment
+    made = Zygote()
+    made.start()
+    try:
+        bus = made.spawn(_bus_args(tmp_path), dict(os.environ), name="bus")
+        forks_fail.touch()
+        with pytest.raises(ZygoteError, match="could not start resample: error: .*Resource temporarily unavailable"):
+            made.spawn(["resample", "--help"], dict(os.environ), name="resample")
+        first = made.proc.pid
+        assert alive(first) and bus.poll() is None  # the zygote and what it forked before run on
+        forks_fail.unlink()
+        assert made.spawn(["--help"], dict(os.environ), name="help").wait(10) == 0
+        assert made.proc.pid == first
+        _wait_for(lambda: (tmp_path / "pub.sock").exists())
+        bus.terminate()
+        assert bus.wait(10) == 0  # it had served all along: a clean stop
+    finally:
+        made.stop()
