@@ -286,6 +286,11 @@ class StreamResampler:
         return out
 
     def feed(self, pcm: bytes) -> bytes:
+        if self._impl is None and self.channels == 1:  # already the output format: s16 -> float -> s16 is exact
+            samples = len(pcm) // 2
+            self.samples_in += samples
+            self.samples_out += samples
+            return bytes(pcm[:samples * 2])
         return float_to_pcm(self.feed_float(pcm_to_mono_float(pcm, self.channels)))
 
     def flush_float(self) -> np.ndarray:

@@ -16,6 +16,9 @@ machine's drift lands on all of them alike:
 - `via-resampler`: `voicebus web --via-resampler` and a `voicebus resample` stage, as before.
 - `aiortc-encoder`: `voicebus web --aiortc-encoder`: aiortc Opus-encodes the assistant's audio
   (48 kHz stereo, in its worker thread) instead of the track (24 kHz mono, in the loop), as before.
+- `aiortc-decoder`: `voicebus web --aiortc-decoder`: aiortc decodes the browser's Opus (48 kHz
+  stereo, in its worker thread, each frame handed back to the loop) instead of `LoopDecoding` (mono,
+  on the loop), as before.
 
     .venv/bin/python scripts/bench_web_footprint.py [--rounds 3] [--seconds 25] [--json out.json]
 """
@@ -51,6 +54,7 @@ VARIANTS = {
     "no-zygote": (["--web"], "", {"VOICEBUS_ZYGOTE": "0"}),
     "via-resampler": (["--stages", "web,resample,tools,gateway,logger"], "--via-resampler", {}),
     "aiortc-encoder": (["--web"], "--aiortc-encoder", {}),
+    "aiortc-decoder": (["--web"], "--aiortc-decoder", {}),
 }
 QUESTIONS = ["what is the weather like today", "how far away is the moon", "tell me a short story please",
              "what time is it", "turn on the lights in the kitchen", "how tall is mount everest"]

@@ -262,7 +262,10 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, wav_path, puls
 @click.option("--aiortc-encoder", is_flag=True,
               help="Let aiortc Opus-encode the assistant's audio (resampled to 48 kHz stereo, in a worker thread) "
               "instead of the track encoding 24 kHz mono in the loop; for comparison (bench_web_footprint).")
-def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiortc_encoder):
+@click.option("--aiortc-decoder", is_flag=True,
+              help="Let aiortc decode the browser's Opus (48 kHz stereo, in a worker thread, then resampled to 24 kHz) "
+              "instead of decoding 24 kHz mono in the loop; for comparison (bench_web_footprint).")
+def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiortc_encoder, aiortc_decoder):
     """Stage: talk from a browser over WebRTC (the mic's and the player's jobs; echo cancelled by the browser)."""
     from common.runner import run_stage
     from services.web.stage import WebStage
@@ -273,7 +276,8 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiort
             "serving plain HTTP on %s: browsers on other machines will refuse the microphone (getUserMedia needs "
             "HTTPS off localhost); give --cert and --key", host)
     sys.exit(run_stage(WebStage(host, port, ssl_context, jitter_ms=jitter_ms, rx_prefetch=rx_prefetch,
-                                via_resampler=via_resampler, aiortc_encoder=aiortc_encoder), cfg))
+                                via_resampler=via_resampler, aiortc_encoder=aiortc_encoder,
+                                aiortc_decoder=aiortc_decoder), cfg))
 
 
 @main.group(invoke_without_command=True)

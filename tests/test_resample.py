@@ -142,6 +142,18 @@ def test_handle_carries_pts_and_capture_time():
     assert total == 24000
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_same_rate_passes_samples_through_and_only_mixes_channels(channels):
+    """24 kHz in: mono comes out byte for byte (no float round trip), stereo as the channels' mean."""
+    rng = np.random.default_rng(7)
+    pcm = rng.integers(-32768, 32768, size=4800 * channels, dtype="<i2").tobytes()
+    stream = StreamResampler(24000, 24000, channels)
+    out = b"".join(stream.feed(pcm[offset:offset + 960 * channels]) for offset in range(0, len(pcm), 960 * channels))
+    out += stream.flush()
+    expected = pcm if channels == 1 else float_to_pcm(pcm_to_mono_float(pcm, channels))
+    assert out == expected and stream.samples_in == stream.samples_out == 4800
+
+
 def test_handle_bridges_small_gap_and_resets_on_format_change():
     stage = ResampleStage()
     stage.out, sent = Output.collecting("resample")

@@ -450,3 +450,51 @@ def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_br
     assert lag <= 480  # the codec's own delay, under a frame
     tail = heard[2400 + lag:2400 + lag + 12000]
     assert np.corrcoef(tail, speech[2400:2400 + len(tail)])[0, 1] > 0.95
+
+
+def test_the_mic_is_decoded_in_the_loop_at_24khz_mono_and_a_bad_packet_is_a_counted_gap():
+    """What a browser sends (48 kHz Opus, aiortc's encoder as the stand-in) comes out of LoopDecoding
+    as mono frames on the track's queue, pts the RTP timestamp, the same speech;
+    an undecodable packet is counted and skipped, PCMU still decodes, and the receiver's stop still
+    reaches its decoder thread."""
+    import asyncio
+    import fractions
+    from types import SimpleNamespace
+
+    from aiortc.codecs.opus import OpusEncoder
+    from aiortc.jitterbuffer import JitterFrame
+    from av import AudioFrame
+
+    from services.web.opus import LoopDecoding
+
+    rate_in, samples = 48_000, 960
+    t = np.arange(rate_in) / rate_in
+    speech = (np.sin(2 * np.pi * (200 * t + 1400 * t * t)) * 8000).astype("<i2")  # 1 s, 200 -> 3000 Hz
+    queue: asyncio.Queue = asyncio.Queue()
+    decoding = LoopDecoding(queue)
+    opus, encoder = SimpleNamespace(name="opus"), OpusEncoder()
+    for index in range(rate_in // samples):
+        frame = AudioFrame(format="s16", layout="mono", samples=samples)
+        frame.planes[0].update(speech[index * samples:(index + 1) * samples].tobytes())
+        frame.pts, frame.sample_rate, frame.time_base = index * samples, rate_in, fractions.Fraction(1, rate_in)
+        payloads, timestamp = encoder.encode(frame)
+        assert len(payloads) == 1
+        if index == 10:
+            decoding.put((opus, JitterFrame(b"\xff\xff\xff", timestamp)))  # not Opus
+        else:
+            decoding.put((opus, JitterFrame(payloads[0], timestamp)))
+    frames = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert decoding.decode_errors == 1 and len(frames) == 49
+    assert {(f.sample_rate, len(f.layout.channels), f.samples, f.time_base) for f in frames} == \
+        {(48_000, 1, 960, fractions.Fraction(1, 48_000))}
+    assert [f.pts for f in frames] == [i * 960 for i in range(50) if i != 10]
+    heard = np.concatenate([f.to_ndarray().reshape(-1) for f in frames[10:]]).astype(float)  # after the gap
+    reference = speech.astype(float)[11 * 960 + 4800:11 * 960 + 24000]  # once the decoder has caught up
+    fits = [np.corrcoef(heard[4800 + lag:4800 + lag + len(reference)], reference)[0, 1] for lag in range(960)]
+    assert max(fits) > 0.95, max(fits)  # the same speech, the codec's own delay (under a frame) later
+    decoding.put((SimpleNamespace(name="PCMU", mimeType="audio/PCMU", clockRate=8000, channels=1),
+                  JitterFrame(bytes([0xFF]) * 160, 0)))
+    pcmu = queue.get_nowait()
+    assert (pcmu.sample_rate, pcmu.samples) == (8000, 160)
+    decoding.put(None)  # the receiver stopping: its decoder thread's get() returns aiortc's end signal
+    assert decoding.get() is None

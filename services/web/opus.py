@@ -1,19 +1,31 @@
-"""The assistant's voice for the browser, Opus-encoded where the track pulls it: 24 kHz mono, in the loop.
+"""Opus both ways, mono and in the loop: the assistant's voice encoded at 24 kHz where the track pulls
+it, the browser's mic decoded where its packets arrive.
 
 aiortc encodes each outgoing frame in a worker thread (an executor hop and a loop wake-up back, per
 20 ms), after resampling it to 48 kHz stereo. Opus encodes 24 kHz mono natively, and RTP's clock
 stays 48 kHz whatever the encoder's rate (aiortc converts the packet's timestamps), so the track hands
 aiortc packets it only packetises: half the encoder's work, no resampling, no thread hop
 (`scripts/bench_web_footprint.py`, variant `aiortc-encoder`, measures the difference).
+
+Incoming, aiortc decodes every packet to 48 kHz stereo in a worker thread and hands each frame back
+with `run_coroutine_threadsafe` (a queue hop, a task and a loop wake-up per 20 ms). An Opus decode is
+~50 us, so `LoopDecoding` decodes on the loop, in the receiver's own call, to mono, and puts the
+frame straight on the track's queue (variant `aiortc-decoder` measures the difference).
 """
 
 from __future__ import annotations
 
 import fractions
+import logging
+import threading
 from collections import deque
+from typing import Any
 
-from av import AudioFrame, CodecContext
+from av import AudioFrame, CodecContext, FFmpegError
 from av.packet import Packet
+
+log = logging.getLogger("voicebus.web")
+RTP_OPUS_RATE = 48_000  # Opus's RTP clock, whatever rate it is decoded at (RFC 7587)
 
 VOICE_BIT_RATE = 48_000  # mono speech at 24 kHz: transparent; aiortc's 96 kbit/s is for stereo music
 
@@ -44,3 +56,68 @@ class VoiceEncoder:
         packet.pts = frame.pts
         packet.time_base = self.time_base
         return packet
+
+
+class VoiceDecoder:
+    """One libopus decoder for the browser's mic: each packet -> mono s16 frames, pts on the RTP clock.
+
+    FFmpeg's libopus wrapper always decodes at 48 kHz (libopus itself could give 24 kHz), so the stage
+    still resamples; mono halves what the decoder writes and what the stage reads.
+    """
+
+    def __init__(self) -> None:
+        self.time_base = fractions.Fraction(1, RTP_OPUS_RATE)
+        self.codec = CodecContext.create("libopus", "r")
+        self.codec.format = "s16"
+        self.codec.layout = "mono"
+        self.codec.sample_rate = RTP_OPUS_RATE
+
+    def decode(self, data: bytes, rtp_timestamp: int) -> list[AudioFrame]:
+        packet = Packet(data)
+        packet.pts, packet.time_base = rtp_timestamp, self.time_base
+        frames = []
+        for frame in self.codec.decode(packet):
+            frame.pts, frame.time_base = rtp_timestamp, self.time_base
+            rtp_timestamp += frame.samples
+            frames.append(frame)
+        return frames
+
+
+class LoopDecoding:
+    """Stands in for an aiortc audio receiver's decoder queue (see the module docstring).
+
+    The receiver calls `put((codec, encoded_frame))` on its loop for every frame its jitter buffer
+    releases, and `put(None)` when it stops; its decoder thread calls `get()`, which here waits until
+    that stop and then hands the thread aiortc's own end-of-track signal. Opus is decoded here; any
+    other negotiated codec (PCMU, PCMA) by aiortc's decoder, in the same call.
+    """
+
+    def __init__(self, frames: Any) -> None:
+        self.frames = frames  # the RemoteStreamTrack's asyncio.Queue
+        self.decode_errors = 0
+        self._decoders: dict[str, Any] = {}
+        self._stopped = threading.Event()
+
+    def put(self, task: Any) -> None:
+        if task is None:
+            self._stopped.set()
+            return
+        codec, encoded_frame = task
+        try:
+            if codec.name.lower() == "opus":
+                decoder = self._decoders.setdefault("opus", VoiceDecoder())
+                decoded = decoder.decode(encoded_frame.data, encoded_frame.timestamp)
+            else:
+                from aiortc.codecs import get_decoder
+
+                decoded = self._decoders.setdefault(codec.name, get_decoder(codec)).decode(encoded_frame)
+        except FFmpegError as exc:  # one bad packet is a gap in the timeline, not the end of the call
+            self.decode_errors += 1
+            log.warning("undecodable %s packet from the browser (%d so far): %s", codec.name, self.decode_errors, exc)
+            return
+        for frame in decoded:
+            self.frames.put_nowait(frame)
+
+    def get(self) -> None:
+        self._stopped.wait()
+        return None

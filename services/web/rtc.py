@@ -28,7 +28,7 @@ from common.log import kv
 from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
-from services.web.opus import VoiceEncoder
+from services.web.opus import LoopDecoding, VoiceEncoder
 
 log = logging.getLogger("voicebus.web")
 # aioice narrates every candidate pair at INFO; our own lines say when a browser connects and goes
@@ -117,9 +117,12 @@ class BrowserLink:
                  on_mic_frame: Callable[[AudioFrame, int, dict[str, Any]], None],
                  on_client: Callable[[str, dict[str, Any]], None],
                  ssl_context: ssl.SSLContext | None = None, rx_prefetch: int = RX_PREFETCH_FRAMES,
-                 aiortc_encoder: bool = False) -> None:
+                 aiortc_encoder: bool = False, aiortc_decoder: bool = False) -> None:
         self.host, self.port, self.buffer, self.rx_prefetch = host, port, buffer, rx_prefetch
         self.aiortc_encoder = aiortc_encoder  # aiortc encodes the assistant's audio, not the track
+        self.aiortc_decoder = aiortc_decoder  # aiortc decodes the mic (48 kHz stereo, in its thread)
+        self.decoding: LoopDecoding | None = None  # the current caller's
+        self._decode_errors_before = 0  # earlier callers'
         self.on_mic_frame, self.on_client = on_mic_frame, on_client
         self.ssl_context = ssl_context
         self.stats = BrowserStats()
@@ -241,6 +244,8 @@ class BrowserLink:
             await peer.setRemoteDescription(offer)
             for transceiver in peer.getTransceivers():
                 _set_prefetch(transceiver.receiver, self.rx_prefetch)
+                if not self.aiortc_decoder:
+                    self._decode_in_loop(transceiver.receiver)
             if not any(t.kind == "audio" for t in peer.getTransceivers()):
                 raise ValueError("the offer has no audio section")
             peer.addTrack(self.track)  # joins the offer's audio transceiver: one m-line, both ways
@@ -336,6 +341,25 @@ class BrowserLink:
                     seconds=round((time.time_ns() - client.started_ns) / 1e9, 1)))
         self.on_client("gone", {"remote": client.remote, "reason": reason})
         await client.peer.close()
+
+
+    def _decode_in_loop(self, receiver: Any) -> None:
+        """Swap an audio receiver's decoder queue for `LoopDecoding`, before `receive()` starts the
+        thread that reads it (that happens once DTLS is up, after the answer)."""
+        names = ("_RTCRtpReceiver__decoder_queue", "_RTCRtpReceiver__decoder_thread", "_RTCRtpReceiver__kind")
+        if receiver is None or not all(hasattr(receiver, name) for name in names):
+            log.warning(kv("decoding", where="aiortc thread", why="this aiortc's receiver has no decoder queue to swap"))
+            return
+        if getattr(receiver, names[2]) != "audio" or getattr(receiver, names[1]) is not None:
+            return
+        if self.decoding is not None:  # the last caller's errors stay in the heartbeat's count
+            self._decode_errors_before += self.decoding.decode_errors
+        self.decoding = LoopDecoding(receiver.track._queue)
+        setattr(receiver, names[0], self.decoding)
+
+    @property
+    def decode_errors(self) -> int:
+        return self._decode_errors_before + (self.decoding.decode_errors if self.decoding else 0)
 
 
 def _set_prefetch(receiver: Any, frames: int) -> None:

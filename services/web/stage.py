@@ -8,8 +8,8 @@ The resampler's job is done here, by the resample stage's own code (`ResampleSta
 seam-free filter, gap bridging and capture-time mapping) run on the decoded frames: its own process
 cost a conversation ~2.5 % of a core, 34 MB of PSS and one more bus hop for every 20 ms frame;
 done here, the filtering costs ~1-1.5 %, so a conversation saves ~1 point and 20 MB
-(scripts/bench_web_footprint.py). `voicebus web --via-resampler` publishes `audio.mic` at the rate
-and channel count the browser sent instead, for a `voicebus resample` stage to convert (a local
+(scripts/bench_web_footprint.py). `voicebus web --via-resampler` publishes `audio.mic` as decoded
+(48 kHz) instead, for a `voicebus resample` stage to convert (a local
 mic's path, which stays so: there the device's rate is anything and PortAudio's callback is its own).
 
 Where the user is in the reply: what left for the browser (frames pulled by the outgoing track on
@@ -65,13 +65,14 @@ class WebStage(PlayerStage):
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, rate: int = 24_000,
                  jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES, via_resampler: bool = False,
-                 aiortc_encoder: bool = False) -> None:
+                 aiortc_encoder: bool = False, aiortc_decoder: bool = False) -> None:
         super().__init__(sink=None, rate=rate, jitter_ms=jitter_ms)  # type: ignore[arg-type]
         # converts the browser's mic to `audio.user` in this process (None: `audio.mic` for a resample stage)
         self.resampler = None if via_resampler else ResampleStage()
         self.sink = self.link = BrowserLink(host, port, self.buffer, on_mic_frame=self._mic_frame,
                                             on_client=self._client_event, ssl_context=ssl_context,
-                                            rx_prefetch=rx_prefetch, aiortc_encoder=aiortc_encoder)
+                                            rx_prefetch=rx_prefetch, aiortc_encoder=aiortc_encoder,
+                                            aiortc_decoder=aiortc_decoder)
         self.mic_pts = 0
         self.mic_frames = 0
         self.mic_gap_fills = 0
@@ -177,6 +178,7 @@ class WebStage(PlayerStage):
             if self.resampler is not None else {}
         return {**super().counters(), **self.link.counts, **resampled, "connected": self.link.client is not None,
                 "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
+                "mic_decode_errors": self.link.decode_errors,
                 "conversations": self.conversations, "other_session_dropped": self.other_session_dropped,
                 "browser_delay_ms": round(self.link.stats.delay_ms, 1),
                 "late_frames": track.late_frames if track else 0}
@@ -208,7 +210,8 @@ class WebStage(PlayerStage):
         assert self.thread_out is not None
         rate, samples = frame.sample_rate, frame.samples
         decoded_channels = len(frame.layout.channels)
-        # aiortc decodes to stereo whatever was sent; a mono mic (the usual getUserMedia) is one channel
+        # 24 kHz mono from LoopDecoding; aiortc's decoder (--aiortc-decoder) gives 48 kHz stereo whatever
+        # was sent, and a mono mic (the usual getUserMedia) is one channel of it
         channels = 1 if settings.get("channelCount", 1) == 1 else decoded_channels
         pcm = frame.to_ndarray().reshape(-1, decoded_channels)[:, :channels]
         rtp_ns = int(frame.pts * frame.time_base * 1_000_000_000)
