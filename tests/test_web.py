@@ -421,11 +421,9 @@ def test_voicebus_call_takes_turns_by_ear_and_times_each_reply_after_its_questio
 def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_browser_decodes():
     """The assistant's audio leaves as 24 kHz mono Opus made in the track: one packet per 20 ms frame,
     stamped with the frame's pts (converted to RTP's 48 kHz by aiortc), decoding to the same speech."""
-    import fractions
 
     from aiortc.codecs.opus import OpusDecoder, OpusEncoder
     from aiortc.jitterbuffer import JitterFrame
-    from av import AudioFrame
 
     from services.web.opus import VoiceEncoder
 
@@ -435,10 +433,7 @@ def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_br
     encoder, packer, decoder = VoiceEncoder(rate), OpusEncoder(), OpusDecoder()
     decoded = []
     for index in range(rate // samples):
-        frame = AudioFrame(format="s16", layout="mono", samples=samples)
-        frame.planes[0].update(speech[index * samples:(index + 1) * samples].tobytes())
-        frame.pts, frame.sample_rate, frame.time_base = index * samples, rate, fractions.Fraction(1, rate)
-        packet = encoder.encode(frame)
+        packet = encoder.encode(speech[index * samples:(index + 1) * samples].tobytes(), index * samples)
         assert packet is not None and packet.pts == index * samples
         payloads, timestamp = packer.pack(packet)  # what RTCRtpSender does with a packet from a track
         assert len(payloads) == 1 and timestamp == index * 960
@@ -452,7 +447,7 @@ def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_br
     assert np.corrcoef(tail, speech[2400:2400 + len(tail)])[0, 1] > 0.95
 
 
-def test_the_mic_is_decoded_in_the_loop_at_24khz_mono_and_a_bad_packet_is_a_counted_gap():
+def test_the_mic_is_decoded_in_the_loop_to_mono_and_a_bad_packet_is_a_counted_gap():
     """What a browser sends (48 kHz Opus, aiortc's encoder as the stand-in) comes out of LoopDecoding
     as mono frames on the track's queue, pts the RTP timestamp, the same speech;
     an undecodable packet is counted and skipped, PCMU still decodes, and the receiver's stop still
@@ -498,3 +493,44 @@ def test_the_mic_is_decoded_in_the_loop_at_24khz_mono_and_a_bad_packet_is_a_coun
     assert (pcmu.sample_rate, pcmu.samples) == (8000, 160)
     decoding.put(None)  # the receiver stopping: its decoder thread's get() returns aiortc's end signal
     assert decoding.get() is None
+
+
+def test_between_replies_the_track_repeats_the_settled_silence_packet_and_the_browser_hears_the_same():
+    """Silence is encoded until the encoder settles, then its packet is repeated without running
+    libopus; speech after it is encoded again. What a browser decodes is the same audio as when every
+    frame goes through libopus (the encoder's own history differs, so the bytes do after the first
+    silence: within -30 dB), silence decodes to silence, and libopus ran for a fraction of the silence."""
+    from aiortc.codecs.opus import OpusDecoder
+    from aiortc.jitterbuffer import JitterFrame
+
+    from common.utterances import speech_pcm
+    from services.web.opus import VoiceEncoder
+
+    rate, samples = 24_000, 480
+    speech = speech_pcm("how far away is the moon", "slt", rate)
+    silence = bytes(rate * 2 * 2)  # two seconds between replies
+    frames = [chunk[i:i + samples * 2] for chunk in (speech, silence, speech, silence[:9600], speech)
+              for i in range(0, len(chunk) - samples * 2 + 1, samples * 2)]
+
+    def heard(encoder: VoiceEncoder, skip: bool) -> np.ndarray:
+        decoder, out = OpusDecoder(), []  # the browser's side: 48 kHz stereo
+        for index, pcm in enumerate(frames):
+            if not skip:
+                encoder._same_silent_packets = 0  # never settled: every frame through libopus
+            packet = encoder.encode(pcm, index * samples)
+            assert packet is not None and packet.pts == index * samples
+            for frame in decoder.decode(JitterFrame(bytes(packet), index * 960)):
+                out.append(frame.to_ndarray().reshape(-1, 2)[:, 0])
+        return np.concatenate(out).astype(float)
+
+    every_frame, skipping = VoiceEncoder(rate), VoiceEncoder(rate)
+    reference, repeated = heard(every_frame, skip=False), heard(skipping, skip=True)
+    assert len(repeated) == len(reference) == len(frames) * 960
+    difference_db = 20 * np.log10(np.sqrt(np.mean((repeated - reference) ** 2)) / np.sqrt(np.mean(reference ** 2)))
+    assert difference_db < -30, difference_db
+    first_silent = len(speech) // (samples * 2)  # frame index; each frame decodes to 960 samples
+    assert np.max(np.abs(repeated[(first_silent + 20) * 960:(first_silent + 95) * 960])) <= 2  # -84 dBFS
+    assert every_frame.frames_encoded == len(frames) and every_frame.silent_frames_repeated == 0
+    silent_frames = sum(pcm == bytes(len(pcm)) for pcm in frames)
+    assert skipping.silent_frames_repeated >= silent_frames - 60  # a few dozen frames to settle, each time
+    assert skipping.frames_encoded + skipping.silent_frames_repeated == len(frames)

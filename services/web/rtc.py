@@ -72,17 +72,20 @@ class AssistantTrack(MediaStreamTrack):
             raise MediaStreamError
         pts = await self.clock.tick()
         lateness_ms = 1000 * self.clock.lateness_s
-        frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
-        frame.planes[0].update(self.buffer.pull(self.samples))
+        pcm = self.buffer.pull(self.samples)
         if self.buffer.playing:
             self.max_lateness_ms = max(self.max_lateness_ms, lateness_ms)
             if lateness_ms > FRAME_MS:
                 self.late_frames += 1
+        packet = self.encoder.encode(pcm, pts) if self.encoder is not None else None
+        if packet is not None:
+            return packet
+        frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
+        frame.planes[0].update(pcm)
         frame.pts = pts
         frame.sample_rate = self.buffer.rate
         frame.time_base = fractions.Fraction(1, self.buffer.rate)
-        packet = self.encoder.encode(frame) if self.encoder is not None else None
-        return frame if packet is None else packet
+        return frame
 
 
 @dataclass

@@ -181,7 +181,9 @@ class WebStage(PlayerStage):
                 "mic_decode_errors": self.link.decode_errors,
                 "conversations": self.conversations, "other_session_dropped": self.other_session_dropped,
                 "browser_delay_ms": round(self.link.stats.delay_ms, 1),
-                "late_frames": track.late_frames if track else 0}
+                "late_frames": track.late_frames if track else 0,
+                "opus_frames_encoded": track.encoder.frames_encoded if track and track.encoder else 0,
+                "opus_silence_repeated": track.encoder.silent_frames_repeated if track and track.encoder else 0}
 
     # --- web loop thread --------------------------------------------------------------------------
     def _client_event(self, kind: str, data: dict[str, Any]) -> None:
