@@ -49,12 +49,14 @@ def one_start(work: Path, zygote: Zygote | None) -> dict:
     started = time.monotonic()
     supervisor = Supervisor(cfg, specs, "bench-start", {**env, "VOICEBUS_RUN_DIR": str(run)}, lock_dir=run,
                             zygote=zygote)
-    receiver = None
+    # subscribed before the bus is there (ZeroMQ connects once it binds): the session's event is seen
+    # when it comes, not a heartbeat later
+    receiver = Receiver(connect_sub(supervisor.ctx, cfg, ["health.", "rt.session.updated"]), "bench-start")
     try:
         supervisor.start()
-        receiver = Receiver(connect_sub(supervisor.ctx, cfg, ["health.", "rt.session.updated"]), "bench-start")
         beating: set[str] = set()
         configured = False
+        milestones: dict[str, float] = {}  # stage -> its first beat, "session" -> configured; s after the start
         while not (configured and stages <= beating):
             if time.monotonic() - started > READY_TIMEOUT_S or supervisor.fatal:
                 raise RuntimeError(f"the stage set did not come up: {supervisor.fatal or sorted(beating)}")
@@ -64,17 +66,20 @@ def one_start(work: Path, zygote: Zygote | None) -> dict:
                 continue
             if message.topic.startswith("health."):
                 beating.add(message.topic.removeprefix("health."))
+                milestones.setdefault(message.topic.removeprefix("health."), time.monotonic() - started)
             # the event, or the gateway's next beat when the event came before this socket did
             configured = configured or message.topic == "rt.session.updated" or \
                 bool(message.data.get("session_configured"))
+            if configured:
+                milestones.setdefault("session", time.monotonic() - started)
         ready_s = time.monotonic() - started
         procs = [supervisor.bus_proc, *(child.proc for child in supervisor.children)]
         cpu_s = sum(tree_total(proc.pid, cpu_seconds) for proc in procs if proc is not None)
     finally:
-        if receiver is not None:
-            receiver.sock.close(linger=0)
+        receiver.sock.close(linger=0)
         supervisor.stop()
-    return {"ready_s": round(ready_s, 3), "cpu_s": round(cpu_s, 2)}
+    return {"ready_s": round(ready_s, 3), "cpu_s": round(cpu_s, 2),
+            "milestones_s": {name: round(at, 3) for name, at in sorted(milestones.items(), key=lambda kv: kv[1])}}
 
 
 def main() -> int:
@@ -107,6 +112,12 @@ def main() -> int:
     for name, rounds in runs.items():
         ready = [r["ready_s"] for r in rounds]
         lines.append(f"| {name} | {pct(ready, 50):.2f} | {max(ready):.2f} | {pct([r['cpu_s'] for r in rounds], 50):.2f} |")
+    for name, rounds in runs.items():
+        steps = sorted({step for r in rounds for step in r["milestones_s"]},
+                       key=lambda step: pct([r["milestones_s"].get(step, 0.0) for r in rounds], 50))
+        lines.append(f"{name}, p50 s after the start: " + ", ".join(
+            f"{step} {pct([r['milestones_s'][step] for r in rounds if step in r['milestones_s']], 50):.2f}"
+            for step in steps))
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": machine(),

@@ -15,7 +15,7 @@ import time
 
 import zmq
 
-from common.bus import AUTHORIZED_DIR, apply_server_curve, connect_pub, wait_for_bus
+from common.bus import AUTHORIZED_DIR, apply_server_curve, bus_may_answer, connect_pub, wait_for_bus
 from common.config import BusConfig, session_id
 from common.envelope import Stamper, encode
 from common.log import kv
@@ -47,7 +47,7 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
         raise BusRefused("a tcp:// bus needs CURVE keys: create them with `voicebus keys -o DIR` and pass "
                          "--curve-dir DIR (or VOICEBUS_CURVE_DIR), or accept an open bus with --insecure")
     ctx = zmq.Context()
-    if wait_for_bus(ctx, cfg, timeout_s=0.3):
+    if bus_may_answer(cfg) and wait_for_bus(ctx, cfg, timeout_s=0.3):
         ctx.term()
         raise BusRefused(f"a bus already answers at {cfg.pub} / {cfg.sub}; not starting a second one")
     authenticator = None

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import zmq
 
-from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
+from common.bus import Publisher, Receiver, bus_may_answer, connect_pub, connect_sub, wait_for_bus
 from common.config import BusConfig, run_dir
 from common.envelope import Stamper
 from common.log import kv
@@ -222,7 +222,7 @@ class Supervisor:
 
     def start(self, bus_timeout_s: float = 15.0) -> None:
         self.lock.acquire()
-        if self._a_bus_may_answer() and wait_for_bus(self.ctx, self.cfg, timeout_s=0.3):
+        if bus_may_answer(self.cfg) and wait_for_bus(self.ctx, self.cfg, timeout_s=0.3):
             raise LauncherError(f"a bus already answers at {self.cfg.pub} (another pipeline, or a `voicebus bus` "
                                 "started by hand); this `up` would join it: stop it, or run this one apart with "
                                 "`voicebus up --run-dir DIR`")
@@ -239,15 +239,6 @@ class Supervisor:
             self._start(child)
             if child.spec.ready_port is not None:
                 self._wait_listening(child)
-
-    def _a_bus_may_answer(self) -> bool:
-        """False when no bus can be bound there (an ipc:// socket file that does not exist): then the
-        0.3 s probe for one, a third of a forked stage set's start, is skipped."""
-        for endpoint in (self.cfg.pub, self.cfg.sub):
-            path = endpoint.removeprefix("ipc://")
-            if endpoint.startswith("ipc://") and not path.startswith("@") and not os.path.exists(path):
-                return False  # (an abstract socket, ipc://@name, has no file to look for)
-        return True
 
     def _wait_listening(self, child: Child) -> None:
         """Later stages connect to it (the gateway to the simulator): start them once it listens."""

@@ -15,7 +15,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.bus import Receiver, connect_pub, connect_sub, generate_keys, wait_for_bus
+from common.bus import Receiver, bus_may_answer, connect_pub, connect_sub, generate_keys, wait_for_bus
 from common.config import BusConfig, bus_config, run_dir
 from common.envelope import EnvelopeError, Stamper, decode, encode
 from tests.helpers import BusClient
@@ -195,6 +195,19 @@ def test_second_bus_on_same_endpoints_refuses(bus, procs, client_factory):
     proc = procs.voicebus("bus", name="bus2")
     assert proc.wait(timeout=10) != 0
     assert "already answers" in procs.log_of(proc)
+
+
+def test_only_an_ipc_socket_file_that_is_there_or_an_address_without_one_is_probed_for_a_bus(tmp_path):
+    """The probe (0.3 s) is skipped only where no bus can answer: a socket file missing at an ipc://
+    path (a probe goes through both sides); a stale file left behind is probed."""
+    cfg = BusConfig(pub=f"ipc://{tmp_path}/pub.sock", sub=f"ipc://{tmp_path}/sub.sock")
+    assert not bus_may_answer(cfg)
+    (tmp_path / "sub.sock").touch()
+    assert not bus_may_answer(cfg)
+    (tmp_path / "pub.sock").touch()
+    assert bus_may_answer(cfg)
+    assert bus_may_answer(BusConfig(pub="ipc://@vb-test-pub", sub="ipc://@vb-test-sub"))
+    assert bus_may_answer(BusConfig(pub="tcp://127.0.0.1:5555", sub="tcp://127.0.0.1:5556"))
 
 
 def test_default_run_dir_is_private(tmp_path, monkeypatch):
