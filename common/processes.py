@@ -55,6 +55,12 @@ def tree_cpu_seconds(root: int) -> float:
 
 def descendants(root: int) -> list[int]:
     """Every living process under `root` (children, theirs, and so on; zombies left out)."""
+    return descendants_of([root])
+
+
+def descendants_of(roots: list[int]) -> list[int]:
+    """Every living process under any of `roots`, from one pass over /proc (a pass reads every
+    process's stat: under load, on a node with a hundred processes, a pass per root took 0.35 s)."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -65,7 +71,7 @@ def descendants(root: int) -> list[int]:
             continue
         if fields[0] != "Z":
             parents.setdefault(int(fields[1]), []).append(int(entry))
-    found, frontier = [], [root]
+    found, frontier = [], list(roots)
     while frontier:
         children = parents.get(frontier.pop(), [])
         found += children

@@ -170,6 +170,10 @@ class Peer:
         """Underruns and late frames the peer's own output stage counted (None: it does not say)."""
         return None
 
+    def answer_times(self, count: int) -> list[float] | None:
+        """The step's offers, received -> answered, as the peer timed them (None: it does not say)."""
+        return None
+
     def pss_per_conversation(self, pss: list[float], count: int) -> float:
         return sum(pss) / len(pss) if pss else float("nan")
 
@@ -216,6 +220,12 @@ class VoicebusPeer(Peer):
             if now["prewarmed"] >= self.prewarm and not now["conversations"]:
                 return
             time.sleep(0.5)
+
+    def answer_times(self, count: int) -> list[float] | None:
+        """The front's own timing of the step's offers: received -> answered (placement, a prewarmed
+        set handed over or a set started, the web stage's answer); Connect -> live at the caller adds
+        ICE, DTLS and the first audio frame through both jitter buffers."""
+        return status(self.url)["connect_ms"][-count:]
 
     def stage_glitches(self, results: list[dict]) -> dict[str, int] | None:
         """Underruns and late frames (sent > 20 ms after due) the web stage of each caller's conversation
@@ -279,11 +289,14 @@ def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[s
                                 "--timeout", "240", env=env, log=work / f"{peer.name}-caller-{count}-{index}.log"))
         time.sleep(STAGGER_S)
     peer.dialled(count)
+    answered = None
     sampler = Sampler(peer, simulator_pid, callers)
     sampler.start()
     results, failed = [], 0
-    for caller in callers:
+    for index, caller in enumerate(callers):
         out, _ = caller.communicate(timeout=400)
+        if index == 0:  # every caller has its answer long before the first one hangs up
+            answered = peer.answer_times(count)
         if caller.returncode == 0:
             results.append(json.loads(out))
         else:
@@ -310,6 +323,7 @@ def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[s
         "callers_cpu_pct": round(cpu.get("callers", 0.0), 1), "simulator_cpu_pct": round(cpu.get("simulator", 0.0), 1),
         "pss_mb_per_conversation": round(peer.pss_per_conversation(pss, count), 1),
         "connect_ms_p50": ms(connect, 50), "connect_ms_p99": ms(connect, 99),
+        "answer_ms_p50": ms(answered, 50) if answered else None, "answer_ms_p99": ms(answered, 99) if answered else None,
         "turn_ms_p50": ms(latency, 50), "turn_ms_p99": ms(latency, 99),
         "turns": len(latency), "gaps": gaps, "late_at_caller": late,
         "max_late_ms": max((r["max_late_ms"] for r in results), default=None),
@@ -382,15 +396,16 @@ def main() -> int:
           f"{args.prewarm}) and pipecat's SmallWebRTC runner, the same callers ({args.turns} turns each, "
           "--take-turns) and simulator, all on the same machine\n")
     print("| peer | conversations | ok | CPU %/conv | PSS MB/conv | Ray CPU % | pool CPU % | callers CPU % "
-          "| simulator CPU % | Connect→live p50/p99 ms | turn at caller p50/p99 ms | gaps | late at caller (max ms) "
+          "| simulator CPU % | Connect→live p50/p99 ms | of which answered p50/p99 ms | turn at caller p50/p99 ms | gaps | late at caller (max ms) "
           "| stage underruns / late frames |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         stage = "n/a" if r["stage_underruns"] is None else f"{r['stage_underruns']} / {r['stage_late_frames']}"
+        answered = "n/a" if r.get("answer_ms_p50") is None else f"{r['answer_ms_p50']} / {r['answer_ms_p99']}"
         print(f"| {r['peer']} | {r['conversations']} | {r['ok']}/{r['ok'] + r['failed']} | "
               f"{r['cpu_pct_per_conversation']} | {r['pss_mb_per_conversation']} | {r['ray_cpu_pct']} | "
               f"{r['pool_cpu_pct']} | {r['callers_cpu_pct']} | {r['simulator_cpu_pct']} | "
-              f"{r['connect_ms_p50']} / {r['connect_ms_p99']} | {r['turn_ms_p50']} / {r['turn_ms_p99']} | "
+              f"{r['connect_ms_p50']} / {r['connect_ms_p99']} | {answered} | {r['turn_ms_p50']} / {r['turn_ms_p99']} | "
               f"{r['gaps']} | {r['late_at_caller']} ({r['max_late_ms']}) | {stage} |")
     for name in peers:
         clean = [r["conversations"] for r in rows if r["peer"] == name and not r["failed"] and not glitches(r)]

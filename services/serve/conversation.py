@@ -29,13 +29,15 @@ from typing import Any
 from common.config import BusConfig
 from common.log import kv
 from common.ports import free_port
-from common.processes import cpu_seconds, descendants
+from common.processes import cpu_seconds, descendants_of
 
 SLOT_RESOURCE = "conversation"
-# a prewarmed stage set starts (and waits) at this niceness, and goes to 0 when a caller gets it: a
-# start costs ~10 s of CPU, and at the same weight as live conversations it starves their audio. One
-# started for a caller who is waiting runs at 0 from the start (at 10 on a busy machine it can take
-# minutes)
+# a prewarmed stage set starts (and waits) at this niceness, and goes to 0 when a caller gets it: at
+# the same weight as live conversations a start takes the CPU from their audio (3.4 s of CPU a start of
+# fresh interpreters, 0.13 s forked by the node's zygote: even then, bench_serve at 4 heard 2-7 stage
+# underruns in each of three runs with sets warming at 0, none at 5 or 10, and Connect -> live was the
+# same at 5 as at 10 within the noise). One started for a caller who is waiting runs at 0 from the
+# start (at 10 on a busy machine it can take minutes)
 WARMING_NICE = 10
 READY_TIMEOUT_S = 60.0
 # which processes are this set's is looked up in all of /proc (~1.3 ms a time with 66 processes; a
@@ -85,16 +87,28 @@ class Conversation:
         return {"session": self.session, "node_id": self.node_id, "host": self.host, "web_port": self.web_port}
 
     def offer(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The browser's offer, answered by this conversation's web stage: {status, body}."""
-        if self.prewarm:
-            self._to_foreground()
+        """The browser's offer, answered by this conversation's web stage: {status, body, took_ms}, where
+        took_ms says where this host's part of Connect -> live went (the front door logs it).
+
+        A prewarmed set leaves the warming priority after its web stage has answered, not before: the
+        answer comes from the web stage's loop thread, which runs at its own raised priority anyway,
+        while the look through /proc for the set's threads took an offer 60-220 ms on a loaded node
+        (its host process's GIL shared with every conversation's thread)."""
+        began = time.monotonic()
         request = urllib.request.Request(f"http://{self.host}:{self.web_port}/offer", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=OFFER_TIMEOUT_S) as response:
-                return {"status": response.status, "body": json.loads(response.read())}
-        except urllib.error.HTTPError as error:
-            return {"status": error.code, "body": json.loads(error.read() or b"{}")}
+            try:
+                with urllib.request.urlopen(request, timeout=OFFER_TIMEOUT_S) as response:
+                    answer = {"status": response.status, "body": json.loads(response.read())}
+            except urllib.error.HTTPError as error:
+                answer = {"status": error.code, "body": json.loads(error.read() or b"{}")}
+        finally:
+            answered = time.monotonic()
+            if self.prewarm:
+                self._to_foreground()
+        return {**answer, "took_ms": {"web_answer": round(1000 * (answered - began), 1),
+                                      "foreground": round(1000 * (time.monotonic() - answered), 1)}}
 
     def status(self) -> dict[str, Any]:
         state = dict(self.state)
@@ -120,7 +134,7 @@ class Conversation:
     def _processes(self) -> list[int]:
         """This stage set's processes: its bus and stages and what they started (not its neighbours')."""
         tops = list(self._stage_pids().values())
-        return [*tops, *(pid for top in tops for pid in descendants(top))]
+        return [*tops, *descendants_of(tops)]
 
     def _cpu_pct(self) -> float:
         """% of one core the stage set's processes used since the last status."""

@@ -225,6 +225,7 @@ class FrontDoor:
 
     async def _place(self, body: dict[str, Any], remote: str | None, received: float) -> web.Response:
         placed, answer = None, None
+        offered = received  # when the offer went to a stage set: before it, the caller waited for one
         # no idle stage set, but one is warming up that no other caller waits for: it is this caller's
         # (hurried to full weight), rather than one more start beside it: on a busy machine the starts
         # share the CPU, and four at once took 35 s where one took 10
@@ -246,6 +247,7 @@ class FrontDoor:
         while self.pool and answer is None:  # a prewarmed one, unless its node went away meanwhile
             candidate = self.pool.pop(0)
             try:
+                offered = time.monotonic()
                 answer = await candidate.node_host.offer.remote(candidate.session, body)
                 placed = candidate
             except Exception as exc:  # noqa: BLE001 - RayActorError: that idle stage set is gone
@@ -255,6 +257,7 @@ class FrontDoor:
             self.counts["cold_starts"] += 1
             try:
                 placed = await self._start_one()
+                offered = time.monotonic()
                 answer = await placed.node_host.offer.remote(placed.session, body)
             except Exception as exc:  # noqa: BLE001 - a stage set that cannot start, a node lost meanwhile
                 self.counts["failed_starts"] += 1
@@ -274,8 +277,10 @@ class FrontDoor:
         self.counts["placed"] += 1
         connect_ms = round(1000 * (time.monotonic() - received), 1)
         self.connect_ms.append(connect_ms)
+        took = answer.get("took_ms") or {}
         log.info(kv("conversation_placed", session=session, node=placed.node_id[:12], host=placed.host,
-                    remote=remote, connect_ms=connect_ms))
+                    remote=remote, connect_ms=connect_ms, waited_ms=round(1000 * (offered - received), 1),
+                    foreground_ms=took.get("foreground"), web_answer_ms=took.get("web_answer")))
         return web.json_response({**answer["body"], "session": session, "node_id": placed.node_id})
 
     async def call_state(self, request: web.Request) -> web.Response:

@@ -212,7 +212,7 @@ class WebStage(PlayerStage):
         assert self.thread_out is not None
         rate, samples = frame.sample_rate, frame.samples
         decoded_channels = len(frame.layout.channels)
-        # 24 kHz mono from LoopDecoding; aiortc's decoder (--aiortc-decoder) gives 48 kHz stereo whatever
+        # 48 kHz mono from LoopDecoding; aiortc's decoder (--aiortc-decoder) gives 48 kHz stereo whatever
         # was sent, and a mono mic (the usual getUserMedia) is one channel of it
         channels = 1 if settings.get("channelCount", 1) == 1 else decoded_channels
         pcm = frame.to_ndarray().reshape(-1, decoded_channels)[:, :channels]
