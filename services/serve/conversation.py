@@ -90,25 +90,21 @@ class Conversation:
         """The browser's offer, answered by this conversation's web stage: {status, body, took_ms}, where
         took_ms says where this host's part of Connect -> live went (the front door logs it).
 
-        A prewarmed set leaves the warming priority after its web stage has answered, not before: the
-        answer comes from the web stage's loop thread, which runs at its own raised priority anyway,
-        while the look through /proc for the set's threads took an offer 60-220 ms on a loaded node
-        (its host process's GIL shared with every conversation's thread)."""
+        A prewarmed set leaves the warming priority beside the answer, not before it: the answer comes
+        from the web stage's loop thread, which runs at its own raised priority anyway, while the look
+        through /proc for the set's threads took an offer 60-250 ms on a loaded node (its host
+        process's GIL shared with every conversation's thread)."""
         began = time.monotonic()
+        if self.prewarm:
+            threading.Thread(target=self._to_foreground, name="foreground", daemon=True).start()
         request = urllib.request.Request(f"http://{self.host}:{self.web_port}/offer", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
-            try:
-                with urllib.request.urlopen(request, timeout=OFFER_TIMEOUT_S) as response:
-                    answer = {"status": response.status, "body": json.loads(response.read())}
-            except urllib.error.HTTPError as error:
-                answer = {"status": error.code, "body": json.loads(error.read() or b"{}")}
-        finally:
-            answered = time.monotonic()
-            if self.prewarm:
-                self._to_foreground()
-        return {**answer, "took_ms": {"web_answer": round(1000 * (answered - began), 1),
-                                      "foreground": round(1000 * (time.monotonic() - answered), 1)}}
+            with urllib.request.urlopen(request, timeout=OFFER_TIMEOUT_S) as response:
+                answer = {"status": response.status, "body": json.loads(response.read())}
+        except urllib.error.HTTPError as error:
+            answer = {"status": error.code, "body": json.loads(error.read() or b"{}")}
+        return {**answer, "took_ms": {"web_answer": round(1000 * (time.monotonic() - began), 1)}}
 
     def status(self) -> dict[str, Any]:
         state = dict(self.state)

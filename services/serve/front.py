@@ -280,7 +280,7 @@ class FrontDoor:
         took = answer.get("took_ms") or {}
         log.info(kv("conversation_placed", session=session, node=placed.node_id[:12], host=placed.host,
                     remote=remote, connect_ms=connect_ms, waited_ms=round(1000 * (offered - received), 1),
-                    foreground_ms=took.get("foreground"), web_answer_ms=took.get("web_answer")))
+                    web_answer_ms=took.get("web_answer")))
         return web.json_response({**answer["body"], "session": session, "node_id": placed.node_id})
 
     async def call_state(self, request: web.Request) -> web.Response:
