@@ -21,6 +21,8 @@ from common.log import RateLimitedLog
 SEND_HWM = 20_000  # ~6 min of 20 ms audio frames: a stalled peer makes the proxy drop, never us block
 RECV_HWM = 20_000
 LINGER_MS = 200
+RECONNECT_FIRST_MS = 10  # a connect retried after 10 ms, then 20, 40 ... (see _secure)
+RECONNECT_MAX_MS = 100
 SERVER_KEY = "server"
 CLIENT_KEY = "client"
 AUTHORIZED_DIR = "authorized"
@@ -66,10 +68,6 @@ def apply_client_curve(sock: zmq.Socket, curve_dir: Path) -> None:
     sock.curve_serverkey = server_public
     sock.curve_publickey = client_public
     sock.curve_secretkey = client_secret
-
-
-RECONNECT_FIRST_MS = 10
-RECONNECT_MAX_MS = 100
 
 
 def apply_server_curve(sock: zmq.Socket, curve_dir: Path) -> None:
@@ -223,8 +221,8 @@ def no_bus_message(cfg: BusConfig, problem: str | None = None) -> str:
 
 def bus_may_answer(cfg: BusConfig) -> bool:
     """False when no bus can be bound there (an ipc:// socket file that does not exist): then the
-    0.3 s probe for one, which the launcher and the bus would each make, is skipped (0.6 s of a forked
-    stage set's 0.7 s start, bench_start)."""
+    0.3 s probe for one, which the launcher and the bus would each make, is skipped (the bus's was
+    0.3 s of a forked stage set's 0.77 s start, bench_start)."""
     for endpoint in (cfg.pub, cfg.sub):
         path = endpoint.removeprefix("ipc://")
         if endpoint.startswith("ipc://") and not path.startswith("@") and not os.path.exists(path):
