@@ -184,6 +184,7 @@ class VoicebusPeer(Peer):
     def __init__(self, env: dict[str, str], work: Path, slots: int, prewarm: int) -> None:
         self.work, self.prewarm = work, min(prewarm, slots)  # a pool never holds more than the slots
         self.hosts: list[int] = []
+        self.placed_before = 0  # conversations the front had placed when the step began
         log = work / "serve.log"
         self.proc = voicebus("serve", "--port", "0", "--slots", str(slots), "--prewarm", str(prewarm),
                              "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO",
@@ -218,14 +219,18 @@ class VoicebusPeer(Peer):
         while time.monotonic() < deadline:
             now = status(self.url)
             if now["prewarmed"] >= self.prewarm and not now["conversations"]:
+                self.placed_before = now["counts"]["placed"]  # the step's placements are the ones after
                 return
             time.sleep(0.5)
 
     def answer_times(self, count: int) -> list[float] | None:
         """The front's own timing of the step's offers: received -> answered (placement, a prewarmed
         set handed over or a set started, the web stage's answer); Connect -> live at the caller adds
-        ICE, DTLS and the first audio frame through both jitter buffers."""
-        return status(self.url)["connect_ms"][-count:]
+        ICE, DTLS and the first audio frame through both jitter buffers. Only this step's (a caller
+        the front refused is not among them)."""
+        now = status(self.url)
+        placed = now["counts"]["placed"] - self.placed_before
+        return now["connect_ms"][-placed:] if placed > 0 else []
 
     def stage_glitches(self, results: list[dict]) -> dict[str, int] | None:
         """Underruns and late frames (sent > 20 ms after due) the web stage of each caller's conversation
