@@ -31,6 +31,14 @@ VOICE_BIT_RATE = 48_000  # mono speech at 24 kHz: transparent; aiortc's 96 kbit/
 SETTLED_SILENT_PACKETS = 3  # identical packets for silent frames in a row: the encoder has settled
 
 
+def mono_frame(pcm: bytes, pts: int, rate: int) -> AudioFrame:
+    """One frame of s16 mono PCM as PyAV takes it, stamped `pts` in samples at `rate`."""
+    frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
+    frame.planes[0].update(pcm)
+    frame.pts, frame.sample_rate, frame.time_base = pts, rate, fractions.Fraction(1, rate)
+    return frame
+
+
 class VoiceEncoder:
     """One libopus encoder for one outgoing track; `encode(pcm, pts)` gives the packet for that frame.
 
@@ -72,11 +80,8 @@ class VoiceEncoder:
         if silent and self._same_silent_packets >= SETTLED_SILENT_PACKETS:
             self.silent_frames_repeated += 1
             return self._stamp(Packet(self._silent_packet), pts)
-        frame = AudioFrame(format="s16", layout="mono", samples=len(pcm) // 2)
-        frame.planes[0].update(pcm)
-        frame.pts, frame.sample_rate, frame.time_base = pts, self.rate, self.time_base
         self.frames_encoded += 1
-        for packet in self.codec.encode(frame):
+        for packet in self.codec.encode(mono_frame(pcm, pts, self.rate)):
             self._ready.append(packet)
         if not self._ready:
             self._same_silent_packets = 0

@@ -7,7 +7,6 @@ Runs on an asyncio loop in a thread of its own; the stage (runner thread) talks 
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
 import logging
 import ssl
@@ -28,7 +27,7 @@ from common.log import kv
 from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
-from services.web.opus import LoopDecoding, VoiceEncoder
+from services.web.opus import LoopDecoding, VoiceEncoder, mono_frame
 
 log = logging.getLogger("voicebus.web")
 # aioice narrates every candidate pair at INFO; our own lines say when a browser connects and goes
@@ -80,12 +79,7 @@ class AssistantTrack(MediaStreamTrack):
         packet = self.encoder.encode(pcm, pts) if self.encoder is not None else None
         if packet is not None:
             return packet
-        frame = AudioFrame(format="s16", layout="mono", samples=self.samples)
-        frame.planes[0].update(pcm)
-        frame.pts = pts
-        frame.sample_rate = self.buffer.rate
-        frame.time_base = fractions.Fraction(1, self.buffer.rate)
-        return frame
+        return mono_frame(pcm, pts, self.buffer.rate)
 
 
 @dataclass
