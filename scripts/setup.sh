@@ -3,7 +3,7 @@
 # a virtualenv in .venv, and the project with its test tools. Idempotent and quiet on re-runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES=(portaudio19-dev build-essential python3-dev pulseaudio pulseaudio-utils libasound2-plugins
+APT_PACKAGES=(portaudio19-dev build-essential python3-dev pulseaudio pulseaudio-utils libasound2-plugins libopus0
               flite sox chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done

@@ -447,10 +447,11 @@ def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_br
     assert np.corrcoef(tail, speech[2400:2400 + len(tail)])[0, 1] > 0.95
 
 
-def test_the_mic_is_decoded_in_the_loop_to_mono_and_a_bad_packet_is_a_counted_gap():
+def test_the_mic_is_decoded_in_the_loop_to_24_khz_mono_and_a_bad_packet_is_a_counted_gap():
     """What a browser sends (48 kHz Opus, aiortc's encoder as the stand-in) comes out of LoopDecoding
-    as mono frames on the track's queue, pts the RTP timestamp, the same speech;
-    an undecodable packet is counted and skipped, PCMU still decodes, and the receiver's stop still
+    as 24 kHz mono frames on the track's queue (libopus decoding at the stage's rate: no filter after
+    it), pts the RTP timestamp counted at 24 kHz, the same speech; an undecodable or empty packet is
+    counted and skipped, PCMU still decodes (aiortc's decoder, 8 kHz), and the receiver's stop still
     reaches its decoder thread."""
     import asyncio
     import fractions
@@ -460,32 +461,36 @@ def test_the_mic_is_decoded_in_the_loop_to_mono_and_a_bad_packet_is_a_counted_ga
     from aiortc.jitterbuffer import JitterFrame
     from av import AudioFrame
 
-    from services.web.opus import LoopDecoding
+    from services.web.opus import LoopDecoding, MicFrame
 
     rate_in, samples = 48_000, 960
     t = np.arange(rate_in) / rate_in
     speech = (np.sin(2 * np.pi * (200 * t + 1400 * t * t)) * 8000).astype("<i2")  # 1 s, 200 -> 3000 Hz
     queue: asyncio.Queue = asyncio.Queue()
-    decoding = LoopDecoding(queue)
+    decoding = LoopDecoding(queue, 24_000)
     opus, encoder = SimpleNamespace(name="opus"), OpusEncoder()
+    first_timestamp = None
     for index in range(rate_in // samples):
         frame = AudioFrame(format="s16", layout="mono", samples=samples)
         frame.planes[0].update(speech[index * samples:(index + 1) * samples].tobytes())
         frame.pts, frame.sample_rate, frame.time_base = index * samples, rate_in, fractions.Fraction(1, rate_in)
         payloads, timestamp = encoder.encode(frame)
+        first_timestamp = timestamp if first_timestamp is None else first_timestamp
         assert len(payloads) == 1
         if index == 10:
             decoding.put((opus, JitterFrame(b"\xff\xff\xff", timestamp)))  # not Opus
+        elif index == 20:
+            decoding.put((opus, JitterFrame(b"", timestamp)))  # empty: not 120 ms of concealment
         else:
             decoding.put((opus, JitterFrame(payloads[0], timestamp)))
     frames = [queue.get_nowait() for _ in range(queue.qsize())]
-    assert decoding.decode_errors == 1 and len(frames) == 49
-    assert {(f.sample_rate, len(f.layout.channels), f.samples, f.time_base) for f in frames} == \
-        {(48_000, 1, 960, fractions.Fraction(1, 48_000))}
-    assert [f.pts for f in frames] == [i * 960 for i in range(50) if i != 10]
-    heard = np.concatenate([f.to_ndarray().reshape(-1) for f in frames[10:]]).astype(float)  # after the gap
-    reference = speech.astype(float)[11 * 960 + 4800:11 * 960 + 24000]  # once the decoder has caught up
-    fits = [np.corrcoef(heard[4800 + lag:4800 + lag + len(reference)], reference)[0, 1] for lag in range(960)]
+    assert decoding.decode_errors == 2 and len(frames) == 48
+    assert all(isinstance(f, MicFrame) for f in frames)
+    assert {(f.rate, f.channels, f.samples) for f in frames} == {(24_000, 1, 480)}
+    assert [f.pts for f in frames] == [first_timestamp // 2 + i * 480 for i in range(50) if i not in (10, 20)]
+    heard = np.frombuffer(b"".join(f.pcm for f in frames[19:]), "<i2").astype(float)  # after the gaps
+    reference = speech.astype(float)[::2][21 * 480 + 2400:21 * 480 + 12000]  # once the decoder has caught up
+    fits = [np.corrcoef(heard[2400 + lag:2400 + lag + len(reference)], reference)[0, 1] for lag in range(480)]
     assert max(fits) > 0.95, max(fits)  # the same speech, the codec's own delay (under a frame) later
     decoding.put((SimpleNamespace(name="PCMU", mimeType="audio/PCMU", clockRate=8000, channels=1),
                   JitterFrame(bytes([0xFF]) * 160, 0)))
@@ -493,6 +498,24 @@ def test_the_mic_is_decoded_in_the_loop_to_mono_and_a_bad_packet_is_a_counted_ga
     assert (pcmu.sample_rate, pcmu.samples) == (8000, 160)
     decoding.put(None)  # the receiver stopping: its decoder thread's get() returns aiortc's end signal
     assert decoding.get() is None
+
+
+def test_a_missing_libopus_is_a_clear_error_at_start_not_a_count_of_bad_packets(monkeypatch):
+    """Without a libopus to load, the web stage refuses to start and says what to do, rather than
+    counting every packet of the first caller as undecodable."""
+    from common.stage import StageError
+    from services.playback import PlaybackBuffer
+    from services.web import libopus
+    from services.web.rtc import BrowserLink
+
+    monkeypatch.setattr(libopus, "_lib", None)
+    monkeypatch.setattr(libopus, "_candidates", lambda: ["/nonexistent/libopus.so.0"])
+    with pytest.raises(StageError, match="libopus not found.*--aiortc-decoder"):
+        BrowserLink("127.0.0.1", 0, PlaybackBuffer(24_000, 40), on_mic_frame=lambda *a: None,
+                    on_client=lambda *a: None)
+    link = BrowserLink("127.0.0.1", 0, PlaybackBuffer(24_000, 40), on_mic_frame=lambda *a: None,
+                       on_client=lambda *a: None, aiortc_decoder=True)  # which needs none
+    link.loop.close()
 
 
 def test_between_replies_the_track_repeats_the_settled_silence_packet_and_the_browser_hears_the_same():

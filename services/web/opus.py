@@ -8,9 +8,11 @@ aiortc packets it only packetises: half the encoder's work, no resampling, no th
 (`scripts/bench_web_footprint.py`, variant `aiortc-encoder`, measures the difference).
 
 Incoming, aiortc decodes every packet to 48 kHz stereo in a worker thread and hands each frame back
-with `run_coroutine_threadsafe` (a queue hop, a task and a loop wake-up per 20 ms). An Opus decode is
-~50 us, so `LoopDecoding` decodes on the loop, in the receiver's own call, to mono, and puts the
-frame straight on the track's queue (variant `aiortc-decoder` measures the difference).
+with `run_coroutine_threadsafe` (a queue hop, a task and a loop wake-up per 20 ms), and the stage
+then filters it down to 24 kHz mono. An Opus decode is ~50 us, so `LoopDecoding` decodes on the
+loop, in the receiver's own call, straight to 24 kHz mono with libopus itself (`libopus.py`: FFmpeg's
+wrapper only gives 48 kHz), and puts the frame on the track's queue (variant `aiortc-decoder`
+measures the difference).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ import fractions
 import logging
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from av import AudioFrame, CodecContext, FFmpegError
 from av.packet import Packet
+
+from services.web import libopus
 
 log = logging.getLogger("voicebus.web")
 RTP_OPUS_RATE = 48_000  # Opus's RTP clock, whatever rate it is decoded at (RFC 7587)
@@ -101,42 +106,56 @@ class VoiceEncoder:
         return packet
 
 
+@dataclass(frozen=True)
+class MicFrame:
+    """A decoded frame of the browser's mic: s16 PCM, `pts` its first sample counted at `rate`."""
+
+    pcm: bytes
+    pts: int
+    rate: int
+    channels: int = 1
+
+    @property
+    def samples(self) -> int:
+        return len(self.pcm) // (2 * self.channels)
+
+
+def as_mic_frame(frame: AudioFrame, channel_count: int) -> MicFrame:
+    """What aiortc's decoders give (PyAV frames; for Opus 48 kHz stereo whatever was sent) as a
+    MicFrame: a mono mic (the usual getUserMedia, `channel_count` 1) is one channel of it."""
+    import numpy as np
+
+    decoded_channels = len(frame.layout.channels)
+    channels = 1 if channel_count == 1 else decoded_channels
+    pcm = frame.to_ndarray().reshape(-1, decoded_channels)[:, :channels]
+    return MicFrame(np.ascontiguousarray(pcm).tobytes(), round(frame.pts * frame.time_base * frame.sample_rate),
+                    frame.sample_rate, channels)
+
+
 class VoiceDecoder:
-    """One libopus decoder for the browser's mic: each packet -> mono s16 frames, pts on the RTP clock.
+    """One libopus decoder for the browser's mic, at the stage's own rate (24 kHz mono): each packet ->
+    one MicFrame, its pts the RTP timestamp (48 kHz clock, RFC 7587) counted at that rate."""
 
-    FFmpeg's libopus wrapper always decodes at 48 kHz (libopus itself could give 24 kHz), so the stage
-    still resamples; mono halves what the decoder writes and what the stage reads.
-    """
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.decoder = libopus.Decoder(rate, 1)
 
-    def __init__(self) -> None:
-        self.time_base = fractions.Fraction(1, RTP_OPUS_RATE)
-        self.codec = CodecContext.create("libopus", "r")
-        self.codec.format = "s16"
-        self.codec.layout = "mono"
-        self.codec.sample_rate = RTP_OPUS_RATE
-
-    def decode(self, data: bytes, rtp_timestamp: int) -> list[AudioFrame]:
-        packet = Packet(data)
-        packet.pts, packet.time_base = rtp_timestamp, self.time_base
-        frames = []
-        for frame in self.codec.decode(packet):
-            frame.pts, frame.time_base = rtp_timestamp, self.time_base
-            rtp_timestamp += frame.samples
-            frames.append(frame)
-        return frames
+    def decode(self, data: bytes, rtp_timestamp: int) -> MicFrame:
+        return MicFrame(self.decoder.decode(data), rtp_timestamp * self.rate // RTP_OPUS_RATE, self.rate)
 
 
 class LoopDecoding:
     """Stands in for an aiortc audio receiver's decoder queue (see the module docstring).
 
-    The receiver calls `put((codec, encoded_frame))` on its loop for every frame its jitter buffer
+    Opus is decoded to MicFrames at `rate`; any other negotiated codec (PCMU, PCMA) by aiortc's
+    decoder, in the same call, to PyAV AudioFrames. The receiver calls `put((codec, encoded_frame))` on its loop for every frame its jitter buffer
     releases, and `put(None)` when it stops; its decoder thread calls `get()`, which here waits until
-    that stop and then hands the thread aiortc's own end-of-track signal. Opus is decoded here; any
-    other negotiated codec (PCMU, PCMA) by aiortc's decoder, in the same call.
+    that stop and then hands the thread aiortc's own end-of-track signal.
     """
 
-    def __init__(self, frames: Any) -> None:
+    def __init__(self, frames: Any, rate: int) -> None:
         self.frames = frames  # the RemoteStreamTrack's asyncio.Queue
+        self.rate = rate
         self.decode_errors = 0
         self._decoders: dict[str, Any] = {}
         self._stopped = threading.Event()
@@ -149,10 +168,10 @@ class LoopDecoding:
         try:
             decoder = self._decoders.get(codec.name) or self._new_decoder(codec)
             if isinstance(decoder, VoiceDecoder):
-                decoded = decoder.decode(encoded_frame.data, encoded_frame.timestamp)
+                decoded = [decoder.decode(encoded_frame.data, encoded_frame.timestamp)]
             else:
                 decoded = decoder.decode(encoded_frame)
-        except FFmpegError as exc:  # one bad packet is a gap in the timeline, not the end of the call
+        except (FFmpegError, libopus.OpusError) as exc:  # one bad packet is a gap in the timeline, not the end of the call
             self.decode_errors += 1
             log.warning("undecodable %s packet from the browser (%d so far): %s", codec.name, self.decode_errors, exc)
             return
@@ -162,7 +181,7 @@ class LoopDecoding:
     def _new_decoder(self, codec: Any) -> Any:
         """One per codec for the whole call: a decoder carries state from packet to packet."""
         if codec.name.lower() == "opus":
-            decoder: Any = VoiceDecoder()
+            decoder: Any = VoiceDecoder(self.rate)
         else:
             from aiortc.codecs import get_decoder
 

@@ -27,7 +27,8 @@ from common.log import kv
 from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
-from services.web.opus import LoopDecoding, VoiceEncoder, mono_frame
+from services.web import libopus
+from services.web.opus import LoopDecoding, MicFrame, VoiceEncoder, mono_frame
 
 log = logging.getLogger("voicebus.web")
 # aioice narrates every candidate pair at INFO; our own lines say when a browser connects and goes
@@ -111,13 +112,19 @@ class BrowserLink:
     """aiohttp + aiortc on their own asyncio loop; hands mic frames and page events to callbacks."""
 
     def __init__(self, host: str, port: int, buffer: PlaybackBuffer, *,
-                 on_mic_frame: Callable[[AudioFrame, int, dict[str, Any]], None],
+                 on_mic_frame: Callable[[AudioFrame | MicFrame, int, dict[str, Any]], None],
                  on_client: Callable[[str, dict[str, Any]], None],
                  ssl_context: ssl.SSLContext | None = None, rx_prefetch: int = RX_PREFETCH_FRAMES,
-                 aiortc_encoder: bool = False, aiortc_decoder: bool = False) -> None:
+                 aiortc_encoder: bool = False, aiortc_decoder: bool = False, mic_rate: int = 24_000) -> None:
         self.host, self.port, self.buffer, self.rx_prefetch = host, port, buffer, rx_prefetch
         self.aiortc_encoder = aiortc_encoder  # aiortc encodes the assistant's audio, not the track
         self.aiortc_decoder = aiortc_decoder  # aiortc decodes the mic (48 kHz stereo, in its thread)
+        self.mic_rate = mic_rate  # what LoopDecoding decodes the browser's Opus to
+        if not aiortc_decoder:
+            try:
+                libopus.load()  # now, not at the first caller's first packet
+            except libopus.LibOpusMissing as exc:
+                raise StageError(str(exc)) from None
         self.decoding: LoopDecoding | None = None  # the current caller's
         self._decode_errors_before = 0  # earlier callers'
         self.on_mic_frame, self.on_client = on_mic_frame, on_client
@@ -351,7 +358,7 @@ class BrowserLink:
             return
         if self.decoding is not None:  # the last caller's errors stay in the heartbeat's count
             self._decode_errors_before += self.decoding.decode_errors
-        self.decoding = LoopDecoding(receiver.track._queue)
+        self.decoding = LoopDecoding(receiver.track._queue, self.mic_rate)
         setattr(receiver, names[0], self.decoding)
 
     @property

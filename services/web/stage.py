@@ -6,10 +6,11 @@ once, `player.state` reports per item). The gateway, tools and logger do not kno
 
 The resampler's job is done here, by the resample stage's own code (`ResampleStage`, the same
 seam-free filter, gap bridging and capture-time mapping) run on the decoded frames: its own process
-cost a conversation ~2.5 % of a core, 34 MB of PSS and one more bus hop for every 20 ms frame;
-done here, the filtering costs ~1-1.5 %, so a conversation saves ~1 point and 20 MB
-(scripts/bench_web_footprint.py). `voicebus web --via-resampler` publishes `audio.mic` as decoded
-(48 kHz) instead, for a `voicebus resample` stage to convert (a local
+cost a conversation ~2.5 % of a core, 34 MB of PSS and one more bus hop for every 20 ms frame.
+The browser's Opus is decoded straight to 24 kHz mono (services/web/opus.py), so for it the
+resampler only passes frames through, gaps bridged; it filters what aiortc's decoder gives
+(`--aiortc-decoder`: 48 kHz) and other codecs (PCMU: 8 kHz). `voicebus web --via-resampler`
+publishes `audio.mic` as decoded instead, for a `voicebus resample` stage to convert (a local
 mic's path, which stays so: there the device's rate is anything and PortAudio's callback is its own).
 
 Where the user is in the reply: what left for the browser (frames pulled by the outgoing track on
@@ -37,6 +38,7 @@ from common.log import kv
 from common.stage import SESSION_BEGIN, SESSION_END
 from services.player import PlayerStage
 from services.resampler import ResampleStage
+from services.web.opus import MicFrame, as_mic_frame
 from services.web.rtc import RX_PREFETCH_FRAMES, BrowserLink
 
 if TYPE_CHECKING:
@@ -205,18 +207,13 @@ class WebStage(PlayerStage):
             self.thread_out.event(SESSION_END, {"session": self.out.stamper.session, "reason": data.get("reason")})
             log.info(kv("conversation_ended", session=self.out.stamper.session, reason=repr(data.get("reason"))))
 
-    def _mic_frame(self, frame: AudioFrame, arrival_ns: int, settings: dict[str, Any]) -> None:
-        """One decoded Opus frame -> `audio.user` (or `audio.mic`), timed from RTP, lost packets filled."""
-        import numpy as np
-
+    def _mic_frame(self, frame: AudioFrame | MicFrame, arrival_ns: int, settings: dict[str, Any]) -> None:
+        """One decoded frame -> `audio.user` (or `audio.mic`), timed from RTP, lost packets filled."""
         assert self.thread_out is not None
-        rate, samples = frame.sample_rate, frame.samples
-        decoded_channels = len(frame.layout.channels)
-        # 48 kHz mono from LoopDecoding; aiortc's decoder (--aiortc-decoder) gives 48 kHz stereo whatever
-        # was sent, and a mono mic (the usual getUserMedia) is one channel of it
-        channels = 1 if settings.get("channelCount", 1) == 1 else decoded_channels
-        pcm = frame.to_ndarray().reshape(-1, decoded_channels)[:, :channels]
-        rtp_ns = int(frame.pts * frame.time_base * 1_000_000_000)
+        if not isinstance(frame, MicFrame):  # aiortc's decoder (--aiortc-decoder, or PCMU/PCMA)
+            frame = as_mic_frame(frame, settings.get("channelCount", 1))
+        rate, samples, channels = frame.rate, frame.samples, frame.channels
+        rtp_ns = frame.pts * 1_000_000_000 // rate
         offset = arrival_ns - rtp_ns
         if self._clock_offset_ns is None or offset < self._clock_offset_ns:
             self._clock_offset_ns = offset
@@ -227,7 +224,7 @@ class WebStage(PlayerStage):
             self._publish_mic(bytes(missing * channels * 2), rate, channels,
                               t_capture_ns - missing * 1_000_000_000 // rate)
         self._rtp_next = frame.pts + samples
-        self._publish_mic(np.ascontiguousarray(pcm).tobytes(), rate, channels, t_capture_ns)
+        self._publish_mic(frame.pcm, rate, channels, t_capture_ns)
 
     def _publish_mic(self, pcm: bytes, rate: int, channels: int, t_capture_ns: int) -> None:
         assert self.thread_out is not None
