@@ -500,6 +500,29 @@ def test_the_mic_is_decoded_in_the_loop_to_24_khz_mono_and_a_bad_packet_is_a_cou
     assert decoding.get() is None
 
 
+def test_the_mic_clock_counts_on_through_the_rtp_timestamp_wrap():
+    """RTP timestamps are 32 bits from a random start: a call that crosses 2**32 keeps a pts that
+    goes up by one frame (not back by a day), so capture times and gap filling stay right."""
+    import fractions
+
+    from aiortc.codecs.opus import OpusEncoder
+    from av import AudioFrame
+
+    from services.web.opus import VoiceDecoder
+
+    frame = AudioFrame(format="s16", layout="mono", samples=960)
+    frame.planes[0].update(bytes(1920))
+    frame.pts, frame.sample_rate, frame.time_base = 0, 48_000, fractions.Fraction(1, 48_000)
+    packet = OpusEncoder().encode(frame)[0][0]
+    decoder = VoiceDecoder(24_000)
+    start = (1 << 32) - 2 * 960
+    timestamps = [(start + i * 960) % (1 << 32) for i in range(5)]
+    assert timestamps[2] == 0  # the third packet is past the wrap
+    pts = [decoder.decode(packet, ts).pts for ts in timestamps]
+    assert [b - a for a, b in zip(pts, pts[1:], strict=False)] == [480] * 4
+    assert decoder.decode(packet, timestamps[1]).pts == pts[1]  # a late one from before the wrap
+
+
 def test_a_missing_libopus_is_a_clear_error_at_start_not_a_count_of_bad_packets(monkeypatch):
     """Without a libopus to load, the web stage refuses to start and says what to do, rather than
     counting every packet of the first caller as undecodable."""

@@ -72,6 +72,7 @@ class Decoder:
     """One Opus stream -> s16 PCM at `rate`: `decode(packet)` gives that packet's samples as bytes."""
 
     def __init__(self, rate: int, channels: int = 1) -> None:
+        self._state = None
         if rate not in OPUS_RATES or channels not in (1, 2):
             raise OpusError(f"libopus decodes at {OPUS_RATES} Hz, 1 or 2 channels; not {rate} Hz x {channels}")
         self.lib, self.rate, self.channels = load(), rate, channels
@@ -96,7 +97,7 @@ class Decoder:
         return (self.lib.opus_strerror(code) or b"unknown error").decode(errors="replace")
 
     def close(self) -> None:
-        if self._state:
+        if getattr(self, "_state", None):
             self.lib.opus_decoder_destroy(self._state)
             self._state = None
 

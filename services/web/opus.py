@@ -31,6 +31,7 @@ from services.web import libopus
 
 log = logging.getLogger("voicebus.web")
 RTP_OPUS_RATE = 48_000  # Opus's RTP clock, whatever rate it is decoded at (RFC 7587)
+RTP_TIMESTAMP_SPAN = 1 << 32
 
 VOICE_BIT_RATE = 48_000  # mono speech at 24 kHz: transparent; aiortc's 96 kbit/s is for stereo music
 SETTLED_SILENT_PACKETS = 3  # identical packets for silent frames in a row: the encoder has settled
@@ -134,14 +135,30 @@ def as_mic_frame(frame: AudioFrame, channel_count: int) -> MicFrame:
 
 class VoiceDecoder:
     """One libopus decoder for the browser's mic, at the stage's own rate (24 kHz mono): each packet ->
-    one MicFrame, its pts the RTP timestamp (48 kHz clock, RFC 7587) counted at that rate."""
+    one MicFrame, its pts the RTP timestamp (48 kHz clock, RFC 7587) counted at that rate.
+
+    RTP timestamps are 32 bits and start anywhere: one call in ~150 of ten minutes crosses the wrap
+    (every ~24.9 hours of 48 kHz). The pts keeps counting through it, so the stage's capture times
+    and gap filling see 20 ms more, not a day less.
+    """
 
     def __init__(self, rate: int) -> None:
         self.rate = rate
         self.decoder = libopus.Decoder(rate, 1)
+        self._extended: int | None = None  # the last timestamp, counted on past the wrap
 
     def decode(self, data: bytes, rtp_timestamp: int) -> MicFrame:
-        return MicFrame(self.decoder.decode(data), rtp_timestamp * self.rate // RTP_OPUS_RATE, self.rate)
+        pcm = self.decoder.decode(data)
+        return MicFrame(pcm, self._unwrapped(rtp_timestamp) * self.rate // RTP_OPUS_RATE, self.rate)
+
+    def _unwrapped(self, timestamp: int) -> int:
+        """The timestamp's signed 32-bit distance from the last one, added on."""
+        if self._extended is None:
+            self._extended = timestamp
+        else:
+            step = (timestamp - self._extended) % RTP_TIMESTAMP_SPAN
+            self._extended += step - RTP_TIMESTAMP_SPAN if step >= RTP_TIMESTAMP_SPAN // 2 else step
+        return self._extended
 
 
 class LoopDecoding:
