@@ -9,7 +9,16 @@ import time
 
 import zmq
 
-from common.bus import HandshakeWatch, Publisher, Receiver, connect_pub, connect_sub, wait_for_bus
+from common.bus import (
+    HandshakeWatch,
+    Publisher,
+    Receiver,
+    connect_pub,
+    connect_sub,
+    readable,
+    recv_parts,
+    wait_for_bus,
+)
 from common.config import BusConfig, session_id
 from common.log import kv
 from common.signals import StopFlag
@@ -97,9 +106,9 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                     stage.on_inbox(item)
             if receiver.sock in ready:
                 for _ in range(limit):
-                    if not receiver.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # no exception per drain
+                    if not readable(receiver.sock):  # no exception per drain
                         break
-                    message = receiver.accept(receiver.sock.recv_multipart(flags=zmq.NOBLOCK))
+                    message = receiver.accept(recv_parts(receiver.sock))
                     if message is None:
                         continue
                     try:

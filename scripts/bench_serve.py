@@ -5,8 +5,9 @@ pipecat's SmallWebRTC runner, in one run, against one simulator.
 One `voicebus simulate --pace realtime` answers both. voicebus: one `voicebus serve` (embedded
 local Ray, `--slots` the largest step, `--prewarm 2`). pipecat: its own development runner
 (`pipecat.runner.run`, one bot per connection as a task in one process) with its Realtime bot
-(scripts/pipecat_webrtc_peer.py, from `.venv-bench`). Per step, N callers (staggered 0.5 s, as
-people press Connect) each take `--turns` turns (`voicebus call --take-turns`: a question, the
+(scripts/pipecat_webrtc_peer.py, from `.venv-bench`). Per step, N callers (started together and ready
+ahead, as browsers on machines of their own; they press Connect 0.5 s apart, `voicebus call
+--dial-at`; `--cold-callers`: each starts as it dials) each take `--turns` turns (`voicebus call --take-turns`: a question, the
 reply played out, the next question), the same callers for both. While they talk the script samples
 CPU and PSS from /proc, apart for: the conversations (voicebus: each conversation's bus and stages
 with what they started, and the node host that runs them; pipecat: the runner's process), voicebus's pool of prewarmed sets and Ray's own processes
@@ -18,7 +19,7 @@ underruns and late frames from each session's events.jsonl), failed calls. Each 
 the first step with a failed call or a glitch, or at the last step.
 
     .venv/bin/python scripts/bench_serve.py [--steps 1,2,4,8] [--turns 3] [--peers voicebus,pipecat]
-                                            [--json out.json]
+                                            [--cold-callers] [--json out.json]
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ QUESTIONS = ["what is the weather like today", "please turn on the lights in the
              "can you help me with my homework", "please tell me a short story", "what time is it in tokyo"]
 SAMPLE_INTERVAL_S = 1.0
 STAGGER_S = 0.5
+CALLER_READY_S = 6.0  # callers start this long before the first Connect (+ CALLER_READY_EACH_S each)
+CALLER_READY_EACH_S = 1.0
 
 
 def voicebus(*args: str, env: dict[str, str], log: Path, stdout_to_log: bool = False) -> subprocess.Popen:
@@ -286,13 +289,23 @@ def ms(values: list[float], q: float) -> int | None:
     return round(pct(values, q)) if values else None
 
 
-def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[str, str], work: Path) -> dict:
+def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[str, str], work: Path,
+             cold_callers: bool = False) -> dict:
+    """One step. The callers start together, get ready (imports, speech, WebRTC) and press Connect
+    STAGGER_S apart (`voicebus call --dial-at`): a browser's start-up is on its own machine, not the
+    endpoint's. `cold_callers`: each caller process starts when it dials, as before 2026-12-04, so
+    its start-up lands on the machine while the callers before it connect."""
     callers = []
+    first_dial = time.time() + CALLER_READY_S + CALLER_READY_EACH_S * count
     for index in range(count):
         says = [arg for q in range(turns) for arg in ("--say", QUESTIONS[(index + q) % len(QUESTIONS)])]
+        dial = [] if cold_callers else ["--dial-at", f"{first_dial + index * STAGGER_S:.3f}"]
         callers.append(voicebus("call", peer.url, *says, "--take-turns", "--offer-path", peer.offer_path, "--json",
-                                "--timeout", "240", env=env, log=work / f"{peer.name}-caller-{count}-{index}.log"))
-        time.sleep(STAGGER_S)
+                                "--timeout", "240", *dial, env=env, log=work / f"{peer.name}-caller-{count}-{index}.log"))
+        if cold_callers:
+            time.sleep(STAGGER_S)
+    if not cold_callers:
+        time.sleep(max(0.0, first_dial + (count - 1) * STAGGER_S - time.time()))
     peer.dialled(count)
     answered = None
     sampler = Sampler(peer, simulator_pid, callers)
@@ -332,6 +345,8 @@ def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[s
         "turn_ms_p50": ms(latency, 50), "turn_ms_p99": ms(latency, 99),
         "turns": len(latency), "gaps": gaps, "late_at_caller": late,
         "max_late_ms": max((r["max_late_ms"] for r in results), default=None),
+        "callers_ready": "cold" if cold_callers else "ahead",
+        "max_dial_late_ms": max((r.get("dial_late_ms", 0.0) for r in results), default=None),
         "stage_underruns": stage["underruns"] if stage else None, "stage_late_frames": stage["late_frames"] if stage else None,
         "callers": [{key: r[key] for key in ("session", "connect_ms", "heard_ms", "late_frames", "max_late_ms",
                                              "gaps", "page_messages")} for r in results]}
@@ -343,12 +358,12 @@ def glitches(row: dict) -> int:
 
 
 def ramp(peer: Peer, steps: list[int], turns: int, simulator_pid: int, env: dict[str, str], work: Path,
-         json_path: str | None, before: list[dict]) -> list[dict]:
+         json_path: str | None, before: list[dict], cold_callers: bool = False) -> list[dict]:
     rows: list[dict] = []
     for count in steps:
         peer.wait_ready()  # each step starts from the peer at rest
         print(f"bench_serve: {peer.name}, {count} conversation(s) at once ...", file=sys.stderr)
-        row = run_step(peer, count, turns, simulator_pid, env, work)
+        row = run_step(peer, count, turns, simulator_pid, env, work, cold_callers)
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)
         if json_path:  # as it goes: a ramp that breaks the machine keeps what it measured
@@ -375,6 +390,9 @@ def main() -> int:
     parser.add_argument("--prewarm", type=int, default=2, help="serve --prewarm (default 2, serve's own).")
     parser.add_argument("--peers", default="voicebus,pipecat", help="Which to ramp, in order (default both).")
     parser.add_argument("--json", dest="json_path", help="Write the figures here too.")
+    parser.add_argument("--cold-callers", action="store_true",
+                        help="Start each caller's process when it dials (imports and speech synthesis then load the "
+                             "machine while the callers before it connect), instead of ready ahead.")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
     peers = args.peers.split(",")
@@ -392,7 +410,8 @@ def main() -> int:
             peer: Peer = VoicebusPeer(env, work, max(steps), args.prewarm) if name == "voicebus" \
                 else PipecatPeer(env, work, sim_url)
             try:
-                rows += ramp(peer, steps, args.turns, simulator.pid, env, work, args.json_path, rows)
+                rows += ramp(peer, steps, args.turns, simulator.pid, env, work, args.json_path, rows,
+                             args.cold_callers)
             finally:
                 stop(peer.proc)
     finally:

@@ -360,7 +360,12 @@ def serve_drain(node, url):
                    "voicebus (--turns is then unused).")
 @click.option("--offer-path", default="offer", show_default=True,
               help="Where the endpoint takes offers (pipecat's SmallWebRTC runner: api/offer).")
-def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path):
+@click.option("--dial-at", type=float, default=None, metavar="EPOCH_S",
+              help="Get ready (speech, WebRTC), then offer at this wall-clock time (seconds since the epoch, "
+                   "`date +%s.%N`): a rig starts many callers ahead so that their start-up is not the endpoint's "
+                   "load when they press Connect. A caller not ready by then offers at once (dial_late_ms).")
+def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path,
+             dial_at):
     """Call a `voicebus web` or `voicebus serve` endpoint over WebRTC as a browser would; print each turn."""
     from services.call.command import run_call
 
@@ -371,7 +376,7 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
     if pause_s is None:
         pause_s = 0.0 if take_turns else 4.0
     sys.exit(run_call(url, list(sentences), wav_path, voice, turns or max(1, len(sentences)), pause_s, timeout_s,
-                      record_path, as_json, take_turns=take_turns, offer_path=offer_path))
+                      record_path, as_json, take_turns=take_turns, offer_path=offer_path, dial_at=dial_at))
 
 
 @main.command()

@@ -1,8 +1,9 @@
 """`voicebus mic`: capture audio and publish `audio.mic` frames (20 ms, native rate, s16le).
 
-The PortAudio callback only copies the frame and its timing into the stage inbox (a lock, a deque
-append and a one-byte pipe write); the runner thread publishes it. ZeroMQ sockets therefore stay on
-one thread, and the callback never waits on the bus.
+The PortAudio callback (or the WAV clock's thread) publishes each frame itself, on a PUB socket of
+its own (`publishes_from_thread`): a send never waits on the bus (a full queue drops and counts),
+and handing every frame to the runner thread first cost a thread wake-up per 20 ms. The end of a
+WAV and a cue's start and end go through the stage inbox to the runner thread.
 
 `t_capture_ns` is the wall-clock time of the frame's first sample. With a device it comes from
 PortAudio's `input_buffer_adc_time` mapped onto the wall clock when PortAudio provides it

@@ -136,3 +136,46 @@ def test_doctor_judges_a_browser_pipeline_without_sound_devices(procs, client_fa
     assert result.returncode == 0, result.stdout
     assert "audio devices: not needed (the web stage serves a browser" in result.stdout
     assert "stage web:" in result.stdout
+
+
+def test_call_dial_at_is_ready_first_and_offers_at_that_moment(tmp_path):
+    """`voicebus call --dial-at T` (what bench_serve's callers do) sends its offer at T, not when it
+    starts: an endpoint that is full (503) sees the offer no earlier than T, and the caller exits 3."""
+    import asyncio
+    import threading
+    import time
+
+    from aiohttp import web
+
+    offered_at: list[float] = []
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner_box: list[web.AppRunner] = []
+
+    async def offer(_request: web.Request) -> web.Response:
+        offered_at.append(time.time())
+        return web.json_response({"error": "all lines are busy"}, status=503, headers={"Retry-After": "1"})
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/offer", offer)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runner_box.append(runner)
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(serve()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    port = runner_box[0].addresses[0][1]
+    try:
+        dial_at = time.time() + 6.0  # well past the caller's start-up (imports, flite): it waits for it
+        result = _run("call", f"http://127.0.0.1:{port}", "--say", "hello", "--dial-at", f"{dial_at:.3f}", timeout=60)
+        assert result.returncode == 3, result.stderr
+        assert "all lines are busy" in result.stderr
+        assert len(offered_at) == 1 and offered_at[0] >= dial_at, (offered_at, dial_at)  # not before it
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)

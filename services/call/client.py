@@ -100,6 +100,7 @@ class CallResult:
     truncated: list[dict[str, Any]] = field(default_factory=list)
     received: bytearray = field(default_factory=bytearray)  # what the caller heard, 48 kHz mono s16le
     connect_ms: float = 0.0  # offer sent -> first audio frame received (the line is live)
+    dial_late_ms: float = 0.0  # with dial_at: how late the offer went (the caller was not ready in time)
     gaps: int = 0  # received frames that did not follow on from the one before (lost or late audio)
     # frames of the assistant's voice that arrived more than LATE_AT_CALLER_MS behind the sender's own
     # timeline (pts, anchored at the least-delayed frame): later than a browser's jitter buffer holds,
@@ -114,13 +115,16 @@ class CallResult:
 
 
 async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool = True, *,
-               offer_path: str = "offer", utterances: list[bytes] | None = None, pause_s: float = 0.0) -> CallResult:
+               offer_path: str = "offer", utterances: list[bytes] | None = None, pause_s: float = 0.0,
+               dial_at: float | None = None) -> CallResult:
     """One call: speak `pcm`, wait for `turns` assistant replies, hang up; what was heard and said.
 
     With `utterances` the caller takes turns instead, counting by ear alone (any WebRTC endpoint, not
     only voicebus): after `pcm` (a lead-in) it speaks each one once the reply to the one before has
     played out (and `pause_s` after that), and times each reply at the caller (`heard_ms`). `offer_path` is where the endpoint
-    takes offers (`offer` for voicebus; `api/offer` for pipecat's SmallWebRTC runner).
+    takes offers (`offer` for voicebus; `api/offer` for pipecat's SmallWebRTC runner). With `dial_at`
+    (wall-clock seconds since the epoch) everything is ready before it and the offer goes at that moment,
+    as when a person presses Connect (`dial_late_ms`: how far past it the caller was when it could).
     """
     result = CallResult()
     peer = RTCPeerConnection()
@@ -158,6 +162,9 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
     def on_track(track) -> None:
         asyncio.ensure_future(_record(track, result, first_audio))
 
+    if dial_at is not None:
+        await asyncio.sleep(max(0.0, dial_at - time.time()))
+        result.dial_late_ms = round(max(0.0, 1000 * (time.time() - dial_at)), 1)
     started = time.monotonic()
     try:
         await peer.setLocalDescription(await peer.createOffer())

@@ -31,7 +31,7 @@ def speech(sentences: list[str], wav_path: str | None, voice: str, pause_s: floa
 
 def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, turns: int, pause_s: float,
              timeout_s: float, record_path: str | None, as_json: bool, *, take_turns: bool = False,
-             offer_path: str = "offer") -> int:
+             offer_path: str = "offer", dial_at: float | None = None) -> int:
     if take_turns:  # a second of lead-in, then each sentence when the reply before it has played out
         from common.utterances import speech_pcm
 
@@ -40,7 +40,7 @@ def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, t
         pcm, utterances = speech(sentences, wav_path, voice, pause_s), None
     try:
         result = asyncio.run(call(url, pcm, turns, timeout_s, offer_path=offer_path, utterances=utterances,
-                                  pause_s=pause_s))
+                                  pause_s=pause_s, dial_at=dial_at))
     except CallRefused as exc:
         click.echo(f"voicebus call: {url} refused the call: {exc.message}"
                    + (f" (try again in {exc.retry_after_s:g} s)" if exc.retry_after_s else ""), err=True)
@@ -63,7 +63,8 @@ def _print(result: CallResult, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"session": result.session, "user": result.user, "assistant": result.assistant,
                                "latency_ms": result.latency_ms, "truncated": result.truncated,
-                               "connect_ms": result.connect_ms, "gaps": result.gaps,
+                               "connect_ms": result.connect_ms, "dial_late_ms": result.dial_late_ms,
+                               "gaps": result.gaps,
                                "heard_ms": result.heard_ms, "page_messages": result.page_messages,
                                "late_frames": result.late_frames, "max_late_ms": result.max_late_ms,
                                "received_s": round(len(result.received) / 2 / MIC_RATE, 2)}))
