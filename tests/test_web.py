@@ -487,7 +487,8 @@ def test_the_mic_is_decoded_in_the_loop_to_24_khz_mono_and_a_bad_packet_is_a_cou
     assert decoding.decode_errors == 2 and len(frames) == 48
     assert all(isinstance(f, MicFrame) for f in frames)
     assert {(f.rate, f.channels, f.samples) for f in frames} == {(24_000, 1, 480)}
-    assert [f.pts for f in frames] == [first_timestamp // 2 + i * 480 for i in range(50) if i not in (10, 20)]
+    assert [f.rtp_timestamp for f in frames] == [first_timestamp + i * 960 for i in range(50) if i not in (10, 20)]
+    assert {f.clock_rate for f in frames} == {48_000}  # Opus's RTP clock, whatever the rate it is decoded at
     heard = np.frombuffer(b"".join(f.pcm for f in frames[19:]), "<i2").astype(float)  # after the gaps
     reference = speech.astype(float)[::2][21 * 480 + 2400:21 * 480 + 12000]  # once the decoder has caught up
     fits = [np.corrcoef(heard[2400 + lag:2400 + lag + len(reference)], reference)[0, 1] for lag in range(480)]
@@ -500,27 +501,44 @@ def test_the_mic_is_decoded_in_the_loop_to_24_khz_mono_and_a_bad_packet_is_a_cou
     assert decoding.get() is None
 
 
-def test_the_mic_clock_counts_on_through_the_rtp_timestamp_wrap():
-    """RTP timestamps are 32 bits from a random start: a call that crosses 2**32 keeps a pts that
-    goes up by one frame (not back by a day), so capture times and gap filling stay right."""
+@pytest.mark.parametrize("decoder", ["libopus", "aiortc"])
+def test_the_mic_clock_counts_on_through_the_rtp_timestamp_wrap(decoder):
+    """RTP timestamps are 32 bits from a random start: a call that crosses 2**32 keeps a timeline that
+    goes on by one frame (not back by a day), whichever decoder made the frames (ours at 24 kHz, or
+    aiortc's at 48 kHz for --aiortc-decoder), so capture times and gap filling stay right."""
     import fractions
 
     from aiortc.codecs.opus import OpusEncoder
     from av import AudioFrame
 
+    from common.stage import Output
     from services.web.opus import VoiceDecoder
+    from services.web.stage import WebStage
 
     frame = AudioFrame(format="s16", layout="mono", samples=960)
     frame.planes[0].update(bytes(1920))
     frame.pts, frame.sample_rate, frame.time_base = 0, 48_000, fractions.Fraction(1, 48_000)
     packet = OpusEncoder().encode(frame)[0][0]
-    decoder = VoiceDecoder(24_000)
+    libopus_decoder = VoiceDecoder(24_000)
+
+    def decoded(timestamp: int):
+        return libopus_decoder.decode(packet, timestamp) if decoder == "libopus" else _decoded_frame(timestamp, 100)
+
+    stage = WebStage("127.0.0.1", 0, via_resampler=True)
+    stage.thread_out, sent = Output.collecting("web")
     start = (1 << 32) - 2 * 960
     timestamps = [(start + i * 960) % (1 << 32) for i in range(5)]
     assert timestamps[2] == 0  # the third packet is past the wrap
-    pts = [decoder.decode(packet, ts).pts for ts in timestamps]
-    assert [b - a for a, b in zip(pts, pts[1:], strict=False)] == [480] * 4
-    assert decoder.decode(packet, timestamps[1]).pts == pts[1]  # a late one from before the wrap
+    now = time.time_ns()
+    for index, timestamp in enumerate(timestamps):
+        stage._mic_frame(decoded(timestamp), now + index * 20_000_000, {"channelCount": 1})
+    rate = 24_000 if decoder == "libopus" else 48_000
+    assert {m.header.rate for m in sent} == {rate}
+    assert np.diff([m.header.t_capture_ns for m in sent]).tolist() == [20_000_000] * 4
+    assert [m.header.pts for m in sent] == [i * rate // 50 for i in range(5)]
+    assert stage.mic_gap_fills == 0
+    stage._mic_frame(decoded(timestamps[1]), now + 100_000_000, {"channelCount": 1})  # late, from before the wrap
+    assert sent[-1].header.t_capture_ns == sent[1].header.t_capture_ns and stage.mic_gap_fills == 0
 
 
 def test_a_missing_libopus_is_a_clear_error_at_start_not_a_count_of_bad_packets(monkeypatch):

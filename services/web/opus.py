@@ -109,11 +109,14 @@ class VoiceEncoder:
 
 @dataclass(frozen=True)
 class MicFrame:
-    """A decoded frame of the browser's mic: s16 PCM, `pts` its first sample counted at `rate`."""
+    """A decoded frame of the browser's mic: s16 PCM at `rate`, stamped with its packet's RTP
+    timestamp as it came (32 bits, counted at `clock_rate`: 48 kHz for Opus whatever it was decoded
+    at, RFC 7587). The stage counts timestamps on past the 32-bit wrap, whichever decoder made the frame."""
 
     pcm: bytes
-    pts: int
+    rtp_timestamp: int
     rate: int
+    clock_rate: int = RTP_OPUS_RATE
     channels: int = 1
 
     @property
@@ -123,42 +126,44 @@ class MicFrame:
 
 def as_mic_frame(frame: AudioFrame, channel_count: int) -> MicFrame:
     """What aiortc's decoders give (PyAV frames; for Opus 48 kHz stereo whatever was sent) as a
-    MicFrame: a mono mic (the usual getUserMedia, `channel_count` 1) is one channel of it."""
+    MicFrame: a mono mic (the usual getUserMedia, `channel_count` 1) is one channel of it. aiortc
+    stamps each frame with its packet's RTP timestamp, on the codec's clock (its time base)."""
     import numpy as np
 
     decoded_channels = len(frame.layout.channels)
     channels = 1 if channel_count == 1 else decoded_channels
     pcm = frame.to_ndarray().reshape(-1, decoded_channels)[:, :channels]
-    return MicFrame(np.ascontiguousarray(pcm).tobytes(), round(frame.pts * frame.time_base * frame.sample_rate),
-                    frame.sample_rate, channels)
+    return MicFrame(np.ascontiguousarray(pcm).tobytes(), frame.pts, frame.sample_rate,
+                    round(1 / frame.time_base), channels)
 
 
-class VoiceDecoder:
-    """One libopus decoder for the browser's mic, at the stage's own rate (24 kHz mono): each packet ->
-    one MicFrame, its pts the RTP timestamp (48 kHz clock, RFC 7587) counted at that rate.
+class RtpTimeline:
+    """One caller's RTP timestamps counted on past the 32-bit wrap: each is taken as the signed
+    32-bit step from the last one. Timestamps start anywhere, so one call in ~150 of ten minutes
+    crosses the wrap (every ~24.9 hours of a 48 kHz clock); counted on, its capture times and gap
+    filling see 20 ms more, not a day less, and a packet late from before the wrap stays before it."""
 
-    RTP timestamps are 32 bits and start anywhere: one call in ~150 of ten minutes crosses the wrap
-    (every ~24.9 hours of 48 kHz). The pts keeps counting through it, so the stage's capture times
-    and gap filling see 20 ms more, not a day less.
-    """
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.decoder = libopus.Decoder(rate, 1)
+    def __init__(self) -> None:
         self._extended: int | None = None  # the last timestamp, counted on past the wrap
 
-    def decode(self, data: bytes, rtp_timestamp: int) -> MicFrame:
-        pcm = self.decoder.decode(data)
-        return MicFrame(pcm, self._unwrapped(rtp_timestamp) * self.rate // RTP_OPUS_RATE, self.rate)
-
-    def _unwrapped(self, timestamp: int) -> int:
-        """The timestamp's signed 32-bit distance from the last one, added on."""
+    def extend(self, timestamp: int) -> int:
         if self._extended is None:
             self._extended = timestamp
         else:
             step = (timestamp - self._extended) % RTP_TIMESTAMP_SPAN
             self._extended += step - RTP_TIMESTAMP_SPAN if step >= RTP_TIMESTAMP_SPAN // 2 else step
         return self._extended
+
+
+class VoiceDecoder:
+    """One libopus decoder for the browser's mic, at the stage's own rate (24 kHz mono): each packet ->
+    one MicFrame stamped with the packet's RTP timestamp."""
+
+    def __init__(self, rate: int) -> None:
+        self.decoder = libopus.Decoder(rate, 1)
+
+    def decode(self, data: bytes, rtp_timestamp: int) -> MicFrame:
+        return MicFrame(self.decoder.decode(data), rtp_timestamp, self.decoder.rate)
 
 
 class LoopDecoding:

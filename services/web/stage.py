@@ -38,7 +38,7 @@ from common.log import kv
 from common.stage import SESSION_BEGIN, SESSION_END
 from services.player import PlayerStage
 from services.resampler import ResampleStage
-from services.web.opus import MicFrame, as_mic_frame
+from services.web.opus import MicFrame, RtpTimeline, as_mic_frame
 from services.web.rtc import RX_PREFETCH_FRAMES, BrowserLink
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ class WebStage(PlayerStage):
         self.mic_pts = 0
         self.mic_frames = 0
         self.mic_gap_fills = 0
-        self._rtp_next: int | None = None
+        self._rtp_timeline = RtpTimeline()  # this caller's packet timestamps, counted on past 32 bits
+        self._rtp_next: int | None = None  # the next frame's first sample, at its rate, if none is lost
         self._clock_offset_ns: int | None = None  # arrival - RTP time, least delayed frame so far
         self._speech_end_ns: int | None = None
         self._latency_item: str | None = None
@@ -191,7 +192,7 @@ class WebStage(PlayerStage):
     def _client_event(self, kind: str, data: dict[str, Any]) -> None:
         assert self.thread_out is not None
         if kind == "connected":
-            self._rtp_next = self._clock_offset_ns = None
+            self._rtp_timeline, self._rtp_next, self._clock_offset_ns = RtpTimeline(), None, None
             self.buffer.reset()  # nothing of a previous browser's reply is left to send to this one
             self._reply_done_item = None
             session = self.out.stamper.session if self.conversations == 0 else new_session_id()
@@ -213,17 +214,18 @@ class WebStage(PlayerStage):
         if not isinstance(frame, MicFrame):  # aiortc's decoder (--aiortc-decoder, or PCMU/PCMA)
             frame = as_mic_frame(frame, settings.get("channelCount", 1))
         rate, samples, channels = frame.rate, frame.samples, frame.channels
-        rtp_ns = frame.pts * 1_000_000_000 // rate
+        pts = self._rtp_timeline.extend(frame.rtp_timestamp) * rate // frame.clock_rate
+        rtp_ns = pts * 1_000_000_000 // rate
         offset = arrival_ns - rtp_ns
         if self._clock_offset_ns is None or offset < self._clock_offset_ns:
             self._clock_offset_ns = offset
         t_capture_ns = rtp_ns + self._clock_offset_ns - samples * 1_000_000_000 // rate
-        if self._rtp_next is not None and 0 < frame.pts - self._rtp_next <= MAX_GAP_FILL_S * rate:
-            missing = frame.pts - self._rtp_next
+        if self._rtp_next is not None and 0 < pts - self._rtp_next <= MAX_GAP_FILL_S * rate:
+            missing = pts - self._rtp_next
             self.mic_gap_fills += 1
             self._publish_mic(bytes(missing * channels * 2), rate, channels,
                               t_capture_ns - missing * 1_000_000_000 // rate)
-        self._rtp_next = frame.pts + samples
+        self._rtp_next = pts + samples
         self._publish_mic(frame.pcm, rate, channels, t_capture_ns)
 
     def _publish_mic(self, pcm: bytes, rate: int, channels: int, t_capture_ns: int) -> None:
