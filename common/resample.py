@@ -133,10 +133,10 @@ class _ResampyStream:
         return self._run(int(self._received * float(self._rate_out) / float(self._rate_in)))
 
 
-@lru_cache(maxsize=4)
 def load_filter(name: str) -> tuple[np.ndarray, int]:
     """resampy's precomputed filter (right wing, table precision), read from the file resampy ships
-    without importing resampy, whose import compiles numba."""
+    without importing resampy, whose import compiles numba. Not kept: 3.3 MB for kaiser_best, while
+    what a stream filters with is derived from it once per ratio (`phase_tables`)."""
     if name not in FILTERS:
         raise ValueError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
     spec = importlib.util.find_spec("resampy")
@@ -148,13 +148,65 @@ def load_filter(name: str) -> tuple[np.ndarray, int]:
 
 @lru_cache(maxsize=8)
 def scaled_filter(name: str, rate_in: int, rate_out: int) -> ScaledFilter:
-    """The filter for one ratio, built once per process (8-11 ms of numpy each time otherwise, in
-    every stage set that starts); the stage zygote builds 48 -> 24 kHz before it forks, so its stages
-    share it. Read-only: every stream of that ratio reads the same arrays."""
+    """The filter for one ratio, kept for the streams that read it at every frame (resampy's kernel,
+    and polyphase ratios with too many phases for a bank). Read-only: every stream of that ratio
+    reads the same arrays."""
     scaled = ScaledFilter.for_ratio(*load_filter(name), rate_in, rate_out)
     scaled.win.setflags(write=False)
     scaled.delta.setflags(write=False)
     return scaled
+
+
+def _wing(scaled: ScaledFilter, frac: np.ndarray) -> np.ndarray:
+    """One wing's weights for fractional offsets `frac` (scaled), shape (len(frac), W)."""
+    index = frac * scaled.num_table
+    offset = index.astype(np.int64)
+    eta = index - offset
+    taps = offset[:, None] + np.arange(scaled.wing)[None, :] * scaled.index_step
+    # resampy's loop bound: i < (nwin - offset) // index_step
+    valid = np.arange(scaled.wing)[None, :] < ((len(scaled.win) - offset) // scaled.index_step)[:, None]
+    taps = np.where(valid, taps, 0)
+    return np.where(valid, scaled.win[taps] + eta[:, None] * scaled.delta[taps], 0.0)
+
+
+def _weights(scaled: ScaledFilter, up: int, phases: np.ndarray) -> np.ndarray:
+    """Rows of 2W weights for these phases of L = `up`."""
+    frac = scaled.scale * (phases / up)
+    left, right = _wing(scaled, frac), _wing(scaled, scaled.scale - frac)
+    # left wing tap i weighs x[n - i], right wing tap k weighs x[n + 1 + k]
+    return np.concatenate([left[:, ::-1], right], axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PhaseTables:
+    """What a polyphase stream of one ratio L/M filters with: W, the bank of L rows (None past
+    `MAX_PHASE_BANK`: weights per frame instead) and the block matrix (None past `MAX_BLOCK_PHASES`)."""
+
+    wing: int
+    bank: np.ndarray | None
+    block: np.ndarray | None
+
+
+@lru_cache(maxsize=8)
+def phase_tables(name: str, rate_in: int, rate_out: int) -> PhaseTables:
+    """Built once per process and ratio (8-11 ms of numpy) and kept: 1.6 kB for 48 -> 24 kHz, 165 kB for
+    44.1 kHz. The scaled table they come from (~10 MB of float64 with its differences) is let go, so a
+    browser's web stage, whose Opus arrives at 24 kHz, and the zygote that forks it carry none of it."""
+    divisor = math.gcd(rate_in, rate_out)
+    up, down = rate_out // divisor, rate_in // divisor
+    scaled = ScaledFilter.for_ratio(*load_filter(name), rate_in, rate_out)
+    bank = _weights(scaled, up, np.arange(up)) if up <= MAX_PHASE_BANK else None
+    block = None
+    if bank is not None and up <= MAX_BLOCK_PHASES:
+        # (span, L): column p weighs the inputs of a block's p-th output (base floor(pM/L))
+        offsets = np.arange(up) * down // up
+        block = np.zeros((int(offsets[-1]) + 2 * scaled.wing, up), dtype=np.float32)
+        for p, offset in enumerate(offsets):
+            block[offset:offset + 2 * scaled.wing, p] = bank[(p * down) % up]
+    for table in (bank, block):
+        if table is not None:
+            table.setflags(write=False)
+    return PhaseTables(scaled.wing, bank, block)
 
 
 class _PolyphaseStream:
@@ -169,41 +221,13 @@ class _PolyphaseStream:
         divisor = math.gcd(rate_in, rate_out)
         self._up, self._down = rate_out // divisor, rate_in // divisor
         self._rate_in, self._rate_out = rate_in, rate_out
-        scaled = scaled_filter(filter_name, rate_in, rate_out)
-        self._win, self._delta, self._num_table, self._scale = scaled.win, scaled.delta, scaled.num_table, scaled.scale
-        self._index_step = scaled.index_step
-        self.wing = scaled.wing  # W: input samples each side
-        self._bank = self._weights(np.arange(self._up)) if self._up <= MAX_PHASE_BANK else None
-        self._block = self._block_matrix() if self._up <= MAX_BLOCK_PHASES else None
+        tables = phase_tables(filter_name, rate_in, rate_out)
+        self.wing, self._bank, self._block = tables.wing, tables.bank, tables.block  # W: input samples each side
+        self._filter = scaled_filter(filter_name, rate_in, rate_out) if self._bank is None else None
         self._buf = np.zeros(self.wing - 1, dtype=np.float32)  # zeros before the first sample
         self._buf_start = -(self.wing - 1)  # absolute input index of _buf[0]
         self._received = 0
         self._emitted = 0
-
-    def _wing(self, frac: np.ndarray) -> np.ndarray:
-        """One wing's weights for fractional offsets `frac` (scaled), shape (len(frac), W)."""
-        index = frac * self._num_table
-        offset = index.astype(np.int64)
-        eta = index - offset
-        taps = offset[:, None] + np.arange(self.wing)[None, :] * self._index_step
-        # resampy's loop bound: i < (nwin - offset) // index_step
-        valid = np.arange(self.wing)[None, :] < ((len(self._win) - offset) // self._index_step)[:, None]
-        taps = np.where(valid, taps, 0)
-        return np.where(valid, self._win[taps] + eta[:, None] * self._delta[taps], 0.0)
-
-    def _block_matrix(self) -> np.ndarray:
-        """(span, L): column p weighs the inputs of a block's p-th output (base floor(pM/L))."""
-        offsets = np.arange(self._up) * self._down // self._up
-        block = np.zeros((int(offsets[-1]) + 2 * self.wing, self._up), dtype=np.float32)
-        for p, offset in enumerate(offsets):
-            block[offset:offset + 2 * self.wing, p] = self._bank[(p * self._down) % self._up]
-        return block
-
-    def _weights(self, phases: np.ndarray) -> np.ndarray:
-        frac = self._scale * (phases / self._up)
-        left, right = self._wing(frac), self._wing(self._scale - frac)
-        # left wing tap i weighs x[n - i], right wing tap k weighs x[n + 1 + k]
-        return np.concatenate([left[:, ::-1], right], axis=1).astype(np.float32)
 
     def _run(self, end: int) -> np.ndarray:
         """Outputs [emitted, end) one by one (phases gathered): for ratios with many phases."""
@@ -211,7 +235,7 @@ class _PolyphaseStream:
             return np.zeros(0, dtype=np.float32)
         k = np.arange(self._emitted, end, dtype=np.int64)
         base, phase = np.divmod(k * self._down, self._up)
-        rows = self._bank[phase] if self._bank is not None else self._weights(phase)
+        rows = self._bank[phase] if self._bank is not None else _weights(self._filter, self._up, phase)
         windows = sliding_window_view(self._buf, 2 * self.wing)[base - self.wing + 1 - self._buf_start]
         out = np.einsum("ij,ij->i", windows, rows, dtype=np.float32)
         self._emitted = end
