@@ -325,6 +325,10 @@ def main() -> None:
     from common.resample import StreamResampler
 
     StreamResampler(48_000, 24_000, 1).feed(bytes(3840))  # and the resampler's 48 -> 24 kHz tables (1.6 kB)
+    from services.web import libopus
+
+    with contextlib.suppress(libopus.LibOpusMissing):  # a web stage forked without it says so at its start
+        libopus.load()  # and the browser's decoder: found (ldconfig, ~12 ms) and bound once, not per web stage
     gc.collect()
     gc.freeze()  # what is imported is never collected: the collector leaves its pages shared
     if threading.active_count() != 1:
