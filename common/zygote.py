@@ -46,7 +46,12 @@ from common.log import kv
 PRELOAD = ["services.cli", "common.runner", "services.bus", "services.resampler", "services.mic",
            "services.player", "services.gateway.stage", "services.gateway.session", "services.gateway.bargein",
            "services.tools.stage", "services.logger.stage", "services.web.stage", "services.web.opus",
-           "services.simulator.server", "aiortc.jitterbuffer", "ssl"]
+           "services.simulator.server", "aiortc.jitterbuffer", "ssl",
+           # what a browser's call imports as it connects (DTLS ciphers, the certificate's serialization;
+           # asyncio's default executor in the web, tools and gateway stages): ~7 ms at Connect, and
+           # pages of each web stage's own otherwise
+           "cryptography.hazmat.primitives.ciphers", "cryptography.hazmat.backends.openssl",
+           "cryptography.hazmat.primitives.serialization", "concurrent.futures.thread"]
 READY_TIMEOUT_S = 120.0  # its imports, on a machine that is busy starting other stage sets
 REQUEST_TIMEOUT_S = 30.0
 REPLY_MAX = 512  # a pid, or "error: ..." when it could not fork
