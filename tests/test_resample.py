@@ -189,3 +189,19 @@ def test_resample_stage_through_the_bus(procs, client_factory):
     reference = _oneshot_pcm(pcm, stereo_rate, 2, "resampy").astype(int)
     assert len(streamed) == len(reference)
     assert np.abs(streamed - reference).max() <= 1
+
+
+def test_a_stream_keeps_only_its_phase_rows_not_the_scaled_filter_table():
+    """resampy's table scaled for a ratio, with its differences, is ~10 MB of float64 for kaiser_best;
+    once a ratio's phase rows are built it is let go (every stage set carried it, though a browser's
+    Opus arrives at 24 kHz). Only ratios with too many phases for a bank keep it, to weigh each frame."""
+    from common.resample import phase_tables, scaled_filter
+
+    scaled_filter.cache_clear()
+    phase_tables.cache_clear()
+    stream = StreamResampler(48_000, 24_000, 1)
+    held = [value.nbytes for value in vars(stream._impl).values() if isinstance(value, np.ndarray)]
+    assert max(held) < 64_000, held
+    assert scaled_filter.cache_info().currsize == 0 and phase_tables.cache_info().currsize == 1
+    odd = StreamResampler(44_099, 24_000, 1)  # 24000 phases: weights per frame, from the kept table
+    assert odd._impl._bank is None and scaled_filter.cache_info().currsize == 1
