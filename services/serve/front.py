@@ -246,6 +246,9 @@ class FrontDoor:
                 self.waiting_for_warm -= 1
         while self.pool and answer is None:  # a prewarmed one, unless its node went away meanwhile
             candidate = self.pool.pop(0)
+            # its replacement starts while this offer is with its node, not at the next reap (up to
+            # REAP_INTERVAL_S and a round of statuses later): callers coming fast behind find it ready
+            asyncio.get_running_loop().call_soon(self.top_up)
             try:
                 offered = time.monotonic()
                 answer = await candidate.node_host.offer.remote(candidate.session, body)
@@ -383,6 +386,7 @@ class FrontDoor:
                  for node_id, node_host in self.hosts.items()}
         answers = await asyncio.gather(*(asyncio.wait_for(self.hosts[node_id].statuses.remote(), STATUS_TIMEOUT_S)
                                          for node_id in asked), return_exceptions=True)
+        hung_up: list[Placed] = []
         for (node_id, placed_there), answer in zip(asked.items(), answers, strict=True):
             if isinstance(answer, TimeoutError):
                 continue  # busy, not gone: asked again next round
@@ -401,8 +405,12 @@ class FrontDoor:
                     continue  # it runs, its status failed this round (the host logged why)
                 placed.status = answer[placed.session]
                 if placed.session in self.live and placed.status.get("ended"):
-                    await self._stop_one(placed)
-                    self._end(placed, placed.status["ended"])
+                    hung_up.append(placed)
+        # stopped side by side: callers who hang up together give their slots back together, not one
+        # stop (its stages' exit) after another
+        await asyncio.gather(*(self._stop_one(placed) for placed in hung_up))
+        for placed in hung_up:
+            self._end(placed, placed.status["ended"])
         for node_id in draining & set(self.hosts):  # nothing runs there any more: let Ray stop the node
             if not any(p.node_id == node_id for p in [*self.live.values(), *self.pool]) \
                     and node_id not in self.starting_on:
