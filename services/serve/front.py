@@ -246,13 +246,14 @@ class FrontDoor:
                 self.waiting_for_warm -= 1
         while self.pool and answer is None:  # a prewarmed one, unless its node went away meanwhile
             candidate = self.pool.pop(0)
-            # its replacement starts while this offer is with its node, not at the next reap (up to
-            # REAP_INTERVAL_S and a round of statuses later): callers coming fast behind find it ready
-            asyncio.get_running_loop().call_soon(self.top_up)
             try:
                 offered = time.monotonic()
                 answer = await candidate.node_host.offer.remote(candidate.session, body)
                 placed = candidate
+                # its replacement starts once this offer is answered, not at the next reap (up to
+                # REAP_INTERVAL_S and a round of statuses later), so callers coming fast behind find one
+                # ready; not before the answer, whose caller would wait on the start's Ray calls
+                asyncio.get_running_loop().call_soon(self.top_up)
             except Exception as exc:  # noqa: BLE001 - RayActorError: that idle stage set is gone
                 log.warning(kv("prewarmed_lost", session=candidate.session, error=repr(str(exc)[:200])))
                 self._release(candidate.session, candidate.node_host, candidate.slot)
