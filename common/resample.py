@@ -194,18 +194,20 @@ def phase_tables(name: str, rate_in: int, rate_out: int) -> PhaseTables:
     browser's web stage, whose Opus arrives at 24 kHz, and the zygote that forks it carry none of it."""
     divisor = math.gcd(rate_in, rate_out)
     up, down = rate_out // divisor, rate_in // divisor
+    if up > MAX_PHASE_BANK:  # weights per frame: the stream reads the kept table, built once here
+        return PhaseTables(scaled_filter(name, rate_in, rate_out).wing, None, None)
     scaled = ScaledFilter.for_ratio(*load_filter(name), rate_in, rate_out)
-    bank = _weights(scaled, up, np.arange(up)) if up <= MAX_PHASE_BANK else None
+    bank = _weights(scaled, up, np.arange(up))
     block = None
-    if bank is not None and up <= MAX_BLOCK_PHASES:
+    if up <= MAX_BLOCK_PHASES:
         # (span, L): column p weighs the inputs of a block's p-th output (base floor(pM/L))
         offsets = np.arange(up) * down // up
         block = np.zeros((int(offsets[-1]) + 2 * scaled.wing, up), dtype=np.float32)
         for p, offset in enumerate(offsets):
             block[offset:offset + 2 * scaled.wing, p] = bank[(p * down) % up]
-    for table in (bank, block):
-        if table is not None:
-            table.setflags(write=False)
+    bank.setflags(write=False)
+    if block is not None:
+        block.setflags(write=False)
     return PhaseTables(scaled.wing, bank, block)
 
 
