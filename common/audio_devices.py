@@ -145,6 +145,21 @@ def close_stream(pa, stream) -> None:
         pa.terminate()
 
 
+def abort_stream(stream) -> None:
+    """Stop a PortAudio stream at once, dropping what its buffers still hold.
+
+    PyAudio's `Stream.stop_stream` is Pa_StopStream, which plays the buffers out: on the ALSA pulse
+    plugin that blocked for up to ~2 s after a stream had just started. Pa_AbortStream returns in
+    under a millisecond; PyAudio binds it but does not expose it on `Stream`, hence `_portaudio`.
+    `stream.start_stream()` starts it again.
+    """
+    from pyaudio import _portaudio
+
+    if not stream.is_stopped():
+        _portaudio.abort_stream(stream._stream)
+    stream._is_running = False  # what Stream.stop_stream records, so that start_stream starts it again
+
+
 def list_devices(pa) -> list[Device]:
     try:
         default_in = pa.get_default_input_device_info()["index"]

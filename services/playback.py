@@ -35,7 +35,7 @@ class PlaybackBuffer:
         self._lock = threading.Lock()
         self._segments: deque[Segment] = deque()
         self._buffered = 0
-        self._last_arrival = 0.0
+        self._last_arrival = time.monotonic()  # what is idle is counted from here until the first frame
         self.playing = False
         self.current: Segment | None = None
         self.played: OrderedDict[str, int] = OrderedDict()  # item_id -> samples handed to the output
@@ -97,6 +97,13 @@ class PlaybackBuffer:
                 self._starved_item = self.current.item_id if self.current else None
                 out += bytes(wanted - len(out))
             return bytes(out)
+
+    def idle_for(self) -> float:
+        """Seconds since anything was playable (0 while playing or holding audio)."""
+        with self._lock:
+            if self.playing or self._buffered:
+                return 0.0
+            return time.monotonic() - max(self._last_arrival, self.ran_dry_at)
 
     def flush(self) -> int:
         """Drop everything not yet played; returns the ms dropped."""

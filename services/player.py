@@ -3,7 +3,10 @@
 Publishes `player.state` on every item change, on flush, and every 100 ms while playing; the
 gateway truncates the assistant's item at the `played_ms` reported here, never at a wall-clock guess.
 Small output periods (5 ms by default) keep a flush audible for ~10 ms instead of ~200 ms: the
-ALSA pulse plugin sizes PulseAudio's buffer from the period.
+ALSA pulse plugin sizes PulseAudio's buffer from the period. The price is ~200 callbacks a second,
+each taking the GIL: ~2 % of a core spent playing silence while the user talks. So the device's
+stream stops once nothing has been playable for `--idle-pause-s`, and starts again (in ~1 ms) when
+the next frame arrives, before the jitter buffer lets it play.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from common.audio_devices import (
+    abort_stream,
     close_stream,
     open_pyaudio,
     pick_device,
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 
 STATE_INTERVAL_S = 0.1
 IDLE_STATE_INTERVAL_S = 1.0
+IDLE_PAUSE_S = 2.0  # nothing to play for this long: stop the device's stream (no callbacks while listening)
 MIN_RATE, MAX_RATE = 8000, 192_000
 WAV_HEADER_SYNC_S = 1.0
 
@@ -38,10 +43,14 @@ log = logging.getLogger("voicebus.player")
 
 
 class DeviceSink:
-    def __init__(self, device: str | None, period_ms: int) -> None:
+    def __init__(self, device: str | None, period_ms: int, idle_pause_s: float = IDLE_PAUSE_S) -> None:
         self.wanted, self.period_ms = device, period_ms
+        self.idle_pause_s = idle_pause_s  # 0: the stream runs from start to stop
         self.latency_ms = 0.0
         self._pa = self._stream = None
+        self.paused = False
+        self.pauses = 0
+        self.callbacks = 0
         self.output_underflows = 0
         self.late_callbacks = 0  # the audio thread came back later than the device buffer lasts
         self.max_callback_gap_ms = 0.0
@@ -57,6 +66,7 @@ class DeviceSink:
 
         def callback(_in_data, frame_count: int, _time_info, status: int):
             now = time.monotonic()
+            self.callbacks += 1
             if self._last_callback and buffer.playing:
                 gap_ms = 1000 * (now - self._last_callback)
                 if gap_ms > self.max_callback_gap_ms:
@@ -74,10 +84,30 @@ class DeviceSink:
         self.latency_ms = round(self._stream.get_output_latency() * 1000, 1)
         self.priority["scheduling"] = realtime_threads()
         log.info(kv("device_open", device=repr(device.name), rate=buffer.rate, period_ms=self.period_ms,
-                    latency_ms=self.latency_ms, **self.priority))
+                    latency_ms=self.latency_ms, idle_pause_s=self.idle_pause_s, **self.priority))
+
+    def resume(self) -> None:
+        """Audio arrived: run the stream again if it was paused (its callback thread is a new one)."""
+        if not self.paused or self._stream is None:
+            return
+        self._last_callback = 0.0  # the pause is not a late callback
+        self._stream.start_stream()
+        self.paused = False
+        realtime_threads()
+        log.debug(kv("stream_resumed", pauses=self.pauses))
+
+    def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
+        """Stop the stream once nothing has been playable for `idle_pause_s`: only silence is dropped."""
+        if self.paused or self._stream is None or not self.idle_pause_s or \
+                buffer.idle_for() < self.idle_pause_s:
+            return
+        abort_stream(self._stream)
+        self.paused = True
+        self.pauses += 1
+        log.debug(kv("stream_paused", idle_s=self.idle_pause_s))
 
     def stop(self) -> None:
-        close_stream(self._pa, self._stream)
+        close_stream(self._pa, self._stream)  # a paused stream is stopped already: only closed
 
 
 class WavSink:
@@ -92,6 +122,14 @@ class WavSink:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.writer: WavWriter | None = None
+        self.paused = False  # a WAV's clock never pauses: its silence is part of what it records
+        self.pauses = self.callbacks = 0
+
+    def resume(self) -> None:
+        pass
+
+    def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
+        pass
 
     def start(self, buffer: PlaybackBuffer) -> None:
         self.writer = WavWriter(self.path, buffer.rate, 1)
@@ -168,6 +206,7 @@ class PlayerStage(Stage):
         extra = header.extra
         self.buffer.push(Segment(str(extra.get("item_id", "")), int(extra.get("content_index", 0)),
                                  str(extra.get("response_id", "")), pcm, received_at=time.monotonic()))
+        self.sink.resume()
 
     def flush(self, data: dict[str, Any]) -> None:
         dropped_ms = self.buffer.flush()
@@ -194,6 +233,7 @@ class PlayerStage(Stage):
         if self.buffer.item_changed or playing != self._last_playing or \
                 time.monotonic() - self._last_state >= interval - 0.005:
             self.publish_state()
+        self.sink.pause_when_idle(self.buffer)
 
     def stop(self) -> None:
         self.sink.stop()
@@ -203,6 +243,7 @@ class PlayerStage(Stage):
         percentiles = {f"handoff_p{p}_ms": round(handoff[min(len(handoff) - 1, len(handoff) * p // 100)], 2)
                        for p in (50, 99)} if handoff else {}
         return {**percentiles, "underruns": self.buffer.underruns, "dropped_frames": self.dropped_frames, "flushes": self.flushes,
-                "output_underflows": self.sink.output_underflows,
+                "output_underflows": self.sink.output_underflows, "output_paused": self.sink.paused,
+                "output_pauses": self.sink.pauses, "output_callbacks": self.sink.callbacks,
                 "late_callbacks": self.sink.late_callbacks,
                 "max_callback_gap_ms": round(self.sink.max_callback_gap_ms, 1)}

@@ -131,6 +131,43 @@ def test_flush_silences_speaker_within_30ms_and_reports_stop_position(procs, cli
     assert "device_open" in log_text and "jack" not in log_text.lower(), log_text
 
 
+@pytest.mark.audio
+def test_an_idle_player_stops_its_stream_and_plays_the_next_item_whole(procs, client_factory, pulse):
+    """Listening, the player runs no audio callback (each takes the GIL, 200 a second); the next reply
+    starts the stream again and is heard from its first word, with its position still right."""
+    procs.voicebus("player", "--idle-pause-s", "0.3", env=pulse)
+    client = client_factory(["player.state", "health.player"])
+    wait_player_ready(client)
+
+    def paused_beat():
+        return client.wait_for(lambda m: m.topic == "health.player" and m.data["output_paused"], timeout_s=10)
+
+    first = paused_beat()
+    client.seen.clear()
+    second = paused_beat()
+    assert second.header.seq > first.header.seq
+    assert second.data["output_callbacks"] == first.data["output_callbacks"], "a paused stream has no callbacks"
+    recorder = MonitorRecorder(pulse)
+    speech = speech_pcm("what is the weather like today", "slt", 24000)
+    publish_item(client, speech, paced=True)
+    total_ms = len(speech) / 48
+    done = client.wait_for(lambda m: m.topic == "player.state" and m.data["played_ms"] >= total_ms, timeout_s=20)
+    client.collect(0.3)
+    recording = recorder.stop()
+    heard = follow(recording, np.frombuffer(speech, dtype="<i2").astype(float), 24000)
+    assert heard.clear_fraction() >= 0.8 and heard.added_ms <= MAX_GLITCH_MS, (heard.summary(), player_health(client))
+    assert heard.ncc[0] >= 0.9 and heard.ncc[-1] >= 0.9, ("first and last words heard", heard.summary())
+    assert done.data["played_ms"] == pytest.approx(total_ms, abs=1)
+    reports = [m for m in states(client) if m.data["item_id"] == "item_test" and 0 < m.data["played_ms"] < total_ms]
+    errors = [m.data["played_ms"] - heard.source_index(recorder.index_at(m.header.t_ns)) / 24 for m in reports]
+    print(f"after a resume, played_ms - heard_ms: median {np.median(errors):.1f} ms, max |err| {np.max(np.abs(errors)):.1f}")
+    assert len(reports) >= 5 and np.max(np.abs(errors)) <= 40  # as for a stream that never stopped
+    client.seen.clear()
+    again = paused_beat()  # and stops once more after it
+    assert again.data["output_pauses"] > second.data["output_pauses"]
+    assert again.data["output_callbacks"] > second.data["output_callbacks"]
+
+
 def test_wav_source_and_sink_without_pulseaudio(procs, client_factory, tmp_path):
     speech = speech_pcm("turn on the lights in the kitchen", "rms", 16000)
     source = write_wav(tmp_path / "question.wav", speech, 16000)
