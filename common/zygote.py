@@ -324,9 +324,9 @@ def main() -> None:
     setproctitle.setproctitle(f"{sys.executable} -m common.zygote {sys.argv[1]} (voicebus stage zygote)")
     for name in PRELOAD:
         importlib.import_module(name)
-    from common.realtime_types import client_event_models, server_event_models
+    from common.realtime_types import build_validators
 
-    client_event_models("ga"), server_event_models("ga")  # the gateway's tables, built once here
+    build_validators("ga")  # the gateway's event tables and their validators, built once here (~4 MB)
     from common.resample import StreamResampler
 
     StreamResampler(48_000, 24_000, 1).feed(bytes(3840))  # and the resampler's 48 -> 24 kHz tables (1.6 kB)

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from common.envelope import Stamper
-from common.realtime_types import validate_client_event
+from common.realtime_types import (
+    build_validators,
+    client_event_models,
+    server_event_models,
+    validate_client_event,
+)
 from common.utterances import tone
 from services.gateway.bargein import AudibleTracker, EchoGuard
 from services.gateway.events import parse_server_event, strip_audio
@@ -302,3 +307,13 @@ def test_the_heartbeat_says_whether_the_server_session_is_configured_and_with_wh
     assert stage.counters()["session_tools"] == ["get_current_time"]
     stage._on_closed("server went away", attempt=1)  # the next server session has to confirm its own
     assert stage.counters()["session_configured"] is False
+
+
+def test_every_event_validator_can_be_built_before_a_fork():
+    """What the zygote builds before forking (the SDK defers each model's build to its first use):
+    afterwards no model of either table has one left to build, in any gateway forked from it."""
+    build_validators("ga")
+    models = [*client_event_models("ga").values(), *server_event_models("ga").values()]
+    assert len(models) > 40
+    assert all(type(m.__pydantic_validator__).__name__ == "SchemaValidator" for m in models)
+    assert build_validators("ga") == 0

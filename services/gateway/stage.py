@@ -16,8 +16,7 @@ from common.envelope import AudioHeader, Message
 from common.log import RateLimitedLog, kv
 from common.realtime_types import (
     ClientEventError,
-    client_event_models,
-    server_event_models,
+    build_validators,
     validate_client_event,
 )
 from common.stage import SESSION_END, Stage
@@ -89,10 +88,10 @@ class GatewayStage(Stage):
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        # the openai SDK's event tables take seconds to import on a busy machine; done here, within the
-        # launcher's start-up grace, not on the first server event, when heartbeats are already due
-        server_event_models(self.protocol)  # type: ignore[arg-type]
-        client_event_models(self.protocol)  # type: ignore[arg-type]
+        # the openai SDK's event tables take seconds to import on a busy machine, and their validators
+        # a moment to build: done here, within the launcher's start-up grace, not on the first server
+        # events, when heartbeats are already due (a no-op when forked from the zygote, which built them)
+        build_validators(self.protocol)  # type: ignore[arg-type]
         if self.ws_log_path is not None:
             self.ws_log_path.parent.mkdir(parents=True, exist_ok=True)
             self._ws_log = open(self.ws_log_path, "a")  # noqa: SIM115 - closed in stop()
