@@ -106,16 +106,59 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
 
+class DirectChild:
+    """The zygote when this process forked it itself: the part of `subprocess.Popen` `Zygote` uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere
+                self.returncode = ZYGOTE_LOST
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(["common.zygote"], timeout or 0.0)
+            time.sleep(0.01)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+def _threads() -> int:
+    """OS threads of this process (zmq's and PortAudio's included, which `threading` does not see)."""
+    return len(os.listdir("/proc/self/task"))
+
+
 class Zygote:
     """The launcher's end: starts the zygote process, asks it for stages."""
 
     _shared: Zygote | None = None
     _shared_lock = threading.Lock()
 
-    def __init__(self) -> None:
+    def __init__(self, fork_here: bool = False) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | DirectChild | None = None
+        # the first start forks the zygote from this very process when it is single-threaded then (`up`'s
+        # launcher): the launcher then shares the imported pages with it and with every stage instead
+        # of holding its own copy of click, zmq and the rest (~10 MB). Otherwise (a Ray worker has
+        # threads; a restart after the zygote died) it is a fresh `python -m common.zygote`.
+        self.fork_here = fork_here
 
     @classmethod
     def shared(cls) -> Zygote:
@@ -144,8 +187,12 @@ class Zygote:
         env.pop("SPT_NOENV", None)
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
         started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno())],
-                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+        forked = _fork_zygote(theirs, ours) if self.fork_here and self.proc is None else None
+        if forked is not None:
+            self.proc = forked
+        else:
+            self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
         theirs.close()
         self._sock = ours
         ours.settimeout(READY_TIMEOUT_S)
@@ -155,7 +202,8 @@ class Zygote:
         except TimeoutError:
             self.proc.kill()
             raise ZygoteError(f"the zygote did not finish its imports within {READY_TIMEOUT_S:.0f} s") from None
-        log.info(kv("zygote_ready", pid=self.proc.pid, after_s=round(time.monotonic() - started, 2)))
+        log.info(kv("zygote_ready", pid=self.proc.pid, after_s=round(time.monotonic() - started, 2),
+                    forked_here=isinstance(self.proc, DirectChild)))
 
     def stop(self, within_s: float = 5.0) -> None:
         """End it (its launcher is done with it): it exits when its socket closes; killed if it has not
@@ -317,11 +365,40 @@ def _run_cli(argv: list[str]) -> int:
     return code
 
 
-def main() -> None:
-    control = socket.socket(fileno=int(sys.argv[1]))
-    # now, with its environment still in place: setproctitle takes the argv and environ area for the
-    # titles on its first call (after a fork's environment is replaced it finds none)
-    setproctitle.setproctitle(f"{sys.executable} -m common.zygote {sys.argv[1]} (voicebus stage zygote)")
+def _fork_zygote(theirs: socket.socket, ours: socket.socket) -> DirectChild | None:
+    """Import `PRELOAD` here, then fork the zygote from this process: both keep the imported pages
+    shared. The child keeps only its end of the socket and the standard streams (stdin: /dev/null),
+    answers "ready" and serves; it never returns into the caller's frames. None when this process
+    has other threads (a fork would hold only the calling one): the caller starts one apart."""
+    if _threads() != 1:
+        return None
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS would start a pool as it loads
+    preload()
+    if _threads() != 1:
+        log.warning(kv("zygote_apart", reason="a preloaded module started a thread here", threads=_threads()))
+        return None
+    pid = os.fork()
+    if pid:
+        return DirectChild(pid)
+    code = 1
+    try:
+        ours.close()
+        os.closerange(3, theirs.fileno())  # the launcher's lock and pipes are not the stages' to hold
+        os.closerange(theirs.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's handler sets the launcher's flag
+        setproctitle.setproctitle(f"{sys.executable} -m common.zygote (voicebus stage zygote, forked by {os.getppid()})")
+        theirs.sendall(b"ready")
+        _serve(theirs)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def preload() -> None:
+    """Import what every stage imports and build what they share, then keep it out of the collector."""
     for name in PRELOAD:
         importlib.import_module(name)
     from common.realtime_types import build_validators
@@ -336,6 +413,14 @@ def main() -> None:
         libopus.load()  # and the browser's decoder: found (ldconfig, ~12 ms) and bound once, not per web stage
     gc.collect()
     gc.freeze()  # what is imported is never collected: the collector leaves its pages shared
+
+
+def main() -> None:
+    control = socket.socket(fileno=int(sys.argv[1]))
+    # now, with its environment still in place: setproctitle takes the argv and environ area for the
+    # titles on its first call (after a fork's environment is replaced it finds none)
+    setproctitle.setproctitle(f"{sys.executable} -m common.zygote {sys.argv[1]} (voicebus stage zygote)")
+    preload()
     if threading.active_count() != 1:
         raise SystemExit(f"zygote: a preloaded module started a thread ({threading.enumerate()}); a fork would lose it")
     control.sendall(b"ready")

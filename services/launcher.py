@@ -118,9 +118,14 @@ def zygote_enabled() -> bool:
     return os.environ.get("VOICEBUS_ZYGOTE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def default_zygote() -> Zygote | None:
-    """This process's shared zygote, or None when VOICEBUS_ZYGOTE turns it off."""
-    return Zygote.shared() if zygote_enabled() else None
+def default_zygote(fork_here: bool = False) -> Zygote | None:
+    """This process's shared zygote, or None when VOICEBUS_ZYGOTE turns it off. `fork_here`: forked
+    from this process itself if it has no other thread at the zygote's first start (`up`'s launcher)."""
+    if not zygote_enabled():
+        return None
+    zygote = Zygote.shared()
+    zygote.fork_here = zygote.fork_here or fork_here
+    return zygote
 
 
 def spawn(args: list[str], env: dict[str, str], stderr_tail: deque[str] | None = None,
@@ -390,7 +395,7 @@ def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: di
            bus_args: list[str] | None = None) -> int:
     """Run the pipeline until Ctrl-C (0), or until a stage can never start (2, with its reason)."""
     stopping = StopFlag.install()
-    zygote = default_zygote()
+    zygote = default_zygote(fork_here=True)  # before any zmq socket: the launcher shares the stages' pages
     supervisor = Supervisor(cfg, specs, session, env_extra, bus_args, zygote=zygote)
     try:
         supervisor.start()

@@ -22,6 +22,12 @@ from common.wavio import write_wav
 from tests.helpers import BusClient, alive, children_of, fork_failing_env
 
 
+def shared_dirty_mb(pid: int) -> float:
+    """Anonymous and written pages this process shares with others (its forks or its parent)."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        return next(int(line.split()[1]) for line in rollup if line.startswith("Shared_Dirty:")) / 1024
+
+
 @contextlib.contextmanager
 def closing_client(cfg: BusConfig, prefixes: list[str]):
     client = BusClient(cfg, prefixes)
@@ -103,6 +109,9 @@ def test_stages_fork_from_one_zygote_or_each_run_its_own_python(procs, client_fa
     if zygote == "1":
         assert len(zygotes) == 1 and parent_pid(zygotes[0]) == up.pid
         assert {parent_pid(pid) for pid in stages.values()} == set(zygotes)
+        # forked from the launcher itself: the launcher's imports are the pages it shares with them
+        # (tens of MB), not a private copy of its own (a launcher that exec'd its zygote shares ~none)
+        assert shared_dirty_mb(up.pid) >= 16, shared_dirty_mb(up.pid)
     else:
         assert zygotes == []
         assert {parent_pid(pid) for pid in stages.values()} == {up.pid}

@@ -156,6 +156,14 @@ class BrowserLink:
         return self.track.max_lateness_ms if self.track else 0.0
 
     output_underflows = 0  # the browser's jitter buffer conceals; its own counters are in its stats
+    # the track is paced by the call's own clock and sends silence only while a caller is on the line
+    paused, pauses, callbacks = False, 0, 0
+
+    def resume(self) -> None:
+        pass
+
+    def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
+        pass
 
     # --- lifecycle (runner thread) ------------------------------------------------------------
     def start(self) -> None:
