@@ -109,7 +109,9 @@ class MonitorRecorder:
                                       "--format=s16le", "--latency-msec=5", "--raw"], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.data = bytearray()
-        self.stamps: list[tuple[int, int]] = []  # (samples received so far, arrival t_ns)
+        # (samples received so far, t_ns): each chunk's first sample at its arrival less its duration,
+        # its last at its arrival
+        self.stamps: list[tuple[int, int]] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -118,8 +120,18 @@ class MonitorRecorder:
             chunk = self.proc.stdout.read1(CHUNK_BYTES)
             if not chunk:
                 return
+            before = len(self.data) // 2
             self.data += chunk
-            self.stamps.append((len(self.data) // 2, time.time_ns()))
+            self.stamp(before, len(self.data) // 2, time.time_ns())
+
+    def stamp(self, before: int, after: int, arrived_ns: int) -> None:
+        """Samples `before`..`after` arrived at `arrived_ns`. A monitor delivers nothing while its sink
+        is idle (a player whose stream stopped): the samples after such a gap were played over their
+        own duration before they arrived, not spread across the gap, as interpolating between arrivals
+        alone would have them."""
+        began = arrived_ns - (after - before) * 1_000_000_000 // self.rate
+        self.stamps.append((before, max(began, self.stamps[-1][1] if self.stamps else began)))
+        self.stamps.append((after, arrived_ns))
 
     def wait_for_samples(self, samples: int, timeout_s: float = 10) -> None:
         deadline = time.monotonic() + timeout_s

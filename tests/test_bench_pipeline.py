@@ -104,3 +104,18 @@ def test_the_same_turns_are_compared_across_systems_and_the_rest_listed():
     table = bench_pipeline.render(rows, 2, 0)
     assert "- pipecat, turn 1: no reply marker at the speaker after the question ended" in table
     assert "the floor does not reply" not in table  # the floor is the rig, not a system that replies
+
+
+def test_a_recording_that_stopped_while_its_sink_was_idle_keeps_its_clock():
+    """An idle sink's monitor delivers nothing (a player that stopped its stream): what arrives after
+    the gap is placed just before its arrival, not smeared across the gap."""
+    recorder = MonitorRecorder.__new__(MonitorRecorder)
+    recorder.rate, recorder.stamps = RATE_SPEAKER, []
+    ten_ms = RATE_SPEAKER // 100
+    for k in range(1, 11):  # 100 ms arriving steadily, 10 ms at a time
+        recorder.stamp((k - 1) * ten_ms, k * ten_ms, T0_NS + k * 10_000_000)
+    resumed_ns = T0_NS + 3_100_000_000  # 3 s of nothing, then 10 ms more
+    recorder.stamp(10 * ten_ms, 11 * ten_ms, resumed_ns)
+    assert abs(recorder.time_of(10 * ten_ms + ten_ms / 2) - (resumed_ns - 5_000_000)) < 1_000
+    assert recorder.index_at(T0_NS + 1_500_000_000) == 10 * ten_ms  # the gap holds no samples
+    assert abs(recorder.time_of(5 * ten_ms) - (T0_NS + 50_000_000)) < 1_000  # the steady part as before
