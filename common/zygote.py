@@ -156,7 +156,7 @@ class Zygote:
         self.proc: subprocess.Popen | DirectChild | None = None
         # the first start forks the zygote from this very process when it is single-threaded then (`up`'s
         # launcher): the launcher then shares the imported pages with it and with every stage instead
-        # of holding its own copy of click, zmq and the rest (~10 MB). Otherwise (a Ray worker has
+        # of holding its own copy of click, zmq and the rest (~9 MB). Otherwise (a Ray worker has
         # threads; a restart after the zygote died) it is a fresh `python -m common.zygote`.
         self.fork_here = fork_here
 
