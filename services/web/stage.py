@@ -85,6 +85,8 @@ class WebStage(PlayerStage):
         self._latency_item: str | None = None
         self.conversations = 0
         self.other_session_dropped = 0  # messages of a conversation that is over, kept from the page
+        self.unheard_dropped = 0  # assistant audio that arrived while no caller was on the line
+        self._caller_on_line = False  # set and cleared by the web loop's thread
         self._reply_done_item: str | None = None  # the last reply the server finished, until it has all been sent
 
     # --- runner thread --------------------------------------------------------------------------
@@ -104,6 +106,11 @@ class WebStage(PlayerStage):
         topic = message.topic
         if message.header.session != self.out.stamper.session and not topic.startswith("health."):
             self.other_session_dropped += 1  # the last caller's reply still arriving: not for this one
+            return
+        if topic == "audio.assistant" and not self._caller_on_line:
+            # the rest of a reply to a caller who vanished (its session is still this one until the next
+            # caller): nobody hears it, so it is not played, nor reported ten times a second
+            self.unheard_dropped += 1
             return
         if topic in ("audio.assistant", "player.flush"):
             super().handle(message)
@@ -183,6 +190,7 @@ class WebStage(PlayerStage):
                 "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
                 "mic_decode_errors": self.link.decode_errors,
                 "conversations": self.conversations, "other_session_dropped": self.other_session_dropped,
+                "unheard_dropped": self.unheard_dropped,
                 "browser_delay_ms": round(self.link.stats.delay_ms, 1),
                 "late_frames": track.late_frames if track else 0,
                 "opus_frames_encoded": track.encoder.frames_encoded if track and track.encoder else 0,
@@ -198,11 +206,13 @@ class WebStage(PlayerStage):
             session = self.out.stamper.session if self.conversations == 0 else new_session_id()
             self.conversations += 1
             self.adopt_session(session)  # at once: this thread publishes the new caller's mic frames
+            self._caller_on_line = True
             self.link.hello = {"session": session, "report": ""}
             self.thread_out.event(f"web.{kind}", data)
             self.thread_out.event(SESSION_BEGIN, {"session": session, "reason": "browser connected"})
             log.info(kv("conversation_begins", session=session, remote=data.get("remote")))
         else:
+            self._caller_on_line = False
             self.buffer.reset()  # no more state reports about an item nobody is listening to
             self.thread_out.event(f"web.{kind}", data)
             self.thread_out.event(SESSION_END, {"session": self.out.stamper.session, "reason": data.get("reason")})
