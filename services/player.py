@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 STATE_INTERVAL_S = 0.1
 IDLE_STATE_INTERVAL_S = 1.0
-IDLE_PAUSE_S = 2.0  # nothing to play for this long: stop the device's stream (no callbacks while listening)
 MIN_RATE, MAX_RATE = 8000, 192_000
 WAV_HEADER_SYNC_S = 1.0
 
@@ -43,7 +42,7 @@ log = logging.getLogger("voicebus.player")
 
 
 class DeviceSink:
-    def __init__(self, device: str | None, period_ms: int, idle_pause_s: float = IDLE_PAUSE_S) -> None:
+    def __init__(self, device: str | None, period_ms: int, idle_pause_s: float) -> None:
         self.wanted, self.period_ms = device, period_ms
         self.idle_pause_s = idle_pause_s  # 0: the stream runs from start to stop
         self.latency_ms = 0.0

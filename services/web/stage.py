@@ -86,7 +86,9 @@ class WebStage(PlayerStage):
         self.conversations = 0
         self.other_session_dropped = 0  # messages of a conversation that is over, kept from the page
         self.unheard_dropped = 0  # assistant audio that arrived while no caller was on the line
-        self._caller_on_line = False  # set and cleared by the web loop's thread
+        # set (web loop's thread) once the caller's session is adopted, cleared when it is gone; not
+        # `link.client`, which is set at the offer, while the last caller's session is still this one
+        self._caller_on_line = False
         self._reply_done_item: str | None = None  # the last reply the server finished, until it has all been sent
 
     # --- runner thread --------------------------------------------------------------------------
