@@ -421,9 +421,11 @@ def preload() -> None:
 # Small objects live in pymalloc's pools. The imports leave free slots in hundreds of them (~3,500
 # here, 16-512 bytes each: temporaries that died). A fork's first new objects would go into those
 # slots, each one copying the 4 kB page it lands on; measured, that was ~1.5 MB private per stage
-# (9 MB of a browser conversation's 167). Filled with objects kept for good, they leave every fork
+# (8 MB of a browser conversation's 181). Filled with objects kept for good, they leave every fork
 # to start pools of its own, packed with what it allocates.
-FILL_ROUNDS = 4  # each round also fills the slots that the last one's accounting opened
+# The first round takes ~90 kB; a later one fills what the round before opened, and also the
+# untouched tails of the pools it started (~220 kB a round, shared pages). Measured with 4.
+FILL_ROUNDS = 4
 _FILLERS: list[Any] = []
 _HALF = 0.5
 
