@@ -21,6 +21,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def memory_kb(pid: int | str, field: str) -> int:
+    """One figure of /proc/PID/smaps_rollup in kB ("Pss", "Private_Dirty", "Shared_Dirty"...; `pid`
+    may be "self"); 0 if the kernel does not report it. Raises OSError when the process is gone."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+    return 0
+
+
 def command_words(pid: int) -> list[str]:
     """The words of a process's command line (a stage forked by the zygote has set its own as one
     string: split on spaces, as ps shows it). Raises OSError when it is gone."""

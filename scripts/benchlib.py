@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.ports import free_port  # noqa: E402, F401 - for the bench scripts
-from common.processes import command_words, cpu_seconds, descendants, tree_total  # noqa: E402, F401 - for the bench scripts
+from common.processes import command_words, cpu_seconds, descendants, memory_kb, tree_total  # noqa: E402, F401 - for the bench scripts
 from common.rig import PulseRig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,10 +64,7 @@ def rss_mb(pid: int) -> float:
 
 def pss_mb(pid: int) -> float:
     """Proportional set size: shared pages divided among the processes that map them."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return memory_kb(pid, "Pss") / 1024
 
 
 def process_label(pid: int) -> str:

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from common.config import BusConfig
-from common.processes import command_words, parent_pid
+from common.processes import command_words, memory_kb, parent_pid
 from common.signals import StopFlag
 from common.utterances import compose
 from common.wavio import write_wav
@@ -24,8 +24,7 @@ from tests.helpers import BusClient, alive, children_of, fork_failing_env
 
 def shared_dirty_mb(pid: int) -> float:
     """Anonymous and written pages this process shares with others (its forks or its parent)."""
-    with open(f"/proc/{pid}/smaps_rollup") as rollup:
-        return next(int(line.split()[1]) for line in rollup if line.startswith("Shared_Dirty:")) / 1024
+    return memory_kb(pid, "Shared_Dirty") / 1024
 
 
 @contextlib.contextmanager

@@ -109,12 +109,8 @@ def test_a_fork_that_fails_fails_that_spawn_only(tmp_path, monkeypatch):
 # forks, and prints how much private memory (kB) the fork wrote to allocate 5,000 objects of that size.
 HOLES_THEN_FORK = """
 import gc, os, sys
+from common.processes import memory_kb
 from common.zygote import fill_allocator_holes
-
-def private_dirty_kb():
-    for line in open("/proc/self/smaps_rollup"):
-        if line.startswith("Private_Dirty:"):
-            return int(line.split()[1])
 
 objects = [bytes(31) for _ in range(40_000)]  # 33 + 31 bytes: pymalloc's 64-byte class
 del objects[::8]
@@ -124,9 +120,9 @@ gc.collect()
 gc.freeze()
 pid = os.fork()
 if pid == 0:
-    before = private_dirty_kb()
+    before = memory_kb("self", "Private_Dirty")
     made = [bytes(31) for _ in range(5_000)]
-    print(private_dirty_kb() - before, flush=True)
+    print(memory_kb("self", "Private_Dirty") - before, flush=True)
     os._exit(0)
 os.waitpid(pid, 0)
 """
