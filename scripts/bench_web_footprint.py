@@ -2,12 +2,17 @@
 """What one browser conversation costs, process by process, for each way of running the browser path.
 
 Each variant is a `voicebus up --web` called by one `voicebus call --take-turns` (aiortc, as a
-browser: Opus both ways) asking `--turns` questions, all answered by one `voicebus simulate --pace
+browser: Opus both ways) asking questions for the whole window (`--turns`), all answered by one `voicebus simulate --pace
 realtime` started apart (`VOICEBUS_SIM_URL`): it is the test peer, not part of any variant, and not
 forked from a variant's zygote (whose pages it would then share). Once the caller is on the line, CPU
 (% of one core, from /proc), RSS and PSS (shared pages split between the processes that map them,
 so the sum is what the conversation occupies) are sampled over `--seconds` for every process `up`
-started, its zygote included. Variants are run in turn, `--rounds` times (A B A B ...), so that the
+started, its zygote included. The caller must still be on the line when the window closes: a caller
+that hung up earlier left the conversation idle for the rest (CPU read low) and stopped sharing
+library pages with it (PSS read high); that round fails. Beside PSS, "once" counts every physical
+page the conversation's processes map once (from /proc/PID/pagemap, as root): what it occupies with
+nothing else on the machine sharing its libraries (a browser is on another machine; the simulator
+and the caller here are not). Variants are run in turn, `--rounds` times (A B A B ...), so that the
 machine's drift lands on all of them alike:
 
 - `in-process`: the default; stages forked by the zygote, the web stage resamples the browser's mic
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -41,6 +47,7 @@ from benchlib import (  # noqa: E402
     pct,
     process_label,
     process_tree,
+    resident_once_mb,
     sample_processes,
     start_simulator,
 )
@@ -59,6 +66,7 @@ VARIANTS = {
 QUESTIONS = ["what is the weather like today", "how far away is the moon", "tell me a short story please",
              "what time is it", "turn on the lights in the kitchen", "how tall is mount everest"]
 CALL_SETTLE_S = 4.0  # the caller connects and its first question starts before sampling
+SHORTEST_TURN_S = 3.0  # a question and its reply take longer: enough questions outlast the window
 
 
 def run_variant(name: str, work: Path, seconds: float, turns: int, sim_url: str) -> dict:
@@ -77,7 +85,7 @@ def run_variant(name: str, work: Path, seconds: float, turns: int, sim_url: str)
         _wait_for_page(web_port, up)
         caller_args = [a for q in (QUESTIONS * turns)[:turns] for a in ("--say", q)]
         caller = subprocess.Popen([sys.executable, "-m", "services.cli", "call", f"http://127.0.0.1:{web_port}",
-                                   "--take-turns", *caller_args, "--timeout", str(seconds + 90), "--json"],
+                                   "--take-turns", *caller_args, "--timeout", str(turns * 20 + 60), "--json"],
                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         time.sleep(CALL_SETTLE_S)
         pids = {}
@@ -88,11 +96,14 @@ def run_variant(name: str, work: Path, seconds: float, turns: int, sim_url: str)
                 continue
             pids[label if label not in pids else f"{label} {pid}"] = pid
         sample = sample_processes(pids, seconds)
-        out, _ = caller.communicate(timeout=seconds + 120)
+        once_mb = resident_once_mb(list(pids.values()))
+        if caller.poll() is not None:
+            raise RuntimeError(f"the caller hung up before the {seconds:g} s window closed: give it more --turns")
+        out, _ = caller.communicate(timeout=turns * 20 + 60)
         heard = json.loads(out.decode() or "{}")
     finally:
         terminate([up] if caller is None else [caller, up], within_s=15)
-    return {"processes": sample, "heard_ms": heard.get("heard_ms", []), "replies": len(heard.get("assistant", [])),
+    return {"processes": sample, "once_mb": once_mb, "heard_ms": heard.get("heard_ms", []), "replies": len(heard.get("assistant", [])),
             "gaps": heard.get("gaps"), "late_frames": heard.get("late_frames")}
 
 
@@ -126,14 +137,20 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
         for one in rounds:
             counted = one["processes"]
             totals.append((sum(v["cpu_pct"] for v in counted.values()), sum(v["pss_mb"] for v in counted.values()),
-                           sum(v["rss_mb"] for v in counted.values()), len(counted)))
+                           sum(v["rss_mb"] for v in counted.values()), len(counted), one.get("once_mb")))
         summary[name] = {"cpu_pct": round(sum(t[0] for t in totals) / len(totals), 2),
                          "cpu_pct_rounds": [round(t[0], 2) for t in totals],
                          "pss_mb": round(sum(t[1] for t in totals) / len(totals), 1),
                          "rss_mb": round(sum(t[2] for t in totals) / len(totals), 1),
+                         "once_mb": _mean([t[4] for t in totals]),
                          "processes": totals[-1][3],
                          "heard_ms": [ms for one in rounds for ms in one["heard_ms"]]}
     return summary
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """None when any round could not read page frames (not root)."""
+    return None if not values or None in values else round(sum(values) / len(values), 1)  # type: ignore[arg-type]
 
 
 def render(result: dict) -> str:
@@ -143,14 +160,15 @@ def render(result: dict) -> str:
     lines = [f"bench_web_footprint {result['date']} on {result['machine']}; `voicebus up --web` offline, one "
              f"`voicebus call --take-turns` caller ({result['turns']} questions), sampled {result['seconds']:g} s "
              f"on the line, {result['rounds']} rounds per variant, interleaved", "",
-             f"| variant | processes | CPU % of one core (rounds) | vs {reference} | PSS MB | RSS MB | reply heard p50 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| variant | processes | CPU % of one core (rounds) | vs {reference} | PSS MB | once MB | RSS MB | "
+             "reply heard p50 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in summary.items():
         p50 = pct(row["heard_ms"], 50)
         ratio = row["cpu_pct"] / base["cpu_pct"] if base and base["cpu_pct"] else float("nan")
+        once = "-" if row["once_mb"] is None else f"{row['once_mb']:.0f}"
         lines.append(f"| {name} | {row['processes']} | {row['cpu_pct']:.1f} "
                      f"({', '.join(f'{c:.1f}' for c in row['cpu_pct_rounds'])}) | {ratio:.2f}x | {row['pss_mb']:.0f} | "
-                     f"{row['rss_mb']:.0f} | {p50:.0f} |")
+                     f"{once} | {row['rss_mb']:.0f} | {p50:.0f} |")
     lines += ["", "Per process, last round:", "", "| variant | process | CPU % | PSS MB |", "|---|---|---:|---:|"]
     for name, rounds in result["runs"].items():
         for process, figures in rounds[-1]["processes"].items():
@@ -162,11 +180,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="Times each variant is run, interleaved (default 3).")
     parser.add_argument("--seconds", type=float, default=25.0, help="Sampling window on the line (default 25).")
-    parser.add_argument("--turns", type=int, default=4, help="Questions the caller asks (default 4).")
+    parser.add_argument("--turns", type=int, default=0,
+                        help="Questions the caller asks (default: enough to talk through the window and its settling).")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"Comma-separated, the first is the reference (default {','.join(VARIANTS)}).")
     parser.add_argument("--json", type=Path, help="Write the figures here too.")
     args = parser.parse_args()
+    args.turns = args.turns or math.ceil((CALL_SETTLE_S + args.seconds) / SHORTEST_TURN_S)
     chosen = [name.strip() for name in args.variants.split(",") if name.strip()]
     if unknown := [name for name in chosen if name not in VARIANTS]:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")

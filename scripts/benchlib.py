@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,32 @@ def rss_mb(pid: int) -> float:
 def pss_mb(pid: int) -> float:
     """Proportional set size: shared pages divided among the processes that map them."""
     return memory_kb(pid, "Pss") / 1024
+
+
+PAGE_PRESENT, PFN_MASK = 1 << 63, (1 << 55) - 1
+PAGE = struct.Struct("<Q")
+
+
+def resident_once_mb(pids: list[int]) -> float | None:
+    """Every physical page these processes map, counted once (from /proc/PID/pagemap): what they occupy
+    together, whoever else shares their libraries. None without the right to read page frames (root)."""
+    frames: set[int] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+                for line in maps:
+                    span, *rest = line.split(None, 5)
+                    if rest[-1].strip() == "[vsyscall]":
+                        continue
+                    low, high = (int(edge, 16) for edge in span.split("-"))
+                    pagemap.seek(low // mmap.PAGESIZE * PAGE.size)
+                    entries = pagemap.read((high - low) // mmap.PAGESIZE * PAGE.size)
+                    frames.update(entry & PFN_MASK for (entry,) in PAGE.iter_unpack(entries) if entry & PAGE_PRESENT)
+        except OSError:  # gone, or not ours to read
+            continue
+    if frames == {0}:  # present pages without their frames: not root
+        return None
+    return len(frames) * mmap.PAGESIZE / 2**20
 
 
 def process_label(pid: int) -> str:
