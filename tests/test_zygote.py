@@ -141,3 +141,55 @@ def test_a_fork_allocates_in_pools_of_its_own_once_the_zygotes_holes_are_filled(
     filled_kb = _fork_writes_kb(fill=True)
     assert unfilled_kb > 1500, f"the holes did not show: {unfilled_kb} kB written without filling"
     assert filled_kb < unfilled_kb / 2, f"filled: {filled_kb} kB written, unfilled {unfilled_kb} kB"
+
+
+# Preloads as the zygote does, with or without its rehearsal, forks, and prints how much private
+# memory (kB) the fork wrote to do what every stage does first: parse its command line, then stamp,
+# encode and decode a bus message.
+PRELOAD_THEN_FORK = """
+import gc, os, sys
+from common import zygote
+from common.processes import memory_kb
+
+if sys.argv[1] == "no":
+    zygote.rehearse = lambda: 0
+zygote.preload()
+pid = os.fork()
+if pid == 0:
+    from common.envelope import decode, encode
+    from common.stage import Output
+    from services.cli import main
+
+    before = memory_kb("self", "Private_Dirty")
+    with main.make_context("voicebus", ["logger"]) as group:
+        main.get_command(group, "logger").make_context("logger", [], parent=group).close()
+    out, sent = Output.collecting("logger", "test")
+    out.event("health.logger", {"state": "running"})
+    decode(encode(sent[0]))
+    print(memory_kb("self", "Private_Dirty") - before, flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def _stage_start_writes_kb(rehearsed: bool) -> int:
+    done = subprocess.run([sys.executable, "-c", PRELOAD_THEN_FORK, "yes" if rehearsed else "no"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+                          check=True)
+    return int(done.stdout.split()[-1])
+
+
+def test_a_stage_forked_after_the_rehearsal_copies_fewer_pages_to_parse_its_command_line():
+    """The first parse and the first message write to click's and the envelope's code and caches:
+    unrehearsed, the fork copies those pages (~1.5 MB); rehearsed, the zygote wrote them already."""
+    unrehearsed_kb = _stage_start_writes_kb(rehearsed=False)
+    rehearsed_kb = _stage_start_writes_kb(rehearsed=True)
+    assert unrehearsed_kb > 600, f"the first parse wrote only {unrehearsed_kb} kB unrehearsed"
+    assert rehearsed_kb < unrehearsed_kb / 2, f"rehearsed: {rehearsed_kb} kB written, unrehearsed {unrehearsed_kb} kB"
+
+
+def test_the_rehearsal_parses_every_stage_command_line_the_launcher_gives():
+    from common.zygote import rehearse
+    from services.pipeline import STAGES
+
+    assert rehearse() == len(STAGES) + 1  # and the bus
