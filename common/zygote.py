@@ -413,10 +413,22 @@ def preload() -> None:
     with contextlib.suppress(libopus.LibOpusMissing):  # a web stage forked without it says so at its start
         libopus.load()  # and the browser's decoder: found (ldconfig, ~12 ms) and bound once, not per web stage
     rehearse()
+    _preload_example_tools()
     gc.collect()
     filled = fill_allocator_holes()
     gc.freeze()  # what is imported is never collected: the collector leaves its pages shared
     log.debug(kv("allocator_holes_filled", slots=filled))
+
+
+def _preload_example_tools() -> None:
+    """The default tools' models and schemas, built once for every tools stage (`preload_python_tools`)."""
+    from services.pipeline import EXAMPLE_TOOLS
+    from services.tools.python_source import preload_python_tools
+
+    try:
+        preload_python_tools(EXAMPLE_TOOLS)
+    except Exception as exc:  # noqa: BLE001 - a tools stage loading it says what is wrong, and exits 2
+        log.warning(kv("example_tools_not_preloaded", path=str(EXAMPLE_TOOLS), reason=repr(str(exc))))
 
 
 def rehearse() -> int:

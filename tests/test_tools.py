@@ -118,3 +118,23 @@ def test_mcp_server_that_exits_mid_call_is_restarted_and_the_call_gets_an_error(
     client.send_event("tool.call", {"call_id": "after", "name": "get_current_time", "arguments": {"timezone": "UTC"}})
     after = client.wait_for(lambda m: m.topic == "tool.result" and m.data["call_id"] == "after", timeout_s=15)
     assert after.data["error"] is None
+
+
+def test_tools_built_before_the_fork_are_taken_while_their_file_is_unchanged(tmp_path, monkeypatch):
+    from services.tools import python_source
+
+    monkeypatch.setattr(python_source, "_preloaded", {})
+    module = tmp_path / "mine.py"
+    module.write_text('def shout(word: str) -> str:\n    """Say it louder."""\n    return word.upper()\n')
+    assert python_source.preload_python_tools(module) == 1
+    [built] = python_source._preloaded[str(module.resolve())][1]
+
+    [taken] = python_tools(str(module), timeout_s=3.0)
+    assert taken.invoke is built.invoke and taken.parameters is built.parameters  # not built again
+    assert (taken.timeout_s, taken.source) == (3.0, f"python:{module}")
+    assert _run({"shout": taken}, "shout", {"word": "hi"})["output"] == "HI"
+
+    module.write_text('def shout(word: str, times: int = 2) -> str:\n    """Say it again."""\n    return word * times\n')
+    [rebuilt] = python_tools(str(module))
+    assert rebuilt.invoke is not built.invoke and "times" in rebuilt.parameters["properties"]
+    assert _run({"shout": rebuilt}, "shout", {"word": "hi"})["output"] == "hihi"
