@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import setproctitle
@@ -47,12 +48,16 @@ from common.log import kv
 PRELOAD = ["services.cli", "common.runner", "services.bus", "services.resampler", "services.mic",
            "services.player", "services.gateway.stage", "services.gateway.session", "services.gateway.bargein",
            "services.tools.stage", "services.logger.stage", "services.web.stage", "services.web.opus",
-           "services.simulator.server", "aiortc.jitterbuffer", "ssl",
+           "aiortc.jitterbuffer", "ssl",
            # what a browser's call imports as it connects (DTLS ciphers, the certificate's serialization;
            # asyncio's default executor in the web, tools and gateway stages): ~7 ms at Connect, and
            # pages of each web stage's own otherwise
            "cryptography.hazmat.primitives.ciphers", "cryptography.hazmat.backends.openssl",
            "cryptography.hazmat.primitives.serialization", "concurrent.futures.thread"]
+# and what a stage only some sets start imports, preloaded when the launcher says it will start one:
+# the simulator stands in for OpenAI in an offline `up` (~3 MB a browser conversation would
+# otherwise carry in its zygote with a key, or with the simulator apart as in the benchmarks)
+COMMAND_PRELOAD = {"simulate": ["services.simulator.server"]}
 READY_TIMEOUT_S = 120.0  # its imports, on a machine that is busy starting other stage sets
 REQUEST_TIMEOUT_S = 30.0
 REPLY_MAX = 512  # a pid, or "error: ..." when it could not fork
@@ -160,6 +165,7 @@ class Zygote:
         # of holding its own copy of click, zmq and the rest (~9 MB). Otherwise (a Ray worker has
         # threads; a restart after the zygote died) it is a fresh `python -m common.zygote`.
         self.fork_here = fork_here
+        self.extra_preload: list[str] = []
 
     @classmethod
     def shared(cls) -> Zygote:
@@ -169,9 +175,11 @@ class Zygote:
                 cls._shared = cls()
             return cls._shared
 
-    def start(self) -> None:
-        """Start it (if it is not running) and wait until it has imported `PRELOAD`."""
+    def start(self, commands: Iterable[str] = ()) -> None:
+        """Start it (if it is not running) and wait until it has imported `PRELOAD`, and what the
+        `voicebus` commands it is about to fork import beside (`COMMAND_PRELOAD`)."""
         with self._lock:
+            self.extra_preload = sorted({name for command in commands for name in COMMAND_PRELOAD.get(command, [])})
             self._ensure_running()
 
     def _ensure_running(self) -> None:
@@ -188,11 +196,11 @@ class Zygote:
         env.pop("SPT_NOENV", None)
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
         started = time.monotonic()
-        forked = _fork_zygote(theirs, ours) if self.fork_here and self.proc is None else None
+        forked = _fork_zygote(theirs, ours, self.extra_preload) if self.fork_here and self.proc is None else None
         if forked is not None:
             self.proc = forked
         else:
-            self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno())],
+            self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno()), *self.extra_preload],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
         theirs.close()
         self._sock = ours
@@ -366,7 +374,7 @@ def _run_cli(argv: list[str]) -> int:
     return code
 
 
-def _fork_zygote(theirs: socket.socket, ours: socket.socket) -> DirectChild | None:
+def _fork_zygote(theirs: socket.socket, ours: socket.socket, extra: list[str]) -> DirectChild | None:
     """Import `PRELOAD` here, then fork the zygote from this process: both keep the imported pages
     shared. The child keeps only its end of the socket and the standard streams (stdin: /dev/null),
     answers "ready" and serves; it never returns into the caller's frames. None when this process
@@ -374,7 +382,7 @@ def _fork_zygote(theirs: socket.socket, ours: socket.socket) -> DirectChild | No
     if _threads() != 1:
         return None
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS would start a pool as it loads
-    preload()
+    preload(extra)
     if _threads() != 1:
         log.warning(kv("zygote_apart", reason="a preloaded module started a thread here", threads=_threads()))
         return None
@@ -398,9 +406,10 @@ def _fork_zygote(theirs: socket.socket, ours: socket.socket) -> DirectChild | No
         os._exit(code)
 
 
-def preload() -> None:
-    """Import what every stage imports and build what they share, then keep it out of the collector."""
-    for name in PRELOAD:
+def preload(extra: Iterable[str] = ()) -> None:
+    """Import what every stage imports (and `extra`) and build what they share, then keep it out of the
+    collector."""
+    for name in [*PRELOAD, *extra]:
         importlib.import_module(name)
     from common.realtime_types import build_validators
 
@@ -536,7 +545,7 @@ def main() -> None:
     # now, with its environment still in place: setproctitle takes the argv and environ area for the
     # titles on its first call (after a fork's environment is replaced it finds none)
     setproctitle.setproctitle(f"{sys.executable} -m common.zygote {sys.argv[1]} (voicebus stage zygote)")
-    preload()
+    preload(sys.argv[2:])
     if threading.active_count() != 1:
         raise SystemExit(f"zygote: a preloaded module started a thread ({threading.enumerate()}); a fork would lose it")
     control.sendall(b"ready")

@@ -193,3 +193,30 @@ def test_the_rehearsal_parses_every_stage_command_line_the_launcher_gives():
     from services.pipeline import STAGES
 
     assert rehearse() == len(STAGES) + 1  # and the bus
+
+
+PRELOADED = """
+import sys
+from common import zygote
+
+zygote.preload(sys.argv[1:])
+print("services.simulator.server" in sys.modules)
+"""
+
+
+def test_the_simulator_is_preloaded_only_for_a_stage_set_that_starts_one(tmp_path):
+    """It stands in for OpenAI: a conversation with a key, or with the simulator apart, does not carry it."""
+    def preloads_simulator(*extra: str) -> bool:
+        done = subprocess.run([sys.executable, "-c", PRELOADED, *extra], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parent.parent, check=True)
+        return done.stdout.split()[-1] == "True"
+
+    assert not preloads_simulator()
+    assert preloads_simulator("services.simulator.server")
+    made = Zygote()
+    try:
+        made.start(["gateway", "simulate", "logger"])
+        assert made.extra_preload == ["services.simulator.server"]
+        assert made.spawn(["simulate", "--help"], dict(os.environ), name="simulate").wait(30) == 0
+    finally:
+        made.stop()
