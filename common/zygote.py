@@ -481,8 +481,10 @@ def rehearse() -> int:
 # (8 MB of a browser conversation's 181). Filled with objects kept for good, they leave every fork
 # to start pools of its own, packed with what it allocates.
 # The first round takes ~90 kB; a later one fills what the round before opened, and also the
-# untouched tails of the pools it started (~220 kB a round, shared pages). Measured with 4.
-FILL_ROUNDS = 4
+# untouched tails of the pools it started (~220 kB a round, shared pages). One round is enough:
+# a browser conversation read 149.4 MB PSS with one, 150.2 with two and 150.1 with four
+# (bench_web_footprint, 2026-12-05, one round each).
+FILL_ROUNDS = 1
 _FILLERS: list[Any] = []
 _HALF = 0.5
 
