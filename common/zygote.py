@@ -44,7 +44,8 @@ from common.log import kv
 
 # what the stages import, their lazy imports included (the SDK's event tables, the browser stage's
 # codec and jitter buffer): every stage of `up` and of a served conversation forks with these in
-# place. Not the MCP client (only with `tools --mcp`) nor weave (only when uploading).
+# place. Not the MCP client (only with `tools --mcp`) nor weave (only when uploading), nor the
+# simulator unless the set starts one (`COMMAND_PRELOAD`).
 PRELOAD = ["services.cli", "common.runner", "services.bus", "services.resampler", "services.mic",
            "services.player", "services.gateway.stage", "services.gateway.session", "services.gateway.bargein",
            "services.tools.stage", "services.logger.stage", "services.web.stage", "services.web.opus",

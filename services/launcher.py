@@ -231,8 +231,9 @@ class Supervisor:
             raise LauncherError(f"a bus already answers at {self.cfg.pub} (another pipeline, or a `voicebus bus` "
                                 "started by hand); this `up` would join it: stop it, or run this one apart with "
                                 "`voicebus up --run-dir DIR`")
-        if self.zygote is not None:  # its imports, once (the simulator's too if this set starts one): every
-            self.zygote.start([child.spec.args[0] for child in self.children])  # start after this is a fork
+        if self.zygote is not None:
+            # its imports, once (the simulator's too, if this set starts one): every start after this is a fork
+            self.zygote.start([child.spec.args[0] for child in self.children])
         self.bus_proc = spawn(self.bus_args, self.env, zygote=self.zygote)
         if not wait_for_bus(self.ctx, self.cfg, timeout_s=bus_timeout_s):
             raise RuntimeError(f"the bus did not answer within {bus_timeout_s:.0f}s (see its log above)")

@@ -204,7 +204,7 @@ print("services.simulator.server" in sys.modules)
 """
 
 
-def test_the_simulator_is_preloaded_only_for_a_stage_set_that_starts_one(tmp_path):
+def test_the_simulator_is_preloaded_only_for_a_stage_set_that_starts_one():
     """It stands in for OpenAI: a conversation with a key, or with the simulator apart, does not carry it."""
     def preloads_simulator(*extra: str) -> bool:
         done = subprocess.run([sys.executable, "-c", PRELOADED, *extra], capture_output=True, text=True, timeout=120,
