@@ -15,7 +15,7 @@ import pytest
 
 from common.processes import command_words, descendants, parent_pid
 from common.zygote import ZYGOTE_LOST, Zygote, ZygoteError
-from tests.helpers import alive, fork_failing_env
+from tests.helpers import REPO, alive, fork_failing_env
 
 
 @pytest.fixture
@@ -128,10 +128,15 @@ os.waitpid(pid, 0)
 """
 
 
+def _last_word_printed(script: str, *args: str, timeout_s: float = 120) -> str:
+    """Run `script` in a fresh interpreter from the repository root; the last word it printed."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout_s,
+                          cwd=REPO, check=True)
+    return done.stdout.split()[-1]
+
+
 def _fork_writes_kb(fill: bool) -> int:
-    done = subprocess.run([sys.executable, "-c", HOLES_THEN_FORK, "fill" if fill else "no"], capture_output=True,
-                          text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent, check=True)
-    return int(done.stdout.split()[-1])
+    return int(_last_word_printed(HOLES_THEN_FORK, "fill" if fill else "no", timeout_s=60))
 
 
 def test_a_fork_allocates_in_pools_of_its_own_once_the_zygotes_holes_are_filled():
@@ -147,7 +152,7 @@ def test_a_fork_allocates_in_pools_of_its_own_once_the_zygotes_holes_are_filled(
 # memory (kB) the fork wrote to do what every stage does first: parse its command line, then stamp,
 # encode and decode a bus message.
 PRELOAD_THEN_FORK = """
-import gc, os, sys
+import os, sys
 from common import zygote
 from common.processes import memory_kb
 
@@ -173,10 +178,7 @@ os.waitpid(pid, 0)
 
 
 def _stage_start_writes_kb(rehearsed: bool) -> int:
-    done = subprocess.run([sys.executable, "-c", PRELOAD_THEN_FORK, "yes" if rehearsed else "no"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
-                          check=True)
-    return int(done.stdout.split()[-1])
+    return int(_last_word_printed(PRELOAD_THEN_FORK, "yes" if rehearsed else "no"))
 
 
 def test_a_stage_forked_after_the_rehearsal_copies_fewer_pages_to_parse_its_command_line():
@@ -206,13 +208,8 @@ print("services.simulator.server" in sys.modules)
 
 def test_the_simulator_is_preloaded_only_for_a_stage_set_that_starts_one():
     """It stands in for OpenAI: a conversation with a key, or with the simulator apart, does not carry it."""
-    def preloads_simulator(*extra: str) -> bool:
-        done = subprocess.run([sys.executable, "-c", PRELOADED, *extra], capture_output=True, text=True, timeout=120,
-                              cwd=Path(__file__).resolve().parent.parent, check=True)
-        return done.stdout.split()[-1] == "True"
-
-    assert not preloads_simulator()
-    assert preloads_simulator("services.simulator.server")
+    assert _last_word_printed(PRELOADED) == "False"
+    assert _last_word_printed(PRELOADED, "services.simulator.server") == "True"
     made = Zygote()
     try:
         made.start(["gateway", "simulate", "logger"])
