@@ -44,6 +44,27 @@ def bus_options(func):
     return wrapper
 
 
+def silence_options(func):
+    """--batch-silence-ms/--silence-hold-s/--silence-dbfs for a stage that publishes a microphone."""
+    from common import silence
+
+    @click.option("--batch-silence-ms", type=click.IntRange(min=0), default=silence.DEFAULT_BATCH_MS,
+                  show_default=True, help="After --silence-hold-s of silence, send the mic's silent frames this many "
+                  "ms at a time (fewer wake-ups for every stage on the path); the first frame with sound goes out at "
+                  "once with what was held. 0: every frame on its own.")
+    @click.option("--silence-hold-s", type=click.FloatRange(min=0), default=silence.DEFAULT_HOLD_S, show_default=True,
+                  help="Silence sent frame by frame after sound, before batching starts (keep it above the server "
+                  "VAD's silence_duration_ms, so the end of a turn is heard on time).")
+    @click.option("--silence-dbfs", type=float, default=silence.DEFAULT_LEVEL_DBFS, show_default=True,
+                  help="A frame whose RMS level is at or below this is silence.")
+    @functools.wraps(func)
+    def wrapper(*args, batch_silence_ms, silence_hold_s, silence_dbfs, **kwargs):
+        return func(*args, silence={"batch_ms": batch_silence_ms, "hold_s": silence_hold_s,
+                                    "level_dbfs": silence_dbfs}, **kwargs)
+
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120, "terminal_width": 120})
 def main() -> None:
     """voicebus: a realtime voice assistant where every stage is a process on a ZeroMQ bus.
@@ -199,8 +220,9 @@ def _list_devices_and_exit() -> None:
               "names a WAV to speak (what `voicebus eval` drives); each cue's start and end go out on `mic.cue`.")
 @click.option("--pulse-source", help="PulseAudio source to capture, e.g. voicebus_mic_aec from "
               "scripts/pulse-aec.sh (echo cancellation); sets PULSE_SOURCE for this stage.")
+@silence_options
 def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, speed, lead_silence, tail_silence,
-        cued, pulse_source):
+        cued, pulse_source, silence):
     """Stage: capture a device (or a WAV) and publish audio.mic frames."""
     from common.runner import run_stage
     from common.wavio import WavError
@@ -218,7 +240,7 @@ def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, spe
                   else DeviceSource(device, rate, channels, frame_ms))
     except WavError as exc:
         raise SetupError(str(exc)) from exc
-    sys.exit(run_stage(MicStage(source), cfg))
+    sys.exit(run_stage(MicStage(source, silence=silence), cfg))
 
 
 @main.command()
@@ -269,7 +291,8 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, idle_pause_s, 
 @click.option("--aiortc-decoder", is_flag=True,
               help="Let aiortc decode the browser's Opus (48 kHz stereo, in a worker thread, then resampled to 24 kHz) "
               "instead of decoding 24 kHz mono in the loop; for comparison (bench_web_footprint).")
-def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiortc_encoder, aiortc_decoder):
+@silence_options
+def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiortc_encoder, aiortc_decoder, silence):
     """Stage: talk from a browser over WebRTC (the mic's and the player's jobs; echo cancelled by the browser)."""
     from common.runner import run_stage
     from services.web.stage import WebStage
@@ -281,7 +304,7 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiort
             "HTTPS off localhost); give --cert and --key", host)
     sys.exit(run_stage(WebStage(host, port, ssl_context, jitter_ms=jitter_ms, rx_prefetch=rx_prefetch,
                                 via_resampler=via_resampler, aiortc_encoder=aiortc_encoder,
-                                aiortc_decoder=aiortc_decoder), cfg))
+                                aiortc_decoder=aiortc_decoder, silence=silence), cfg))
 
 
 @main.group(invoke_without_command=True)

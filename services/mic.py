@@ -29,6 +29,7 @@ from common.audio_devices import (
 from common.envelope import Message
 from common.log import kv
 from common.resample import float_to_pcm, pcm_to_mono_float, resample_oneshot
+from common.silence import Release, SilenceBatcher
 from common.stage import Output, Stage
 from common.wavio import WavError, read_wav
 
@@ -251,9 +252,12 @@ class MicStage(Stage):
     name = "mic"
     publishes_from_thread = True  # frames go out from the audio (or WAV clock) thread itself
 
-    def __init__(self, source: DeviceSource | WavSource | CuedSource, topic: str = "audio.mic") -> None:
+    def __init__(self, source: DeviceSource | WavSource | CuedSource, topic: str = "audio.mic",
+                 silence: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.source, self.topic = source, topic
+        self.silence_settings = silence or {}  # SilenceBatcher's keyword arguments; {"batch_ms": 0}: off
+        self.batcher: SilenceBatcher | None = None  # made once the source knows its rate
         self.pts = 0
         self.overflows = 0
         self.frames = 0
@@ -267,6 +271,8 @@ class MicStage(Stage):
             self.source.start(put, notify=self.inbox.put)
         else:
             self.source.start(put)
+        self.batcher = SilenceBatcher(self.source.rate, self.source.channels, **self.silence_settings)
+        log.info(kv("silence_batching", setting=self.batcher.describe()))
 
     def handle(self, message: Message) -> None:
         """A cue (cued mic only): queue its WAV; a bad one is refused, said on the bus, and counted."""
@@ -289,6 +295,7 @@ class MicStage(Stage):
     def _take(self, item: Any) -> None:
         """On the source's thread: publish a frame at once; the end of a WAV goes to the runner."""
         if item is END_OF_SOURCE:
+            self._release(self.batcher.flush() if self.batcher else [], 0, self.thread_out)
             self.inbox.put(item)
         else:
             self.publish(item, self.thread_out)
@@ -298,17 +305,28 @@ class MicStage(Stage):
             self.out.event(CUE_STATE_TOPIC, item)
             return
         if item is END_OF_SOURCE:
+            self._release(self.batcher.flush() if self.batcher else [], 0, self.out)
             log.info(kv("end_of_source", frames=self.frames, seconds=round(self.pts / self.source.rate, 2)))
             self.finished = True
             return
         self.publish(item, self.out)
 
     def publish(self, frame: CapturedFrame, out: Output) -> None:
+        """One captured frame: out at once, or held with the silence around it (common.silence)."""
         self.overflows += frame.overflow
-        out.audio(self.topic, frame.pcm, rate=self.source.rate, channels=self.source.channels, pts=self.pts,
-                       t_capture_ns=frame.t_capture_ns, clock=self.source.clock, t_callback_ns=frame.t_callback_ns)
-        self.pts += len(frame.pcm) // (2 * self.source.channels)
         self.frames += 1
+        if self.batcher is None:  # a frame before start() finished: nothing to batch with yet
+            self._release([Release(frame.pcm, frame.t_capture_ns, 1)], frame.t_callback_ns, out)
+        else:
+            self._release(self.batcher.push(frame.pcm, frame.t_capture_ns), frame.t_callback_ns, out)
+
+    def _release(self, releases: list[Release], t_callback_ns: int, out: Output) -> None:
+        """`t_callback_ns`: the callback that released them (what the latency budget counts from)."""
+        for release in releases:
+            out.audio(self.topic, release.pcm, rate=self.source.rate, channels=self.source.channels, pts=self.pts,
+                      t_capture_ns=release.t_capture_ns, clock=self.source.clock,
+                      t_callback_ns=t_callback_ns or time.time_ns())
+            self.pts += len(release.pcm) // (2 * self.source.channels)
 
     def stop(self) -> None:
         self.source.stop()
@@ -316,6 +334,8 @@ class MicStage(Stage):
     def counters(self) -> dict[str, Any]:
         counters = {"frames": self.frames, "overflows": self.overflows, "clock": self.source.clock,
                     "rate": self.source.rate, "channels": self.source.channels}
+        if self.batcher is not None:
+            counters.update(self.batcher.counters())
         if isinstance(self.source, CuedSource):
             counters["cues"] = dict(self.cues)
         return counters

@@ -35,6 +35,7 @@ from common.audio_devices import prioritize_audio_process
 from common.config import new_session_id
 from common.envelope import Message
 from common.log import kv
+from common.silence import SilenceBatcher
 from common.stage import SESSION_BEGIN, SESSION_END
 from services.player import PlayerStage
 from services.resampler import ResampleStage
@@ -67,8 +68,11 @@ class WebStage(PlayerStage):
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, rate: int = 24_000,
                  jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES, via_resampler: bool = False,
-                 aiortc_encoder: bool = False, aiortc_decoder: bool = False) -> None:
+                 aiortc_encoder: bool = False, aiortc_decoder: bool = False,
+                 silence: dict[str, Any] | None = None) -> None:
         super().__init__(sink=None, rate=rate, jitter_ms=jitter_ms)  # type: ignore[arg-type]
+        self.silence_settings = silence or {}  # SilenceBatcher's keyword arguments; {"batch_ms": 0}: off
+        self.batcher: SilenceBatcher | None = None  # for the caller's current rate and channels (web loop)
         # converts the browser's mic to `audio.user` in this process (None: `audio.mic` for a resample stage)
         self.resampler = None if via_resampler else ResampleStage()
         self.sink = self.link = BrowserLink(host, port, self.buffer, on_mic_frame=self._mic_frame,
@@ -188,8 +192,9 @@ class WebStage(PlayerStage):
         track = self.link.track
         resampled = {f"resample_{key}": value for key, value in self.resampler.counters().items()} \
             if self.resampler is not None else {}
-        return {**super().counters(), **self.link.counts, **resampled, "connected": self.link.client is not None,
-                "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
+        batched = self.batcher.counters() if self.batcher is not None else {}
+        return {**super().counters(), **self.link.counts, **resampled, **batched,
+                "connected": self.link.client is not None, "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
                 "mic_decode_errors": self.link.decode_errors,
                 "conversations": self.conversations, "other_session_dropped": self.other_session_dropped,
                 "unheard_dropped": self.unheard_dropped,
@@ -203,6 +208,8 @@ class WebStage(PlayerStage):
         assert self.thread_out is not None
         if kind == "connected":
             self._rtp_timeline, self._rtp_next, self._clock_offset_ns = RtpTimeline(), None, None
+            if self.batcher is not None:
+                self.batcher.reset()
             self.buffer.reset()  # nothing of a previous browser's reply is left to send to this one
             self._reply_done_item = None
             session = self.out.stamper.session if self.conversations == 0 else new_session_id()
@@ -215,6 +222,7 @@ class WebStage(PlayerStage):
             log.info(kv("conversation_begins", session=session, remote=data.get("remote")))
         else:
             self._caller_on_line = False
+            self._flush_mic()  # the caller's last silence belongs to their conversation
             self.buffer.reset()  # no more state reports about an item nobody is listening to
             self.thread_out.event(f"web.{kind}", data)
             self.thread_out.event(SESSION_END, {"session": self.out.stamper.session, "reason": data.get("reason")})
@@ -238,9 +246,23 @@ class WebStage(PlayerStage):
             self._publish_mic(bytes(missing * channels * 2), rate, channels,
                               t_capture_ns - missing * 1_000_000_000 // rate)
         self._rtp_next = pts + samples
+        self.mic_frames += 1
         self._publish_mic(frame.pcm, rate, channels, t_capture_ns)
 
     def _publish_mic(self, pcm: bytes, rate: int, channels: int, t_capture_ns: int) -> None:
+        """One frame (or a lost stretch's silence): out at once, or held with the silence around it."""
+        if self.batcher is None or (self.batcher.rate, self.batcher.channels) != (rate, channels):
+            self._flush_mic()
+            self.batcher = SilenceBatcher(rate, channels, **self.silence_settings)
+        for release in self.batcher.push(pcm, t_capture_ns):
+            self._send_mic(release.pcm, rate, channels, release.t_capture_ns)
+
+    def _flush_mic(self) -> None:
+        if self.batcher is not None:
+            for release in self.batcher.flush():
+                self._send_mic(release.pcm, self.batcher.rate, self.batcher.channels, release.t_capture_ns)
+
+    def _send_mic(self, pcm: bytes, rate: int, channels: int, t_capture_ns: int) -> None:
         assert self.thread_out is not None
         if self.resampler is None:
             self.thread_out.audio("audio.mic", pcm, rate=rate, channels=channels, pts=self.mic_pts,
@@ -251,4 +273,3 @@ class WebStage(PlayerStage):
                 "audio.mic", pcm, rate=rate, channels=channels, pts=self.mic_pts, t_capture_ns=t_capture_ns,
                 t_ns=now_ns, clock="rtp", t_callback_ns=now_ns))
         self.mic_pts += len(pcm) // (2 * channels)
-        self.mic_frames += 1
