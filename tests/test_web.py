@@ -242,6 +242,31 @@ def test_mic_frames_keep_rate_channels_timeline_and_fill_lost_packets(channel_co
     assert stage.mic_gap_fills == 1
 
 
+def test_caller_silence_goes_out_in_batches_and_what_is_held_is_sent_before_the_hang_up():
+    """common.silence in the web stage: 2 s of silence, a word, 1.2 s of silence, then the caller hangs up."""
+    from common.stage import SESSION_END, Output
+    from services.web.stage import WebStage
+
+    stage = WebStage("127.0.0.1", 0, via_resampler=True)
+    stage.thread_out, sent = Output.collecting("web")
+    stage.out = stage.thread_out
+    values = [0] * 100 + [3000] * 5 + [0] * 60
+    now = time.time_ns()
+    for index, value in enumerate(values):
+        stage._mic_frame(_decoded_frame(index * 960, value), now + index * 20_000_000, {"channelCount": 2})
+    stage._client_event("disconnected", {"reason": "hung up"})
+    audio = [m for m in sent if m.topic == "audio.mic"]
+    pcm = b"".join(m.payload for m in audio)
+    assert pcm == b"".join(np.full(960 * 2, v, dtype="<i2").tobytes() for v in values)  # every sample, in order
+    assert [m.header.pts for m in audio] == [0, *np.cumsum([m.samples for m in audio])[:-1].tolist()]
+    # the first second of silence and the word went frame by frame, the rest of the silence 100 ms at a time
+    assert len(audio) == 50 + 50 // 5 + 5 + 50 + 2  # the last 10 frames: 5 in a batch, 5 held until the hang-up
+    assert all(m.samples == 960 for m in audio if np.frombuffer(m.payload, "<i2").any())
+    assert stage.counters()["silence_batched_frames"] == 50 + 10
+    topics = [m.topic for m in sent]
+    assert topics.index(SESSION_END) > max(i for i, t in enumerate(topics) if t == "audio.mic")
+
+
 @pytest.mark.parametrize("channel_count", [1, 2])
 def test_mic_resampled_in_process_is_what_the_resample_stage_makes(channel_count):
     """The default: the web stage publishes audio.user itself, sample for sample and timestamp for timestamp
