@@ -295,7 +295,7 @@ class MicStage(Stage):
     def _take(self, item: Any) -> None:
         """On the source's thread: publish a frame at once; the end of a WAV goes to the runner."""
         if item is END_OF_SOURCE:
-            self._release(self.batcher.flush() if self.batcher else [], 0, self.thread_out)
+            self._release_held(self.thread_out)
             self.inbox.put(item)
         else:
             self.publish(item, self.thread_out)
@@ -305,7 +305,7 @@ class MicStage(Stage):
             self.out.event(CUE_STATE_TOPIC, item)
             return
         if item is END_OF_SOURCE:
-            self._release(self.batcher.flush() if self.batcher else [], 0, self.out)
+            self._release_held(self.out)
             log.info(kv("end_of_source", frames=self.frames, seconds=round(self.pts / self.source.rate, 2)))
             self.finished = True
             return
@@ -319,6 +319,11 @@ class MicStage(Stage):
             self._release([Release(frame.pcm, frame.t_capture_ns, 1)], frame.t_callback_ns, out)
         else:
             self._release(self.batcher.push(frame.pcm, frame.t_capture_ns), frame.t_callback_ns, out)
+
+    def _release_held(self, out: Output) -> None:
+        """The end of the source: the silence still held goes out, so nothing is lost at the tail."""
+        if self.batcher is not None:
+            self._release(self.batcher.flush(), 0, out)
 
     def _release(self, releases: list[Release], t_callback_ns: int, out: Output) -> None:
         """`t_callback_ns`: the callback that released them (what the latency budget counts from)."""

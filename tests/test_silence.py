@@ -100,7 +100,7 @@ def test_mic_stage_publishes_batches_with_contiguous_pts():
     for index, pcm in enumerate(frames):
         stage.publish(CapturedFrame(pcm, 10**18 + index * FRAME_NS, t_callback_ns=10**18 + (index + 1) * FRAME_NS),
                       stage.out)
-    stage._release(stage.batcher.flush(), 0, stage.out)  # what the end of a source does
+    stage._release_held(stage.out)  # what the end of a source does
     assert b"".join(m.payload for m in sent) == b"".join(frames)
     pts = [m.header.pts for m in sent]
     assert pts == [0, *np.cumsum([m.samples for m in sent])[:-1].tolist()]
