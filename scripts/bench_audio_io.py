@@ -20,6 +20,7 @@ import zmq
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 from benchlib import Rig, cpu_seconds, machine, pct, rss_mb  # noqa: E402
 
+from common.audio_devices import OUTPUT_PERIOD_MS  # noqa: E402
 from common.bus import Publisher, Receiver, connect_pub, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
 from common.stage import Output  # noqa: E402
@@ -75,7 +76,8 @@ def main() -> int:
         publisher.sock.close(0)
         ctx.term()
         print(f"bench_audio_io {time.strftime('%Y-%m-%d')} on {machine()}; {args.seconds:.0f} s streaming, "
-              "virtual PulseAudio, mic 48 kHz 20 ms frames, player 24 kHz 5 ms periods, 40 ms jitter buffer")
+              f"virtual PulseAudio, mic 48 kHz 20 ms frames, player 24 kHz {OUTPUT_PERIOD_MS} ms periods, "
+              "40 ms jitter buffer")
         print("| path | p50 ms | p99 ms | budget |")
         print("|---|---:|---:|---|")
         print(f"| mic callback -> message on the bus | {pct(mic_latency_ms, 50):.2f} | {pct(mic_latency_ms, 99):.2f} "

@@ -2,7 +2,7 @@
 """The virtual devices' own latency: the least any system on this rig could do, measured the same way.
 
 A minimal passthrough with the voicebus devices' settings (PyAudio, capture at the device's native
-rate in 20 ms frames, playback at 24 kHz in 5 ms periods) and nothing else. It listens for the
+rate in 20 ms frames, playback at 24 kHz in the player's periods) and nothing else. It listens for the
 timing marker (common/markers.py) in its capture; when one arrives it prints `marker_in` with the
 wall time of the callback that completed it (the capture floor, what "reaching a server" costs
 with zero processing and zero network), and 300 ms later plays the marker, printing `marker_out`
@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.audio_devices import open_pyaudio  # noqa: E402
+from common.audio_devices import OUTPUT_PERIOD_MS, open_pyaudio  # noqa: E402
 from common.markers import StreamFinder, chirp_pcm  # noqa: E402
 from common.resample import StreamResampler  # noqa: E402
 
 REPLY_DELAY_S = 0.3
 OUT_RATE = 24_000
-OUT_PERIOD = OUT_RATE * 5 // 1000
+OUT_PERIOD = OUT_RATE * OUTPUT_PERIOD_MS // 1000
 
 
 def main() -> int:

@@ -46,6 +46,7 @@ class PlaybackBuffer:
         self.item_started_ns = 0
         self.ran_dry_at = 0.0  # monotonic: when the output last ran out of item audio (0: it is not dry)
         self.handoff_ms: deque[float] = deque(maxlen=500)  # frame received -> first sample handed to output
+        self.pulled_audio = 0  # samples of item audio (not silence) the last pull handed over
 
     @staticmethod
     def _bump(table: OrderedDict[str, int], key: str, samples: int) -> None:
@@ -68,6 +69,7 @@ class PlaybackBuffer:
         """Exactly `samples` mono s16le samples for the output; silence where nothing is ready."""
         wanted = samples * BYTES_PER_SAMPLE
         with self._lock:
+            self.pulled_audio = 0
             if not self.playing:
                 waited = time.monotonic() - self._last_arrival
                 if self._buffered and (self._buffered >= self.jitter_bytes or waited >= self.jitter_s):
@@ -91,6 +93,7 @@ class PlaybackBuffer:
                 self._bump(self.played, segment.item_id, len(take) // BYTES_PER_SAMPLE)
                 if segment.offset >= len(segment.pcm):
                     self._segments.popleft()
+            self.pulled_audio = len(out) // BYTES_PER_SAMPLE
             if len(out) < wanted:
                 self.ran_dry_at = time.monotonic()
                 self.playing = False
@@ -105,10 +108,16 @@ class PlaybackBuffer:
                 return 0.0
             return time.monotonic() - max(self._last_arrival, self.ran_dry_at)
 
-    def flush(self) -> int:
-        """Drop everything not yet played; returns the ms dropped."""
+    def flush(self, unheard: int = 0) -> int:
+        """Drop everything not yet played; returns the ms dropped. `unheard`: samples of the current
+        item the output had been handed but dropped unplayed; they no longer count as played."""
         with self._lock:
             dropped = self._buffered
+            if unheard and self.current is not None:
+                item_id = self.current.item_id
+                unheard = min(unheard, self.played.get(item_id, 0))
+                self.played[item_id] = self.played.get(item_id, 0) - unheard
+                dropped += unheard * BYTES_PER_SAMPLE
             self._segments.clear()
             self._buffered = 0
             if self.playing:

@@ -2,11 +2,14 @@
 
 Publishes `player.state` on every item change, on flush, and every 100 ms while playing; the
 gateway truncates the assistant's item at the `played_ms` reported here, never at a wall-clock guess.
-Small output periods (5 ms by default) keep a flush audible for ~10 ms instead of ~200 ms: the
-ALSA pulse plugin sizes PulseAudio's buffer from the period. The price is ~200 callbacks a second,
-each taking the GIL: ~2 % of a core spent playing silence while the user talks. So the device's
-stream stops once nothing has been playable for `--idle-pause-s`, and starts again (in ~1 ms) when
-the next frame arrives, before the jitter buffer lets it play.
+`played_ms` is what left the device, not what was handed to it: the samples the device still holds
+(PortAudio's DAC time for the last one handed over) are subtracted, and a flush aborts the stream, so
+that what it held is never heard and no longer counts as played. A flush is therefore silent at once
+whatever the output period (it was ~13 ms at 5 ms periods when it waited for the device's buffer to
+play out), and the period only trades CPU against latency (`common.audio_devices.OUTPUT_PERIOD_MS`).
+The stream also stops once nothing has been playable for `--idle-pause-s`, so that no callback runs
+while the user talks, and starts again (in ~1 ms) when the next frame arrives, before the jitter
+buffer lets it play.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class DeviceSink:
         self.late_callbacks = 0  # the audio thread came back later than the device buffer lasts
         self.max_callback_gap_ms = 0.0
         self._last_callback = 0.0
+        self._audio_heard_by = 0.0  # stream time when the last item sample handed over is played (0: none)
 
     def start(self, buffer: PlaybackBuffer) -> None:
         import pyaudio
@@ -63,7 +67,7 @@ class DeviceSink:
         device = pick_device(self._pa, self.wanted, "output")
         frames = buffer.rate * self.period_ms // 1000
 
-        def callback(_in_data, frame_count: int, _time_info, status: int):
+        def callback(_in_data, frame_count: int, time_info: dict[str, float], status: int):
             now = time.monotonic()
             self.callbacks += 1
             if self._last_callback and buffer.playing:
@@ -75,7 +79,10 @@ class DeviceSink:
             self._last_callback = now
             if status & pyaudio.paOutputUnderflow:
                 self.output_underflows += 1
-            return buffer.pull(frame_count), pyaudio.paContinue
+            pcm = buffer.pull(frame_count)
+            if buffer.pulled_audio and time_info.get("output_buffer_dac_time"):
+                self._audio_heard_by = time_info["output_buffer_dac_time"] + buffer.pulled_audio / buffer.rate
+            return pcm, pyaudio.paContinue
 
         self._stream = self._pa.open(format=pyaudio.paInt16, channels=1, rate=buffer.rate, output=True,
                                      output_device_index=device.index, frames_per_buffer=frames,
@@ -90,10 +97,28 @@ class DeviceSink:
         if not self.paused or self._stream is None:
             return
         self._last_callback = 0.0  # the pause is not a late callback
+        self._audio_heard_by = 0.0
         self._stream.start_stream()
         self.paused = False
         realtime_threads()
         log.debug(kv("stream_resumed", pauses=self.pauses))
+
+    def unheard_s(self) -> float:
+        """How much item audio the device has been handed and not played yet (PortAudio's DAC time)."""
+        stream, heard_by = self._stream, self._audio_heard_by
+        if stream is None or self.paused or not heard_by:
+            return 0.0
+        return max(0.0, heard_by - stream.get_time())
+
+    def drop_unheard(self) -> float:
+        """A flush: stop the stream at once, so that what the device holds is never heard, whatever the
+        period; returns how many seconds of item audio that was. The next frame starts it again."""
+        unheard = self.unheard_s()
+        if self._stream is not None and not self.paused:
+            abort_stream(self._stream)
+            self.paused = True
+        self._audio_heard_by = 0.0
+        return unheard
 
     def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
         """Stop the stream once nothing has been playable for `idle_pause_s`: only silence is dropped."""
@@ -129,6 +154,12 @@ class WavSink:
 
     def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
         pass
+
+    def unheard_s(self) -> float:
+        return 0.0  # what is pulled is written: a file has no buffer still to play
+
+    def drop_unheard(self) -> float:
+        return 0.0
 
     def start(self, buffer: PlaybackBuffer) -> None:
         self.writer = WavWriter(self.path, buffer.rate, 1)
@@ -174,6 +205,7 @@ class PlayerStage(Stage):
         self.flushes = 0
         self._last_state = 0.0
         self._last_playing = False
+        self._reported_unheard = False  # the last state held back audio the device had not played yet
         self._warn = RateLimitedLog(log)
 
     def start(self) -> None:
@@ -208,7 +240,8 @@ class PlayerStage(Stage):
         self.sink.resume()
 
     def flush(self, data: dict[str, Any]) -> None:
-        dropped_ms = self.buffer.flush()
+        unheard_s = self.sink.drop_unheard()
+        dropped_ms = self.buffer.flush(unheard=round(unheard_s * self.buffer.rate))
         self.flushes += 1
         for converter in self.converters.values():
             converter.flush()
@@ -216,7 +249,12 @@ class PlayerStage(Stage):
         log.info(kv("flushed", item_id=state["item_id"], played_ms=state["played_ms"], dropped_ms=dropped_ms))
 
     def current_state(self, **extra: Any) -> dict[str, Any]:
-        return {**self.buffer.snapshot(), "latency_ms": self.sink.latency_ms, **extra}
+        state = {**self.buffer.snapshot(), "latency_ms": self.sink.latency_ms, **extra}
+        unheard_ms = 1000 * self.sink.unheard_s()  # handed to the device, not yet out of it
+        self._reported_unheard = bool(unheard_ms and state["item_id"])
+        if self._reported_unheard:
+            state["played_ms"] = max(0.0, round(state["played_ms"] - unheard_ms, 1))
+        return state
 
     def publish_state(self, **extra: Any) -> dict[str, Any]:
         state = self.current_state(**extra)
@@ -229,7 +267,10 @@ class PlayerStage(Stage):
         playing = self.buffer.playing
         interval = STATE_INTERVAL_S if playing else IDLE_STATE_INTERVAL_S
         # a stop is news too: until it is told, the gateway takes a finished item for one still audible
-        if self.buffer.item_changed or playing != self._last_playing or \
+        # ... and so is the end of a reply leaving the device: else its last state, sent before the
+        # device had played its tail, would stand for a second and read as a reply not heard in full
+        drained = self._reported_unheard and not self.sink.unheard_s()
+        if self.buffer.item_changed or playing != self._last_playing or drained or \
                 time.monotonic() - self._last_state >= interval - 0.005:
             self.publish_state()
         self.sink.pause_when_idle(self.buffer)

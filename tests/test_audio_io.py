@@ -105,6 +105,12 @@ def test_player_plays_item_on_virtual_speaker_and_reports_position(procs, client
         errors.append(message.data["played_ms"] - heard_ms)
     print(f"played_ms - heard_ms: median {np.median(errors):.1f} ms, max |err| {np.max(np.abs(errors)):.1f} ms")
     assert np.max(np.abs(errors)) <= 40
+    # the device's tail is played out in ~2.5 periods: the state saying so follows at the next tick,
+    # not a second later (the idle interval), when the gateway would take the reply for one cut short
+    item_states = [m for m in states(client) if m.data["item_id"] == "item_test"]
+    done = next(m for m in item_states if m.data["played_ms"] >= total_ms)
+    before = [m for m in item_states if m.header.t_ns < done.header.t_ns]
+    assert (done.header.t_ns - before[-1].header.t_ns) / 1e9 <= 0.5, [m.data for m in item_states[-4:]]
 
 
 @pytest.mark.audio

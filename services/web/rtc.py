@@ -165,6 +165,12 @@ class BrowserLink:
     def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
         pass
 
+    def unheard_s(self) -> float:
+        return 0.0  # what the browser still holds is the web stage's to subtract (WebStage.current_state)
+
+    def drop_unheard(self) -> float:
+        return 0.0  # the page is told to flush its own buffer
+
     # --- lifecycle (runner thread) ------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
