@@ -92,6 +92,10 @@ class ForkedProcess:
             os.close(self._status_fd)
         return self.returncode
 
+    def exit_fd(self) -> int | None:
+        """A descriptor that turns readable when the stage exits (None once its exit has been read)."""
+        return self._status_fd if self.returncode is None else None
+
     def wait(self, timeout: float | None = None) -> int:
         if self.poll() is None:
             readable, _, _ = select.select([self._status_fd], [], [], timeout)

@@ -228,3 +228,40 @@ def test_a_signal_wakes_a_loop_asleep_in_its_poller_instead_of_waiting_out_the_t
         stopping.close()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["zygote-fork", "own-python"])
+def test_the_launcher_sleeps_until_a_stage_exits_not_until_its_next_look(forked, tmp_path):
+    """The loop looks at its stages every POLL_INTERVAL_S, and an exit must wake it at once (a crash
+    restarted without waiting out the interval), whichever way the stage was started; something
+    readable in `wake` (Ctrl-C's pipe, the serve thread's bus socket) wakes it too, saying so."""
+    from common.zygote import Zygote
+    from services.launcher import sleep_until_exit, spawn
+
+    zygote = Zygote() if forked else None
+    if zygote is not None:
+        zygote.start()
+    bus = spawn(["bus", "--pub", f"ipc://{tmp_path}/pub.sock", "--sub", f"ipc://{tmp_path}/sub.sock"],
+                dict(os.environ), zygote=zygote)
+    read_end, write_end = os.pipe()
+    try:
+        time.sleep(0.5)
+        assert bus.poll() is None
+        threading.Timer(0.3, os.write, (write_end, b"x")).start()
+        open_fds = len(os.listdir("/proc/self/fd"))
+        began = time.monotonic()
+        assert sleep_until_exit([bus], 60.0, wake=(read_end,)) is False  # the pipe, not an exit
+        assert time.monotonic() - began < 30 and bus.poll() is None
+        assert len(os.listdir("/proc/self/fd")) == open_fds  # a pidfd it opened to watch is closed
+        threading.Timer(0.3, os.kill, (bus.pid, signal.SIGKILL)).start()
+        began = time.monotonic()
+        assert sleep_until_exit([bus], 60.0) is True
+        assert time.monotonic() - began < 30  # not the 60 s timeout
+        assert bus.wait(5) == -signal.SIGKILL
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        if bus.poll() is None:
+            bus.kill()
+        if zygote is not None:
+            zygote.stop()

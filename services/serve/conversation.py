@@ -70,6 +70,9 @@ class Conversation:
         self._beating: set[str] = set()
         self._session_configured = False
         self._stop = threading.Event()
+        # readable once `stop` is called: the stage set's thread sleeps on it (None once closed)
+        self._stop_pipe: tuple[int, int] | None = os.pipe()
+        self._stop_pipe_lock = threading.Lock()  # the host is a threaded actor: two stops may meet
         self._failed = ""
         self._cpu_at = time.monotonic()  # the last status: when ...
         self._cpu_seen: dict[int, float] = {}  # ... and the CPU seconds of each process then
@@ -154,7 +157,15 @@ class Conversation:
     def stop(self) -> dict[str, Any]:
         """Stop every process of this conversation (stores its turns on the way) and remove its run dir."""
         self._stop.set()
+        with self._stop_pipe_lock:
+            if self._stop_pipe is not None:
+                os.write(self._stop_pipe[1], b"x")
         self._thread.join(timeout=15)
+        with self._stop_pipe_lock:
+            if self._stop_pipe is not None and not self._thread.is_alive():
+                for fd in self._stop_pipe:
+                    os.close(fd)
+                self._stop_pipe = None
         shutil.rmtree(self.run_dir, ignore_errors=True)
         return self.status()
 
@@ -177,7 +188,7 @@ class Conversation:
     # --- the stage set's own thread (owns the supervisor's sockets) ------------------------------
     def _run(self) -> None:
         from common.bus import Receiver, connect_sub
-        from services.launcher import LauncherError, Supervisor, default_zygote
+        from services.launcher import POLL_INTERVAL_S, LauncherError, Supervisor, default_zygote
         from services.pipeline import WEB_STAGES, pipeline_specs
 
         if self.prewarm:
@@ -200,12 +211,17 @@ class Conversation:
         try:
             supervisor.start()
             receiver = Receiver(connect_sub(supervisor.ctx, cfg, WATCH), "serve")
+            assert self._stop_pipe is not None  # closed only once this thread has ended
+            stop_fd = self._stop_pipe[0]
             while not self._stop.is_set() and supervisor.fatal is None:
                 supervisor.poll()
                 self.state["restarts"] = sum(child.restarts for child in supervisor.children)
-                deadline = time.monotonic() + 0.1
-                while (message := receiver.recv(timeout_ms=max(0, int((deadline - time.monotonic()) * 1000)))):
-                    self._note(message)
+                # until the next poll is due (or a stage exits), woken by each message and by `stop`
+                deadline = time.monotonic() + POLL_INTERVAL_S
+                while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0 and \
+                        not supervisor.wait(left, wake=(receiver.sock, stop_fd)):
+                    while (message := receiver.recv(timeout_ms=0)) is not None:
+                        self._note(message)
             if supervisor.fatal is not None:
                 self._failed = supervisor.fatal
         except LauncherError as exc:
