@@ -132,6 +132,7 @@ class DeviceSink:
 
     def stop(self) -> None:
         close_stream(self._pa, self._stream)  # a paused stream is stopped already: only closed
+        self._pa = self._stream = None  # nothing asks a closed stream for its time
 
 
 class WavSink:
