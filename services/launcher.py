@@ -184,6 +184,9 @@ def sleep_until_exit(procs: list[Process], timeout_s: float, wake: tuple[Any, ..
             if fd is not None:
                 poller.register(fd, zmq.POLLIN)
                 watched.append(fd)
+        if not watched and not wake:  # zmq's poll returns at once with nothing to poll
+            time.sleep(max(0.0, timeout_s))
+            return True
         ready = dict(poller.poll(max(0.0, timeout_s) * 1000))
         return not ready or any(fd in ready for fd in watched)
     finally:

@@ -258,6 +258,9 @@ def test_the_launcher_sleeps_until_a_stage_exits_not_until_its_next_look(forked,
         assert sleep_until_exit([bus], 60.0) is True
         assert time.monotonic() - began < 30  # not the 60 s timeout
         assert bus.wait(5) == -signal.SIGKILL
+        began = time.monotonic()
+        assert sleep_until_exit([bus], 0.3) is True  # nothing left to watch: it sleeps, it does not spin
+        assert time.monotonic() - began >= 0.25
     finally:
         os.close(read_end)
         os.close(write_end)
