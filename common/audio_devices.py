@@ -33,7 +33,7 @@ def _silence_alsa() -> None:
 
 # The output's period. A flush stops the stream (its buffer is never heard) and `player.state`
 # subtracts what the device still holds, so the period only trades CPU against latency: at 5 ms,
-# 200 callbacks a second took ~2.2 % of a core while a reply played, at 10 ms ~1.5 %, at 20 ms ~1.0 %;
+# 200 callbacks a second took ~2.3 % of a core while a reply played, at 10 ms ~1.3 %, at 20 ms ~1.0 %;
 # the device's buffer (2 periods and PulseAudio's own) added ~13, ~23 and ~50 ms to server -> ear.
 # 10 ms is WebRTC's own audio callback period.
 OUTPUT_PERIOD_MS = 10

@@ -252,7 +252,7 @@ def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, spe
 @click.option("--jitter-ms", type=int, default=40, show_default=True, help="Audio buffered before playing starts.")
 @click.option("--period-ms", type=click.IntRange(min=1), default=OUTPUT_PERIOD_MS, show_default=True,
               help="Output period: shorter periods reach the ear sooner (the device buffers ~2.5 periods) and cost "
-              "more callbacks (~1.5 % of a core at 10 ms while a reply plays, ~2.2 % at 5 ms). A flush stops the "
+              "more callbacks (~1.3 % of a core at 10 ms while a reply plays, ~2.3 % at 5 ms). A flush stops the "
               "stream at once whatever the period.")
 @click.option("--idle-pause-s", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Stop the device's stream after this long with nothing to play, so that no audio callback runs "
