@@ -10,9 +10,19 @@ LOG_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-5s %(name)s %(message)s"
 RATE_LIMIT_INTERVAL_S = 5.0
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr,
-                        force=True)
+def setup_logging(level: str = "INFO", logger: str | None = None) -> None:
+    """The root logger, or only `logger` and its children (in a process whose root logger is not ours:
+    a Ray worker's)."""
+    if logger is None:
+        logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr,
+                            force=True)
+        return
+    ours = logging.getLogger(logger)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    ours.handlers[:] = [handler]
+    ours.setLevel(level.upper())
+    ours.propagate = False
 
 
 def kv(event: str, **fields: object) -> str:

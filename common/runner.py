@@ -51,9 +51,12 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
     thread_publisher = Publisher(connect_pub(ctx, cfg)) if stage.publishes_from_thread else None
     handler_errors = 0
     started = time.monotonic()
+    beats = 0
 
     def heartbeat(state: str) -> None:
-        counters = {"state": state, "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 1),
+        nonlocal beats
+        beats += 1  # 1 on the first: a watcher can tell whether it heard a stage from its start
+        counters = {"state": state, "pid": os.getpid(), "beat": beats, "uptime_s": round(time.monotonic() - started, 1),
                     "in": receiver.received,
                     "out": publisher.sent + (thread_publisher.sent if thread_publisher else 0),
                     "bad": receiver.bad_total, "gaps": receiver.gaps,

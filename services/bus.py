@@ -79,10 +79,12 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
     heartbeat = connect_pub(ctx, cfg)
     stamper = Stamper("bus", session_id())
     started = time.monotonic()
+    beats = 0
     log.info(kv("bus_ready", pub=cfg.pub, sub=cfg.sub, curve=authenticator is not None))
     try:
         while not stopping:
-            data = {"state": "running", "pid": os.getpid(), "uptime_s": round(time.monotonic() - started, 1)}
+            beats += 1  # as a stage's (common.runner)
+            data = {"state": "running", "pid": os.getpid(), "beat": beats, "uptime_s": round(time.monotonic() - started, 1)}
             heartbeat.send_multipart(encode(stamper.event("health.bus", data, time.time_ns())), flags=zmq.NOBLOCK)
             deadline = time.monotonic() + HEARTBEAT_INTERVAL_S
             while not stopping and (left := deadline - time.monotonic()) > 0:

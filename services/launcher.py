@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,9 @@ class Supervisor:
         self.fatal: str | None = None  # why `up` must stop, once a child can never start
         self._bus_retry_at = 0.0  # after a failed restart of the bus
 
-    def start(self, bus_timeout_s: float = 15.0) -> None:
+    def start(self, bus_timeout_s: float = 15.0, on_bus_up: Callable[[], None] | None = None) -> None:
+        """Start the bus, then the stages in order. `on_bus_up` runs in between: a watcher that
+        subscribes there hears every stage's first heartbeat (subscribed later, it waits a beat)."""
         self.lock.acquire()
         if bus_may_answer(self.cfg) and wait_for_bus(self.ctx, self.cfg, timeout_s=0.3):
             raise LauncherError(f"a bus already answers at {self.cfg.pub} (another pipeline, or a `voicebus bus` "
@@ -284,6 +287,8 @@ class Supervisor:
         self.receiver = Receiver(connect_sub(self.ctx, self.cfg, ["health."]), "launcher")
         self.events = Publisher(connect_pub(self.ctx, self.cfg))
         wait_for_bus(self.ctx, self.cfg, timeout_s=5.0, pub=self.events.sock)
+        if on_bus_up is not None:
+            on_bus_up()
         for child in self.children:
             self._start(child)
             if child.spec.ready_port is not None:

@@ -268,3 +268,38 @@ def test_the_launcher_sleeps_until_a_stage_exits_not_until_its_next_look(forked,
             bus.kill()
         if zygote is not None:
             zygote.stop()
+
+
+def test_a_watcher_subscribed_when_the_bus_is_up_hears_every_stage_from_its_first_beat(tmp_path):
+    """serve's readiness waits for a heartbeat of each stage: its watcher, subscribed once the stages had
+    started, missed first beats and waited for the next (HEARTBEAT_INTERVAL_S, 1 s) on two set starts in
+    three. `Supervisor.start(on_bus_up=...)` runs it with the bus up and no stage started yet."""
+    from common.bus import Receiver, connect_sub, wait_for_bus
+    from services.launcher import Supervisor
+    from services.pipeline import pipeline_specs
+
+    cfg = BusConfig(pub=f"ipc://{tmp_path}/pub.sock", sub=f"ipc://{tmp_path}/sub.sock")
+    specs, env = pipeline_specs(["tools", "logger"], {"logger": ["--root", str(tmp_path / "sessions")]})
+    supervisor = Supervisor(cfg, specs, "s-first-beat", {**env, "VOICEBUS_RUN_DIR": str(tmp_path)}, lock_dir=tmp_path)
+    started_at_hook: list[list[object]] = []
+    watcher: list[Receiver] = []
+
+    def watch() -> None:
+        started_at_hook.append([child.proc for child in supervisor.children])
+        watcher.append(Receiver(connect_sub(supervisor.ctx, cfg, ["health."]), "test"))
+        assert wait_for_bus(supervisor.ctx, cfg, timeout_s=5.0, sub=watcher[0].sock)
+
+    try:
+        supervisor.start(on_bus_up=watch)
+        assert started_at_hook == [[None, None]]  # called once, before either stage
+        first_beat: dict[str, int] = {}
+        deadline = time.monotonic() + 60
+        while len(first_beat) < 2 and time.monotonic() < deadline:
+            message = watcher[0].recv(timeout_ms=200)
+            if message is not None and message.topic in ("health.tools", "health.logger"):
+                first_beat.setdefault(message.topic.removeprefix("health."), message.data["beat"])
+        assert first_beat == {"tools": 1, "logger": 1}
+    finally:
+        for receiver in watcher:
+            receiver.sock.close(linger=0)
+        supervisor.stop()

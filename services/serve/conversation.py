@@ -187,7 +187,7 @@ class Conversation:
 
     # --- the stage set's own thread (owns the supervisor's sockets) ------------------------------
     def _run(self) -> None:
-        from common.bus import Receiver, connect_sub
+        from common.bus import Receiver, connect_sub, wait_for_bus
         from services.launcher import POLL_INTERVAL_S, LauncherError, Supervisor, default_zygote
         from services.pipeline import WEB_STAGES, pipeline_specs
 
@@ -207,11 +207,19 @@ class Conversation:
                                 lock_dir=self.run_dir, zygote=default_zygote())
         self._supervisor = supervisor
         self.state["stages"] = [spec.name for spec in specs]
-        receiver = None
-        try:
-            supervisor.start()
+        receiver: Receiver | None = None
+
+        def watch() -> None:
+            """Subscribed before any stage starts, so its first heartbeat counts: subscribed after, the
+            set was ready a beat later (HEARTBEAT_INTERVAL_S, 1 s, on every start)."""
+            nonlocal receiver
             receiver = Receiver(connect_sub(supervisor.ctx, cfg, WATCH), "serve")
-            assert self._stop_pipe is not None  # closed only once this thread has ended
+            if not wait_for_bus(supervisor.ctx, cfg, timeout_s=5.0, sub=receiver.sock):
+                log.warning(kv("watch_not_attached", session=self.session))  # ready a beat later, not never
+
+        try:
+            supervisor.start(on_bus_up=watch)
+            assert receiver is not None and self._stop_pipe is not None  # closed only once this thread has ended
             stop_fd = self._stop_pipe[0]
             while not self._stop.is_set() and supervisor.fatal is None:
                 supervisor.poll()
@@ -244,6 +252,8 @@ class Conversation:
         if not self._ready.is_set() and self._session_configured and \
                 set(self.state["stages"]) - {"simulator"} <= self._beating:
             self._ready.set()  # a caller's first words now reach the server
+            log.info(kv("stage_set_ready", session=self.session, prewarm=self.prewarm,
+                        start_ms=round(1000 * (time.time() - self.started_at))))
         if topic == "health.logger":
             self.state["report"] = str(message.data.get("session_dir", "")) or self.state["report"]
         elif topic == "session.end" and not self.state["ended"]:

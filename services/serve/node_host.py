@@ -40,6 +40,10 @@ class NodeHost:
     def __init__(self, settings: dict[str, Any]) -> None:
         import ray
 
+        from common.log import setup_logging
+
+        # a Ray worker's root logger is Ray's: ours say what this node's conversations do at serve's level
+        setup_logging(settings.get("log_level", "INFO"), logger="voicebus")
         self.settings = settings
         # every conversation here shares these (trace dir, simulator URL): its stages inherit them
         os.environ.update(settings.get("env", {}))

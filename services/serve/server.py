@@ -117,7 +117,8 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
             env["VOICEBUS_SIM_URL"] = simulator[1]
             log.warning(kv("offline", reason="OPENAI_API_KEY is not set", using=f"local simulator at {simulator[1]}"))
         settings = {"env": env, "idle_timeout_s": idle_timeout_s, "logger_args": ["--root", str(root)],
-                    "tools_args": tools_args, "prewarm": prewarm, "media_host": node_host}
+                    "tools_args": tools_args, "prewarm": prewarm, "media_host": node_host,
+                    "log_level": logging.getLevelName(logging.getLogger().level)}
         log.info(kv("ray", mode=repr(cluster["mode"]), slots=cluster["slots"]))
         loop = asyncio.new_event_loop()
         stopped = asyncio.Event()
