@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import importlib
 import itertools
@@ -64,6 +65,7 @@ REQUEST_TIMEOUT_S = 30.0
 REPLY_MAX = 512  # a pid, or "error: ..." when it could not fork
 EXIT_CODE = struct.Struct("<i")
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+MADV_PAGEOUT = 21
 ZYGOTE_LOST = 255  # the status pipe closed without a code: the zygote died (its children get SIGTERM)
 
 log = logging.getLogger("voicebus.zygote")
@@ -171,6 +173,7 @@ class Zygote:
         # threads; a restart after the zygote died) it is a fresh `python -m common.zygote`.
         self.fork_here = fork_here
         self.extra_preload: list[str] = []
+        self.imported_here = False  # this process imported PRELOAD only to fork it (`release_imports`)
 
     @classmethod
     def shared(cls) -> Zygote:
@@ -204,6 +207,7 @@ class Zygote:
         forked = _fork_zygote(theirs, ours, self.extra_preload) if self.fork_here and self.proc is None else None
         if forked is not None:
             self.proc = forked
+            self.imported_here = True
         else:
             self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno()), *self.extra_preload],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
@@ -218,6 +222,14 @@ class Zygote:
             raise ZygoteError(f"the zygote did not finish its imports within {READY_TIMEOUT_S:.0f} s") from None
         log.info(kv("zygote_ready", pid=self.proc.pid, after_s=round(time.monotonic() - started, 2),
                     forked_here=isinstance(self.proc, DirectChild)))
+
+    def release_imports(self) -> float:
+        """Once its stages run: give back the library pages this process touched only to import
+        `PRELOAD` for the zygote (MB released; 0 if the zygote was started apart, or again)."""
+        if not self.imported_here:
+            return 0.0
+        self.imported_here = False
+        return page_out_unshared_library_pages()
 
     def stop(self, within_s: float = 5.0) -> None:
         """End it (its launcher is done with it): it exits when its socket closes; killed if it has not
@@ -409,6 +421,34 @@ def _fork_zygote(theirs: socket.socket, ours: socket.socket, extra: list[str]) -
         code = 0
     finally:
         os._exit(code)
+
+
+def page_out_unshared_library_pages() -> float:
+    """Ask the kernel to reclaim this process's read-only file pages (library code and constants) that no
+    other process maps: MADV_PAGEOUT (Linux 5.4) skips shared ones. `up`'s launcher imports numpy,
+    aiortc, PyAV, cryptography and the openai SDK only so that its zygote forks with them in place; what
+    the imports touched (~20-30 MB: module init code, relocation and symbol tables) it never runs again,
+    while the stages fault in and share what they run. Read-only file pages are never lost: one touched
+    again is read back from the file. Returns the MB this process's RSS shrank by (0 where the kernel
+    lacks MADV_PAGEOUT)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    before = _rss_kb()
+    with open("/proc/self/maps") as maps:
+        mappings = [line.split() for line in maps]
+    for fields in mappings:
+        # address perms offset dev inode path: a file's read-only mapping (a writable one holds its
+        # relocated copy in anonymous pages, which this does not touch)
+        if len(fields) >= 6 and fields[5].startswith("/") and "w" not in fields[1]:
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            if libc.madvise(start, end - start, MADV_PAGEOUT) != 0 and ctypes.get_errno() == errno.EINVAL:
+                return 0.0  # a kernel without it: nothing to release
+    return max(0.0, (before - _rss_kb()) / 1024)
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
 
 
 def preload(extra: Iterable[str] = ()) -> None:

@@ -308,6 +308,10 @@ class Supervisor:
         log.warning(kv("not_listening", stage=child.spec.name, port=child.spec.ready_port,
                        after_s=PORT_READY_TIMEOUT_S))
 
+    def all_started(self) -> bool:
+        """Every child has beat (or listened) once since it last started, or is done."""
+        return all(child.started or child.finished for child in self.children)
+
     def wait(self, timeout_s: float = POLL_INTERVAL_S, wake: tuple[Any, ...] = ()) -> bool:
         """Sleep until the next `poll` is due (True): `timeout_s`, a restart's time, or at once when a
         process exits; or until something in `wake` is readable (False)."""
@@ -464,6 +468,9 @@ def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: di
         wake_fd = stopping.wake_fd()  # Ctrl-C ends the wait at once
         while not stopping and supervisor.fatal is None:
             supervisor.poll()
+            if zygote is not None and zygote.imported_here and supervisor.all_started():
+                # the stages now map (and share) what they run; the rest of the imports is ours alone
+                log.info(kv("import_pages_released", mb=round(zygote.release_imports(), 1)))
             supervisor.wait(wake=(wake_fd,))
             stopping.drain_wake()
     except LauncherError as exc:
