@@ -174,6 +174,7 @@ class Zygote:
         self.fork_here = fork_here
         self.extra_preload: list[str] = []
         self.imported_here = False  # this process imported PRELOAD only to fork it (`release_imports`)
+        self.released = False
 
     @classmethod
     def shared(cls) -> Zygote:
@@ -205,9 +206,9 @@ class Zygote:
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
         started = time.monotonic()
         forked = _fork_zygote(theirs, ours, self.extra_preload) if self.fork_here and self.proc is None else None
+        self.imported_here, self.released = forked is not None, False  # a new zygote's imports are new pages
         if forked is not None:
             self.proc = forked
-            self.imported_here = True
         else:
             self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno()), *self.extra_preload],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
@@ -224,12 +225,22 @@ class Zygote:
                     forked_here=isinstance(self.proc, DirectChild)))
 
     def release_imports(self) -> float:
-        """Once its stages run: give back the library pages this process touched only to import
-        `PRELOAD` for the zygote (MB released; 0 if the zygote was started apart, or again)."""
-        if not self.imported_here:
-            return 0.0
-        self.imported_here = False
-        return page_out_unshared_library_pages()
+        """Once stages forked from it run (they have faulted in, and share, what they execute): give back
+        the library pages touched only to import `PRELOAD`, once. Here, if this process imported them
+        and forked the zygote (`up`'s launcher); else in the zygote, which imported them itself (a
+        serve node's). MB released (0: again, no zygote, or a kernel without MADV_PAGEOUT)."""
+        with self._lock:
+            if self.released or self.proc is None or self.proc.poll() is not None or self._sock is None:
+                return 0.0
+            self.released = True
+            if self.imported_here:
+                return page_out_unshared_library_pages()
+            self._sock.settimeout(REQUEST_TIMEOUT_S)
+            self._sock.sendall(json.dumps({"release": True}).encode())
+            answer = self._sock.recv(REPLY_MAX).decode(errors="replace")
+        if not answer.startswith("released "):
+            raise ZygoteError(f"the zygote did not release its import pages: {answer or 'it exited'}")
+        return float(answer.removeprefix("released "))
 
     def stop(self, within_s: float = 5.0) -> None:
         """End it (its launcher is done with it): it exits when its socket closes; killed if it has not
@@ -299,6 +310,9 @@ def _serve(control: socket.socket) -> None:
             return  # the launcher is gone: our children get SIGTERM as we exit
         try:
             request = json.loads(message)
+            if request.get("release"):  # its stages run: what only its imports touched can go
+                control.sendall(f"released {page_out_unshared_library_pages():.1f}".encode())
+                continue
             pid = os.fork()
         except (OSError, ValueError) as exc:  # EAGAIN/ENOMEM: this one stage fails, not every stage forked
             for fd in fds:

@@ -133,6 +133,14 @@ def default_zygote(fork_here: bool = False) -> Zygote | None:
     return zygote
 
 
+def release_zygote_imports(zygote: Zygote) -> None:
+    """`Zygote.release_imports`, said in the log; a zygote gone meanwhile is the next spawn's to report."""
+    try:
+        log.info(kv("import_pages_released", mb=round(zygote.release_imports(), 1)))
+    except (OSError, ZygoteError) as exc:
+        log.warning(kv("import_pages_kept", error=repr(str(exc)[:200])))
+
+
 def spawn(args: list[str], env: dict[str, str], stderr_tail: deque[str] | None = None,
           zygote: Zygote | None = None) -> Process:
     """Start `voicebus ARGS` (forked by `zygote` when given); with `stderr_tail`, its stderr is passed
@@ -468,9 +476,8 @@ def run_up(cfg: BusConfig, specs: list[ProcessSpec], session: str, env_extra: di
         wake_fd = stopping.wake_fd()  # Ctrl-C ends the wait at once
         while not stopping and supervisor.fatal is None:
             supervisor.poll()
-            if zygote is not None and zygote.imported_here and supervisor.all_started():
-                # the stages now map (and share) what they run; the rest of the imports is ours alone
-                log.info(kv("import_pages_released", mb=round(zygote.release_imports(), 1)))
+            if zygote is not None and not zygote.released and supervisor.all_started():
+                release_zygote_imports(zygote)  # the stages now map (and share) what they run
             supervisor.wait(wake=(wake_fd,))
             stopping.drain_wake()
     except LauncherError as exc:

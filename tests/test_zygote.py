@@ -217,3 +217,22 @@ def test_the_simulator_is_preloaded_only_for_a_stage_set_that_starts_one():
         assert made.spawn(["simulate", "--help"], dict(os.environ), name="simulate").wait(30) == 0
     finally:
         made.stop()
+
+
+def test_a_zygote_started_apart_gives_back_the_pages_only_its_imports_touched_once_asked(zygote, tmp_path):
+    """A serve node's zygote imports PRELOAD itself (its Ray worker has threads: it cannot fork one
+    from there); once a stage set runs, the library pages no stage maps are reclaimed, once, and the
+    zygote still forks stages that run."""
+    from common.processes import memory_kb
+
+    bus = zygote.spawn(_bus_args(tmp_path), dict(os.environ), name="bus")
+    time.sleep(1.0)
+    # alone on a machine it holds ~20 MB of them (module init code, relocation and symbol tables); fewer
+    # where another process has the same libraries mapped (those pages are shared, and stay)
+    assert zygote.release_imports() >= 0.0
+    assert memory_kb(zygote.proc.pid, "Private_Clean") <= 4096, memory_kb(zygote.proc.pid, "Private_Clean")
+    assert zygote.release_imports() == 0.0  # once
+    assert bus.poll() is None
+    assert zygote.spawn(["--help"], dict(os.environ), name="help").wait(10) == 0
+    bus.terminate()
+    assert bus.wait(10) == 0

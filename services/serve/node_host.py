@@ -76,7 +76,13 @@ class NodeHost:
         log.info(kv("conversation_started", session=session, prewarm=prewarm, here=len(self.conversations)))
 
     def ready(self, session: str) -> dict[str, Any]:
-        return self._get(session).ready()
+        where = self._get(session).ready()
+        from services.launcher import default_zygote, release_zygote_imports
+
+        zygote = default_zygote()
+        if zygote is not None and not zygote.released:  # the first set here runs: the rest of the imports can go
+            release_zygote_imports(zygote)
+        return where
 
     def offer(self, session: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._get(session).offer(body)
