@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import gc
 import importlib
 import itertools
@@ -230,9 +229,11 @@ class Zygote:
         and forked the zygote (`up`'s launcher); else in the zygote, which imported them itself (a
         serve node's). MB released (0: again, no zygote, or a kernel without MADV_PAGEOUT)."""
         with self._lock:
-            if self.released or self.proc is None or self.proc.poll() is not None or self._sock is None:
+            if self.released:
                 return 0.0
-            self.released = True
+            self.released = True  # asked once per zygote: one that is gone has nothing to give
+            if self.proc is None or self.proc.poll() is not None or self._sock is None:
+                return 0.0
             if self.imported_here:
                 return page_out_unshared_library_pages()
             self._sock.settimeout(REQUEST_TIMEOUT_S)
@@ -444,7 +445,7 @@ def page_out_unshared_library_pages() -> float:
     the imports touched (~20-30 MB: module init code, relocation and symbol tables) it never runs again,
     while the stages fault in and share what they run. Read-only file pages are never lost: one touched
     again is read back from the file. Returns the MB this process's RSS shrank by (0 where the kernel
-    lacks MADV_PAGEOUT)."""
+    lacks MADV_PAGEOUT, or refuses it for a mapping: EINVAL, which leaves those pages as they were)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     before = _rss_kb()
@@ -455,8 +456,7 @@ def page_out_unshared_library_pages() -> float:
         # relocated copy in anonymous pages, which this does not touch)
         if len(fields) >= 6 and fields[5].startswith("/") and "w" not in fields[1]:
             start, end = (int(bound, 16) for bound in fields[0].split("-"))
-            if libc.madvise(start, end - start, MADV_PAGEOUT) != 0 and ctypes.get_errno() == errno.EINVAL:
-                return 0.0  # a kernel without it: nothing to release
+            libc.madvise(start, end - start, MADV_PAGEOUT)
     return max(0.0, (before - _rss_kb()) / 1024)
 
 
