@@ -210,8 +210,8 @@ class Conversation:
         receiver: Receiver | None = None
 
         def watch() -> None:
-            """Subscribed before any stage starts, so its first heartbeat counts: subscribed after, the
-            set was ready a beat later (HEARTBEAT_INTERVAL_S, 1 s, on every start)."""
+            """Subscribed before any stage starts, so its first heartbeat counts: subscribed after, a
+            set was often ready a beat later (HEARTBEAT_INTERVAL_S, 1 s; two starts in three)."""
             nonlocal receiver
             receiver = Receiver(connect_sub(supervisor.ctx, cfg, WATCH), "serve")
             if not wait_for_bus(supervisor.ctx, cfg, timeout_s=5.0, sub=receiver.sock):
