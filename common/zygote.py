@@ -41,6 +41,7 @@ from typing import Any
 import setproctitle
 
 from common.log import kv
+from common.processes import memory_kb
 
 # what the stages import, their lazy imports included (the SDK's event tables, the browser stage's
 # codec and jitter buffer): every stage of `up` and of a served conversation forks with these in
@@ -448,7 +449,7 @@ def page_out_unshared_library_pages() -> float:
     lacks MADV_PAGEOUT, or refuses it for a mapping: EINVAL, which leaves those pages as they were)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    before = _rss_kb()
+    before = memory_kb("self", "Rss")
     with open("/proc/self/maps") as maps:
         mappings = [line.split() for line in maps]
     for fields in mappings:
@@ -457,12 +458,7 @@ def page_out_unshared_library_pages() -> float:
         if len(fields) >= 6 and fields[5].startswith("/") and "w" not in fields[1]:
             start, end = (int(bound, 16) for bound in fields[0].split("-"))
             libc.madvise(start, end - start, MADV_PAGEOUT)
-    return max(0.0, (before - _rss_kb()) / 1024)
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return max(0.0, (before - memory_kb("self", "Rss")) / 1024)
 
 
 def preload(extra: Iterable[str] = ()) -> None:
