@@ -3,8 +3,9 @@
 Endpoints: /graphql (viewer, project, upsertModel), /traces/server_info, /traces/obj/create,
 /traces/table/create, /traces/file/create (multipart), /traces/v2/{entity}/{project}/calls/complete (batched),
 /traces/v2/.../call/start and call/end (calls kept open), /traces/feedback/batch/create and
-/traces/calls/stream_query (JSON lines), so uploads can be read back. `mode` makes it misbehave:
-"500", "429" or "hang".
+/traces/calls/stream_query (JSON lines), so uploads can be read back; and Weave's GenAI ingest
+(/traces/agents/otel/v1/traces, OTLP protobuf over HTTP, the Agents view's source), whose spans are
+decoded into `spans`. `mode` makes it misbehave: "500", "429" or "hang".
 """
 
 from __future__ import annotations
@@ -30,15 +31,52 @@ class Recorded:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _any_value(value):
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind) if kind else None
+
+
+def decode_otlp(body: bytes, encoding: str = "") -> list[dict]:
+    """An OTLP/HTTP protobuf trace export as plain dicts (ids in hex, attributes as Python values)."""
+    import gzip
+    import zlib
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    if encoding == "gzip":
+        body = gzip.decompress(body)
+    elif encoding == "deflate":
+        body = zlib.decompress(body)
+    request = ExportTraceServiceRequest.FromString(body)
+    out = []
+    for resource_spans in request.resource_spans:
+        resource = {kv.key: _any_value(kv.value) for kv in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                out.append({"name": span.name, "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                            "parent_span_id": span.parent_span_id.hex() or None,
+                            "start_ns": span.start_time_unix_nano, "end_ns": span.end_time_unix_nano,
+                            "attributes": {kv.key: _any_value(kv.value) for kv in span.attributes},
+                            "status": span.status.code, "status_message": span.status.message,
+                            "scope": scope_spans.scope.name, "resource": resource})
+    return out
+
+
 class LoopbackTraceServer:
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.mode = "ok"
         self.requests: list[Recorded] = []
         self.calls: dict[str, dict] = {}
-        self.files: dict[str, dict] = {}
+        self.files: dict[str, dict] = {}  # digest (the client's expected one, when it sends it) -> the file
+        self.objects: dict[str, dict] = {}  # digest -> the object, as `weave://.../object/NAME:DIGEST` names it
         self.tables: list[list[dict]] = []
         self.feedback: list[dict] = []  # scores, as the weave client attaches them to calls
+        self.spans: dict[str, dict] = {}  # span id (hex) -> the span, decoded from OTLP (a re-send overwrites)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -77,7 +115,9 @@ class LoopbackTraceServer:
                            "defaultEntity": {"id": "e1", "name": "tester"}, "teams": {"edges": []}}}})
         if path.endswith("/obj/create"):
             obj = json.loads(body).get("obj", {})
-            return web.json_response({"digest": obj.get("expected_digest") or hashlib.sha256(body).hexdigest()[:43]})
+            digest = obj.get("expected_digest") or hashlib.sha256(body).hexdigest()[:43]
+            self.objects[digest] = obj
+            return web.json_response({"digest": digest})
         if path.endswith("/table/create"):
             rows = json.loads(body).get("table", {}).get("rows", [])
             self.tables.append(rows)
@@ -86,9 +126,13 @@ class LoopbackTraceServer:
                                                       .hexdigest()[:43] for row in rows]})
         if path.endswith("/file/create"):
             form = self._parse_multipart(request, body)
-            digest = hashlib.sha256(form.get("file", {}).get("data", b"")).hexdigest()[:43]
+            digest = form.get("expected_digest") or hashlib.sha256(form.get("file", {}).get("data", b"")).hexdigest()[:43]
             self.files[digest] = form.get("file", {})
             return web.json_response({"digest": digest})
+        if path.endswith("/otel/v1/traces"):
+            for span in decode_otlp(body, request.headers.get("Content-Encoding", "")):
+                self.spans[span["span_id"]] = {**span, "project_id": request.headers.get("project_id")}
+            return web.Response(body=b"", content_type="application/x-protobuf")
         if path.endswith("/calls/complete"):
             for call in json.loads(body).get("batch", []):
                 self.calls[call["id"]] = call

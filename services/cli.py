@@ -674,12 +674,26 @@ def logger(cfg, root, project, prices, no_upload):
 @click.option("--project", default="voicebus", show_default=True, envvar="WEAVE_PROJECT", help="Weave project.")
 @click.option("--timeout", type=int, default=600, show_default=True,
               help="Give up after this many seconds (what is not confirmed stays pending).")
+@click.option("--follow", is_flag=True, help="Live: send each turn of one SESSION as the logger stores it, and "
+              "the session call when it has ended (the logger starts this per session when WANDB_API_KEY is set).")
+@click.option("--owner-pid", type=int, hidden=True, help="With --follow: stop when this process (the logger) is gone.")
 @click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
-def upload(sessions, root, evals, project, timeout, log_level):
-    """Upload stored sessions (or eval runs) to W&B Weave through the real weave client, each exactly once."""
+def upload(sessions, root, evals, project, timeout, follow, owner_pid, log_level):
+    """Upload stored sessions (or eval runs) to W&B Weave through the real weave client, each turn exactly once.
+
+    A session's turns appear in Weave's Threads (one thread per session, each turn a turn call) and in
+    its Agents view (OpenTelemetry GenAI spans), timed as they happened, with the audio as heard.
+    Nothing else leaves the machine: weave's error reporting and version check stay off unless
+    VOICEBUS_WEAVE_TELEMETRY=1."""
     import signal
 
-    from services.logger.upload import UploadError, run_upload
+    from services.logger.upload import UploadError, follow_session, run_upload
+
+    if follow:
+        if evals or len(sessions) != 1:
+            raise click.UsageError("--follow takes exactly one SESSION (not --evals)")
+        setup_logging(log_level)
+        sys.exit(follow_session(_trace_root(root) / sessions[0], project, owner_pid))
 
     def give_up(_signum, _frame):
         raise click.ClickException(f"gave up after {timeout}s; unconfirmed sessions stay pending for the next run")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -139,3 +140,25 @@ def fork_failing_env(directory: Path) -> tuple[dict[str, str], Path]:
     (site / "sitecustomize.py").write_text(_FAILING_FORK)
     flag = directory / "forks-fail"
     return {"PYTHONPATH": f"{site}:{REPO}", "VOICEBUS_TEST_FORK_FAILS_WHILE": str(flag)}, flag
+
+
+NET_AUDIT_DIR = REPO / "tests" / "netaudit"
+
+
+def net_audit_env(log: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for processes whose every lookup and connection is audited (tests/netaudit)."""
+    path = str(NET_AUDIT_DIR) + (os.pathsep + env["PYTHONPATH"] if env and env.get("PYTHONPATH") else "")
+    return {"PYTHONPATH": path, "VOICEBUS_NET_AUDIT": str(log)}
+
+
+def net_audit(log: Path) -> dict[str, list[dict]]:
+    """What the audited processes did: {"foreign": lookups/connections refused, "runs": starts,
+    "weave": exits of processes that imported weave, "sentry": those whose weave Sentry client was live}."""
+    import json
+
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    exits = [r for r in records if r["event"] == "exit"]
+    return {"foreign": [r for r in records if r["event"] in ("lookup", "connect")],
+            "runs": [r for r in records if r["event"] == "start"],
+            "weave": [r for r in exits if r["weave"]],
+            "sentry": [r for r in exits if r["sentry_enabled"]]}

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.trace_server import LoopbackTraceServer
+from tests.helpers import net_audit, net_audit_env
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "evals"
@@ -44,10 +45,11 @@ def shipped(tmp_path_factory):
     """The shipped scenarios, run once, uploaded to a loopback trace server as they finish."""
     home = tmp_path_factory.mktemp("eval-home")
     server = LoopbackTraceServer().start()
-    env = _env(home, server.env())
+    audit_log = home / "net-audit.jsonl"
+    env = _env(home, {**server.env(), **net_audit_env(audit_log, dict(os.environ))})
     result = _eval(env, str(EXAMPLES))
     runs = _runs(home / "voicebus" / "evals")
-    yield {"result": result, "env": env, "home": home, "server": server, "runs": runs}
+    yield {"result": result, "env": env, "home": home, "server": server, "runs": runs, "audit": audit_log}
     server.stop()
 
 
@@ -106,6 +108,9 @@ def test_shipped_scenarios_pass_offline_and_reach_weave_as_an_evaluation_once(sh
                            timeout=120)
     assert again.returncode == 0 and "nothing to upload" in again.stdout, again.stdout + again.stderr
     assert len(server.requests) == before
+    # the whole eval (launcher, stages, simulator, its upload) looked up and reached loopback only
+    audit = net_audit(shipped["audit"])
+    assert audit["foreign"] == [] and audit["sentry"] == [] and audit["weave"], audit
 
 
 def test_broken_tool_fails_by_name_and_a_stored_conversation_replays_as_a_passing_scenario(shipped, tmp_path):

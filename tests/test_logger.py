@@ -93,15 +93,17 @@ def test_conversation_stored_then_uploaded_exactly_once(procs, client_factory, s
         for f in wavs:
             with wave.open(io.BytesIO(f["data"])) as w:
                 assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
-            assert (f["filename"], f["content_type"]) == ("audio.wav", "audio/x-wav")
+            # weave.Audio on the calls (Threads), WAV Content for the spans (Agents)
+            assert (f["filename"], f["content_type"]) in {("audio.wav", "audio/x-wav"),
+                                                          ("content", "application/octet-stream")}
         # every turn's user, played and generated audio arrived as a WAV, byte for byte (identical
         # files are stored once: the server is content-addressed)
         stored = {(session_dir / name).read_bytes() for t in turns for name in t["audio_files"].values()}
         assert {f["data"] for f in wavs} == stored
-        sent = len(server.of("/calls/complete"))
+        sent = len(server.requests)
         again = _upload(root, wandb_env)
         assert again.returncode == 0 and "nothing to upload" in again.stdout
-        assert len(server.of("/calls/complete")) == sent and len(server.calls) == 3
+        assert len(server.requests) == sent and len(server.calls) == 3
         # secrets: the OpenAI key reached neither the store nor any request body
         for path in root.rglob("*"):
             if path.is_file():
@@ -141,7 +143,7 @@ def test_trace_server_failures_lose_nothing_and_upload_later(procs, client_facto
         server.mode = "ok"
         result = _upload(root, {**base_env, **wandb_env})
         assert result.returncode == 0, result.stdout + result.stderr
-        assert load_json(session_dir / "upload.json")["confirmed"]
+        assert load_json(session_dir / "upload.json").get("confirmed"), result.stdout + result.stderr
         assert sum("voicebus.turn" in c["op_name"] for c in server.calls.values()) == 1
     finally:
         server.mode = "ok"

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import json
 import subprocess
 import sys
+import time
 import wave
 
 from openai import OpenAI
 
 from common.trace_server import LoopbackTraceServer
-from tests.helpers import REPO
+from tests.helpers import REPO, net_audit, net_audit_env
 
 
 def _say(env, *args, timeout=90) -> subprocess.CompletedProcess:
@@ -22,7 +24,8 @@ def _say(env, *args, timeout=90) -> subprocess.CompletedProcess:
 
 def test_say_writes_24k_wav_prints_transcript_and_traces_op(simulator, base_env, tmp_path):
     sim = simulator()
-    env = {**base_env, "VOICEBUS_SIM_URL": sim}
+    audit_log = tmp_path / "net-audit.jsonl"
+    env = {**base_env, "VOICEBUS_SIM_URL": sim, **net_audit_env(audit_log, base_env)}
     out = tmp_path / "answer.wav"
     root = tmp_path / "sessions"
     result = _say(env, "tell me about the sea", "-o", str(out), "--root", str(root))
@@ -55,6 +58,28 @@ def test_say_writes_24k_wav_prints_transcript_and_traces_op(simulator, base_env,
         assert len(wavs) == 1
         with wave.open(io.BytesIO(wavs[0])) as uploaded:
             assert uploaded.getframerate() == 24000 and uploaded.readframes(10**9) == streamed
+        # timed as the answer streamed, not at the upload
+        meta = json.loads(next(root.iterdir()).joinpath("meta.json").read_text())
+        for field, stored in (("started_at", meta["started_ns"]), ("ended_at", meta["ended_ns"])):
+            at = datetime.datetime.fromisoformat(call[field].replace("Z", "+00:00"))
+            assert abs(at.timestamp() * 1e9 - stored) <= 1e6, (field, call[field], stored)
+        sent = len(server.requests)
+        again = subprocess.run([sys.executable, "-m", "services.cli", "upload", "--root", str(root)], cwd=REPO,
+                               env={**env, **server.env()}, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and "nothing to upload" in again.stdout and len(server.requests) == sent
+        # with a key, say sends its answer itself (a background upload), also only to the trace server
+        again = _say({**env, **server.env()}, "and about the moon", "-o", str(tmp_path / "moon.wav"), "--root",
+                     str(root))
+        assert again.returncode == 0, again.stderr
+        [moon] = [p for p in root.iterdir() if json.loads((p / "meta.json").read_text())["started_ns"] >
+                  meta["started_ns"]]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not json.loads(
+                (moon / "upload.json").read_text() if (moon / "upload.json").exists() else "{}").get("confirmed"):
+            time.sleep(0.2)
+        assert len([c for c in server.calls.values() if "voicebus.say" in c["op_name"]]) == 2
+        audit = net_audit(audit_log)  # say and its uploads: loopback only, weave's Sentry never live
+        assert audit["foreign"] == [] and audit["sentry"] == [] and len(audit["weave"]) >= 1, audit
     finally:
         server.stop()
 

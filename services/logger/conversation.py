@@ -53,6 +53,7 @@ class Turn:
     awaiting_follow_up: bool = False  # its response called tools; the spoken answer comes in a next response
     tool_response_id: str = ""
     tool_usage: dict[str, Any] = field(default_factory=dict)  # what the response that called the tools cost
+    responses: list[dict[str, Any]] = field(default_factory=list)  # each server response: id, times, status, usage
 
 
 def cost_usd(usage: dict[str, Any], prices: dict[str, float]) -> float:
@@ -183,6 +184,7 @@ class ConversationBuilder:
                 self.turns.append(turn)
             turn.response_id = event.get("response", {}).get("id", "")
             self.by_response[turn.response_id] = turn
+            turn.responses.append({"id": turn.response_id, "created_ns": t_ns})
         elif kind == "gateway.tool_output":
             self._tool_output(data, t_ns)
         elif kind == "gateway.follow_up_skipped":
@@ -212,6 +214,11 @@ class ConversationBuilder:
             turn = self.by_response.get(response.get("id", ""))
             if turn is not None:
                 turn.status, turn.usage, turn.done_at = response.get("status", ""), response.get("usage") or {}, now
+                entry = next((r for r in turn.responses if r["id"] == response.get("id")), None)
+                if entry is not None:
+                    details = response.get("status_details") or {}
+                    entry.update(done_ns=t_ns, status=turn.status, usage=turn.usage, reason=details.get("reason"),
+                                 output=[o.get("type") for o in response.get("output") or []])
 
     def _tool_call(self, call: dict[str, Any], t_ns: int) -> None:
         turn = self.by_response.get(call.get("response_id", ""))
@@ -309,6 +316,19 @@ class ConversationBuilder:
         fully_played = turn.played_ms is not None and turn.played_ms >= generated_ms - 1
         return turn.truncated is not None or fully_played or now - turn.done_at > FINALIZE_GRACE_S
 
+    @staticmethod
+    def _window(turn: Turn, first_played_ns: int | None, played_ms: float) -> dict[str, int]:
+        """When the turn happened, on the capture clock: from the user's first word (the end of speech
+        less the server's measure of it) to the last sample of the reply that reached the speaker.
+
+        Where a part is unknown (no speech: a text turn; nothing played) the logger's own clock stands in."""
+        started = turn.started_ns
+        if turn.speech_end_ns and turn.audio_start_ms is not None and turn.audio_end_ms is not None:
+            started = turn.speech_end_ns - int((turn.audio_end_ms - turn.audio_start_ms) * 1e6)
+        ends = [r["done_ns"] for r in turn.responses if r.get("done_ns")]
+        ended = first_played_ns + int(played_ms * 1e6) if first_played_ns else max(ends, default=0)
+        return {"started_ns": started, "ended_ns": max(ended or time.time_ns(), started)}
+
     def _record(self, turn: Turn) -> tuple[dict[str, Any], dict[str, bytes]]:
         generated = bytes(self.generated.pop(turn.item_id, b""))
         generated_ms = len(generated) / BYTES_PER_MS
@@ -349,7 +369,8 @@ class ConversationBuilder:
                        "speech_end_to_first_played_ms": ms_between(turn.speech_end_ns, first_played),
                        "tool_ms": round(sum(t.get("round_trip_ms") or 0 for t in turn.tools), 1) if turn.tools
                        else None},
-            "events": turn.events, "started_ns": turn.started_ns, "ended_ns": time.time_ns(),
+            "responses": turn.responses, "events": turn.events,
+            **self._window(turn, first_played, played_ms),
         }
         audio = {"user": turn.user_pcm, "assistant-played": played, "assistant-generated": generated}
         return record, audio

@@ -45,6 +45,7 @@ class LoggerStage(Stage):
         self.prices = prices
         self.ended: set[str] = set()  # sessions closed: a late message of theirs never reopens one
         self.facts_written: dict[str, Any] = {}
+        self.live_upload: subprocess.Popen | None = None  # this session's `voicebus upload --follow`
 
     def counters(self) -> dict[str, Any]:
         return {"turns_stored": self.turns_stored, "open_turns": len(self.builder.turns),
@@ -96,6 +97,8 @@ class LoggerStage(Stage):
         resumed = self.store.next_index > 1
         self.store.write_meta(started_ns=self.store.meta.get("started_ns", time.time_ns()), ended_ns=None)
         log.info(kv("session_store", dir=self.store.dir, resumed=resumed, turns_already=self.store.next_index - 1))
+        if self.auto_upload and os.environ.get("WANDB_API_KEY"):
+            self.live_upload = self._spawn_upload("--follow", "--owner-pid", str(os.getpid()))
 
     def _watch_counters(self, message: Message) -> None:
         """Drops, gaps and playback glitches a stage reports, as events where they happened.
@@ -157,14 +160,21 @@ class LoggerStage(Stage):
                                   turns=self.store.next_index - 1)
         except OSError as exc:
             log.error(kv("store_failed", what="meta", error=repr(exc.strerror)))
-        if self.auto_upload and os.environ.get("WANDB_API_KEY"):
-            self._spawn_upload()
+        live = self.live_upload
+        self.live_upload = None
+        if self.auto_upload and os.environ.get("WANDB_API_KEY") and (live is None or live.poll() is not None):
+            self._spawn_upload()  # the live uploader gave up (W&B unreachable) or never ran: one more try
 
-    def _spawn_upload(self) -> None:
-        """Upload in a separate process: the weave client's threads, retries and hangs never touch this stage."""
+    def _spawn_upload(self, *extra: str) -> subprocess.Popen:
+        """Upload in a separate process: the weave client's threads, retries and hangs never touch this stage.
+
+        Live (`--follow`): started with the session, it sends each turn as it is stored and the session
+        call once the session has ended here; else one upload of whatever is pending."""
         assert self.store is not None
         log_file = open(self.store.dir / "upload.log", "ab")  # noqa: SIM115 - handed to the child
-        subprocess.Popen([sys.executable, "-m", "services.cli", "upload", self.store.session, "--root",
-                          str(self.root), "--project", self.project], stdin=subprocess.DEVNULL, stdout=log_file,
-                         stderr=log_file, start_new_session=True)
-        log.info(kv("upload_started", session=self.store.session, log=self.store.dir / "upload.log"))
+        child = subprocess.Popen([sys.executable, "-m", "services.cli", "upload", self.store.session, "--root",
+                                  str(self.root), "--project", self.project, *extra], stdin=subprocess.DEVNULL,
+                                 stdout=log_file, stderr=log_file, start_new_session=True)
+        log_file.close()
+        log.info(kv("upload_started", session=self.store.session, live=bool(extra), log=self.store.dir / "upload.log"))
+        return child
