@@ -223,3 +223,66 @@ def test_an_upload_cut_short_is_finished_without_sending_a_turn_twice(tmp_path, 
         assert load_json(root / "stored-session/upload.json")["confirmed"]
     finally:
         server.stop()
+
+
+def span_shape(spans: list[dict]) -> dict[str, dict]:
+    """Per kind of span (gen_ai.operation.name): how many, which attributes, which message parts."""
+    shape: dict[str, dict] = {}
+    for span in spans:
+        attrs = span["attributes"]
+        kind = shape.setdefault(attrs.get("gen_ai.operation.name", span["name"]),
+                                {"count": 0, "keys": set(), "parts": set()})
+        kind["count"] += 1
+        kind["keys"] |= set(attrs)
+        for key in ("gen_ai.input.messages", "gen_ai.output.messages"):
+            for message in json.loads(attrs.get(key) or "[]"):
+                kind["parts"] |= {(key.split(".")[1], message["role"], part["type"]) for part in message["parts"]}
+    return shape
+
+
+def test_side_by_side_with_weaves_own_realtime_integration(procs, simulator, tmp_path, base_env):
+    """The notebook's websocket-client session traced by weave's `openai_realtime` integration, and a
+    voicebus conversation of the same two questions uploaded: ours carries every kind of span, every
+    attribute and every kind of message part theirs does, and what only voicebus knows."""
+    from common.utterances import speech_pcm
+    from common.wavio import write_wav
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(RULES))
+    sim = simulator("--pace", "fast", "--rules", str(rules))
+    server = LoopbackTraceServer().start()
+    try:
+        env = {**base_env, **server.env()}
+        wavs = [str(write_wav(tmp_path / f"q{i}.wav", speech_pcm(text, "slt", 24000), 24000))
+                for i, text in enumerate((QUESTION, INTERRUPTION))]
+        notebook = subprocess.run([sys.executable, str(REPO / "tests/weave_notebook_session.py"), sim,
+                                   "tester/notebook", *wavs], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                                  capture_output=True, text=True, timeout=180)
+        assert notebook.returncode == 0, notebook.stdout[-3000:] + notebook.stderr[-3000:]
+        theirs = span_shape([s for s in server.spans.values() if s["project_id"] == "tester/notebook"])
+        assert set(theirs) == {"invoke_agent", "chat", "execute_tool"}, theirs  # their integration did run
+
+        root = tmp_path / "sessions"
+        shutil.copytree(REPO / "tests/data/stored-session", root / "stored-session")
+        uploaded = _upload(root, {**env, "WEAVE_PROJECT": "voicebus"})
+        assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+        ours = span_shape([s for s in server.spans.values() if s["project_id"] == "tester/voicebus"])
+
+        rows = []
+        for kind, their in theirs.items():
+            assert kind in ours, kind
+            missing = their["keys"] - ours[kind]["keys"]
+            assert not missing, f"{kind}: weave's integration sends {sorted(missing)}, voicebus does not"
+            assert their["parts"] <= ours[kind]["parts"], (kind, their["parts"] - ours[kind]["parts"])
+            rows.append(f"| {kind} | {their['count']} | {ours[kind]['count']} | {len(their['keys'])} | "
+                        f"{len(ours[kind]['keys'])} | "
+                        f"{', '.join(sorted(k.removeprefix('voicebus.') for k in ours[kind]['keys'] - their['keys']))} |")
+        print("| span | weave's integration | voicebus | attributes (theirs) | attributes (ours) | only voicebus |")
+        print("\n".join(rows))
+        # what only voicebus knows: the cut, latency at the ear, audio as heard beside as generated, tool timing
+        assert {"voicebus.barge_in.audio_end_ms", "voicebus.latency.speech_end_to_first_played_ms"} <= \
+            ours["invoke_agent"]["keys"]
+        assert {"gen_ai.tool.call.result", "voicebus.tool.duration_ms"} <= ours["execute_tool"]["keys"]
+        assert ("output", "assistant", "uri") in ours["invoke_agent"]["parts"]  # the audio as heard
+    finally:
+        server.stop()

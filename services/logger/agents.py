@@ -39,6 +39,7 @@ AGENT_NAME = "voicebus"
 PROVIDER = "openai"
 EXPORT_TIMEOUT_S = 30.0
 SCOPE = InstrumentationScope("voicebus.logger")
+HISTORY_TURNS = 50  # a chat's context holds at most this many earlier turns (the attribute's size stays bounded)
 
 # audio file name in the store -> how the spans refer to it
 USER_AUDIO, PLAYED_AUDIO, GENERATED_AUDIO = "user", "assistant-played", "assistant-generated"
@@ -63,7 +64,8 @@ def _provenance() -> dict[str, Any]:
     from weave.utils.capture_info import get_capture_info
 
     return {"integration.name": AGENT_NAME, "integration.version": _version(),
-            "integration.meta.package_name": "voicebus", **{f"weave.{k}": v for k, v in get_capture_info().items()}}
+            "integration.meta.package_name": "voicebus", "integration.meta.package_version": _version(),
+            **{f"weave.{k}": v for k, v in get_capture_info().items()}}
 
 
 def _id(bits: int, *parts: str) -> int:
@@ -93,10 +95,25 @@ def _clean(attrs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def turn_spans(session: str, meta: dict[str, Any], turn: dict[str, Any],
-               audio_refs: dict[str, str]) -> list[ReadableSpan]:
+def turn_messages(turn: dict[str, Any], audio_refs: dict[str, str]) -> tuple[Message, Message]:
+    """The user's message and the assistant's as heard: what the server's conversation holds of a turn
+    once it is over (a barge-in truncates the assistant's item to what was played)."""
+    user, assistant = turn["user"], turn["assistant"]
+    user_message = Message(role="user", parts=[
+        *([TextPart(content=user["transcript"])] if user.get("transcript") else []),
+        *_audio_part(audio_refs.get(USER_AUDIO))])
+    heard = Message(role="assistant", parts=[
+        *([TextPart(content=assistant["transcript_heard"])] if assistant.get("transcript_heard") else []),
+        *_audio_part(audio_refs.get(PLAYED_AUDIO))])
+    return user_message, heard
+
+
+def turn_spans(session: str, meta: dict[str, Any], turn: dict[str, Any], audio_refs: dict[str, str],
+               history: list[Message] | None = None) -> list[ReadableSpan]:
     """The spans of one stored turn. `audio_refs` maps USER_AUDIO/PLAYED_AUDIO/GENERATED_AUDIO to
-    `weave://` refs of published WAV Content (a missing one is simply not attached)."""
+    `weave://` refs of published WAV Content (a missing one is simply not attached); `history` is the
+    conversation before this turn (`turn_messages` of each earlier turn), the chats' context."""
+    history = history or []
     key = turn["key"]
     model = meta.get("model") or "gpt-realtime"
     resource, provenance = _resource(), _provenance()
@@ -107,12 +124,7 @@ def turn_spans(session: str, meta: dict[str, Any], turn: dict[str, Any],
     user, assistant, timing = turn["user"], turn["assistant"], turn.get("timing") or {}
     cut = assistant.get("barge_in")
 
-    user_message = Message(role="user", parts=[
-        *([TextPart(content=user["transcript"])] if user.get("transcript") else []),
-        *_audio_part(audio_refs.get(USER_AUDIO))])
-    heard = Message(role="assistant", parts=[
-        *([TextPart(content=assistant["transcript_heard"])] if assistant.get("transcript_heard") else []),
-        *_audio_part(audio_refs.get(PLAYED_AUDIO))])
+    user_message, heard = turn_messages(turn, audio_refs)
     generated = Message(role="assistant", parts=[
         *([TextPart(content=assistant["transcript_generated"])] if assistant.get("transcript_generated") else []),
         *_audio_part(audio_refs.get(GENERATED_AUDIO))])
@@ -155,12 +167,15 @@ def turn_spans(session: str, meta: dict[str, Any], turn: dict[str, Any],
             output = [Message(role="assistant", parts=[ToolCallPart(
                 id=t.get("call_id") or "", name=t.get("name") or "", arguments=json.dumps(t.get("arguments")))
                 for t in tools])]
-            inputs = [user_message]
+            inputs = [*history, user_message]
         else:  # the spoken answer, as generated (the turn span holds it as heard)
             output = [generated]
-            inputs = [user_message] + ([Message(role="tool", parts=[
-                ToolCallResponsePart(id=t.get("call_id") or "", response=t.get("output") or t.get("error") or "")
-                for t in tools])] if tools else [])
+            inputs = [*history, user_message]
+            if tools:  # the context of a follow-up: the calls the model made and what they returned
+                inputs += [Message(role="assistant", parts=[ToolCallPart(
+                    id=t.get("call_id") or "", name=t.get("name") or "", arguments=json.dumps(t.get("arguments")))
+                    for t in tools]), Message(role="tool", parts=[ToolCallResponsePart(
+                        id=t.get("call_id") or "", response=t.get("output") or t.get("error") or "") for t in tools])]
         refs = [audio_refs[name] for name in (USER_AUDIO, GENERATED_AUDIO) if audio_refs.get(name)
                 and (name == USER_AUDIO or not calls_tools)]
         attrs = llm_attributes(model=model, provider_name=PROVIDER, conversation_id=session,

@@ -184,11 +184,22 @@ class SessionUploader:
         parent = self.root_stub()
         with weave.thread(meta.get("session") or self.dir.name):
             for turn in pending:
-                self._send_turn(meta, turn, parent)
+                self._send_turn(meta, turn, parent, self._history(turn))
                 self.progress(turn)
         return len(pending)
 
-    def _send_turn(self, meta: dict[str, Any], turn: dict[str, Any], parent) -> None:
+    def _history(self, turn: dict[str, Any]) -> list:
+        """The conversation before `turn` as the chats' context: each earlier turn's messages, with the
+        audio refs its own send recorded (never published again)."""
+        from services.logger.agents import HISTORY_TURNS, turn_messages
+
+        earlier = [t for t in load_turns(self.dir) if t.get("turn", 0) < turn.get("turn", 0)][-HISTORY_TURNS:]
+        out = []
+        for past in earlier:
+            out += turn_messages(past, self.state["turns"].get(past["key"], {}).get("audio_refs") or {})
+        return out
+
+    def _send_turn(self, meta: dict[str, Any], turn: dict[str, Any], parent, history: list) -> None:
         from services.logger import agents
 
         entry = self.state["turns"].setdefault(turn["key"], {})
@@ -209,8 +220,8 @@ class SessionUploader:
         refs = {name: self._publish_wav(files[name]) for name in
                 (agents.USER_AUDIO, agents.PLAYED_AUDIO, agents.GENERATED_AUDIO) if name in files}
         self.client.flush()
-        spans = agents.turn_spans(meta.get("session") or self.dir.name, meta, turn,
-                                  {k: v for k, v in refs.items() if v})
+        entry["audio_refs"] = {k: v for k, v in refs.items() if v}
+        spans = agents.turn_spans(meta.get("session") or self.dir.name, meta, turn, entry["audio_refs"], history)
         entry["span_ids"] = agents.span_ids(spans)
         self.save()
         if not self.export_spans(spans):
