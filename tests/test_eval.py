@@ -5,6 +5,7 @@ scenario that passes; bad input is refused before anything is stored."""
 
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -93,6 +94,16 @@ def test_shipped_scenarios_pass_offline_and_reach_weave_as_an_evaluation_once(sh
     evaluate = next(c for c in server.calls.values() if "Evaluation.evaluate" in c.get("op_name", ""))
     assert evaluate.get("ended_at") and evaluate["output"]["passed"]["true_count"] == 4
     assert any("turn1_tool_get_current_time" in op for op in ops) and any("turn1_latency_ms" in op for op in ops)
+    # timed as the run happened: the Evaluation spans the run, each prediction its scenario's conversation
+    def at_ns(iso: str) -> int:
+        return int(datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1e9)
+
+    assert abs(at_ns(evaluate["started_at"]) - run["started_ns"]) <= 1e6
+    assert abs(at_ns(evaluate["ended_at"]) - run["created_ns"]) <= 1e6
+    windows = sorted((s["started_ns"], s["ended_ns"]) for s in run["scenarios"])
+    predictions = sorted((at_ns(c["started_at"]), at_ns(c["ended_at"])) for c in server.calls.values()
+                         if "Evaluation.predict_and_score" in c.get("op_name", ""))
+    assert all(abs(a - b) <= 1e6 for pair in zip(predictions, windows, strict=True) for a, b in zip(*pair, strict=True))
     wavs = [f["data"] for f in server.files.values() if f.get("data", b"")[:4] == b"RIFF"]
     # every turn's user audio and reply as heard, byte for byte (the server keeps files by content: two
     # identical recordings, as the same question spoken twice can be, are one file)

@@ -90,6 +90,7 @@ def run_eval(files: list[Path], settings: Settings, root: Path, baseline: str | 
 
 
 def _run(files: list[Path], settings: Settings, staging: Path, run_id: str) -> dict[str, Any]:
+    started_ns = time.time_ns()
     try:
         planned = plan(files, staging / "audio", settings)
     except ScenarioError as exc:
@@ -111,15 +112,17 @@ def _run(files: list[Path], settings: Settings, staging: Path, run_id: str) -> d
             for number, item in enumerate(planned, 1):  # numbered: two files may use one scenario name
                 session = f"{run_id}-{number:02d}-{slug(item.scenario.name)}-{repeat}"
                 click.echo(f"  {item.scenario.name} ({repeat}/{settings.repeat}): {len(item.scenario.turns)} turn(s)")
+                scenario_started_ns = time.time_ns()
                 observed = converse(pipeline, item, session)
+                scenario_ended_ns = time.time_ns()
                 turns = evaluate(item, observed, pipeline.sessions_dir / session, transcriber)
                 scenarios.append({"file": str(item.file), "name": item.scenario.name, "repeat": repeat,
-                                  "session": session, "turns": turns,
-                                  "passed": all(t["passed"] for t in turns)})
+                                  "session": session, "turns": turns, "started_ns": scenario_started_ns,
+                                  "ended_ns": scenario_ended_ns, "passed": all(t["passed"] for t in turns)})
     finally:
         pipeline.stop()
     checks = [c for s in scenarios for t in s["turns"] for c in t["checks"]]
-    return {"run": run_id, "created_ns": time.time_ns(), "files": [str(f) for f in files],
+    return {"run": run_id, "started_ns": started_ns, "created_ns": time.time_ns(), "files": [str(f) for f in files],
             "target": "simulator" if target.is_simulator else target.base_url,
             "settings": {"instructions": str(settings.instructions) if settings.instructions else None,
                          "tools": settings.tool_modules, "mcp": settings.mcp_commands, "repeat": settings.repeat,

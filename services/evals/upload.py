@@ -8,8 +8,11 @@ call ids are written down before flushing, so an upload cut short is checked, no
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,29 @@ def score_key(turn: int, check_name: str) -> str:
     return f"turn{turn}_" + (re.sub(r"[^a-z0-9]+", "_", check_name.lower()).strip("_")[:48] or "check")
 
 
+def _at(ns: int | None) -> datetime.datetime | None:
+    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC) if ns else None
+
+
+@contextlib.contextmanager
+def timed_as(client, started_ns: int | None, ended_ns: int | None) -> Iterator[None]:
+    """The calls weave's `EvaluationLogger` makes inside are dated as the run happened, not now: it takes
+    no times of its own, so the client's create/finish are given them for the duration."""
+    create, finish = client.create_call, client.finish_call
+
+    def create_call(*args, started_at=None, **kwargs):
+        return create(*args, started_at=started_at or _at(started_ns), **kwargs)
+
+    def finish_call(*args, ended_at=None, **kwargs):
+        return finish(*args, ended_at=ended_at or _at(ended_ns), **kwargs)
+
+    client.create_call, client.finish_call = create_call, finish_call
+    try:
+        yield
+    finally:
+        del client.create_call, client.finish_call  # the class's own methods again
+
+
 def upload_eval_run(client, run_dir: Path, progress) -> dict[str, Any]:
     import weave
 
@@ -47,10 +73,12 @@ def upload_eval_run(client, run_dir: Path, progress) -> dict[str, Any]:
         return {"session": result.get("run"), "turns": 0, "already_there": True}
     rows = [{"file": Path(s["file"]).name, "scenario": s["name"], "repeat": s["repeat"],
              "turns": [t.get("say") or t.get("wav") for t in s["turns"]]} for s in result.get("scenarios", [])]
-    evaluation = weave.EvaluationLogger(
-        name=f"voicebus-eval-{result.get('run')}", model={"name": "voicebus", **{k: v for k, v in (
-            result.get("settings") or {}).items() if v}, "target": result.get("target")},
-        dataset=rows, eval_attributes={"run": result.get("run"), "files": result.get("files")})
+    run_window = (result.get("started_ns"), result.get("created_ns"))
+    with timed_as(client, *run_window):
+        evaluation = weave.EvaluationLogger(
+            name=f"voicebus-eval-{result.get('run')}", model={"name": "voicebus", **{k: v for k, v in (
+                result.get("settings") or {}).items() if v}, "target": result.get("target")},
+            dataset=rows, eval_attributes={"run": result.get("run"), "files": result.get("files")})
     call_ids = [evaluation._evaluate_call.id]
     for row, scenario in zip(rows, result.get("scenarios", []), strict=True):
         turns = scenario["turns"]
@@ -62,17 +90,22 @@ def upload_eval_run(client, run_dir: Path, progress) -> dict[str, Any]:
                              "latency_ms": t.get("latency_ms"),
                              "heard_audio": _audio(run_dir / t["audio"]["heard"]) if t["audio"].get("heard") else None}
                             for t in turns]}
-        prediction = evaluation.log_prediction(inputs=inputs, output=output)
-        for turn in turns:
-            for check in turn["checks"]:
-                if check["passed"] is not None:
-                    prediction.log_score(score_key(turn["turn"], check["name"]), bool(check["passed"]))
-            if turn.get("latency_ms") is not None:
-                prediction.log_score(f"turn{turn['turn']}_latency_ms", float(turn["latency_ms"]))
-        prediction.log_score("passed", bool(scenario["passed"]))
-        prediction.finish()
+        with timed_as(client, scenario.get("started_ns"), scenario.get("ended_ns")):
+            prediction = evaluation.log_prediction(inputs=inputs, output=output)
+            for turn in turns:
+                for check in turn["checks"]:
+                    if check["passed"] is not None:
+                        prediction.log_score(score_key(turn["turn"], check["name"]), bool(check["passed"]))
+                if turn.get("latency_ms") is not None:
+                    prediction.log_score(f"turn{turn['turn']}_latency_ms", float(turn["latency_ms"]))
+            prediction.log_score("passed", bool(scenario["passed"]))
+            prediction.finish()
         call_ids.append(prediction.predict_and_score_call.id)
         progress({"turn": f"{scenario['name']} #{scenario['repeat']}"})
-    flush_and_confirm(client, state_path, call_ids, run_dir.name,
-                      before_flush=lambda: evaluation.log_summary(result.get("summary") or {}))
+
+    def summary() -> None:
+        with timed_as(client, *run_window):
+            evaluation.log_summary(result.get("summary") or {})
+
+    flush_and_confirm(client, state_path, call_ids, run_dir.name, before_flush=summary)
     return {"session": result.get("run"), "turns": len(rows), "already_there": False}
