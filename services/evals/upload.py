@@ -9,7 +9,6 @@ call ids are written down before flushing, so an upload cut short is checked, no
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import re
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.logger.store import _atomic_write, load_json
-from services.logger.upload import UploadError, _audio, _confirmed, flush_and_confirm
+from services.logger.upload import UploadError, _at, _audio, _confirmed, flush_and_confirm
 
 RUN_FILE = "run.json"
 
@@ -37,10 +36,6 @@ def pending_runs(root: Path, wanted: list[str]) -> list[Path]:
 def score_key(turn: int, check_name: str) -> str:
     """A score's name: the turn and the check, as an identifier (Weave makes a scorer of each)."""
     return f"turn{turn}_" + (re.sub(r"[^a-z0-9]+", "_", check_name.lower()).strip("_")[:48] or "check")
-
-
-def _at(ns: int | None) -> datetime.datetime | None:
-    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC) if ns else None
 
 
 @contextlib.contextmanager

@@ -204,6 +204,9 @@ class SessionUploader:
 
         entry = self.state["turns"].setdefault(turn["key"], {})
         files = {k: self.dir / v for k, v in turn.get("audio_files", {}).items()}
+        # the audio as Content first: one flush then carries it with the calls
+        entry["audio_refs"] = {name: ref for name in (agents.USER_AUDIO, agents.PLAYED_AUDIO, agents.GENERATED_AUDIO)
+                               if name in files and (ref := self._publish_wav(files[name]))}
         if not entry.get("calls_confirmed"):
             if entry.get("call_ids") and _confirmed(self.client, entry["call_ids"]):
                 entry["calls_confirmed"] = True  # sent by a run that was cut short before it could say so
@@ -211,16 +214,12 @@ class SessionUploader:
                 entry["call_ids"] = [_new_id() for _ in range(1 + len(turn.get("tools", [])))]
                 self.save()  # the ids are written down before anything is sent
                 self._turn_calls(turn, files, parent, entry["call_ids"])
-                self.client.flush()
-                if not _confirmed(self.client, entry["call_ids"]):
-                    raise UploadError(f"{self.dir.name} turn {turn['turn']}: the trace server does not have "
-                                      "its calls yet; it stays pending and is checked on the next upload")
-                entry["calls_confirmed"] = True
-            self.save()
-        refs = {name: self._publish_wav(files[name]) for name in
-                (agents.USER_AUDIO, agents.PLAYED_AUDIO, agents.GENERATED_AUDIO) if name in files}
         self.client.flush()
-        entry["audio_refs"] = {k: v for k, v in refs.items() if v}
+        if not entry.get("calls_confirmed"):
+            if not _confirmed(self.client, entry["call_ids"]):
+                raise UploadError(f"{self.dir.name} turn {turn['turn']}: the trace server does not have "
+                                  "its calls yet; it stays pending and is checked on the next upload")
+            entry["calls_confirmed"] = True
         spans = agents.turn_spans(meta.get("session") or self.dir.name, meta, turn, entry["audio_refs"], history)
         entry["span_ids"] = agents.span_ids(spans)
         self.save()

@@ -3,7 +3,7 @@
 weave, left to itself, starts a Sentry client when it is imported (error reports and a session
 envelope to Sentry's ingest host) and asks PyPI for a newer weave on every `weave.init`. Neither is
 the trace server, and README promises that a conversation goes nowhere else. So, before weave is
-imported: its error reporting is off, its call links quiet, its implicit patching of libraries off
+imported: its error reporting is off, its call links and per-object log lines quiet, its implicit patching of libraries off
 (an uploader has no OpenAI client to patch); after import, the PyPI check is a no-op. Setting
 `VOICEBUS_WEAVE_TELEMETRY=1` (or `WANDB_ERROR_REPORTING=true` for Sentry alone) opts back in.
 """
@@ -25,6 +25,7 @@ def quiet_environment() -> None:
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("WEAVE_PRINT_CALL_LINK", "false")
+    os.environ.setdefault("WEAVE_LOG_LEVEL", "WARNING")  # its "Published to ..." per object: ours say what was sent
     os.environ.setdefault("WEAVE_IMPLICITLY_PATCH_INTEGRATIONS", "false")
 
 
