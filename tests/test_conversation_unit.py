@@ -97,3 +97,26 @@ def test_user_audio_is_cut_through_append_runs_with_silence_for_a_frame_that_nev
     assert len(cut) == len(expected)
     assert cut[hole] == bytes(960)  # frame 4: silence
     assert cut[:hole.start] == expected[:hole.start] and cut[hole.stop:] == expected[hole.stop:]
+
+
+def test_a_turn_is_timed_from_the_users_first_word_to_the_last_sample_played_and_keeps_each_response():
+    builder, gateway, player = ConversationBuilder(), Stamper("gateway", "s"), Stamper("player", "s")
+    speech_end_ns = 1_800_000_000_000_000_000
+    _feed(builder, gateway, "rt.input_audio_buffer.speech_started", {"event": {"item_id": "u1", "audio_start_ms": 500}})
+    _feed(builder, gateway, "rt.input_audio_buffer.speech_stopped", {"event": {"item_id": "u1", "audio_end_ms": 2500}})
+    _feed(builder, gateway, "rt.gateway.speech_end", {"item_id": "u1", "speech_end_capture_ns": speech_end_ns})
+    builder.handle(gateway.event("rt.response.created", {"event": {"response": RESPONSE}}, speech_end_ns + 10**8),
+                   time.monotonic())
+    _feed(builder, gateway, "rt.response.output_item.added", {"event": {"response_id": "resp_1", "item": {"id": "a1"}}})
+    builder.handle(gateway.audio("audio.assistant", tone(300, 3.0, 24000), rate=24000, channels=1, pts=0,
+                                 t_capture_ns=time.time_ns(), t_ns=time.time_ns(), item_id="a1"), time.monotonic())
+    done = {**RESPONSE, "status": "completed", "usage": {"total_tokens": 7}, "output": [{"type": "message"}]}
+    builder.handle(gateway.event("rt.response.done", {"event": {"response": done}}, speech_end_ns + 9 * 10**8),
+                   time.monotonic())
+    _feed(builder, player, "player.state", {"item_id": "a1", "played_ms": 3000.0, "item_started_ns": speech_end_ns + 10**9})
+    [(record, _)] = builder.tick(time.monotonic())
+    assert record["started_ns"] == speech_end_ns - 2 * 10**9  # 2 s of speech before its end, on the capture clock
+    assert record["ended_ns"] == speech_end_ns + 4 * 10**9  # playing began 1 s after, 3 s of reply played
+    [response] = record["responses"]
+    assert response == {"id": "resp_1", "created_ns": speech_end_ns + 10**8, "done_ns": speech_end_ns + 9 * 10**8,
+                        "status": "completed", "usage": {"total_tokens": 7}, "reason": None, "output": ["message"]}
