@@ -67,6 +67,7 @@ class ReadReport:
     records: int = 0
     lost_bytes: int = 0  # at the end: a cut-off or corrupt tail
     reason: str = ""
+    malformed: int = 0  # whole records (checksum good) whose content is not [t_recv_ns, [bytes, ...]]: skipped
 
 
 def read_capture(path: str | Path, report: ReadReport | None = None) -> Iterator[Record]:
@@ -99,4 +100,8 @@ def read_capture(path: str | Path, report: ReadReport | None = None) -> Iterator
                 report.lost_bytes, report.reason = size - start, "undecodable record"
                 return
             report.records += 1
-            yield Record(int(t_recv_ns), [bytes(x) for x in frames])
+            if not (isinstance(t_recv_ns, int) and isinstance(frames, list)
+                    and all(isinstance(x, bytes | bytearray) for x in frames)):
+                report.malformed += 1  # written by something else: counted, and the rest still read
+                continue
+            yield Record(t_recv_ns, [bytes(x) for x in frames])

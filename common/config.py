@@ -7,12 +7,17 @@ all agree on the endpoints.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 SIMULATOR_DEFAULT_PORT = 8765
 SIMULATOR_API_KEY = "voicebus-local-simulator"  # not a secret: the simulator accepts any key
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be trusted (another user's, or a symlink): the message says which and why."""
 
 
 def run_dir() -> Path:
@@ -24,8 +29,30 @@ def run_dir() -> Path:
         path = Path(os.environ["XDG_RUNTIME_DIR"]) / "voicebus"
     else:
         path = Path(f"/tmp/voicebus-{os.getuid()}")
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
+    return private_dir(path)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only this user can enter: made 0700, or, found there, checked before use.
+
+    In a shared place like /tmp another user could have made it first (and would then own our sockets),
+    or planted a symlink to somewhere else: both are refused, never chmod-ed or followed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise RunDirError(f"{path} is a symlink: refusing it as voicebus's run directory (its sockets would go "
+                          f"where it points); remove it, or set VOICEBUS_RUN_DIR to a directory of your own")
+    if not stat.S_ISDIR(info.st_mode):
+        raise RunDirError(f"{path} is not a directory; remove it, or set VOICEBUS_RUN_DIR")
+    if info.st_uid != os.geteuid():
+        raise RunDirError(f"{path} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()}): another user "
+                          f"made it first; refusing it (set VOICEBUS_RUN_DIR to a directory of your own)")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours and no symlink: tightened
     return path
 
 

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -78,8 +79,12 @@ def wait_for_line(path: Path, pattern: str, proc: subprocess.Popen, timeout_s: f
     raise RuntimeError(f"no {pattern!r} within {timeout_s} s in {path}")
 
 
+OPERATOR_TOKEN = "bench-serve-operator-" + secrets.token_hex(16)  # handed to the serve this script starts
+
+
 def status(url: str) -> dict:
-    with urllib.request.urlopen(url + "status?format=json", timeout=10) as response:
+    request = urllib.request.Request(url + "status?format=json", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -191,7 +196,7 @@ class VoicebusPeer(Peer):
         log = work / "serve.log"
         self.proc = voicebus("serve", "--port", "0", "--slots", str(slots), "--prewarm", str(prewarm),
                              "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO",
-                             env=env, log=log, stdout_to_log=True)
+                             env={**env, "VOICEBUS_OPERATOR_TOKEN": OPERATOR_TOKEN}, log=log, stdout_to_log=True)
         self.url = wait_for_line(log, r"serving url=(\S+)", self.proc, 120)
 
     def groups(self) -> tuple[int, dict[int, str], list[int]]:

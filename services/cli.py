@@ -39,8 +39,14 @@ def bus_options(func):
                   type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
     @functools.wraps(func)
     def wrapper(*args, pub, sub, curve_dir, log_level, **kwargs):
+        from common.config import RunDirError
+
         setup_logging(log_level)
-        return func(*args, cfg=bus_config(pub, sub, curve_dir), **kwargs)
+        try:
+            cfg = bus_config(pub, sub, curve_dir)
+        except RunDirError as exc:
+            raise SetupError(str(exc)) from None
+        return func(*args, cfg=cfg, **kwargs)
 
     return wrapper
 
@@ -72,6 +78,8 @@ def main() -> None:
 
     Offline by default: with no OPENAI_API_KEY the gateway talks to the local simulator.
     """
+    # what voicebus writes (a conversation's audio and words, captures, reports, tokens) is its user's alone
+    os.umask(os.umask(0o077) | 0o077)
 
 
 @main.command()
@@ -330,36 +338,66 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiort
 @click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
 @click.option("--tools", "tool_modules", multiple=True, metavar="PATH_OR_MODULE",
               help="More tools for every conversation, beside examples/tools.py (repeatable).")
+@click.option("--operator-token-file", type=click.Path(dir_okay=False), default=None,
+              help="The operator token /status and /drain require (made 0600 at the first start and printed once). "
+              "Default: $XDG_CONFIG_HOME/voicebus/operator-token; VOICEBUS_OPERATOR_TOKEN overrides it.")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A host name the control endpoints may be reached by (a proxy's); IP literals, localhost and "
+              "this machine's names always may (repeatable).")
 @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
 @click.pass_context
 def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, prewarm, root, tool_modules,
-          log_level):
+          operator_token_file, allowed_hosts, log_level):
     """Serve many callers: every browser its own conversation (own stage set), placed on nodes by Ray.
 
+    `/status` and `/drain` need the operator token (see --operator-token-file).
     `voicebus serve drain NODE` marks a node draining on a running serve."""
     if ctx.invoked_subcommand:
         return
+    from services.serve.operator import OperatorTokenError, load_or_create
     from services.serve.server import run_serve
 
     setup_logging(log_level)
     ssl_context = _tls_context(cert, key)
+    if ssl_context is None and host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("voicebus.serve").warning(
+            "serving plain HTTP on %s: the operator token and every offer cross the network in clear, and browsers "
+            "on other machines refuse the microphone (getUserMedia needs HTTPS off localhost); give --cert and --key",
+            host)
+    try:
+        token, token_file, created = load_or_create(Path(operator_token_file) if operator_token_file else None)
+    except OperatorTokenError as exc:
+        raise click.ClickException(str(exc)) from None
+    if created:
+        click.echo(f"operator token (for /status and /drain; kept in {token_file}, 0600): {token}", err=True)
     tools_args = [arg for module in tool_modules for arg in ("--module", str(Path(module).resolve()))]
     sys.exit(run_serve(host, port, ssl_context, ray_address, slots, idle_timeout_s, _trace_root(root), tools_args,
-                       prewarm, node_host or (None if ray_address else "127.0.0.1")))
+                       prewarm, node_host or (None if ray_address else "127.0.0.1"),
+                       operator={"token": token, "allowed_hosts": list(allowed_hosts)}))
 
 
 @serve.command("drain")
 @click.argument("node")
 @click.option("--url", default="http://127.0.0.1:8080/", show_default=True, help="The running serve's address.")
-def serve_drain(node, url):
+@click.option("--operator-token-file", type=click.Path(dir_okay=False), default=None,
+              help="Where the running serve keeps its operator token (default as serve's; VOICEBUS_OPERATOR_TOKEN wins).")
+def serve_drain(node, url, operator_token_file):
     """No new conversations on NODE (an id, or its first digits, from /status); its live ones finish, then Ray
     stops the node."""
     import json
+    import os
     import urllib.error
     import urllib.request
 
+    from services.serve.operator import TOKEN_ENV, OperatorTokenError, default_token_file, read_token
+
+    try:
+        token = os.environ.get(TOKEN_ENV) or read_token(Path(operator_token_file) if operator_token_file
+                                                        else default_token_file())
+    except OperatorTokenError as exc:
+        raise click.ClickException(f"{exc} (the token `voicebus serve` made at its first start)") from None
     request = urllib.request.Request(url.rstrip("/") + "/drain", data=json.dumps({"node": node}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             click.echo(json.loads(response.read())["message"])

@@ -50,6 +50,8 @@ def summarize(path: str) -> int:
             click.echo(f"    {src} {topic}: {n}")
     else:
         click.echo("  gaps: none")
+    if report.malformed:
+        bad["not [t_recv_ns, [bytes...]]"] += report.malformed
     click.echo(f"  bad records: {sum(bad.values())}" + (f" ({dict(bad)})" if bad else ""))
     return 0
 

@@ -69,8 +69,13 @@ def cluster(ray_cluster):
     return made, nodes
 
 
+OPERATOR_TOKEN = "test-serve-operator-token-0123456789"  # the serve each test starts takes it from its env
+
+
 def _http(url: str, body: bytes | None = None) -> tuple[int, str, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    """A request as the operator makes it (the token is only needed by /status and /drain)."""
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}", **({"Content-Type": "application/json"} if body else {})}
+    request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read().decode(), dict(response.headers)
@@ -103,7 +108,8 @@ def _wait_prewarmed(url: str, count: int, within_s: float = 120) -> None:
 def _start_serve(procs, cluster_address: str, traces, *extra: str,
                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     serve = procs.voicebus("serve", "--ray-address", cluster_address, "--node-host", "127.0.0.1", "--port", "0",
-                           "--root", str(traces), "--idle-timeout", "60", *extra, env=env)
+                           "--root", str(traces), "--idle-timeout", "60", *extra,
+                           env={"VOICEBUS_OPERATOR_TOKEN": OPERATOR_TOKEN, **(env or {})})
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         match = re.search(r"serving url=(\S+)", procs.log_of(serve))
@@ -408,7 +414,8 @@ def test_a_drained_node_takes_no_new_caller_finishes_its_own_then_leaves_the_clu
         status, text, _ = _http(url + "drain", body)
         assert status == status_wanted and said in json.loads(text)["error"], text
     assert {n["state"] for n in _status(url)["nodes"]} == {"serving"}
-    drain = procs.voicebus("serve", "drain", drained_id[:12], "--url", url, name="drain")
+    drain = procs.voicebus("serve", "drain", drained_id[:12], "--url", url, name="drain",
+                           env={"VOICEBUS_OPERATOR_TOKEN": OPERATOR_TOKEN})
     assert drain.wait(timeout=30) == 0, procs.log_of(drain)
     assert "1 live finish" in procs.log_of(drain)
     by_id = {n["node_id"]: n for n in _status(url)["nodes"]}

@@ -28,9 +28,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.speech import FLITE_VOICES
 
+MAX_SCENARIO_FILE_BYTES = 1024 * 1024  # scenario files are hand-written: a megabyte is far past any
+
 
 class ScenarioError(ValueError):
     """A scenario file that cannot run: one message with the file and line."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (`*name`): a scenario never needs one, and nested aliases expand without bound
+    (a "billion laughs" file took 31 s to a MemoryError). Refused at the first alias, with its line."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in scenario files",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
 
 class _Strict(BaseModel):
@@ -157,12 +171,15 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 def load_scenarios(path: Path) -> ScenarioFile:
     """Parse and validate; a ScenarioError says `file:line: where: what` for the first problem."""
     try:
+        if path.stat().st_size > MAX_SCENARIO_FILE_BYTES:
+            raise ScenarioError(f"{path}: {path.stat().st_size} bytes; a scenario file is at most "
+                                f"{MAX_SCENARIO_FILE_BYTES} (is it the right file?)")
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"{path}: cannot read ({exc})") from exc
     try:
-        root = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=_NoAliasLoader)
+        raw = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader, aliases refused
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from common.config import BusConfig
 from common.log import kv
 from common.ports import free_port
 from common.processes import cpu_seconds, descendants_of
+from services.web.placement import OFFER_SECRET_ENV, OFFER_SECRET_HEADER
 
 SLOT_RESOURCE = "conversation"
 # a prewarmed stage set starts (and waits) at this niceness, and goes to 0 when a caller gets it: at
@@ -64,6 +66,9 @@ class Conversation:
         self.run_dir = Path(tempfile.mkdtemp(prefix="vb-c-", dir="/tmp"))
         os.chmod(self.run_dir, 0o700)
         self.web_port = free_port()
+        # its web stage takes an offer only with this (from the front door, through this host): a caller who
+        # finds the port cannot take the set over (its env carries it: never an argument, a log or the bus)
+        self.offer_secret = secrets.token_urlsafe(32)
         self.state: dict[str, Any] = {"turns": 0, "last_latency_ms": None, "report": "", "ended": "",
                                       "stages": [], "restarts": 0, "last_activity": time.monotonic()}
         self._ready = threading.Event()  # every stage beats and the Realtime session is configured
@@ -101,7 +106,8 @@ class Conversation:
         if self.prewarm:
             threading.Thread(target=self._to_foreground, name="foreground", daemon=True).start()
         request = urllib.request.Request(f"http://{self.host}:{self.web_port}/offer", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  OFFER_SECRET_HEADER: self.offer_secret})
         try:
             with urllib.request.urlopen(request, timeout=OFFER_TIMEOUT_S) as response:
                 answer = {"status": response.status, "body": json.loads(response.read())}
@@ -203,7 +209,8 @@ class Conversation:
                     if self.settings.get("simulator_args") else {})}
         specs, env = pipeline_specs(WEB_STAGES, extra)
         # its stages' run dir (passed, not set here: the host's other conversations share os.environ)
-        supervisor = Supervisor(cfg, specs, self.session, {**env, "VOICEBUS_RUN_DIR": str(self.run_dir)},
+        supervisor = Supervisor(cfg, specs, self.session, {**env, "VOICEBUS_RUN_DIR": str(self.run_dir),
+                                                           OFFER_SECRET_ENV: self.offer_secret},
                                 lock_dir=self.run_dir, zygote=default_zygote())
         self._supervisor = supervisor
         self.state["stages"] = [spec.name for spec in specs]

@@ -123,8 +123,8 @@ class FrontDoor:
                 for node in conversation_nodes(self.ray)]
 
     # --- HTTP --------------------------------------------------------------------------------------
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_OFFER_BYTES)
+    def app(self, middlewares: list | None = None) -> web.Application:
+        app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=middlewares or [])
         app.router.add_get("/", self.page)
         app.router.add_post("/offer", self.offer)
         app.router.add_get("/status", self.status)

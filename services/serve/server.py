@@ -74,9 +74,12 @@ def start_simulator() -> tuple[Any, str] | None:
 
 
 async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settings: dict[str, Any],
-                stopped: asyncio.Event) -> None:
+                stopped: asyncio.Event, operator: dict[str, Any]) -> None:
+    from services.serve.operator import HostPolicy, guard
+
     front = FrontDoor(settings)
-    runner = web.AppRunner(front.app(), access_log=None)
+    app = front.app(middlewares=[guard(operator["token"], HostPolicy(host, operator["allowed_hosts"]))])
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
@@ -101,7 +104,8 @@ async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settin
 
 
 def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_address: str | None, slots: int | None,
-              idle_timeout_s: float, root: Path, tools_args: list[str], prewarm: int, node_host: str | None) -> int:
+              idle_timeout_s: float, root: Path, tools_args: list[str], prewarm: int, node_host: str | None,
+              operator: dict[str, Any]) -> int:
     import ray
 
     try:
@@ -124,7 +128,7 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
         stopped = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopped.set)
-        loop.run_until_complete(serve(host, port, ssl_context, settings, stopped))
+        loop.run_until_complete(serve(host, port, ssl_context, settings, stopped, operator))
         loop.close()
         return 0
     except RuntimeError as exc:

@@ -7,8 +7,10 @@ Runs on an asyncio loop in a thread of its own; the stage (runner thread) talks 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
+import os
 import ssl
 import threading
 import time
@@ -23,12 +25,13 @@ from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame
 from av.packet import Packet
 
-from common.log import kv
+from common.log import RateLimitedLog, kv
 from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
-from services.web import libopus
+from services.web import libopus, page_messages
 from services.web.opus import LoopDecoding, MicFrame, VoiceEncoder, mono_frame
+from services.web.placement import OFFER_SECRET_ENV, OFFER_SECRET_HEADER
 
 log = logging.getLogger("voicebus.web")
 # aioice narrates every candidate pair at INFO; our own lines say when a browser connects and goes
@@ -134,7 +137,10 @@ class BrowserLink:
         self.client: Client | None = None
         self.track: AssistantTrack | None = None
         self.loop = asyncio.new_event_loop()
-        self.counts = {"clients": 0, "busy_refused": 0, "bad_offers": 0, "bad_page_messages": 0, "clients_gone": 0}
+        self.counts = {"clients": 0, "busy_refused": 0, "bad_offers": 0, "bad_page_messages": 0, "clients_gone": 0,
+                       "unplaced_refused": 0}
+        self.offer_secret = os.environ.get(OFFER_SECRET_ENV, "")
+        self.refusals = RateLimitedLog(log)
         self.url = ""
         self._ready = threading.Event()
         self._failed: BaseException | None = None
@@ -228,7 +234,20 @@ class BrowserLink:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def _unplaced(self, request: web.Request) -> web.Response | None:
+        """Under `serve`: a request that did not come through this set's host is refused, touching nothing."""
+        if not self.offer_secret or hmac.compare_digest(request.headers.get(OFFER_SECRET_HEADER, "").encode(),
+                                                        self.offer_secret.encode()):
+            return None
+        self.counts["unplaced_refused"] += 1
+        log.warning(kv("unplaced_refused", remote=request.remote, path=request.path))
+        return web.json_response({"error": "this conversation takes calls only from its voicebus serve front door"},
+                                 status=403)
+
     async def _page(self, request: web.Request) -> web.StreamResponse:
+        refused = self._unplaced(request)
+        if refused is not None:
+            return refused
         if self.client is not None:
             self.counts["busy_refused"] += 1
             log.warning(kv("busy", refused=request.remote, connected=self.client.remote))
@@ -244,6 +263,9 @@ class BrowserLink:
         return web.json_response({"error": error}, status=status)
 
     async def _offer(self, request: web.Request) -> web.Response:
+        refused = self._unplaced(request)
+        if refused is not None:
+            return refused
         if self.client is not None:
             return self._refuse(409, "busy: this voicebus web stage is in a conversation with another browser "
                                      "(one conversation per web stage); try again when it hangs up", request.remote)
@@ -332,24 +354,15 @@ class BrowserLink:
 
     def _page_message(self, client: Client, text: Any) -> None:
         try:
-            message = json.loads(text)
-            kind = message["type"]
-        except (TypeError, ValueError, KeyError):
+            message = page_messages.parse(text)
+        except page_messages.BadPageMessage as exc:
             self.counts["bad_page_messages"] += 1
-            log.warning(kv("bad_page_message", text=repr(str(text)[:80])))
+            self.refusals.warning("bad_page_message", kv("bad_page_message", why=repr(str(exc)[:120])))
             return
-        if kind == "stats":
-            try:
-                self.stats = BrowserStats(float(message.get("jitter_buffer_ms", 0)),
-                                          float(message.get("output_latency_ms", 0)),
-                                          float(message.get("rtt_ms", 0)))
-            except (TypeError, ValueError):
-                self.counts["bad_page_messages"] += 1
-        elif kind == "hangup":
+        if isinstance(message, page_messages.Stats):
+            self.stats = BrowserStats(message.jitter_buffer_ms, message.output_latency_ms, message.rtt_ms)
+        else:
             asyncio.ensure_future(self._hang_up("the page hung up", client))
-        else:  # never let the page name a bus topic (`web.<kind>`): unknown is counted and dropped
-            self.counts["bad_page_messages"] += 1
-            log.warning(kv("bad_page_message", type=repr(str(kind)[:40])))
 
     def _send(self, text: str) -> None:
         client = self.client

@@ -1,0 +1,133 @@
+"""`serve` on a network: its control endpoints answer only the operator, and a stage set only its front door.
+
+One real `voicebus serve` (embedded Ray, one slot, one prewarmed stage set) taken on as an attacker on
+the same machine would, then a real caller through the front door."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+TOKEN = "security-test-operator-token-" + "7" * 16
+pytestmark = pytest.mark.timeout(300)
+
+
+def _request(url: str, *, method: str = "GET", body: bytes | None = None, headers: dict | None = None
+             ) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _status(url: str) -> dict:
+    code, text = _request(url + "status?format=json", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert code == 200, text
+    return json.loads(text)
+
+
+def _web_stage_ports() -> list[int]:
+    """The ports the stage sets' web stages listen on, found as an attacker on this machine would: by
+    their command lines (`voicebus web ... --port N`)."""
+    ports = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(args).decode(errors="replace")
+        match = re.search(r"\bweb\b.*--port (\d+)", text)
+        if match:
+            ports.append(int(match.group(1)))
+    return sorted(set(ports))
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory):
+    from tests.helpers import Procs
+
+    tmp = tmp_path_factory.mktemp("serve-access")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VOICEBUS_", "OPENAI_", "WANDB_"))}
+    procs = Procs({**env, "PYTHONUNBUFFERED": "1", "VOICEBUS_RUN_DIR": str(tmp), "XDG_CONFIG_HOME": str(tmp)}, tmp)
+    serve = procs.voicebus("serve", "--port", "0", "--slots", "1", "--prewarm", "1", "--root", str(tmp / "sessions"),
+                           "--idle-timeout", "60", env={"VOICEBUS_OPERATOR_TOKEN": TOKEN})
+    deadline = time.monotonic() + 120
+    url = None
+    while time.monotonic() < deadline and url is None:
+        match = re.search(r"serving url=(\S+)", procs.log_of(serve))
+        url = match.group(1) if match else None
+        assert serve.poll() is None, procs.log_of(serve)
+        time.sleep(0.2)
+    assert url, procs.log_of(serve)
+    while time.monotonic() < deadline and _status(url)["prewarmed"] < 1:
+        time.sleep(0.2)
+    assert _status(url)["prewarmed"] == 1
+    yield {"url": url, "procs": procs, "serve": serve, "tmp": tmp}
+    procs.stop_all()
+
+
+def test_control_endpoints_answer_only_the_operator_and_nothing_is_done_for_anyone_else(serving):
+    url = serving["url"]
+    [node] = _status(url)["nodes"]
+    drain = json.dumps({"node": node["node_id"][:12]}).encode()
+    origin = url.rstrip("/")
+    attempts = {
+        "status, no token": (url + "status?format=json", "GET", None, {}, 401),
+        "status page, no token": (url + "status", "GET", None, {}, 401),
+        "status, wrong token": (url + "status", "GET", None, {"Authorization": "Bearer " + "x" * 40}, 401),
+        "status, basic auth with a wrong password": (url + "status", "GET", None,
+                                                     {"Authorization": "Basic dXNlcjp3cm9uZw=="}, 401),
+        "drain, no token, cross-site simple POST": (url + "drain", "POST", drain, {
+            "Content-Type": "text/plain", "Origin": "http://evil.example"}, 403),
+        "drain, no token": (url + "drain", "POST", drain, {"Content-Type": "application/json"}, 401),
+        "drain with the token, from another origin": (url + "drain", "POST", drain, {
+            "Content-Type": "application/json", "Origin": "http://evil.example", "Authorization": f"Bearer {TOKEN}"},
+            403),
+        "drain with the token, as text/plain": (url + "drain", "POST", drain, {
+            "Content-Type": "text/plain", "Origin": origin, "Authorization": f"Bearer {TOKEN}"}, 415),
+        "status with the token, under a rebound name": (url + "status", "GET", None, {
+            "Host": "evil.example", "Authorization": f"Bearer {TOKEN}"}, 403),
+    }
+    for what, (target, method, body, headers, wanted) in attempts.items():
+        code, text = _request(target, method=method, body=body, headers=headers)
+        assert code == wanted, (what, code, text)
+        assert node["node_id"] not in text and "conversations" not in text, what  # nothing was told
+    # nothing was done: the node still serves
+    assert [n["state"] for n in _status(url)["nodes"]] == ["serving"]
+    # the operator, by the name of the page or by an IP literal, with basic auth as a browser sends it
+    import base64
+
+    basic = "Basic " + base64.b64encode(f"operator:{TOKEN}".encode()).decode()
+    code, page = _request(url + "status", headers={"Authorization": basic, "Host": "localhost"})
+    assert code == 200 and "voicebus serve" in page
+
+
+def test_a_stage_set_refuses_offers_that_did_not_come_through_its_front_door_and_still_serves_a_caller(serving):
+    url, procs = serving["url"], serving["procs"]
+    ports = _web_stage_ports()
+    assert ports, "no web stage found listening"
+    offer = json.dumps({"type": "offer", "sdp": "v=0\r\n"}).encode()
+    for port in ports:
+        for path, method, body in (("/offer", "POST", offer), ("/", "GET", None)):
+            code, text = _request(f"http://127.0.0.1:{port}{path}", method=method, body=body,
+                                  headers={"Content-Type": "application/json"})
+            assert code == 403 and "only from its voicebus serve front door" in text, (port, path, code, text)
+    status = _status(url)
+    assert status["prewarmed"] == 1 and status["conversations"] == []  # the set was not taken
+    # the set is handed to the next caller through the front door, and works (one slot: it is that set)
+    caller = procs.voicebus("call", url, "--say", "what is the weather like today", "--json", "--timeout", "90",
+                            stdout=subprocess.PIPE, name="caller")
+    out, _ = caller.communicate(timeout=150)
+    assert caller.returncode == 0, procs.log_of(caller)
+    assert json.loads(out)["assistant"] == ["I heard: what is the weather like today"]
