@@ -195,6 +195,7 @@ class VoicebusPeer(Peer):
         self.placed_before = 0  # conversations the front had placed when the step began
         log = work / "serve.log"
         self.proc = voicebus("serve", "--port", "0", "--slots", str(slots), "--prewarm", str(prewarm),
+                             "--client-offers", "64/6000",  # every caller of the ramp dials from loopback
                              "--idle-timeout", "120", "--root", str(work / "sessions"), "--log-level", "INFO",
                              env={**env, "VOICEBUS_OPERATOR_TOKEN": OPERATOR_TOKEN}, log=log, stdout_to_log=True)
         self.url = wait_for_line(log, r"serving url=(\S+)", self.proc, 120)

@@ -344,10 +344,13 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiort
 @click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A host name the control endpoints may be reached by (a proxy's); IP literals, localhost and "
               "this machine's names always may (repeatable).")
+@click.option("--client-offers", default="2/30", show_default=True, metavar="AT_ONCE/PER_MINUTE",
+              help="Offers one client address may have in flight and make a minute (more: 429 with Retry-After). "
+              "Raise it when many callers share one address (a NAT, a load test).")
 @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
 @click.pass_context
 def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, prewarm, root, tool_modules,
-          operator_token_file, allowed_hosts, log_level):
+          operator_token_file, allowed_hosts, client_offers, log_level):
     """Serve many callers: every browser its own conversation (own stage set), placed on nodes by Ray.
 
     `/status` and `/drain` need the operator token (see --operator-token-file).
@@ -370,10 +373,18 @@ def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_h
         raise click.ClickException(str(exc)) from None
     if created:
         click.echo(f"operator token (for /status and /drain; kept in {token_file}, 0600): {token}", err=True)
+    try:
+        at_once, per_minute = (int(part) for part in client_offers.split("/"))
+        if at_once < 1 or per_minute < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{client_offers!r}: expected AT_ONCE/PER_MINUTE, two positive numbers (2/30)",
+                                 param_hint="--client-offers") from None
     tools_args = [arg for module in tool_modules for arg in ("--module", str(Path(module).resolve()))]
     sys.exit(run_serve(host, port, ssl_context, ray_address, slots, idle_timeout_s, _trace_root(root), tools_args,
                        prewarm, node_host or (None if ray_address else "127.0.0.1"),
-                       operator={"token": token, "allowed_hosts": list(allowed_hosts)}))
+                       operator={"token": token, "allowed_hosts": list(allowed_hosts),
+                                 "client_offers": (at_once, per_minute)}))
 
 
 @serve.command("drain")

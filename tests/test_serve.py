@@ -108,7 +108,7 @@ def _wait_prewarmed(url: str, count: int, within_s: float = 120) -> None:
 def _start_serve(procs, cluster_address: str, traces, *extra: str,
                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     serve = procs.voicebus("serve", "--ray-address", cluster_address, "--node-host", "127.0.0.1", "--port", "0",
-                           "--root", str(traces), "--idle-timeout", "60", *extra,
+                           "--root", str(traces), "--idle-timeout", "60", "--client-offers", "16/600", *extra,
                            env={"VOICEBUS_OPERATOR_TOKEN": OPERATOR_TOKEN, **(env or {})})
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

@@ -35,6 +35,7 @@ from common.log import kv
 from services.serve.cluster import DrainError, conversation_nodes, drain_node, find_node
 from services.serve.conversation import SLOT_RESOURCE
 from services.serve.node_host import HOST_CONCURRENCY, NodeHost
+from services.web.sdp import OfferError, parse_offer
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 MAX_PENDING_OFFERS = 4  # placements under way at once; more are refused (a flood never queues up)
@@ -50,6 +51,39 @@ ENDED_REMEMBERED = 1000
 CONNECT_TIMES_REMEMBERED = 1000
 
 log = logging.getLogger("voicebus.serve")
+
+
+class ClientLimits:
+    """Offers per client address: a few at once, a few tens a minute; past either, 429 with Retry-After.
+    Junk counts too: one client alone cannot make the front door busy for everyone."""
+
+    def __init__(self, in_flight: int = 2, per_minute: int = 20) -> None:
+        self.in_flight, self.per_minute = in_flight, per_minute
+        self.open: dict[str, int] = {}
+        self.recent: dict[str, deque[float]] = {}
+
+    def admit(self, remote: str) -> int:
+        """0 when admitted (and counted: call `done` after), else the seconds to wait."""
+        now = time.monotonic()
+        recent = self.recent.setdefault(remote, deque())
+        while recent and now - recent[0] > 60:
+            recent.popleft()
+        if len(recent) >= self.per_minute:
+            return max(1, int(61 - (now - recent[0])))
+        if self.open.get(remote, 0) >= self.in_flight:
+            return 1
+        recent.append(now)
+        self.open[remote] = self.open.get(remote, 0) + 1
+        return 0
+
+    def done(self, remote: str) -> None:
+        left = self.open.get(remote, 0) - 1
+        if left > 0:
+            self.open[remote] = left
+        else:
+            self.open.pop(remote, None)
+        if not self.recent.get(remote):
+            self.recent.pop(remote, None)
 
 
 @dataclass
@@ -84,7 +118,9 @@ class FrontDoor:
         self.stopping = False
         self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
                        "dropped": 0, "failed_starts": 0, "waited_for_warming": 0,
-                       "cold_starts": 0}  # a caller's own stage set started: none idle, none warming
+                       "cold_starts": 0,  # a caller's own stage set started: none idle, none warming
+                       "client_limited": 0}
+        self.limits = ClientLimits()
         self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 
     # --- capacity ------------------------------------------------------------------------------
@@ -148,23 +184,32 @@ class FrontDoor:
     async def offer(self, request: web.Request) -> web.Response:
         if self.stopping:
             return self._refuse(503, "this voicebus serve is shutting down", request.remote, "busy_refused")
-        if self.pending >= MAX_PENDING_OFFERS:
-            return self._refuse(503, f"too many calls being placed at once ({MAX_PENDING_OFFERS}); try again shortly",
-                                request.remote, "flood_refused")
+        remote = request.remote or "?"
+        wait_s = self.limits.admit(remote)
+        if wait_s:
+            self.counts["client_limited"] += 1
+            log.warning(kv("offer_refused", remote=remote, status=429, error="per-client limit"))
+            return web.json_response({"error": f"too many offers from {remote}: at most {self.limits.in_flight} at "
+                                               f"once and {self.limits.per_minute} a minute"}, status=429,
+                                     headers={"Retry-After": str(wait_s)})
         try:
-            body = await request.json()
-            if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
-                raise ValueError('expected JSON {"type": "offer", "sdp": "..."}')
-        except (ValueError, UnicodeDecodeError) as exc:
-            return self._refuse(400, f"malformed offer: {exc}", request.remote, "bad_offers")
-        if self.free_slots() < 1:
-            return self._refuse(503, BUSY_MESSAGE, request.remote, "busy_refused")
-        self.pending += 1
-        received = time.monotonic()
-        try:
-            return await self._place(body, request.remote, received)
+            if self.pending >= MAX_PENDING_OFFERS:
+                return self._refuse(503, f"too many calls being placed at once ({MAX_PENDING_OFFERS}); try again "
+                                    "shortly", remote, "flood_refused")
+            try:  # checked before a stage set is spent on it
+                body = parse_offer(await request.read())
+            except OfferError as exc:
+                return self._refuse(400, f"malformed offer: {exc}", remote, "bad_offers")
+            if self.free_slots() < 1:
+                return self._refuse(503, BUSY_MESSAGE, remote, "busy_refused")
+            self.pending += 1
+            received = time.monotonic()
+            try:
+                return await self._place(body, remote, received)
+            finally:
+                self.pending -= 1
         finally:
-            self.pending -= 1
+            self.limits.done(remote)
 
     def host_on(self, node_id: str) -> Any:
         """The node's host actor, started the first time the node is needed (pinned there)."""
@@ -273,8 +318,11 @@ class FrontDoor:
         assert answer is not None
         session = placed.session
         if answer["status"] != 200:
-            self._release(placed.session, placed.node_host, placed.slot)
             self.counts["bad_offers"] += 1
+            if answer["status"] == 400:  # refused before it took a caller: the set is as it was, for the next
+                self.pool.insert(0, placed)
+            else:
+                self._release(placed.session, placed.node_host, placed.slot)
             return web.json_response(answer["body"], status=answer["status"])
         placed.placed_at = time.time()
         self.live[session] = placed

@@ -32,6 +32,7 @@ from services.playback import PlaybackBuffer
 from services.web import libopus, page_messages
 from services.web.opus import LoopDecoding, MicFrame, VoiceEncoder, mono_frame
 from services.web.placement import OFFER_SECRET_ENV, OFFER_SECRET_HEADER
+from services.web.sdp import OfferError, parse_offer
 
 log = logging.getLogger("voicebus.web")
 # aioice narrates every candidate pair at INFO; our own lines say when a browser connects and goes
@@ -269,13 +270,11 @@ class BrowserLink:
         if self.client is not None:
             return self._refuse(409, "busy: this voicebus web stage is in a conversation with another browser "
                                      "(one conversation per web stage); try again when it hangs up", request.remote)
-        try:
-            body = await request.json()
-            if not isinstance(body, dict) or body.get("type") != "offer" or not isinstance(body.get("sdp"), str):
-                raise ValueError('expected JSON {"type": "offer", "sdp": "..."}')
-            offer = RTCSessionDescription(sdp=body["sdp"], type="offer")
-        except (ValueError, UnicodeDecodeError) as exc:
+        try:  # before the caller slot is touched: a bad offer leaves this stage as it was
+            body = parse_offer(await request.read())
+        except OfferError as exc:
             return self._refuse(400, f"malformed offer: {exc}", request.remote)
+        offer = RTCSessionDescription(sdp=body["sdp"], type="offer")
         peer = RTCPeerConnection()
         client = Client(peer, str(request.remote), mic_settings=body.get("mic") if isinstance(body.get("mic"), dict) else {})
         self.client = client  # taken before the first await below: a second offer meanwhile is busy

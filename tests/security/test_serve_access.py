@@ -131,3 +131,51 @@ def test_a_stage_set_refuses_offers_that_did_not_come_through_its_front_door_and
     out, _ = caller.communicate(timeout=150)
     assert caller.returncode == 0, procs.log_of(caller)
     assert json.loads(out)["assistant"] == ["I heard: what is the weather like today"]
+
+
+RECVONLY_OFFER = "\r\n".join(["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0", "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+                              "c=IN IP4 0.0.0.0", "a=ice-ufrag:abcd", "a=ice-pwd:" + "p" * 24,
+                              "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=recvonly", "a=rtpmap:111 opus/48000/2"])
+
+
+def _settled_sessions(root: Path, quiet_s: float = 3.0, within_s: float = 30.0) -> list[str]:
+    """The session directories once none has appeared for `quiet_s`."""
+    listing, since, deadline = None, time.monotonic(), time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        now = sorted(p.name for p in root.glob("*")) if root.exists() else []
+        if now != listing:
+            listing, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+        time.sleep(0.2)
+    return listing or []
+
+
+def test_junk_offers_cost_no_stage_set_and_one_client_is_held_to_its_limit(serving):
+    """Run last in this module: it spends this client's offers for a minute."""
+    url, tmp = serving["url"], serving["tmp"]
+    deadline = time.monotonic() + 90  # an earlier test's caller hung up: its slot's next set is prewarmed
+    while time.monotonic() < deadline and (_status(url)["prewarmed"] < 1 or _status(url)["conversations"]):
+        time.sleep(0.2)
+    before = _status(url)
+    sessions_before = _settled_sessions(tmp / "sessions")  # the prewarmed set's own, once its logger made it
+    junk = [(b'{"type": "offer", "sdp": "v=0"}', "no audio section"),
+            (json.dumps({"type": "offer", "sdp": RECVONLY_OFFER}).encode(), "recvonly"),
+            (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+            (b'{"type": "offer", "sdp": "hello"}', "does not start with v=0")]
+    for body, said in junk:
+        code, text = _request(url + "offer", method="POST", body=body, headers={"Content-Type": "application/json"})
+        assert code == 400 and said in json.loads(text)["error"] and "Traceback" not in text, (said, code, text)
+    refused = {}
+    for _ in range(40):  # one client, serially: held to 30 a minute (--client-offers' default), told when to return
+        code, text = _request(url + "offer", method="POST", body=junk[0][0],
+                              headers={"Content-Type": "application/json"})
+        refused[code] = refused.get(code, 0) + 1
+    assert refused.get(429, 0) >= 10 and set(refused) <= {400, 429}, refused
+    after = _status(url)
+    # no stage set was started, taken or lost for any of it; no session left behind
+    for counter in ("placed", "cold_starts", "failed_starts"):
+        assert after["counts"][counter] == before["counts"][counter], counter
+    assert after["prewarmed"] == 1 and after["warming"] == 0 and after["conversations"] == []
+    assert after["counts"]["client_limited"] >= 10
+    assert _settled_sessions(tmp / "sessions") == sessions_before
