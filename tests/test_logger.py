@@ -94,7 +94,7 @@ def test_conversation_stored_then_uploaded_exactly_once(procs, client_factory, s
             with wave.open(io.BytesIO(f["data"])) as w:
                 assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
             # weave.Audio on the calls (Threads), WAV Content for the spans (Agents)
-            assert (f["filename"], f["content_type"]) in {("audio.wav", "audio/x-wav"),
+            assert (f["filename"], f["content_type"]) in {("audio.wav", "audio/x-wav"), ("audio.wav", "audio/wav"),
                                                           ("content", "application/octet-stream")}
         # every turn's user, played and generated audio arrived as a WAV, byte for byte (identical
         # files are stored once: the server is content-addressed)
