@@ -412,9 +412,9 @@ def run_upload(root: Path, names: list[str], project: str, evals: bool = False) 
         except SessionBusy as exc:
             click.echo(f"  [{index}/{len(todo)}] skipped: {exc}")
             continue
-        except UploadError as exc:
+        except (UploadError, requests.RequestException) as exc:  # the trace server went away mid-upload
             failures += 1
-            click.echo(f"  {exc}", err=True)
+            click.echo(f"  {item_dir.name}: {exc}; what is not confirmed stays pending", err=True)
             continue
         note = "already on the server" if result["already_there"] else \
             f"{result['turns']} {'scenario run' if evals else 'turn'}(s)"
@@ -452,9 +452,9 @@ def follow_session(session_dir: Path, project: str, owner_pid: int | None = None
                         click.echo(f"  {session_dir.name}: confirmed, every turn and the session call")
                         break
                     failed, wait_s = False, FOLLOW_RETRY_S[0]
-                except UploadError as exc:
+                except (UploadError, requests.RequestException) as exc:
                     failed = True
-                    click.echo(f"  {exc} (retrying in {wait_s:.0f} s)", err=True)
+                    click.echo(f"  {session_dir.name}: {exc} (retrying in {wait_s:.0f} s)", err=True)
                     time.sleep(wait_s)
                     wait_s = min(wait_s * 2, FOLLOW_RETRY_S[1])
                 if owner_gone:
