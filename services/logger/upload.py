@@ -414,7 +414,8 @@ def run_upload(root: Path, names: list[str], project: str, evals: bool = False) 
             continue
         except (UploadError, requests.RequestException) as exc:  # the trace server went away mid-upload
             failures += 1
-            click.echo(f"  {item_dir.name}: {exc}; what is not confirmed stays pending", err=True)
+            said = str(exc) if isinstance(exc, UploadError) else f"{item_dir.name}: {exc}; it stays pending"
+            click.echo(f"  {said}", err=True)
             continue
         note = "already on the server" if result["already_there"] else \
             f"{result['turns']} {'scenario run' if evals else 'turn'}(s)"
@@ -454,7 +455,8 @@ def follow_session(session_dir: Path, project: str, owner_pid: int | None = None
                     failed, wait_s = False, FOLLOW_RETRY_S[0]
                 except (UploadError, requests.RequestException) as exc:
                     failed = True
-                    click.echo(f"  {session_dir.name}: {exc} (retrying in {wait_s:.0f} s)", err=True)
+                    said = str(exc) if isinstance(exc, UploadError) else f"{session_dir.name}: {exc}"
+                    click.echo(f"  {said} (retrying in {wait_s:.0f} s)", err=True)
                     time.sleep(wait_s)
                     wait_s = min(wait_s * 2, FOLLOW_RETRY_S[1])
                 if owner_gone:
