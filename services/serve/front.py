@@ -349,11 +349,12 @@ class FrontDoor:
     async def drain(self, request: web.Request) -> web.Response:
         """Mark a node draining: no new conversations there, its live ones finish, then Ray stops it."""
         try:
-            body = await request.json()
+            body = json.loads(await request.read())
             if not isinstance(body, dict) or not isinstance(body.get("node"), str):
                 raise ValueError('expected JSON {"node": "NODE_ID"}')
-        except (ValueError, UnicodeDecodeError) as exc:
-            return web.json_response({"error": f"malformed drain request: {exc}"}, status=400)
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested past Python's limit
+            return web.json_response({"error": f"malformed drain request: {type(exc).__name__}: {str(exc)[:200]}"},
+                                     status=400)
         try:
             node = find_node(conversation_nodes(self.ray), body["node"])
             idle = [placed for placed in self.pool if placed.node_id == node.node_id]

@@ -103,6 +103,10 @@ def test_control_endpoints_answer_only_the_operator_and_nothing_is_done_for_anyo
         code, text = _request(target, method=method, body=body, headers=headers)
         assert code == wanted, (what, code, text)
         assert node["node_id"] not in text and "conversations" not in text, what  # nothing was told
+    # the operator's own malformed request: one line, never a traceback (JSON nested past Python's limit)
+    code, text = _request(url + "drain", method="POST", body=b"[" * 100_000 + b"]" * 100_000, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    assert code == 400 and "malformed drain request" in text and "Traceback" not in text, text
     # nothing was done: the node still serves
     assert [n["state"] for n in _status(url)["nodes"]] == ["serving"]
     # the operator, by the name of the page or by an IP literal, with basic auth as a browser sends it
