@@ -7,6 +7,7 @@ import json
 import threading
 import time
 import wave
+from pathlib import Path
 
 import pytest
 
@@ -188,3 +189,20 @@ def test_a_capture_turn_speaks_the_captured_user_audio_between_from_and_to(tmp_p
     turn = turn.model_copy(update={"from_s": 5.0, "to_s": None})
     with pytest.raises(ScenarioError, match="from_s 5.0 is past its 1.0 s of audio.user"):
         resolve_audio(turn, scenario, tmp_path, tmp_path)
+
+
+def test_a_stored_conversation_that_called_a_tool_becomes_a_scenario_with_that_call(tmp_path):
+    """The store keeps a call's arguments parsed (a dict): --from-session once failed on them (TypeError)."""
+    import yaml
+
+    from services.evals.from_session import scenario_from_session
+    from services.evals.scenario import load_scenarios
+
+    session = Path(__file__).parent / "data" / "stored-session"
+    out = scenario_from_session(session, tmp_path / "replay.yaml")
+    [scenario] = yaml.safe_load(out.read_text())["scenarios"]
+    first = scenario["turns"][0]["expect"]
+    assert first["tool"] == [{"name": "get_current_time", "arguments": {"timezone": "Asia/Tokyo"}, "ok": True}]
+    assert "no_tool" in scenario["turns"][1]["expect"]
+    assert (tmp_path / "replay-turn-1.wav").is_file()
+    load_scenarios(out)  # and it is a valid scenario file

@@ -36,10 +36,12 @@ def _expectations(turn: dict[str, Any]) -> dict[str, Any]:
     if tools:
         expect["tool"] = []
         for tool in tools:
-            try:
-                arguments = json.loads(tool.get("arguments") or "{}")
-            except ValueError:
-                arguments = {}
+            arguments = tool.get("arguments") or {}
+            if isinstance(arguments, str):  # as the model sent them; the store keeps them parsed (a dict)
+                try:
+                    arguments = json.loads(arguments)
+                except ValueError:
+                    arguments = {}
             expect["tool"].append({"name": tool.get("name"), "arguments": arguments if isinstance(arguments, dict)
                                    else {}, "ok": not tool.get("error")})
     else:
