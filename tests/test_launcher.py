@@ -309,3 +309,4 @@ def test_a_watcher_subscribed_when_the_bus_is_up_hears_every_stage_from_its_firs
         for receiver in watcher:
             receiver.sock.close(linger=0)
         supervisor.stop()
+

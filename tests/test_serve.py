@@ -454,3 +454,23 @@ def test_a_drained_node_takes_no_new_caller_finishes_its_own_then_leaves_the_clu
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0 and json.loads(out)["assistant"] == ["I heard: what is the weather like today"]
     assert serve.poll() is None
+
+
+def test_a_conversations_turns_under_serve_are_the_users_not_the_servers_responses():
+    """A turn that called a tool is two responses (the call, then the spoken answer): /status once said 3
+    for a two-turn call with one tool."""
+    import threading
+
+    from common.envelope import Stamper
+    from services.serve.conversation import Conversation
+
+    conversation = object.__new__(Conversation)  # its bookkeeping only: no stage set, no thread
+    conversation.state = {"turns": 0, "stages": [], "report": "", "ended": "", "last_activity": 0.0,
+                          "last_latency_ms": None}
+    conversation._beating, conversation._session_configured, conversation._ready = set(), False, threading.Event()
+    gateway = Stamper("gateway", "s")
+    for topic in ("rt.input_audio_buffer.speech_started", "rt.input_audio_buffer.speech_stopped",
+                  "rt.response.done", "rt.response.done",  # the tool call, then its spoken answer
+                  "rt.input_audio_buffer.speech_started", "rt.input_audio_buffer.speech_stopped", "rt.response.done"):
+        conversation._note(gateway.event(topic, {"event": {}}, 1))
+    assert conversation.state["turns"] == 2

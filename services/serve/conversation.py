@@ -265,11 +265,10 @@ class Conversation:
             self.state["report"] = str(message.data.get("session_dir", "")) or self.state["report"]
         elif topic == "session.end" and not self.state["ended"]:
             self.state["ended"] = str(message.data.get("reason") or "the caller hung up")
-        elif topic == "rt.response.done":
+        elif topic == "rt.response.done" or topic == "rt.input_audio_buffer.speech_started":  # (a tool's follow-up is a second response of the same turn)
+            self.state["last_activity"] = time.monotonic()
+        elif topic == "rt.input_audio_buffer.speech_stopped":  # the user's turns, as the server heard them
             self.state["turns"] += 1
-            self.state["last_activity"] = time.monotonic()
-        elif topic == "rt.input_audio_buffer.speech_started":
-            self.state["last_activity"] = time.monotonic()
         elif topic == "web.turn":
             self.state["last_latency_ms"] = message.data.get("latency_ms")
         elif topic == "web.connected":
