@@ -354,11 +354,14 @@ def test_a_killed_gateway_is_restarted_inside_its_conversation_and_a_lost_node_d
                               "--timeout", "150", stdout=subprocess.PIPE, name=f"caller-{i}")
                for i, (first, second) in enumerate(two_turns)]
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not any(c["turns"] >= 1 for c in _status(url)["conversations"]):
+    def replied(c: dict) -> bool:  # its first turn's reply reached the page
+        return c["turns"] >= 1 and c["last_latency_ms"] is not None
+
+    while time.monotonic() < deadline and not any(replied(c) for c in _status(url)["conversations"]):
         time.sleep(0.1)
     live = _status(url)["conversations"]
     assert len(live) == 4, live
-    victim = next(c for c in live if c["turns"] >= 1)  # its first reply is stored; its second question is 20 s away
+    victim = next(c for c in live if replied(c))  # its first reply was heard; its second question is 20 s away
     # kill -9 one conversation's gateway: its own launcher (the actor) restarts it, the call goes on
     gateway = victim["stage_pids"]["gateway"]
     # its node's host started it, and it is the gateway the status names
