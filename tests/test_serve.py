@@ -354,14 +354,14 @@ def test_a_killed_gateway_is_restarted_inside_its_conversation_and_a_lost_node_d
                               "--timeout", "150", stdout=subprocess.PIPE, name=f"caller-{i}")
                for i, (first, second) in enumerate(two_turns)]
     deadline = time.monotonic() + 90
-    def replied(c: dict) -> bool:  # its first turn's reply reached the page
-        return c["turns"] >= 1 and c["last_latency_ms"] is not None
+    def replied(c: dict) -> bool:  # the server has finished its first reply
+        return c["responses"] >= 1
 
     while time.monotonic() < deadline and not any(replied(c) for c in _status(url)["conversations"]):
         time.sleep(0.1)
     live = _status(url)["conversations"]
     assert len(live) == 4, live
-    victim = next(c for c in live if replied(c))  # its first reply was heard; its second question is 20 s away
+    victim = next(c for c in live if replied(c))  # its first reply is done; its second question is 20 s away
     # kill -9 one conversation's gateway: its own launcher (the actor) restarts it, the call goes on
     gateway = victim["stage_pids"]["gateway"]
     # its node's host started it, and it is the gateway the status names
@@ -468,7 +468,7 @@ def test_a_conversations_turns_under_serve_are_the_users_not_the_servers_respons
     from services.serve.conversation import Conversation
 
     conversation = object.__new__(Conversation)  # its bookkeeping only: no stage set, no thread
-    conversation.state = {"turns": 0, "stages": [], "report": "", "ended": "", "last_activity": 0.0,
+    conversation.state = {"turns": 0, "responses": 0, "stages": [], "report": "", "ended": "", "last_activity": 0.0,
                           "last_latency_ms": None}
     conversation._beating, conversation._session_configured, conversation._ready = set(), False, threading.Event()
     gateway = Stamper("gateway", "s")
@@ -476,4 +476,4 @@ def test_a_conversations_turns_under_serve_are_the_users_not_the_servers_respons
                   "rt.response.done", "rt.response.done",  # the tool call, then its spoken answer
                   "rt.input_audio_buffer.speech_started", "rt.input_audio_buffer.speech_stopped", "rt.response.done"):
         conversation._note(gateway.event(topic, {"event": {}}, 1))
-    assert conversation.state["turns"] == 2
+    assert conversation.state["turns"] == 2 and conversation.state["responses"] == 3

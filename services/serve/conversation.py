@@ -47,7 +47,7 @@ READY_TIMEOUT_S = 60.0
 # second): the list is reused this long, a restarted stage is counted from its next lookup
 TREE_REFRESH_S = 5.0
 OFFER_TIMEOUT_S = 30.0
-WATCH = ["health.", "session.", "web.", "rt.response.done", "rt.input_audio_buffer.speech_started",
+WATCH = ["health.", "session.", "web.", "rt.response.done", "rt.input_audio_buffer.speech_st",  # started, stopped
          "rt.session.updated"]
 
 log = logging.getLogger("voicebus.serve")
@@ -69,7 +69,7 @@ class Conversation:
         # its web stage takes an offer only with this (from the front door, through this host): a caller who
         # finds the port cannot take the set over (its env carries it: never an argument, a log or the bus)
         self.offer_secret = secrets.token_urlsafe(32)
-        self.state: dict[str, Any] = {"turns": 0, "last_latency_ms": None, "report": "", "ended": "",
+        self.state: dict[str, Any] = {"turns": 0, "responses": 0, "last_latency_ms": None, "report": "", "ended": "",
                                       "stages": [], "restarts": 0, "last_activity": time.monotonic()}
         self._ready = threading.Event()  # every stage beats and the Realtime session is configured
         self._beating: set[str] = set()
@@ -265,7 +265,10 @@ class Conversation:
             self.state["report"] = str(message.data.get("session_dir", "")) or self.state["report"]
         elif topic == "session.end" and not self.state["ended"]:
             self.state["ended"] = str(message.data.get("reason") or "the caller hung up")
-        elif topic == "rt.response.done" or topic == "rt.input_audio_buffer.speech_started":  # (a tool's follow-up is a second response of the same turn)
+        elif topic == "rt.response.done":  # a turn that called a tool has two: the call, then the spoken answer
+            self.state["responses"] += 1
+            self.state["last_activity"] = time.monotonic()
+        elif topic == "rt.input_audio_buffer.speech_started":
             self.state["last_activity"] = time.monotonic()
         elif topic == "rt.input_audio_buffer.speech_stopped":  # the user's turns, as the server heard them
             self.state["turns"] += 1

@@ -379,7 +379,8 @@ class FrontDoor:
     async def status(self, request: web.Request) -> web.Response:
         report = {"nodes": self.nodes(), "conversations": [
             {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
-             "turns": p.status.get("turns", 0), "last_latency_ms": p.status.get("last_latency_ms"),
+             "turns": p.status.get("turns", 0), "responses": p.status.get("responses", 0),
+             "last_latency_ms": p.status.get("last_latency_ms"),
              "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0),
              "pid": p.status.get("pid"), "stage_pids": p.status.get("stage_pids"), "cpu_pct": p.status.get("cpu_pct"),
              "bus": p.status.get("bus")}
