@@ -578,8 +578,9 @@ def demo(questions, out_dir, voice, root, tool_modules, rules, log_level):
               help="An MCP server's command line whose tools are offered too (repeatable).")
 @click.option("--repeat", type=click.IntRange(1), default=1, show_default=True,
               help="Run every scenario this many times: pass rates for a flaky agent.")
-@click.option("--baseline", metavar="RUN", help="An earlier run (its id, its directory, or `latest`): the report "
-              "diffs against it, and a check that held there and fails now is a regression (exit 1).")
+@click.option("--baseline", metavar="RUN", help="An earlier run (its id, its directory, `latest`: the latest run of the "
+              "same scenario files, or `latest-passing`): the report diffs against it, and a check that held there "
+              "and fails now is a regression (exit 1).")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False),
               help="Reply rules for the simulator (see `voicebus simulate --help`). Offline only.")
 @click.option("--out", "evals_root", envvar="VOICEBUS_EVAL_DIR", type=click.Path(file_okay=False),

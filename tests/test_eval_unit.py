@@ -206,3 +206,22 @@ def test_a_stored_conversation_that_called_a_tool_becomes_a_scenario_with_that_c
     assert "no_tool" in scenario["turns"][1]["expect"]
     assert (tmp_path / "replay-turn-1.wav").is_file()
     load_scenarios(out)  # and it is a valid scenario file
+
+
+def test_baseline_latest_is_the_latest_run_of_the_same_scenario_files(tmp_path):
+    """Once `latest` took the latest run of any file (a failing run of another file: 0 regressions)."""
+    from services.evals.command import EvalError, find_run
+
+    good, other = tmp_path / "good.yaml", tmp_path / "other.yaml"
+    root = tmp_path / "runs"
+    for run_id, files, failed in (("e0", [good, other], 0), ("e1", [good], 0), ("e2", [good], 2),
+                                  ("e3", [other], 1)):
+        (root / run_id).mkdir(parents=True)
+        (root / run_id / "run.json").write_text(json.dumps({"run": run_id, "files": [str(f) for f in files],
+                                                             "summary": {"failed_checks": failed}}))
+    assert find_run(root, "latest", [good]).name == "e2"  # not e3, a later run of another file
+    assert find_run(root, "latest-passing", [good]).name == "e1"
+    assert find_run(root, "latest", [other]).name == "e3"
+    assert find_run(root, "latest-passing", [other]).name == "e0"  # a run of both files ran it too
+    with pytest.raises(EvalError, match="no passing run of new.yaml"):
+        find_run(root, "latest-passing", [tmp_path / "new.yaml"])

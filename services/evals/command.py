@@ -48,14 +48,24 @@ def new_run_id() -> str:
     return time.strftime("e%Y%m%d-%H%M%S-", time.gmtime()) + os.urandom(3).hex()
 
 
-def find_run(root: Path, name: str) -> Path:
-    """A run directory: a path, a run id under `root`, or `latest`."""
-    if name == "latest":
+def find_run(root: Path, name: str, files: list[Path] | None = None) -> Path:
+    """A run directory: a path, a run id under `root`, `latest` (the latest run that ran every one of the
+    scenario files `files`: a run of their folder counts) or `latest-passing` (the latest of those whose
+    every check held)."""
+    if name in ("latest", "latest-passing"):
+        wanted = {str(Path(f).resolve()) for f in files or []}
         runs = sorted((p for p in root.iterdir() if (p / RUN_FILE).exists()), key=lambda p: p.name) \
             if root.is_dir() else []
-        if not runs:
-            raise EvalError(f"no eval run stored under {root} to compare with")
-        return runs[-1]
+        for run in reversed(runs):
+            result = load_json(run / RUN_FILE) or {}
+            if files is not None and not wanted <= {str(Path(f).resolve()) for f in result.get("files", [])}:
+                continue
+            if name == "latest-passing" and (result.get("summary") or {}).get("failed_checks", 1):
+                continue
+            return run
+        which = "passing run" if name == "latest-passing" else "run"
+        raise EvalError(f"no {which} of {', '.join(sorted(Path(f).name for f in wanted)) or 'these files'} "
+                        f"stored under {root} to compare with")
     for candidate in (Path(name), root / name):
         if (candidate / RUN_FILE).is_file():
             return candidate
@@ -63,7 +73,10 @@ def find_run(root: Path, name: str) -> Path:
 
 
 def run_eval(files: list[Path], settings: Settings, root: Path, baseline: str | None, upload: bool) -> int:
-    baseline_dir = find_run(root, baseline) if baseline else None
+    baseline_dir = find_run(root, baseline, files) if baseline else None
+    if baseline_dir is not None and baseline.startswith("latest"):
+        click.echo(f"baseline: {baseline_dir.name} (the {baseline.replace('-', ' ')} run of these scenario files)",
+                   err=True)
     run_id = new_run_id()
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".{run_id}.partial"
