@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -25,7 +26,7 @@ from common.utterances import compose
 from common.wavio import read_wav, write_wav
 from services.logger.store import load_turns
 from services.pipeline import WEB_STAGES
-from tests.helpers import BusClient, alive, children_of
+from tests.helpers import REPO, BusClient, alive, children_of
 from tests.web import BARGE_IN_AFTER_S, page_recording, where_the_browser_stopped
 
 QUESTIONS = ["what is the weather like today", "please turn on the lights in the kitchen",
@@ -477,3 +478,17 @@ def test_a_conversations_turns_under_serve_are_the_users_not_the_servers_respons
                   "rt.input_audio_buffer.speech_started", "rt.input_audio_buffer.speech_stopped", "rt.response.done"):
         conversation._note(gateway.event(topic, {"event": {}}, 1))
     assert conversation.state["turns"] == 2 and conversation.state["responses"] == 3
+
+
+def test_serve_on_a_taken_port_says_so_before_starting_ray(tmp_path, base_env):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60,
+                                env={**base_env, "XDG_CONFIG_HOME": str(tmp_path)})
+    assert result.returncode == 2 and f"cannot serve on 127.0.0.1:{port}: the port is taken" in result.stderr
+    assert "ray" not in result.stderr.lower(), result.stderr  # Ray was never started

@@ -109,6 +109,10 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
               operator: dict[str, Any]) -> int:
     import ray
 
+    if port and not _can_bind(host, port):  # said now, not after Ray has started (seconds) for nothing
+        print(f"voicebus serve: cannot serve on {host}:{port}: the port is taken (--port 0 picks a free one)",
+              file=sys.stderr)
+        return 2
     try:
         cluster = start_ray(ray_address, slots)
     except (RuntimeError, ConnectionError, ValueError) as exc:
@@ -141,6 +145,18 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
 
             terminate([simulator[0]], within_s=3.0)
         _shutdown_ray(ray)
+
+
+def _can_bind(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no obstacle
+            probe.bind((host, port))
+        return True
+    except OSError:
+        return False
 
 
 def _shutdown_ray(ray) -> None:

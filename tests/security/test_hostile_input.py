@@ -118,3 +118,4 @@ def test_what_voicebus_stores_is_its_users_alone(simulator, tmp_path, base_env):
     assert all(mode in ("0o700", "0o600") for mode in modes.values()), modes
     assert Path(root / next(iter(os.listdir(root))) / "turns.jsonl").stat().st_mode & 0o077 == 0
     json.dumps(modes)
+
