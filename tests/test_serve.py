@@ -492,3 +492,27 @@ def test_serve_on_a_taken_port_says_so_before_starting_ray(tmp_path, base_env):
                                 env={**base_env, "XDG_CONFIG_HOME": str(tmp_path)})
     assert result.returncode == 2 and f"cannot serve on 127.0.0.1:{port}: the port is taken" in result.stderr
     assert "ray" not in result.stderr.lower(), result.stderr  # Ray was never started
+
+
+def test_with_every_node_drained_callers_hear_no_capacity_not_try_again(procs, cluster, tmp_path):
+    """Once said "try again in 5 s" forever, with an empty node table and no warning (issue 48)."""
+    made, _nodes = cluster
+    serve, url = _start_serve(procs, made.address, tmp_path / "traces", "--prewarm", "0")
+    for node in _status(url)["nodes"]:
+        status, text, _ = _http(url + "drain", json.dumps({"node": node["node_id"]}).encode())
+        assert status == 200, text
+    status, text, _ = _http(url + "offer", json.dumps({"type": "offer", "sdp": TINY_OFFER}).encode())
+    assert status == 503 and json.loads(text)["error"].startswith("no capacity: every node is draining or gone")
+    caller = procs.voicebus("call", url, "--say", "hello", name="caller-no-capacity")
+    assert caller.wait(timeout=60) == 3 and "no capacity" in procs.log_of(caller)
+    assert _status(url)["warning"].startswith("no capacity")
+    status, page, _ = _http(url + "status?format=html")
+    assert status == 200 and "id='warning'" in page and "no capacity" in page
+    status, page, _ = _http(url)
+    assert status == 503 and "No capacity" in page
+    assert "no_capacity" in procs.log_of(serve)
+
+
+TINY_OFFER = "\r\n".join(["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0", "m=audio 9 UDP/TLS/RTP/SAVPF 111",
+                          "c=IN IP4 0.0.0.0", "a=ice-ufrag:abcd", "a=ice-pwd:" + "p" * 24,
+                          "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=sendrecv", "a=rtpmap:111 opus/48000/2"])

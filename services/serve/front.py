@@ -46,6 +46,8 @@ STOP_TIMEOUT_S = 8.0
 START_TIMEOUT_S = 45.0  # placed and serving; past it the caller hears why (a node short of slots waits forever)
 RETRY_AFTER_S = 5
 BUSY_MESSAGE = "all lines are busy, try again shortly"
+NO_CAPACITY_MESSAGE = ("no capacity: every node is draining or gone; no call can be taken until a node joins "
+                       "(ray start ... --resources '{\"conversation\": N}')")
 NAMESPACE = "voicebus"
 ENDED_REMEMBERED = 1000
 CONNECT_TIMES_REMEMBERED = 1000
@@ -119,8 +121,9 @@ class FrontDoor:
         self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
                        "dropped": 0, "failed_starts": 0, "waited_for_warming": 0,
                        "cold_starts": 0,  # a caller's own stage set started: none idle, none warming
-                       "client_limited": 0}
+                       "client_limited": 0, "no_capacity": 0}
         self.limits = ClientLimits()
+        self.said_no_capacity = False
         self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 
     # --- capacity ------------------------------------------------------------------------------
@@ -132,6 +135,15 @@ class FrontDoor:
         serving = {node.node_id: node.slots for node in conversation_nodes(self.ray) if not node.draining}
         held = sum(1 for placed in [*self.live.values(), *self.pool] if placed.node_id in serving)
         return sum(serving.values()) - held - self.pending - self.warming
+
+    def no_capacity(self) -> bool:
+        """No node can ever take a call as things stand (all draining or gone): not "busy", which passes.
+        Said in the log once each time it becomes so."""
+        gone = not any(not node.draining for node in conversation_nodes(self.ray))
+        if gone and not self.said_no_capacity:
+            log.error(kv("no_capacity", reason=repr(NO_CAPACITY_MESSAGE)))
+        self.said_no_capacity = gone
+        return gone
 
     def free_slots(self) -> int:
         """How many more callers can be taken now: idle prewarmed stage sets, ones still starting (a caller
@@ -172,7 +184,7 @@ class FrontDoor:
     async def page(self, request: web.Request) -> web.StreamResponse:
         if self.free_slots() < 1:
             return web.Response(status=503, content_type="text/html", headers={"Retry-After": str(RETRY_AFTER_S)},
-                                text=_busy_page())
+                                text=_busy_page(NO_CAPACITY_MESSAGE if self.no_capacity() else None))
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     def _refuse(self, status: int, error: str, remote: str | None, counter: str) -> web.Response:
@@ -201,6 +213,8 @@ class FrontDoor:
             except OfferError as exc:
                 return self._refuse(400, f"malformed offer: {exc}", remote, "bad_offers")
             if self.free_slots() < 1:
+                if self.no_capacity():
+                    return self._refuse(503, NO_CAPACITY_MESSAGE, remote, "no_capacity")
                 return self._refuse(503, BUSY_MESSAGE, remote, "busy_refused")
             self.pending += 1
             received = time.monotonic()
@@ -377,7 +391,7 @@ class FrontDoor:
         await asyncio.gather(*(self._stop_one(placed) for placed in idle), return_exceptions=True)
 
     async def status(self, request: web.Request) -> web.Response:
-        report = {"nodes": self.nodes(), "conversations": [
+        report = {"warning": NO_CAPACITY_MESSAGE if self.no_capacity() else "", "nodes": self.nodes(), "conversations": [
             {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
              "turns": p.status.get("turns", 0), "responses": p.status.get("responses", 0),
              "last_latency_ms": p.status.get("last_latency_ms"),
@@ -517,12 +531,13 @@ def _actor_lost(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError) and not isinstance(exc, ActorUnavailableError)
 
 
-def _busy_page() -> str:
+def _busy_page(no_capacity: str | None = None) -> str:
+    said = html.escape(no_capacity[0].upper() + no_capacity[1:]) if no_capacity else \
+        f"All lines are busy: every conversation slot is taken. Try again shortly (in about {RETRY_AFTER_S} s)."
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><title>voicebus: all lines busy</title>"
             "<link rel='stylesheet' href='/static/page.css'></head><body><header><h1>voicebus</h1>"
-            "<span class='status error'>busy</span></header>"
-            f"<p id='busy' class='error'>All lines are busy: every conversation slot is taken. Try again shortly "
-            f"(in about {RETRY_AFTER_S} s).</p></body></html>")
+            f"<span class='status error'>{'no capacity' if no_capacity else 'busy'}</span></header>"
+            f"<p id='busy' class='error'>{said}</p></body></html>")
 
 
 def _status_page(report: dict[str, Any]) -> str:
@@ -534,7 +549,9 @@ def _status_page(report: dict[str, Any]) -> str:
 
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><meta http-equiv='refresh' content='1'>"
             "<title>voicebus serve: status</title><link rel='stylesheet' href='/static/page.css'></head><body>"
-            "<header><h1>voicebus serve</h1></header><h2>Nodes</h2>"
+            "<header><h1>voicebus serve</h1></header>"
+            + (f"<p id='warning' class='error'>{html.escape(report['warning'])}</p>" if report.get("warning") else "")
+            + "<h2>Nodes</h2>"
             + table(report["nodes"], ["node_id", "address", "state", "slots", "used", "free", "load_1m", "cpus",
                                       "conversations_cpu_pct"])
             + "<h2>Live conversations</h2>"
