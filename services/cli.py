@@ -737,11 +737,13 @@ def upload(sessions, root, evals, project, timeout, follow, owner_pid, log_level
     VOICEBUS_WEAVE_TELEMETRY=1."""
     import signal
 
-    from services.logger.upload import UploadError, follow_session, run_upload
+    from services.logger.upload import UploadError, run_upload
 
     if follow:
         if evals or len(sessions) != 1:
             raise click.UsageError("--follow takes exactly one SESSION (not --evals)")
+        from services.logger.live import follow_session
+
         setup_logging(log_level)
         sys.exit(follow_session(_trace_root(root) / sessions[0], project, owner_pid))
 

@@ -11,9 +11,8 @@ Each turn goes out twice over, as Weave shows conversations in two places, both 
 Exactly once, per turn: the call ids are minted and written to `upload.json` before anything is
 sent, the calls are read back from the trace server, the spans (ids derived from the session and the
 turn) are exported synchronously; only then is the turn marked. A run cut short is checked on the next
-one, not sent again. `--follow` sends each turn as it is stored (the logger starts it per session
-when W&B answers) and the session call once the conversation has ended; a lock keeps a second
-uploader off a session that one is sending.
+one, not sent again. `--follow` (services/logger/live.py) sends each turn as it is stored; a lock keeps
+a second uploader off a session that one is sending.
 """
 
 from __future__ import annotations
@@ -35,8 +34,6 @@ from services.logger.store import _atomic_write, load_json, load_turns
 from services.logger.weave_setup import init_client, project_name, trace_server_url
 
 REACHABILITY_TIMEOUT_S = 3.0
-FOLLOW_POLL_S = 0.5  # how often a live uploader looks for a newly stored turn
-FOLLOW_RETRY_S = (1.0, 30.0)  # after a failed send: first wait, longest wait (doubling)
 LOCK_WAIT_S = 60.0  # an upload finds a session being sent by another: wait this long for it, then skip it
 STATE_VERSION = 2
 log = logging.getLogger("voicebus.upload")
@@ -372,7 +369,7 @@ def span_exporter(client) -> Callable[[list], bool]:
     return exporter(trace_server_url(), client.project_id, os.environ["WANDB_API_KEY"])
 
 
-def _connect(project: str, what: str, count: int, root: Path):
+def connect(project: str, what: str, count: int, root: Path):
     if not os.environ.get("WANDB_API_KEY"):
         raise click.ClickException(f"WANDB_API_KEY is not set: nothing can be uploaded ({what}s stay in "
                                    f"{root}; weave is never asked to prompt for a login)")
@@ -396,7 +393,7 @@ def run_upload(root: Path, names: list[str], project: str, evals: bool = False) 
     if not todo:
         click.echo(f"nothing to upload: every stored {what} is already confirmed on the trace server")
         return 0
-    client = _connect(project, what, len(todo), root)
+    client = connect(project, what, len(todo), root)
     export = None if evals else span_exporter(client)
     total_mb = sum(f.stat().st_size for d in todo for f in d.rglob("*.wav")) / 1e6
     click.echo(f"uploading {len(todo)} {what}(s), {total_mb:.1f} MB of audio, to {trace_server_url()} "
@@ -422,61 +419,3 @@ def run_upload(root: Path, names: list[str], project: str, evals: bool = False) 
         click.echo(f"  [{index}/{len(todo)}] {item_dir.name}: confirmed ({note})")
     client.finish()
     return 1 if failures else 0
-
-
-def follow_session(session_dir: Path, project: str, owner_pid: int | None = None) -> int:
-    """Send each turn of a live session as the logger stores it; the session call when it has ended.
-
-    Exits once the session is over and all of it is confirmed, or when `owner_pid` (the logger) is
-    gone: what is not sent then stays pending for `voicebus upload`."""
-    if not (session_dir / "meta.json").exists():
-        raise click.ClickException(f"{session_dir}: not a voicebus session directory")
-    client = _connect(project, "session", 1, session_dir.parent)
-    export = span_exporter(client)
-    click.echo(f"following {session_dir.name}: each turn goes to {trace_server_url()} as it is stored")
-
-    def progress(turn: dict[str, Any]) -> None:
-        click.echo(f"  {session_dir.name} turn {turn['turn']} sent live "
-                   f"({(time.time_ns() - (turn.get('ended_ns') or time.time_ns())) / 1e9:.1f} s after it ended)")
-
-    wait_s, failed = FOLLOW_RETRY_S[0], False
-    try:
-        with SessionLock(session_dir):
-            uploader = SessionUploader(client, session_dir, export, progress)
-            while True:
-                ended = bool((load_json(session_dir / "meta.json") or {}).get("ended_ns"))
-                owner_gone = owner_pid is not None and not _alive(owner_pid)
-                try:
-                    uploader.send_new_turns()
-                    if ended:
-                        uploader.finish_session()
-                        click.echo(f"  {session_dir.name}: confirmed, every turn and the session call")
-                        break
-                    failed, wait_s = False, FOLLOW_RETRY_S[0]
-                except (UploadError, requests.RequestException) as exc:
-                    failed = True
-                    said = str(exc) if isinstance(exc, UploadError) else f"{session_dir.name}: {exc}"
-                    click.echo(f"  {said} (retrying in {wait_s:.0f} s)", err=True)
-                    time.sleep(wait_s)
-                    wait_s = min(wait_s * 2, FOLLOW_RETRY_S[1])
-                if owner_gone:
-                    click.echo(f"  {session_dir.name}: the logger (pid {owner_pid}) is gone before the session "
-                               "ended; what is left stays pending for `voicebus upload`")
-                    break
-                time.sleep(FOLLOW_POLL_S)
-    except SessionBusy as exc:
-        click.echo(str(exc))
-        return 0
-    finally:
-        client.finish()
-    return 1 if failed else 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
