@@ -64,9 +64,15 @@ class ClientLimits:
         self.open: dict[str, int] = {}
         self.recent: dict[str, deque[float]] = {}
 
+    MAX_TRACKED = 10_000  # addresses remembered at once: past it, those quiet for a minute are forgotten
+
     def admit(self, remote: str) -> int:
         """0 when admitted (and counted: call `done` after), else the seconds to wait."""
         now = time.monotonic()
+        if len(self.recent) > self.MAX_TRACKED:  # many addresses (a spread flood) must not grow this forever
+            for quiet in [a for a, times in self.recent.items() if not times or now - times[-1] > 60]:
+                if not self.open.get(quiet):
+                    del self.recent[quiet]
         recent = self.recent.setdefault(remote, deque())
         while recent and now - recent[0] > 60:
             recent.popleft()

@@ -119,3 +119,25 @@ def test_what_voicebus_stores_is_its_users_alone(simulator, tmp_path, base_env):
     assert Path(root / next(iter(os.listdir(root))) / "turns.jsonl").stat().st_mode & 0o077 == 0
     json.dumps(modes)
 
+
+
+def test_offer_limits_hold_per_address_and_forget_quiet_addresses(monkeypatch):
+    from services.serve import front
+
+    clock = [1000.0]
+    monkeypatch.setattr(front.time, "monotonic", lambda: clock[0])
+    limits = front.ClientLimits(in_flight=2, per_minute=3)
+    assert limits.admit("a") == 0 and limits.admit("a") == 0
+    assert limits.admit("a") == 1  # a third at once: wait a second
+    limits.done("a")
+    assert limits.admit("a") == 0  # the third of the minute
+    limits.done("a")
+    limits.done("a")
+    assert limits.admit("a") == 61  # the fourth in a minute: told when the first one leaves the window
+    assert limits.admit("b") == 0  # another address has its own
+    limits.done("b")
+    for i in range(front.ClientLimits.MAX_TRACKED + 5):  # a flood spread over many addresses
+        limits.admit(f"10.{i}")
+        limits.done(f"10.{i}")
+    clock[0] += 120  # a quiet minute later, they are forgotten at the next admission
+    assert limits.admit("c") == 0 and len(limits.recent) == 1
