@@ -174,23 +174,23 @@ class SessionUploader:
         import weave
 
         meta = load_json(self.dir / "meta.json") or {}
-        pending = [t for t in load_turns(self.dir)
-                   if not self.state["turns"].get(t["key"], {}).get("done")]
+        turns = load_turns(self.dir)
+        pending = [t for t in turns if not self.state["turns"].get(t["key"], {}).get("done")]
         if not pending:
             return 0
         parent = self.root_stub()
         with weave.thread(meta.get("session") or self.dir.name):
             for turn in pending:
-                self._send_turn(meta, turn, parent, self._history(turn))
+                self._send_turn(meta, turn, parent, self._history(turn, turns))
                 self.progress(turn)
         return len(pending)
 
-    def _history(self, turn: dict[str, Any]) -> list:
-        """The conversation before `turn` as the chats' context: each earlier turn's messages, with the
-        audio refs its own send recorded (never published again)."""
+    def _history(self, turn: dict[str, Any], turns: list[dict[str, Any]]) -> list:
+        """The conversation before `turn` (of the stored `turns`) as the chats' context: each earlier turn's
+        messages, with the audio refs its own send recorded (never published again)."""
         from services.logger.agents import HISTORY_TURNS, turn_messages
 
-        earlier = [t for t in load_turns(self.dir) if t.get("turn", 0) < turn.get("turn", 0)][-HISTORY_TURNS:]
+        earlier = [t for t in turns if t.get("turn", 0) < turn.get("turn", 0)][-HISTORY_TURNS:]
         out = []
         for past in earlier:
             out += turn_messages(past, self.state["turns"].get(past["key"], {}).get("audio_refs") or {})
@@ -201,7 +201,8 @@ class SessionUploader:
 
         entry = self.state["turns"].setdefault(turn["key"], {})
         files = {k: self.dir / v for k, v in turn.get("audio_files", {}).items()}
-        # the audio as Content first: one flush then carries it with the calls
+        # the audio as Content first: one flush then carries it with the calls (published again on a retry:
+        # refs written down before a flush may name objects that never reached the server; content-addressed)
         entry["audio_refs"] = {name: ref for name in (agents.USER_AUDIO, agents.PLAYED_AUDIO, agents.GENERATED_AUDIO)
                                if name in files and (ref := self._publish_wav(files[name]))}
         if not entry.get("calls_confirmed"):
