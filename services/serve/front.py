@@ -55,11 +55,14 @@ CONNECT_TIMES_REMEMBERED = 1000
 log = logging.getLogger("voicebus.serve")
 
 
+DEFAULT_CLIENT_OFFERS = (2, 30)  # offers one address may have in flight, and make a minute (--client-offers)
+
+
 class ClientLimits:
     """Offers per client address: a few at once, a few tens a minute; past either, 429 with Retry-After.
     Junk counts too: one client alone cannot make the front door busy for everyone."""
 
-    def __init__(self, in_flight: int = 2, per_minute: int = 20) -> None:
+    def __init__(self, in_flight: int, per_minute: int) -> None:
         self.in_flight, self.per_minute = in_flight, per_minute
         self.open: dict[str, int] = {}
         self.recent: dict[str, deque[float]] = {}
@@ -128,7 +131,7 @@ class FrontDoor:
                        "dropped": 0, "failed_starts": 0, "waited_for_warming": 0,
                        "cold_starts": 0,  # a caller's own stage set started: none idle, none warming
                        "client_limited": 0, "no_capacity": 0}
-        self.limits = ClientLimits()
+        self.limits = ClientLimits(*settings.get("client_offers", DEFAULT_CLIENT_OFFERS))
         self.said_no_capacity = False
         self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 

@@ -18,7 +18,7 @@ from common.config import openai_target
 from common.log import kv
 from common.ports import free_port, port_listening
 from services.serve.conversation import SLOT_RESOURCE
-from services.serve.front import NAMESPACE, ClientLimits, FrontDoor
+from services.serve.front import NAMESPACE, FrontDoor
 
 # One browser conversation under serve, its share of Ray included, measured 16-18 % of a core (README,
 # Benchmarks: bench_serve 2026-12-02); a node is full at 70 % (LiveKit's load threshold), so 2 cores
@@ -77,8 +77,7 @@ async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settin
                 stopped: asyncio.Event, operator: dict[str, Any]) -> None:
     from services.serve.operator import HostPolicy, guard
 
-    front = FrontDoor(settings)
-    front.limits = ClientLimits(*operator["client_offers"])
+    front = FrontDoor({**settings, "client_offers": operator["client_offers"]})
     app = front.app(middlewares=[guard(operator["token"], HostPolicy(host, operator["allowed_hosts"]))])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -241,7 +241,7 @@ class BrowserLink:
                                                         self.offer_secret.encode()):
             return None
         self.counts["unplaced_refused"] += 1
-        log.warning(kv("unplaced_refused", remote=request.remote, path=request.path))
+        self.refusals.warning("unplaced", kv("unplaced_refused", remote=request.remote, path=request.path))
         return web.json_response({"error": "this conversation takes calls only from its voicebus serve front door"},
                                  status=403)
 
