@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -117,7 +116,6 @@ def test_what_voicebus_stores_is_its_users_alone(simulator, tmp_path, base_env):
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in stored}
     assert all(mode in ("0o700", "0o600") for mode in modes.values()), modes
     assert Path(root / next(iter(os.listdir(root))) / "turns.jsonl").stat().st_mode & 0o077 == 0
-    json.dumps(modes)
 
 
 
