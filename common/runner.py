@@ -27,6 +27,7 @@ from common.stage import SESSION_BEGIN, SESSION_TOPICS, Output, Stage, StageErro
 HEARTBEAT_INTERVAL_S = 1.0
 MAX_MESSAGES_PER_TURN = 256  # keep the inbox and timers served under a flood
 BUS_WAIT_LOG_INTERVAL_S = 5.0
+BUS_SESSION_WAIT_S = 2.5  # the bus beats once a second
 
 
 def _session_event(stage: Stage, message, log: logging.Logger) -> None:
@@ -37,6 +38,20 @@ def _session_event(stage: Stage, message, log: logging.Logger) -> None:
     if previous != session:
         log.info(kv("session_begins", session=session, previous=previous))
     stage.on_session(message.topic, session, previous)
+
+
+def _bus_session(ctx: zmq.Context, cfg: BusConfig, log: logging.Logger) -> str | None:
+    """The session the bus stamps its heartbeat with: every process started without `VOICEBUS_SESSION`
+    (each line of the Procfile under honcho) takes the bus's, so one pipeline is one conversation."""
+    listener = Receiver(connect_sub(ctx, cfg, ["health.bus"]), "session")
+    try:
+        message = listener.recv(timeout_ms=int(1000 * BUS_SESSION_WAIT_S))
+    finally:
+        listener.sock.close(linger=0)
+    if message is None:
+        log.warning(kv("bus_session_unknown", waited_s=BUS_SESSION_WAIT_S, using="a session of this stage's own"))
+        return None
+    return message.header.session
 
 
 def run_stage(stage: Stage, cfg: BusConfig) -> int:
@@ -71,6 +86,8 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                                                  sub=receiver.sock):
             log.warning(kv("waiting_for_bus", pub=cfg.pub, sub=cfg.sub, problem=repr(handshake.poll() or "no answer")))
         handshake.close()
+        if not stopping and "VOICEBUS_SESSION" not in os.environ:  # started on its own (honcho, a terminal)
+            stage.adopt_session(_bus_session(ctx, cfg, log) or stage.out.stamper.session)
         if thread_publisher is not None:  # attached to the proxy before its first frame, like ours above
             while not stopping and not wait_for_bus(ctx, cfg, BUS_WAIT_LOG_INTERVAL_S, pub=thread_publisher.sock):
                 log.warning(kv("waiting_for_bus", pub=cfg.pub, socket="audio thread"))

@@ -7,6 +7,7 @@ messages there (receivers see seq gaps); no publisher is ever stalled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -80,7 +81,7 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
     stamper = Stamper("bus", session_id())
     started = time.monotonic()
     beats = 0
-    log.info(kv("bus_ready", pub=cfg.pub, sub=cfg.sub, curve=authenticator is not None))
+    log.info(kv("bus_ready", pub=cfg.pub, sub=cfg.sub, curve=authenticator is not None, session=stamper.session))
     try:
         while not stopping:
             beats += 1  # as a stage's (common.runner)
@@ -99,5 +100,9 @@ def run_bus(cfg: BusConfig, insecure: bool = False) -> int:
             authenticator.stop()
         ctx.term()
         stopping.close()
+        for endpoint in (cfg.pub, cfg.sub):  # zmq leaves a bound ipc:// socket's file behind
+            if endpoint.startswith("ipc://"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(endpoint.removeprefix("ipc://"))
         log.info(kv("bus_stopped"))
     return 0

@@ -425,17 +425,16 @@ def serve_drain(node, url, operator_token_file):
               help="Speak this WAV instead (any rate; mono is taken from the first channel).")
 @click.option("--voice", default="slt", show_default=True, help="flite voice for --say.")
 @click.option("--turns", type=click.IntRange(1), default=None,
-              help="Replies to wait for (default: one per --say, or 1 with --wav).")
-@click.option("--pause", "pause_s", type=click.FloatRange(0), default=None,
-              help="Seconds of silence between sentences, so the next one is not a barge-in (default 4); with "
-                   "--take-turns, after each reply has played out (default 0).")
+              help="With --wav: replies to wait for (default 1). Each --say waits for its own.")
+@click.option("--pause", "pause_s", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Seconds of silence after each reply has played out before the next --say (each sentence "
+                   "waits for the reply before it: none barges in).")
 @click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True, help="Give up after this long.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False), help="Write what the caller heard (WAV).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--take-turns", is_flag=True,
-              help="Speak each --say once the reply to the one before has played out, counting replies by ear "
-                   "and timing each at the caller (heard_ms): works with any WebRTC voice endpoint, not only "
-                   "voicebus (--turns is then unused).")
+@click.option("--take-turns", is_flag=True, hidden=True,
+              help="What --say always does now: each sentence once the reply before it has played out, replies "
+                   "counted by ear and timed at the caller (heard_ms), so any WebRTC voice endpoint works.")
 @click.option("--offer-path", default="offer", show_default=True,
               help="Where the endpoint takes offers (pipecat's SmallWebRTC runner: api/offer).")
 @click.option("--dial-at", type=float, default=None, metavar="EPOCH_S",
@@ -444,17 +443,18 @@ def serve_drain(node, url, operator_token_file):
                    "load when they press Connect. A caller not ready by then offers at once (dial_late_ms).")
 def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path,
              dial_at):
-    """Call a `voicebus web` or `voicebus serve` endpoint over WebRTC as a browser would; print each turn."""
+    """Call a `voicebus web` or `voicebus serve` endpoint over WebRTC as a browser would; print each turn as heard.
+
+    Exit codes: 0 every reply heard; 1 the call failed (timeout, dropped line, refused offer); 3 busy (a full
+    serve, a web stage with a caller, too many offers: try again later); 130 Ctrl-C (the turns done are
+    printed first)."""
     from services.call.command import run_call
 
     if bool(sentences) == bool(wav_path):
         raise click.UsageError("give --say SENTENCE (repeatable) or --wav FILE")
-    if take_turns and not sentences:
-        raise click.UsageError("--take-turns speaks --say sentences")
-    if pause_s is None:
-        pause_s = 0.0 if take_turns else 4.0
+    del take_turns  # what --say does anyway
     sys.exit(run_call(url, list(sentences), wav_path, voice, turns or max(1, len(sentences)), pause_s, timeout_s,
-                      record_path, as_json, take_turns=take_turns, offer_path=offer_path, dial_at=dial_at))
+                      record_path, as_json, offer_path=offer_path, dial_at=dial_at))
 
 
 @main.command()
@@ -809,6 +809,9 @@ def doctor(cfg):
 @click.option("--port", type=int, default=8765, show_default=True, envvar="VOICEBUS_SIM_PORT",
               help="Port (0: pick a free one and print it).")
 @click.option("--api-key", default=None, help="Accept only this bearer key (default: any non-empty key).")
+@click.option("--listen-fd", type=int, default=None,
+              help="Serve on this inherited listening socket instead of binding --host/--port (how `up`, `eval` and "
+              "`demo` start it: they bind the port themselves, so nothing can take it between a check and the bind).")
 @click.option("--pace", type=click.Choice(["realtime", "fast"]), default="realtime", show_default=True,
               help="Stream assistant audio at 1x (after a short burst) or as fast as possible.")
 @click.option("--chunk-ms", type=int, default=100, show_default=True, help="Audio per response delta.")
@@ -829,7 +832,7 @@ def doctor(cfg):
               help="Timing markers (scripts/bench_pipeline.py): log when a chirp arrives in the input audio "
               "(marker_in) and start every spoken reply with one (marker_out, logged as it is sent).")
 @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
-def simulate(host, port, api_key, pace, chunk_ms, burst_ms, think_ms, rules, fault_kinds, fault_count, fault_after,
+def simulate(host, port, api_key, listen_fd, pace, chunk_ms, burst_ms, think_ms, rules, fault_kinds, fault_count, fault_after,
              fault_delay_ms, markers, log_level):
     """Local stand-in for the OpenAI Realtime + chat-completions audio APIs (the offline default)."""
     from services.simulator.faults import Fault
@@ -845,7 +848,7 @@ def simulate(host, port, api_key, pace, chunk_ms, burst_ms, think_ms, rules, fau
     faults = [Fault(kind, after_deltas=fault_after, delay_ms=fault_delay_ms, count=fault_count) for kind in fault_kinds]
     options = Options(pace=pace, chunk_ms=chunk_ms, burst_ms=burst_ms, think_ms=think_ms, replies=replies,
                       markers=markers)
-    sys.exit(run_simulator(host, port, options, faults, api_key))
+    sys.exit(run_simulator(host, port, options, faults, api_key, listen_fd))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ One bus, one launcher: a lock beside the bus endpoints refuses a second `up` on 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import hashlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -37,7 +39,7 @@ from common.bus import Publisher, Receiver, bus_may_answer, connect_pub, connect
 from common.config import BusConfig, run_dir
 from common.envelope import Stamper
 from common.log import kv
-from common.ports import port_listening
+from common.ports import port_answers
 from common.signals import StopFlag
 from common.zygote import ForkedProcess, Zygote, ZygoteError
 
@@ -83,6 +85,9 @@ class ProcessSpec:
     args: list[str]  # arguments to `voicebus`
     heartbeat: bool = True  # bus stages beat on health.<name>; the simulator does not
     ready_port: int | None = None  # started = listening here (the simulator); later stages wait for it
+    # a listening socket the launcher bound for it and keeps across restarts (the simulator's port: no
+    # check-then-bind window in which another process takes it); passed by descriptor, so not forked
+    listener: socket.socket | None = None
 
 
 @dataclass
@@ -142,14 +147,14 @@ def release_zygote_imports(zygote: Zygote) -> None:
 
 
 def spawn(args: list[str], env: dict[str, str], stderr_tail: deque[str] | None = None,
-          zygote: Zygote | None = None) -> Process:
-    """Start `voicebus ARGS` (forked by `zygote` when given); with `stderr_tail`, its stderr is passed
-    through and its last lines kept."""
-    if zygote is not None:
+          zygote: Zygote | None = None, pass_fds: tuple[int, ...] = ()) -> Process:
+    """Start `voicebus ARGS` (forked by `zygote` when given and no descriptor is to be passed); with
+    `stderr_tail`, its stderr is passed through and its last lines kept."""
+    if zygote is not None and not pass_fds:
         proc: Process = zygote.spawn(args, env, stderr_pipe=stderr_tail is not None)
     else:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, preexec_fn=_die_with_parent,
-                                stderr=subprocess.PIPE if stderr_tail is not None else None)
+                                stderr=subprocess.PIPE if stderr_tail is not None else None, pass_fds=pass_fds)
     if stderr_tail is not None:
         threading.Thread(target=_pass_stderr, args=(proc, stderr_tail), name=f"stderr-{proc.pid}",
                          daemon=True).start()
@@ -224,20 +229,30 @@ class BusLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise LauncherError(f"another `voicebus up` (pid {holder}) runs this bus; stop it, or run this one "
-                                "apart with `voicebus up --run-dir DIR`") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise LauncherError(f"another `voicebus up` (pid {holder}) runs this bus; stop it, or run this one "
+                                    "apart with `voicebus up --run-dir DIR`") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its holder removed it as it stopped, after we opened it: lock the file there now
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
+        """Removed while still held (so nobody locks a file no longer at the path), then let go."""
         if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
             os.close(self._fd)
             self._fd = None
 
@@ -307,7 +322,7 @@ class Supervisor:
         assert child.proc is not None and child.spec.ready_port is not None
         deadline = time.monotonic() + PORT_READY_TIMEOUT_S
         while time.monotonic() < deadline and child.proc.poll() is None:
-            if port_listening(child.spec.ready_port):
+            if port_answers(child.spec.ready_port):
                 child.started = True
                 return
             time.sleep(0.05)
@@ -333,7 +348,9 @@ class Supervisor:
         return sleep_until_exit([*procs, *([self.bus_proc] if self.bus_proc else [])], timeout_s, wake)
 
     def _start(self, child: Child) -> None:
-        child.proc = spawn(child.spec.args, self.env, child.stderr_tail, self.zygote)
+        listener = child.spec.listener
+        child.proc = spawn(child.spec.args, self.env, child.stderr_tail, self.zygote,
+                           pass_fds=(listener.fileno(),) if listener is not None else ())
         child.started_at = time.monotonic()
         child.last_beat = None
         child.started = False
@@ -378,7 +395,7 @@ class Supervisor:
                     self._restart(child, now)
                 continue
             if child.spec.ready_port is not None and not child.started and proc.poll() is None:
-                child.started = port_listening(child.spec.ready_port)
+                child.started = port_answers(child.spec.ready_port)
             reason = None
             if proc.poll() is not None:
                 if self._ended_for_good(child, proc.returncode):
@@ -458,6 +475,9 @@ class Supervisor:
                 sock.close(linger=0)
         if self.bus_proc is not None:
             terminate([self.bus_proc], within_s=STOP_BUS_S)
+        for child in self.children:
+            if child.spec.listener is not None:
+                child.spec.listener.close()
         self.ctx.term()
         self.lock.release()
         if self.bus_proc is not None:  # a refused `up` started nothing, and says only why

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from common.config import SIMULATOR_DEFAULT_PORT, OpenAITarget, openai_target
 from common.log import kv
-from common.ports import free_port, port_listening
+from common.ports import port_answers, port_listening
 from services.launcher import PORT_READY_TIMEOUT_S, ProcessSpec, spawn, terminate
 
 EXAMPLE_TOOLS = Path(__file__).resolve().parent.parent / "examples" / "tools.py"
@@ -66,8 +67,10 @@ def pipeline_specs(names: list[str] | None, extra_args: dict[str, list[str]]) ->
 def simulator_spec(args: list[str], env: dict[str, str]) -> ProcessSpec | None:
     """The simulator to start when offline (None: online, or one already named by VOICEBUS_SIM_URL).
 
-    It gets the default port unless something holds it (another pipeline's simulator): then a free
-    one, written into `env` for the gateway. Stages started after it wait until it listens.
+    Its port is bound here and the socket handed to it (`--listen-fd`): the default port, or a free one
+    when something holds it (another pipeline's simulator), written into `env` for the gateway. Bound, not
+    checked and bound later, so no other process can take it in between or while it restarts. Stages
+    started after it wait until it listens.
     """
     target = openai_target()
     if not target.is_simulator:
@@ -78,12 +81,31 @@ def simulator_spec(args: list[str], env: dict[str, str]) -> ProcessSpec | None:
                        using=f"the simulator already running at {target.base_url} (VOICEBUS_SIM_URL; not starting one)"))
         return None
     port = int(target.base_url.rsplit(":", 1)[1].split("/", 1)[0])
-    if "VOICEBUS_SIM_PORT" not in os.environ and port == SIMULATOR_DEFAULT_PORT and port_listening(port):
-        port = free_port()
-        log.info(kv("simulator_port", default=SIMULATOR_DEFAULT_PORT, reason="in use", using=port))
+    listener = bind_listener(port, may_move="VOICEBUS_SIM_PORT" not in os.environ and port == SIMULATOR_DEFAULT_PORT)
+    if listener.getsockname()[1] != port:
+        log.info(kv("simulator_port", default=port, reason="in use", using=listener.getsockname()[1]))
+    port = listener.getsockname()[1]
     env["VOICEBUS_SIM_PORT"] = str(port)
     log.warning(kv("offline", reason="OPENAI_API_KEY is not set", using=f"local simulator on port {port}"))
-    return ProcessSpec(SIMULATOR, ["simulate", "--port", str(port), *args], heartbeat=False, ready_port=port)
+    return ProcessSpec(SIMULATOR, ["simulate", "--listen-fd", str(listener.fileno()), *args], heartbeat=False,
+                       ready_port=port, listener=listener)
+
+
+def bind_listener(port: int, may_move: bool) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port`, or (`may_move`) on a free port when that one is taken."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("127.0.0.1", port))
+    except OSError as exc:
+        if not may_move:
+            listener.close()
+            raise RuntimeError(f"the simulator's port {port} is taken ({exc.strerror}): set VOICEBUS_SIM_PORT to a "
+                               "free one, or unset it to let voicebus pick") from exc
+        listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.set_inheritable(True)
+    return listener
 
 
 @contextlib.contextmanager
@@ -96,11 +118,12 @@ def simulator_for(target: OpenAITarget) -> Iterator[str]:
         return
     env: dict[str, str] = {}
     spec = simulator_spec(["--log-level", "WARNING"], env)
-    assert spec is not None and spec.ready_port is not None
-    proc = spawn(spec.args, {**os.environ, **env})
+    assert spec is not None and spec.ready_port is not None and spec.listener is not None
+    with spec.listener:
+        proc = spawn(spec.args, {**os.environ, **env}, pass_fds=(spec.listener.fileno(),))
     try:
         deadline = time.monotonic() + PORT_READY_TIMEOUT_S
-        while not port_listening(spec.ready_port):
+        while not port_answers(spec.ready_port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the local simulator did not start (exit code {proc.poll()})")
             time.sleep(0.05)

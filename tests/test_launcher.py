@@ -68,7 +68,7 @@ def test_a_restart_that_cannot_fork_is_tried_again_and_up_lives_on(procs, client
     assert up.poll() is None
 
 
-def test_ctrl_c_stops_everything_and_leaves_no_orphan(procs, client_factory_no_bus):
+def test_ctrl_c_stops_everything_and_leaves_no_orphan(procs, client_factory_no_bus, run_dir):
     up = procs.voicebus("up", "--stages", "resample")
     client = client_factory_no_bus(["health.resample"])
     client.wait_for(lambda m: m.topic == "health.resample", timeout_s=30)
@@ -81,6 +81,8 @@ def test_ctrl_c_stops_everything_and_leaves_no_orphan(procs, client_factory_no_b
     time.sleep(0.2)
     assert [pid for pid in descendants if alive(pid)] == []
     assert stopped_in < 6.0, f"stop took {stopped_in:.1f}s"
+    # nothing of this pipeline left in the run directory: the bus's sockets, the launcher's lock
+    assert sorted(p.name for p in run_dir.iterdir() if p.suffix in (".sock", ".lock")) == []
 
 
 def test_sigkill_of_launcher_takes_children_down(procs, client_factory_no_bus):
@@ -310,3 +312,52 @@ def test_a_watcher_subscribed_when_the_bus_is_up_hears_every_stage_from_its_firs
             receiver.sock.close(linger=0)
         supervisor.stop()
 
+
+
+def test_the_simulators_port_cannot_be_taken_from_it_before_it_listens_or_while_it_restarts(
+        procs, client_factory_no_bus):
+    """`up` binds the simulator's port itself and hands the socket over: the default port held by another
+    process moves it to a free one, and a thief trying the port while the simulator restarts finds it held."""
+    import errno
+    import re
+    import socket
+
+    from common.config import SIMULATOR_DEFAULT_PORT
+    from tests.helpers import children_of
+
+    thief = socket.socket()
+    try:
+        thief.bind(("127.0.0.1", SIMULATOR_DEFAULT_PORT))  # if something else holds it already, so much the same
+        thief.listen(1)
+    except OSError:
+        pass
+    try:
+        up = procs.voicebus("up", "--stages", "gateway")
+        client = client_factory_no_bus(["health.gateway", "launcher."])
+        client.wait_for(lambda m: m.topic == "health.gateway", timeout_s=60)
+        port = int(re.search(r"local simulator on port (\d+)", procs.log_of(up)).group(1))
+        assert port != SIMULATOR_DEFAULT_PORT
+        assert _answers_within(port, 30)
+        simulator = next(pid for pid in children_of(up.pid) if "simulate" in command_words(pid))
+        os.kill(simulator, signal.SIGKILL)
+        taker = socket.socket()
+        with pytest.raises(OSError) as taken:
+            taker.bind(("127.0.0.1", port))
+        taker.close()
+        assert taken.value.errno == errno.EADDRINUSE
+        again = client.wait_for(lambda m: m.topic == "launcher.started" and m.data["stage"] == "simulator"
+                                and m.data["pid"] != simulator, timeout_s=20)
+        assert _answers_within(port, 30) and again.data["pid"] != simulator and up.poll() is None
+    finally:
+        thief.close()
+
+
+def _answers_within(port: int, seconds: float) -> bool:
+    from common.ports import port_answers
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if port_answers(port, timeout_s=1.0):
+            return True
+        time.sleep(0.1)
+    return False

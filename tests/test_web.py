@@ -443,6 +443,33 @@ def test_voicebus_call_takes_turns_by_ear_and_times_each_reply_after_its_questio
     assert [nearest_sentence(h.removeprefix("i heard"), questions) for h in heard] == questions, heard
 
 
+def test_voicebus_call_by_default_never_barges_in_is_busy_as_serve_is_and_keeps_its_turns_on_ctrl_c(
+        procs, client_factory, simulator, tmp_path):
+    """`voicebus call` with its defaults against a ~9 s story: the next sentence waits for the story to play
+    out (nothing truncated); a second caller meanwhile is told busy with serve's exit code (3); Ctrl-C after
+    two turns prints both, as heard, and exits 130 instead of click's bare "Aborted!"."""
+    import signal
+    import subprocess
+
+    client = client_factory(PREFIXES)
+    url = start_web_pipeline(procs, client, _story_sim(simulator, tmp_path), tmp_path / "traces")
+    caller = procs.voicebus("call", url, "--say", QUESTION, "--say", "thank you", "--say", "goodbye now",
+                            "--timeout", "120", stdout=subprocess.PIPE, name="caller")
+    client.wait_for(lambda m: m.topic == "rt.response.created", timeout_s=60)
+    busy = procs.voicebus("call", url, "--say", "hello", name="caller-busy")
+    assert busy.wait(timeout=60) == 3 and "busy" in procs.log_of(busy), procs.log_of(busy)
+    first = client.wait_for(lambda m: m.topic == "rt.response.done", timeout_s=60)
+    client.wait_for(lambda m: m.topic == "rt.response.done" and m is not first, timeout_s=60)
+    client.collect(1.5)  # "All right." played out
+    caller.send_signal(signal.SIGINT)
+    out = caller.communicate(timeout=30)[0].decode()
+    assert caller.returncode == 130, procs.log_of(caller)
+    assert "Aborted!" not in procs.log_of(caller) and "interrupted after 2 replies" in procs.log_of(caller)
+    assert f"turn 1: you said '{QUESTION}'; you heard 'Once upon a time" in out, out
+    assert "turn 2: you said 'thank you'; you heard 'All right.'" in out and "cut at" not in out, out
+    assert _of(client, "rt.sent.conversation.item.truncate") == [] and _of(client, "rt.gateway.truncated") == []
+
+
 def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_browser_decodes():
     """The assistant's audio leaves as 24 kHz mono Opus made in the track: one packet per 20 ms frame,
     stamped with the frame's pts (converted to RTP's 48 kHz by aiortc), decoding to the same speech."""

@@ -95,7 +95,8 @@ class SpeakingTrack(MediaStreamTrack):
 class CallResult:
     session: str = ""
     user: list[str] = field(default_factory=list)  # what the server heard, per turn
-    assistant: list[str] = field(default_factory=list)  # what the assistant said, per turn
+    assistant: list[str] = field(default_factory=list)  # what the assistant generated, per reply
+    assistant_items: list[str | None] = field(default_factory=list)  # each reply's item id
     latency_ms: list[float] = field(default_factory=list)  # as the stage measured it (speech end -> heard)
     truncated: list[dict[str, Any]] = field(default_factory=list)
     received: bytearray = field(default_factory=bytearray)  # what the caller heard, 48 kHz mono s16le
@@ -113,10 +114,16 @@ class CallResult:
     listen_from: float | None = None  # monotonic time after which the next loud frame is a reply's first
     heard_at: float | None = None  # when it arrived
 
+    def heard(self, index: int) -> tuple[str, dict[str, Any] | None]:
+        """Reply `index` as the caller heard it: the words up to the cut when it was cut (and the cut)."""
+        item = self.assistant_items[index] if index < len(self.assistant_items) else None
+        cut = next((t for t in self.truncated if item is not None and t.get("item_id") == item), None)
+        return (str(cut.get("heard") or "") if cut else self.assistant[index]), cut
+
 
 async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool = True, *,
                offer_path: str = "offer", utterances: list[bytes] | None = None, pause_s: float = 0.0,
-               dial_at: float | None = None) -> CallResult:
+               dial_at: float | None = None, result: CallResult | None = None) -> CallResult:
     """One call: speak `pcm`, wait for `turns` assistant replies, hang up; what was heard and said.
 
     With `utterances` the caller takes turns instead, counting by ear alone (any WebRTC endpoint, not
@@ -125,8 +132,10 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
     takes offers (`offer` for voicebus; `api/offer` for pipecat's SmallWebRTC runner). With `dial_at`
     (wall-clock seconds since the epoch) everything is ready before it and the offer goes at that moment,
     as when a person presses Connect (`dial_late_ms`: how far past it the caller was when it could).
+    `result` (a fresh one by default) fills as the call goes: a caller stopped midway still has the turns
+    that were done.
     """
-    result = CallResult()
+    result = result if result is not None else CallResult()
     peer = RTCPeerConnection()
     channel = peer.createDataChannel("voicebus")
     mic = SpeakingTrack(pcm)
@@ -147,6 +156,7 @@ async def call(url: str, pcm: bytes, turns: int, timeout_s: float, hang_up: bool
             result.user.append(message.get("text", ""))
         elif kind == "assistant_done":
             result.assistant.append(message.get("text", ""))
+            result.assistant_items.append(message.get("item_id"))
             reply_items.append(message.get("item_id"))
             if len(result.assistant) >= turns:
                 replies.set()

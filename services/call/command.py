@@ -10,7 +10,9 @@ import click
 
 from services.call.client import MIC_RATE, CallRefused, CallResult, CallTimeout, LineDropped, call
 
-BUSY_EXIT_CODE = 3  # the endpoint is full (HTTP 503): try again later, not a failure of the endpoint
+BUSY_EXIT_CODE = 3  # the endpoint is full or busy (503 serve, 409 web, 429 too many offers): try again later
+BUSY_STATUSES = (409, 429, 503)
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as a shell reports it
 
 
 def speech(sentences: list[str], wav_path: str | None, voice: str, pause_s: float) -> bytes:
@@ -30,21 +32,29 @@ def speech(sentences: list[str], wav_path: str | None, voice: str, pause_s: floa
 
 
 def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, turns: int, pause_s: float,
-             timeout_s: float, record_path: str | None, as_json: bool, *, take_turns: bool = False,
-             offer_path: str = "offer", dial_at: float | None = None) -> int:
-    if take_turns:  # a second of lead-in, then each sentence when the reply before it has played out
+             timeout_s: float, record_path: str | None, as_json: bool, *, offer_path: str = "offer",
+             dial_at: float | None = None) -> int:
+    """Sentences are spoken turn by turn (each once the reply before it has played out, then `pause_s`), so
+    none barges in; a WAV is spoken as it is, pauses and all."""
+    if sentences:  # a second of lead-in, then each sentence when the reply before it has played out
         from common.utterances import speech_pcm
 
         pcm, utterances = bytes(2 * MIC_RATE), [speech_pcm(s, voice, MIC_RATE) for s in sentences]
     else:
         pcm, utterances = speech(sentences, wav_path, voice, pause_s), None
+    result = CallResult()
     try:
-        result = asyncio.run(call(url, pcm, turns, timeout_s, offer_path=offer_path, utterances=utterances,
-                                  pause_s=pause_s, dial_at=dial_at))
+        asyncio.run(call(url, pcm, turns, timeout_s, offer_path=offer_path, utterances=utterances,
+                         pause_s=pause_s, dial_at=dial_at, result=result))
+    except KeyboardInterrupt:
+        _print(result, as_json)
+        click.echo(f"voicebus call: interrupted after {len(result.assistant)} repl"
+                   f"{'y' if len(result.assistant) == 1 else 'ies'} (hung up)", err=True)
+        return INTERRUPTED_EXIT_CODE
     except CallRefused as exc:
         click.echo(f"voicebus call: {url} refused the call: {exc.message}"
                    + (f" (try again in {exc.retry_after_s:g} s)" if exc.retry_after_s else ""), err=True)
-        return BUSY_EXIT_CODE if exc.status == 503 else 1
+        return BUSY_EXIT_CODE if exc.status in BUSY_STATUSES else 1
     except (CallTimeout, LineDropped) as exc:
         click.echo(f"voicebus call: {url}: {exc}", err=True)
         return 1
@@ -62,6 +72,7 @@ def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, t
 def _print(result: CallResult, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"session": result.session, "user": result.user, "assistant": result.assistant,
+                               "heard": [result.heard(index)[0] for index in range(len(result.assistant))],
                                "latency_ms": result.latency_ms, "truncated": result.truncated,
                                "connect_ms": result.connect_ms, "dial_late_ms": result.dial_late_ms,
                                "gaps": result.gaps,
@@ -73,6 +84,9 @@ def _print(result: CallResult, as_json: bool) -> None:
     for index, heard_ms in enumerate(result.heard_ms):
         click.echo(f"  reply {index + 1} heard {heard_ms:.0f} ms after the sentence ended")
     for index, answer in enumerate(result.assistant):
-        heard = result.user[index] if index < len(result.user) else "?"
+        said = result.user[index] if index < len(result.user) else "?"
         latency = f"{result.latency_ms[index]:.0f} ms" if index < len(result.latency_ms) else "n/a"
-        click.echo(f"  turn {index + 1}: you said {heard!r}; assistant {answer!r}; latency {latency}")
+        heard, cut = result.heard(index)
+        reply = f"you heard {heard!r} (cut at {cut.get('audio_end_ms')} ms of {answer!r})" if cut else \
+            f"you heard {answer!r}"
+        click.echo(f"  turn {index + 1}: you said {said!r}; {reply}; latency {latency}")

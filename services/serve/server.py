@@ -35,8 +35,44 @@ def default_slots() -> int:
     return max(1, int((os.cpu_count() or 1) * LOAD_TARGET / CONVERSATION_CORE_SHARE))
 
 
+def private_ray_token(create: bool) -> Path:
+    """Ray's token file (`~/.ray/auth_token`, where `ray` and every worker look), readable by its owner only.
+
+    Ray 2.60 writes it 0644: any local user could read the key to the cluster. Made here 0600 before Ray
+    would make it (`create`: an embedded cluster's own), and one found readable by others is narrowed (and
+    said)."""
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    path = Path.home() / ".ray" / "auth_token"
+    if create:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(descriptor, "w") as token_file:
+                token_file.write(generate_new_authentication_token())
+            return path
+    if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+        log.warning(kv("ray_token_narrowed", path=str(path), mode="0600", why="was readable by other users"))
+    return path
+
+
 def start_ray(address: str | None, slots: int | None) -> dict[str, Any]:
-    """Join a cluster, or start an embedded single-node Ray (dashboard off, on loopback)."""
+    """Join a cluster, or start an embedded single-node Ray (dashboard off, token auth).
+
+    Ray 2.60's gRPC servers listen on every interface whatever address a node advertises; what keeps
+    others out is the token: an embedded Ray requires one (`RAY_AUTH_MODE=token` unless the operator chose),
+    and the token file is kept 0600."""
+    # before Ray is imported (its config reads the mode once, at import). A joined cluster's mode is its
+    # operator's: a driver in token mode on a cluster without it cannot start actors there
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if os.environ.get("RAY_AUTH_MODE", "token") == "token" and not os.environ.get("RAY_AUTH_TOKEN") \
+            and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        private_ray_token(create=not address)
     import ray
 
     if address:
@@ -76,10 +112,11 @@ def start_simulator() -> tuple[Any, str] | None:
 async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settings: dict[str, Any],
                 stopped: asyncio.Event, operator: dict[str, Any]) -> None:
     from services.serve.operator import HostPolicy, guard
+    from services.web.connections import guarded_runner
 
     front = FrontDoor({**settings, "client_offers": operator["client_offers"]})
     app = front.app(middlewares=[guard(operator["token"], HostPolicy(host, operator["allowed_hosts"]))])
-    runner = web.AppRunner(app, access_log=None)
+    runner = guarded_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     try:
@@ -106,8 +143,6 @@ async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settin
 def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_address: str | None, slots: int | None,
               idle_timeout_s: float, root: Path, tools_args: list[str], prewarm: int, node_host: str | None,
               operator: dict[str, Any]) -> int:
-    import ray
-
     if port and not _can_bind(host, port):  # said now, not after Ray has started (seconds) for nothing
         print(f"voicebus serve: cannot serve on {host}:{port}: the port is taken (--port 0 picks a free one)",
               file=sys.stderr)
@@ -117,6 +152,8 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
     except (RuntimeError, ConnectionError, ValueError) as exc:
         print(f"voicebus serve: {exc}", file=sys.stderr)
         return 2
+    import ray  # after start_ray: Ray reads its auth mode once, at import
+
     simulator = None
     try:
         simulator = start_simulator()

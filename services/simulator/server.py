@@ -99,21 +99,15 @@ def build_app(options: Options, faults: list[Fault], api_key: str | None = None)
     return app
 
 
-def run_simulator(host: str, port: int, options: Options, faults: list[Fault], api_key: str | None) -> int:
+def run_simulator(host: str, port: int, options: Options, faults: list[Fault], api_key: str | None,
+                  listen_fd: int | None = None) -> int:
     app = build_app(options, faults, api_key)
     transcriber: TranscriberPool = app["transcriber"]
 
     async def serve() -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise BindError(f"cannot listen on {host}:{port}: {exc.strerror} (another simulator running? "
-                            "--port 0 picks a free port)") from exc
+        sock = socket.socket(fileno=listen_fd) if listen_fd is not None else _bind(host, port)
         site = web.SockSite(runner, sock, shutdown_timeout=1.0)
         await site.start()
         bound = sock.getsockname()[1]
@@ -140,3 +134,15 @@ def run_simulator(host: str, port: int, options: Options, faults: list[Fault], a
 
 class BindError(RuntimeError):
     pass
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot listen on {host}:{port}: {exc.strerror} (another simulator running? --port 0 "
+                        "picks a free port; under honcho, set VOICEBUS_SIM_PORT for every process, in .env)") from exc
+    return sock

@@ -30,6 +30,7 @@ from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
 from services.web import libopus, page_messages
+from services.web.connections import guarded_runner
 from services.web.opus import LoopDecoding, MicFrame, VoiceEncoder, mono_frame
 from services.web.placement import OFFER_SECRET_ENV, OFFER_SECRET_HEADER
 from services.web.sdp import OfferError, parse_offer
@@ -222,7 +223,7 @@ class BrowserLink:
         app.router.add_get("/", self._page)
         app.router.add_post("/offer", self._offer)
         app.router.add_static("/static/", STATIC)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = guarded_runner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()

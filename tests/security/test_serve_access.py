@@ -142,6 +142,63 @@ RECVONLY_OFFER = "\r\n".join(["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0",
                               "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=recvonly", "a=rtpmap:111 opus/48000/2"])
 
 
+def _status_from(url: str, source: str) -> int:
+    """GET /status from another loopback address (127.0.0.0/8 is all ours): another client."""
+    import http.client
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10, source_address=(source, 0))
+    try:
+        connection.request("GET", "/status?format=json", headers={"Authorization": f"Bearer {TOKEN}"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_a_slowloris_burst_is_capped_per_client_and_closed_after_the_header_timeout(serving):
+    """40 connections from one address, each sending a header line a second and never finishing: those past
+    the per-client cap are closed at once, the rest when the header timeout fires; another client is
+    answered throughout, and this one again afterwards."""
+    import socket
+
+    from services.web.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT
+
+    url = serving["url"]
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    slow = []
+    for _ in range(MAX_CONNECTIONS_PER_CLIENT + 8):
+        connection = socket.create_connection((host, int(port)), timeout=5)
+        connection.sendall(b"GET /status HTTP/1.1\r\nHost: " + host.encode() + b"\r\n")
+        slow.append(connection)
+    opened = time.monotonic()
+    closed_at: dict[int, float] = {}
+    while len(closed_at) < len(slow) and time.monotonic() - opened < HEADER_TIMEOUT_S + 20:
+        for index, connection in enumerate(slow):
+            if index in closed_at:
+                continue
+            try:
+                connection.sendall(b"X-Slow: 1\r\n")
+                connection.settimeout(0.01)
+                if connection.recv(1) == b"":
+                    closed_at[index] = time.monotonic() - opened
+            except TimeoutError:
+                pass
+            except OSError:
+                closed_at[index] = time.monotonic() - opened
+        if len(closed_at) < len(slow) and time.monotonic() - opened < 2:
+            assert _status_from(url, "127.0.0.2") == 200  # another client is answered during the burst
+        time.sleep(0.5)
+    for connection in slow:
+        connection.close()
+    assert len(closed_at) == len(slow), f"{len(slow) - len(closed_at)} slow connections still open"
+    early = sorted(closed_at.values())[:8]
+    assert all(at < HEADER_TIMEOUT_S / 2 for at in early), early  # over the cap: closed on arrival
+    assert max(closed_at.values()) < HEADER_TIMEOUT_S + 20
+    assert sum(1 for at in closed_at.values() if at >= HEADER_TIMEOUT_S - 1) >= MAX_CONNECTIONS_PER_CLIENT - 2
+    assert _status(url)["prewarmed"] >= 0  # this client is answered again
+
+
 def _settled_sessions(root: Path, quiet_s: float = 3.0, within_s: float = 30.0) -> list[str]:
     """The session directories once none has appeared for `quiet_s`."""
     listing, since, deadline = None, time.monotonic(), time.monotonic() + within_s
