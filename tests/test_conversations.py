@@ -49,7 +49,7 @@ def test_each_conversation_is_its_own_session_and_a_reply_nobody_cut_is_not_trun
     assert not _of(client, "rt.sent.conversation.item.truncate") and not _of(client, "rt.sent.conversation.item.delete")
 
     # the first caller hangs up: its server session closes, its trace is closed with both turns
-    client.send_event("session.end", {"session": FIRST, "reason": "the page hung up"})
+    client.send_event("session.end", {"session": FIRST, "reason": "the caller hung up"})
     client.wait_for(lambda m: m.topic == "rt.gateway.closed", timeout_s=10)
     client.wait_for(lambda m: m.topic == "health.logger" and m.data["turns_stored"] >= 2, timeout_s=30)
     # the next caller: a fresh server session, nothing of the first replayed into it

@@ -202,3 +202,31 @@ def test_online_a_judge_model_scores_the_turn_through_the_openai_sdk(simulator, 
     assert [c["passed"] for c in judged] == [True, False]
     assert judged[0]["detail"].endswith("PASS: it repeats the weather question.")
     assert "x judge: the reply is in French: gpt-4o-mini: FAIL: it is in English." in result.stdout
+
+
+STORY_RULES = [{"match": "story|dragon", "reply": "Once upon a time there was a little robot who lived in a quiet "
+                "town by the sea and every morning it walked down to the harbour to count the boats."},
+               {"match": "stop", "reply": "All right, I will stop."}, {"match": ".*", "reply": "I heard: {transcript}"}]
+DRAGONS = ("  - name: dragons {n}\n    turns:\n      - say: tell me a story about dragons\n"
+           "      - say: stop please\n        barge_in_ms: 1200\n        expect:\n          reply_contains: stop\n")
+GREETING = "  - name: greeting\n    turns:\n      - say: hello there\n"
+
+
+def test_a_barge_in_scenario_passes_first_second_and_alone_with_its_question_heard_whole(tmp_path):
+    """The barge-in is spoken only once the reply to the whole question plays (never while the player still
+    names an earlier scenario's reply), so its place in the file does not matter."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(STORY_RULES))
+    mixed, alone = tmp_path / "mixed.yaml", tmp_path / "alone.yaml"
+    mixed.write_text("scenarios:\n" + DRAGONS.format(n=1) + GREETING + DRAGONS.format(n=2))
+    alone.write_text("scenarios:\n" + DRAGONS.format(n=3))
+    env = _env(tmp_path / "home")
+    for scenarios in (mixed, alone):
+        result = _eval(env, str(scenarios), "--rules", str(rules), "--no-upload")
+        assert result.returncode == 0, result.stdout + result.stderr
+    sessions = [s for run in _runs(tmp_path / "home" / "voicebus" / "evals") for s in (run / "sessions").glob("*dragons*")]
+    assert len(sessions) == 3
+    for session in sessions:
+        turns = [json.loads(line) for line in (session / "turns.jsonl").read_text().splitlines()]
+        users = [turn["user"]["transcript"] for turn in sorted(turns, key=lambda t: t["turn"])]
+        assert users == ["tell me a story about dragons", "stop please"], (session.name, users)

@@ -225,3 +225,23 @@ def test_baseline_latest_is_the_latest_run_of_the_same_scenario_files(tmp_path):
     assert find_run(root, "latest-passing", [other]).name == "e0"  # a run of both files ran it too
     with pytest.raises(EvalError, match="no passing run of new.yaml"):
         find_run(root, "latest-passing", [tmp_path / "new.yaml"])
+
+
+def test_repeats_whose_checks_all_held_say_so_instead_of_an_empty_heading(capsys):
+    from services.evals.command import print_table
+
+    def run(outcomes: list[bool]) -> dict:
+        scenarios = [{"file": "a.yaml", "name": "greeting", "repeat": index + 1, "passed": held,
+                      "turns": [{"turn": 1, "latency_ms": 900.0, "reply_heard": "hello", "passed": held,
+                                 "checks": [{"name": "reply_contains", "passed": held, "detail": "hello"}]}]}
+                     for index, held in enumerate(outcomes)]
+        return {"settings": {"repeat": len(outcomes)}, "scenarios": scenarios,
+                "summary": {"passed": sum(outcomes), "scenarios": len(outcomes), "checks": len(outcomes),
+                            "failed_checks": outcomes.count(False), "not_run": 0}}
+
+    print_table(run([True, True]))
+    out = capsys.readouterr().out
+    assert "every check held in all 2 repeats" in out and "did not always hold" not in out
+    print_table(run([True, False]))
+    out = capsys.readouterr().out
+    assert "did not always hold" in out and "greeting turn 1: reply_contains: 1/2" in out

@@ -180,7 +180,11 @@ def test_four_callers_at_once_each_hear_their_own_answer_in_a_stage_set_of_their
     assert all(c["cpu_pct"] > 0 for c in loaded["conversations"]), loaded
     assert all(n["load_1m"] is not None and n["cpus"] and n["conversations_cpu_pct"] > 0 for n in loaded["nodes"]), \
         loaded
-    assert "conversations_cpu_pct" in _http(url + "status?format=html")[1]
+    page = _http(url + "status?format=html")[1]
+    assert "conversations cpu pct" in page and "<th>counter</th>" in page and "counts: {" not in page
+    # a node's 56-digit id is shown by its first 12 (what `serve drain` takes), the whole on hover
+    node_id = loaded["nodes"][0]["node_id"]
+    assert f"<td title='{node_id}'><code>{node_id[:12]}</code></td>" in page and f">{node_id}<" not in page
     refused = procs.voicebus("call", url, "--say", "hello", name="caller-refused")
     assert refused.wait(timeout=30) == 3 and "all lines are busy" in procs.log_of(refused)
     status, page, headers = _http(url)

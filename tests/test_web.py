@@ -165,7 +165,7 @@ def test_browser_that_vanishes_mid_turn_leaves_the_stage_serving(procs, client_f
     assert not [m for m in client.seen if m.topic == "rt.gateway.truncated" and m.header.session == second_session]
     assert "interrupted" not in page_text and "robot" not in page_text, page_text  # nothing of the last caller
     hung_up = client.wait_for(lambda m: m.topic == "web.gone" and m.header.t_ns > gone.header.t_ns, timeout_s=10)
-    assert hung_up.data["reason"] == "the page hung up"
+    assert hung_up.data["reason"] == "the caller hung up"
     client.wait_for(lambda m: m.topic == "health.logger" and m.data.get("turns_stored", 0) >= 3, timeout_s=30)
     first_turns = [json.loads(line) for line in (traces / first_session / "turns.jsonl").read_text().splitlines()]
     second_turns = [json.loads(line) for line in (traces / second_session / "turns.jsonl").read_text().splitlines()]

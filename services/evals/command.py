@@ -213,10 +213,13 @@ def print_table(result: dict[str, Any]) -> None:
                f"{summary['checks'] - summary['failed_checks'] - summary['not_run']}/{summary['checks']} checks held"
                + not_run)
     if result["settings"]["repeat"] > 1:
-        click.echo("pass rates over the repeats (checks that did not always hold):")
-        for (_file, scenario, turn, check), outcomes in sorted(_rates(result).items()):
-            if not all(outcomes):
-                click.echo(f"  {scenario} turn {turn}: {check}: {sum(outcomes)}/{len(outcomes)}")
+        flaky = [(key, outcomes) for key, outcomes in sorted(_rates(result).items()) if not all(outcomes)]
+        if not flaky:
+            click.echo(f"every check held in all {result['settings']['repeat']} repeats")
+        else:
+            click.echo("pass rates over the repeats (checks that did not always hold):")
+        for (_file, scenario, turn, check), outcomes in flaky:
+            click.echo(f"  {scenario} turn {turn}: {check}: {sum(outcomes)}/{len(outcomes)}")
     diff = result.get("baseline")
     if diff:
         click.echo(f"against baseline {diff['run']}: {len(diff['regressions'])} regression(s), "

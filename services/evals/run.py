@@ -88,6 +88,8 @@ class Observed:
     cues: dict[str, dict[str, int]] = field(default_factory=dict)  # cue -> {started, ended} capture ns
     played_at_flush: dict[str, float] = field(default_factory=dict)  # item_id -> player's played_ms
     timeouts: list[int] = field(default_factory=list)  # turns (1-based) that got no complete reply
+    # barge-in turns (1-based) spoken with no reply to interrupt: why the timing asked for was impossible
+    unbargeable: dict[int, str] = field(default_factory=dict)
 
 
 def slug(text: str) -> str:
@@ -289,27 +291,37 @@ class Conversation:
             raise EvalError(f"the mic did not start speaking {cue} within 10 s")
         return cue
 
-    def wait_reply_started(self, cue: str, after_ms: int, after_topic: str | None = None) -> None:
-        """For a barge-in: return `after_ms` after the reply to `cue` started playing, or after the first
-        `after_topic` message since `cue` started (or when neither comes within the turn timeout)."""
+    def wait_reply_started(self, cue: str, after_ms: int, after_topic: str | None, index: int) -> None:
+        """For a barge-in (turn `index` + 1): return `after_ms` after the reply to `cue` started playing, or
+        after the first `after_topic` message since `cue` started.
+
+        The reply is one of this conversation's (its audio came in this session) that started playing
+        after the whole question was spoken: never a reply the player still names from an earlier
+        conversation, nor one to half a question the server's VAD split. When none comes within the
+        turn timeout, the turn is spoken anyway and says why its timing was impossible."""
         if after_topic is not None:
             def seen() -> bool:
                 started = self.observed.cues.get(cue, {}).get("started")
                 return started is not None and any(t > started for t in self.topic_times.get(after_topic, []))
 
             if not self._until(seen, TURN_TIMEOUT_S):
+                self.observed.unbargeable[index + 1] = f"no {after_topic} within {TURN_TIMEOUT_S:.0f} s of the " \
+                                                       "question before it"
                 return
             started = self.observed.cues[cue]["started"]
             origin_ns = min(t for t in self.topic_times[after_topic] if t > started)
         else:
-            before = set(self.items_started)
+            def replies_playing() -> list[str]:
+                ended = self.observed.cues.get(cue, {}).get("ended")
+                if ended is None:
+                    return []
+                return [item for item, at in self.items_started.items() if item in self.first_delta_ns and at > ended]
 
-            def playing() -> bool:
-                return "ended" in self.observed.cues.get(cue, {}) and bool(set(self.items_started) - before)
-
-            if not self._until(playing, TURN_TIMEOUT_S):
+            if not self._until(lambda: bool(replies_playing()), TURN_TIMEOUT_S):
+                self.observed.unbargeable[index + 1] = f"no reply to the question before it began to play within " \
+                                                       f"{TURN_TIMEOUT_S:.0f} s: nothing to interrupt"
                 return
-            item = min(set(self.items_started) - before, key=self.items_started.__getitem__)
+            item = min(replies_playing(), key=self.items_started.__getitem__)
             origin_ns = self.items_started[item]
         due_ns = origin_ns + after_ms * 1_000_000 - CUE_LEAD_NS
         while time.time_ns() < due_ns:
@@ -344,7 +356,7 @@ def converse(pipeline: Pipeline, planned: Planned, session: str) -> Observed:
         cue = conversation.speak(index, wav)
         following = turns[index] if index < len(turns) else None
         if following is not None and following.barge_in_ms is not None:
-            conversation.wait_reply_started(cue, following.barge_in_ms, following.barge_in_after)
+            conversation.wait_reply_started(cue, following.barge_in_ms, following.barge_in_after, index)
         else:
             conversation.wait_reply_done(cue, index)
     replies = len(conversation.spoken_items)
@@ -412,6 +424,8 @@ def evaluate(planned: Planned, observed: Observed, store_dir: Path, transcriber:
             interruption = Interruption(before, observed.played_at_flush.get(item),
                                         _asr_of_played(store_dir, before, transcriber))
         checks = check_turn(turn, record, interruption, judge)
+        if index + 1 in observed.unbargeable:
+            checks.append(Check("barge-in timing", False, observed.unbargeable[index + 1]))
         if index + 1 in observed.timeouts:
             checks.append(Check("reply played out", False, f"no complete reply within {TURN_TIMEOUT_S:.0f} s"))
         results.append(turn_result(index + 1, turn, record, checks, store_dir))

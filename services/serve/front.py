@@ -549,24 +549,36 @@ def _busy_page(no_capacity: str | None = None) -> str:
             f"<p id='busy' class='error'>{said}</p></body></html>")
 
 
+NODE_ID_SHOWN = 12  # of Ray's 56 hex digits: unique in any cluster we run, and what `serve drain` takes
+
+
 def _status_page(report: dict[str, Any]) -> str:
-    def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>"
-                       for row in rows)
+    def cell(column: str, value: Any) -> str:
+        text = html.escape(str(value if value is not None else ""))
+        if column == "node_id" and len(text) > NODE_ID_SHOWN:  # the whole id on hover, and for copying
+            return f"<td title='{text}'><code>{text[:NODE_ID_SHOWN]}</code></td>"
+        return f"<td>{text}</td>"
+
+    def table(rows: list[dict[str, Any]], columns: list[str], empty: str) -> str:
+        if not rows:
+            return f"<p class='empty'>{html.escape(empty)}</p>"
+        head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(cell(c, row.get(c, "")) for c in columns) + "</tr>" for row in rows)
         return f"<table><tr>{head}</tr>{body}</table>"
 
+    counts = [{"counter": name.replace("_", " "), "count": value} for name, value in report["counts"].items()]
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'><meta http-equiv='refresh' content='1'>"
             "<title>voicebus serve: status</title><link rel='stylesheet' href='/static/page.css'></head><body>"
             "<header><h1>voicebus serve</h1></header>"
             + (f"<p id='warning' class='error'>{html.escape(report['warning'])}</p>" if report.get("warning") else "")
+            + f"<p>prewarmed and idle: {report['prewarmed']} (+{report['warming']} starting); placing now: "
+            f"{report['pending']}</p>"
             + "<h2>Nodes</h2>"
             + table(report["nodes"], ["node_id", "address", "state", "slots", "used", "free", "load_1m", "cpus",
-                                      "conversations_cpu_pct"])
+                                      "conversations_cpu_pct"], "no node")
             + "<h2>Live conversations</h2>"
             + table(report["conversations"], ["session", "node_id", "age_s", "turns", "last_latency_ms", "cpu_pct",
-                                              "report"])
-            + "<h2>Ended</h2>" + table(report["ended"], ["session", "reason", "turns", "age_s", "report"])
-            + f"<p>prewarmed and idle: {report['prewarmed']} (+{report['warming']} starting); placing now: "
-            f"{report['pending']}; counts: {html.escape(json.dumps(report['counts']))}</p>"
+                                              "report"], "none")
+            + "<h2>Ended</h2>" + table(report["ended"], ["session", "reason", "turns", "age_s", "report"], "none yet")
+            + "<h2>Counts</h2>" + table(counts, ["counter", "count"], "")
             + "</body></html>")

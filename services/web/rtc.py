@@ -362,7 +362,7 @@ class BrowserLink:
         if isinstance(message, page_messages.Stats):
             self.stats = BrowserStats(message.jitter_buffer_ms, message.output_latency_ms, message.rtt_ms)
         else:
-            asyncio.ensure_future(self._hang_up("the page hung up", client))
+            asyncio.ensure_future(self._hang_up("the caller hung up", client))
 
     def _send(self, text: str) -> None:
         client = self.client
