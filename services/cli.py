@@ -701,7 +701,9 @@ def _trace_root(root: str | None) -> Path:
 @click.option("--prices", type=click.Path(exists=True, dir_okay=False),
               help="JSON USD per 1M tokens: audio_in, audio_in_cached, text_in, text_in_cached, audio_out, text_out.")
 @click.option("--no-upload", is_flag=True, help="Only store locally, even when WANDB_API_KEY is set.")
-def logger(cfg, root, project, prices, no_upload):
+@click.option("--no-report", is_flag=True, help="Do not write report.html into a session's directory as it closes "
+              "(`voicebus report` writes one later).")
+def logger(cfg, root, project, prices, no_upload, no_report):
     """Stage: store every conversation locally (turns, audio, timing, cost), then upload it to Weave."""
     import json
 
@@ -712,7 +714,7 @@ def logger(cfg, root, project, prices, no_upload):
     table = dict(DEFAULT_PRICES)
     if prices:
         table.update(json.loads(Path(prices).read_text()))
-    sys.exit(run_stage(LoggerStage(_trace_root(root), table, not no_upload, project), cfg))
+    sys.exit(run_stage(LoggerStage(_trace_root(root), table, not no_upload, project, not no_report), cfg))
 
 
 @main.command()

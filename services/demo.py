@@ -112,7 +112,7 @@ def run_demo(questions: list[str], out_dir: Path | None, voice: str, trace_root:
               ProcessSpec("resample", ["resample", *quiet]),
               ProcessSpec("tools", ["tools", *modules, *quiet]),
               ProcessSpec("player", ["player", "--wav", str(out_dir / "assistant-played.wav"), *quiet]),
-              ProcessSpec("logger", ["logger", "--root", str(trace_root), *quiet])]
+              ProcessSpec("logger", ["logger", "--root", str(trace_root), "--no-report", *quiet])]
     click.echo(f"starting bus and {', '.join(s.name for s in specs)} (session {session})")
     supervisor = Supervisor(cfg, specs, session, env, zygote=default_zygote())
     ctx = zmq.Context()

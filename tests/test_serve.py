@@ -261,8 +261,19 @@ def test_a_browser_page_through_serve_talks_and_is_cut_where_it_stopped_playing(
         session = page.evaluate("voicebus.session")
         turns = page.evaluate("Object.values(voicebus.turns).map(t => ({role: t.role, text: t.text}))")
         error = page.evaluate("voicebus.error")
+        # the link the front door gave this caller opens their report once the hang-up has written it
+        link = page.evaluate("voicebus.reportUrl")
+        page.evaluate("voicebus.hangUp()")
+        deadline = time.monotonic() + 60
+        opened = [0, ""]
+        while time.monotonic() < deadline and opened[0] != 200:
+            opened = page.evaluate(f"fetch({json.dumps(link)}).then(r => r.text().then(t => [r.status, t]))")
+            time.sleep(0.5)
     assert error == "" and session, (error, session)
-    assert [c["session"] for c in _status(url)["conversations"]] in ([session], [])
+    assert link.startswith(f"/report/{session}?key=") and opened[0] == 200, (link, opened[0])
+    assert f"voicebus session {session}" in opened[1]
+    assert _http(url.rstrip("/") + link.split("?")[0] + "?key=" + "0" * 32)[0] == 404
+    assert _status(url)["conversations"] == []  # hung up
     user = [t["text"] for t in turns if t["role"] == "user"]
     assistant = [t["text"] for t in turns if t["role"] == "assistant"]
     assert user and "weather like today" in user[0], turns

@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -468,6 +469,52 @@ def test_voicebus_call_by_default_never_barges_in_is_busy_as_serve_is_and_keeps_
     assert f"turn 1: you said '{QUESTION}'; you heard 'Once upon a time" in out, out
     assert "turn 2: you said 'thank you'; you heard 'All right.'" in out and "cut at" not in out, out
     assert _of(client, "rt.sent.conversation.item.truncate") == [] and _of(client, "rt.gateway.truncated") == []
+
+
+def test_the_page_shows_each_tool_call_as_it_happens_and_links_the_callers_own_report(procs, client_factory, simulator,
+                                                                                     tmp_path):
+    """A tool turn in Chromium: the call (name, arguments), then its result and duration, in the transcript;
+    after the hang-up the report link opens the report the logger wrote into the session's directory, and
+    the same link with another key (or for another session) is a 404."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"match": "time.*tokyo", "call": {"name": "get_current_time",
+                                                                 "arguments": {"timezone": "Asia/Tokyo"}},
+                                  "after_call": "It is {datetime:%H} hours in Tokyo."},
+                                 {"match": ".*", "reply": "I heard: {transcript}"}]))
+    client = client_factory([*PREFIXES, "tool."])
+    traces = tmp_path / "traces"
+    procs.voicebus("tools", "--module", str(Path(__file__).resolve().parent.parent / "examples" / "tools.py"))
+    client.wait_for(lambda m: m.topic == "health.tools", timeout_s=30)
+    url = start_web_pipeline(procs, client, simulator("--pace", "realtime", "--rules", str(rules)), traces)
+    speech = compose([("silence", LEAD_S), ("say", "what time is it in tokyo"), ("silence", 8.0)], 48000)
+    wav = write_wav(tmp_path / "mic.wav", speech, 48000)
+    with Chromium(url, fake_mic_wav=wav, log_path=tmp_path / "chromium.log") as page:
+        page.evaluate("voicebus.connect()")
+        result = client.wait_for(lambda m: m.topic == "tool.result", timeout_s=45)
+        page.wait_for("Object.values(voicebus.tools).some(t => t.ms !== null)", 10)
+        tools = page.evaluate("Object.values(voicebus.tools).map(t => ({name: t.name, args: t.arguments, "
+                              "output: t.output, error: t.error, ms: t.ms, shown: t.element.textContent, "
+                              "height: t.element.getBoundingClientRect().height}))")
+        client.wait_for(lambda m: m.topic == "rt.response.done" and m.data["event"]["response"]["output"]
+                        and m.data["event"]["response"]["output"][0].get("type") == "message", timeout_s=30)
+        session = page.evaluate("voicebus.session")
+        link = page.evaluate("voicebus.reportUrl")
+        page.evaluate("voicebus.hangUp()")
+        report_file = traces / session / "report.html"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not report_file.exists():
+            time.sleep(0.2)
+        opened = page.evaluate(f"fetch({json.dumps(link)}).then(r => r.text().then(t => [r.status, t]))")
+    assert len(tools) == 1, tools
+    tool = tools[0]
+    assert tool["name"] == "get_current_time" and "Asia/Tokyo" in tool["args"] and tool["error"] == ""
+    assert "Asia/Tokyo" in tool["output"] and tool["ms"] == result.data["duration_ms"] and tool["height"] > 0
+    assert "get_current_time" in tool["shown"] and "→" in tool["shown"] and "ms" in tool["shown"]
+    assert link.startswith(f"/report/{session}?key=") and report_file.exists()
+    assert opened[0] == 200 and f"voicebus session {session}" in opened[1]
+    base = url.rstrip("/")
+    assert _http(base + link.split("?")[0] + "?key=" + "0" * 32)[0] == 404
+    assert _http(base + "/report/another-session?" + link.split("?")[1])[0] == 404
 
 
 def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_browser_decodes():

@@ -168,7 +168,8 @@ class Pipeline:
                   ProcessSpec("tools", ["tools", *modules, *mcp, *quiet]),
                   ProcessSpec("player", ["player", "--wav", str(staging / "played.wav"), *quiet]),
                   ProcessSpec("mic", ["mic", "--cued", "--rate", str(MIC_RATE), *quiet]),
-                  ProcessSpec("logger", ["logger", "--root", str(self.sessions_dir), "--no-upload", *quiet])]
+                  ProcessSpec("logger", ["logger", "--root", str(self.sessions_dir), "--no-upload", "--no-report",
+                                            *quiet])]
         self.stage_names = {spec.name for spec in specs if spec.heartbeat}
         self.supervisor = Supervisor(self.cfg, specs, f"eval-{run_id}", env, zygote=default_zygote())
         self.ctx = zmq.Context()

@@ -163,5 +163,7 @@ def _timeline(turns: list[dict[str, Any]]) -> str:
 def write_report(session_dir: Path, out: Path) -> Path:
     if not (session_dir / "meta.json").exists():
         raise FileNotFoundError(f"{session_dir}: not a voicebus session directory")
-    out.write_text(render(session_dir))
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(render(session_dir))
+    partial.replace(out)  # a page served while it is written is the old one or the whole new one
     return out

@@ -32,9 +32,10 @@ class LoggerStage(Stage):
     batch_interval_s = 0.2  # nothing here is on the latency path: wake 5 times a second, not 100
 
     def __init__(self, root: Path, prices: dict[str, float] | None = None, auto_upload: bool = True,
-                 project: str = "voicebus") -> None:
+                 project: str = "voicebus", write_reports: bool = True) -> None:
         super().__init__()
         self.root, self.auto_upload, self.project = root, auto_upload, project
+        self.write_reports = write_reports  # report.html into each session's directory as it closes
         self.builder = ConversationBuilder(prices)
         self.store: SessionStore | None = None
         self.noted = 0
@@ -160,10 +161,23 @@ class LoggerStage(Stage):
                                   turns=self.store.next_index - 1)
         except OSError as exc:
             log.error(kv("store_failed", what="meta", error=repr(exc.strerror)))
+        if self.write_reports:
+            self._spawn_report()
         live = self.live_upload
         self.live_upload = None
         if self.auto_upload and os.environ.get("WANDB_API_KEY") and (live is None or live.poll() is not None):
             self._spawn_upload()  # the live uploader gave up (W&B unreachable) or never ran: one more try
+
+    def _spawn_report(self) -> None:
+        """report.html beside the session, for the caller's page and for reading later; written by a process
+        of its own (matplotlib's ~30 MB and its seconds of CPU never in this stage)."""
+        assert self.store is not None
+        try:
+            subprocess.Popen([sys.executable, "-m", "services.cli", "report", str(self.store.dir), "-o",
+                              str(self.store.dir / "report.html")], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            log.error(kv("report_not_started", session=self.store.session, error=repr(exc.strerror)))
 
     def _spawn_upload(self, *extra: str) -> subprocess.Popen:
         """Upload in a separate process: the weave client's threads, retries and hangs never touch this stage.

@@ -35,6 +35,7 @@ from common.log import kv
 from services.serve.cluster import DrainError, conversation_nodes, drain_node, find_node
 from services.serve.conversation import SLOT_RESOURCE
 from services.serve.node_host import HOST_CONCURRENCY, NodeHost
+from services.web import reports
 from services.web.sdp import OfferError, parse_offer
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
@@ -133,6 +134,7 @@ class FrontDoor:
                        "client_limited": 0, "no_capacity": 0}
         self.limits = ClientLimits(*settings.get("client_offers", DEFAULT_CLIENT_OFFERS))
         self.said_no_capacity = False
+        self.report_secret = reports.new_secret()  # keys each caller's link to their own report
         self.connect_ms: deque[float] = deque(maxlen=CONNECT_TIMES_REMEMBERED)  # offer received -> answer sent
 
     # --- capacity ------------------------------------------------------------------------------
@@ -186,6 +188,7 @@ class FrontDoor:
         app.router.add_post("/offer", self.offer)
         app.router.add_get("/status", self.status)
         app.router.add_get("/call/{session}", self.call_state)
+        app.router.add_get("/report/{session}", self.report)
         app.router.add_post("/drain", self.drain)
         app.router.add_static("/static/", STATIC)
         return app
@@ -356,7 +359,8 @@ class FrontDoor:
         log.info(kv("conversation_placed", session=session, node=placed.node_id[:12], host=placed.host,
                     remote=remote, connect_ms=connect_ms, waited_ms=round(1000 * (offered - received), 1),
                     web_answer_ms=took.get("web_answer")))
-        return web.json_response({**answer["body"], "session": session, "node_id": placed.node_id})
+        return web.json_response({**answer["body"], "session": session, "node_id": placed.node_id,
+                                  "report_url": reports.report_url(self.report_secret, session)})
 
     async def call_state(self, request: web.Request) -> web.Response:
         """What became of one call: the page and `voicebus call` ask, so a lost node's callers are told."""
@@ -368,6 +372,14 @@ class FrontDoor:
             return web.json_response({"error": "no such call here"}, status=404)
         return web.json_response({"session": session, "state": "dropped" if ended["dropped"] else "ended",
                                   "reason": ended["reason"]})
+
+    async def report(self, request: web.Request) -> web.StreamResponse:
+        """A caller's report (the link their page was given), from the session directory its logger named."""
+        session = request.match_info["session"]
+        live = self.live.get(session)
+        ended = next((e for e in reversed(self.ended) if e["session"] == session), None)
+        where = live.status.get("report") if live is not None else (ended or {}).get("report")
+        return reports.report_response(request, self.report_secret, where)
 
     async def drain(self, request: web.Request) -> web.Response:
         """Mark a node draining: no new conversations there, its live ones finish, then Ray stops it."""

@@ -29,7 +29,7 @@ from common.log import RateLimitedLog, kv
 from common.pacing import FrameClock
 from common.stage import StageError
 from services.playback import PlaybackBuffer
-from services.web import libopus, page_messages
+from services.web import libopus, page_messages, reports
 from services.web.connections import guarded_runner
 from services.web.opus import LoopDecoding, MicFrame, VoiceEncoder, mono_frame
 from services.web.placement import OFFER_SECRET_ENV, OFFER_SECRET_HEADER
@@ -149,6 +149,8 @@ class BrowserLink:
         self._thread = threading.Thread(target=self._run, name="web-loop", daemon=True)
         self._runner: web.AppRunner | None = None
         self.hello: dict[str, Any] = {}  # sent to every page that connects (session id, report dir)
+        self.report_secret = reports.new_secret()  # keys the link to each caller's own report
+        self.report_dirs: dict[str, str] = {}  # session -> its directory in the store, as the logger said
 
     # --- the player's sink contract (read by PlayerStage for state and heartbeat) -----------------
     @property
@@ -222,6 +224,7 @@ class BrowserLink:
         app = web.Application(client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self._page)
         app.router.add_post("/offer", self._offer)
+        app.router.add_get("/report/{session}", self._report)
         app.router.add_static("/static/", STATIC)
         self._runner = guarded_runner(app)
         await self._runner.setup()
@@ -235,6 +238,10 @@ class BrowserLink:
         await self._hang_up("stage stopping")
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _report(self, request: web.Request) -> web.StreamResponse:
+        session = request.match_info.get("session", "")
+        return reports.report_response(request, self.report_secret, self.report_dirs.get(session))
 
     def _unplaced(self, request: web.Request) -> web.Response | None:
         """Under `serve`: a request that did not come through this set's host is refused, touching nothing."""

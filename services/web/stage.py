@@ -27,6 +27,7 @@ hangs up or vanishes; the other stages start and close their side of it on those
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from common.silence import SilenceBatcher
 from common.stage import SESSION_BEGIN, SESSION_END
 from services.player import PlayerStage
 from services.resampler import ResampleStage
+from services.web import reports
 from services.web.opus import MicFrame, RtpTimeline, as_mic_frame
 from services.web.rtc import RX_PREFETCH_FRAMES, BrowserLink
 
@@ -48,6 +50,8 @@ if TYPE_CHECKING:
     from av import AudioFrame
 
 log = logging.getLogger("voicebus.web")
+TOOL_TEXT_CHARS = 300  # of a call's arguments or its result, on the page (the report has them whole)
+REPORTS_KEPT = 100  # sessions whose report this stage can still serve
 MAX_GAP_FILL_S = 1.0  # lost packets: fill the timeline with silence up to this much, beyond it restart
 # bus events the page shows, and what it calls them
 PAGE_EVENTS = {
@@ -63,7 +67,7 @@ PAGE_EVENTS = {
 
 class WebStage(PlayerStage):
     name = "web"
-    subscriptions = ["audio.assistant", "player.flush", "rt.", "health.logger"]
+    subscriptions = ["audio.assistant", "player.flush", "rt.", "health.logger", "tool.call", "tool.result"]
     publishes_from_thread = True  # mic frames go out from the web loop's thread
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, rate: int = 24_000,
@@ -104,7 +108,7 @@ class WebStage(PlayerStage):
             assert self.thread_out is not None  # the web loop's thread publishes what it resamples
             self.resampler.out = self.thread_out
             self.resampler.start()  # warmed before the first caller's first words
-        self.link.hello = {"session": self.out.stamper.session, "report": ""}
+        self.link.hello = self._hello(self.out.stamper.session)
         self.link.start()
         log.info(kv("serving", url=self.link.url, **priority))
 
@@ -122,8 +126,14 @@ class WebStage(PlayerStage):
             super().handle(message)
             if topic == "player.flush":
                 self.link.send_page({"type": "flush", "reason": message.data.get("reason", "")})
+        elif topic in ("tool.call", "tool.result"):
+            self.link.send_page(_tool_message(topic, message.data))
         elif topic == "health.logger":
             report = str(message.data.get("session_dir", ""))
+            if report:
+                self.link.report_dirs[message.header.session] = report
+                while len(self.link.report_dirs) > REPORTS_KEPT:
+                    self.link.report_dirs.pop(next(iter(self.link.report_dirs)))
             if report != self.link.hello.get("report"):
                 self.link.hello["report"] = report
                 self.link.send_page({"type": "report", "report": report})
@@ -203,6 +213,9 @@ class WebStage(PlayerStage):
                 "opus_frames_encoded": track.encoder.frames_encoded if track and track.encoder else 0,
                 "opus_silence_repeated": track.encoder.silent_frames_repeated if track and track.encoder else 0}
 
+    def _hello(self, session: str) -> dict[str, Any]:
+        return {"session": session, "report": "", "report_url": reports.report_url(self.link.report_secret, session)}
+
     # --- web loop thread --------------------------------------------------------------------------
     def _client_event(self, kind: str, data: dict[str, Any]) -> None:
         assert self.thread_out is not None
@@ -216,7 +229,7 @@ class WebStage(PlayerStage):
             self.conversations += 1
             self.adopt_session(session)  # at once: this thread publishes the new caller's mic frames
             self._caller_on_line = True
-            self.link.hello = {"session": session, "report": ""}
+            self.link.hello = self._hello(session)
             self.thread_out.event(f"web.{kind}", data)
             self.thread_out.event(SESSION_BEGIN, {"session": session, "reason": "browser connected"})
             log.info(kv("conversation_begins", session=session, remote=data.get("remote")))
@@ -273,3 +286,18 @@ class WebStage(PlayerStage):
                 "audio.mic", pcm, rate=rate, channels=channels, pts=self.mic_pts, t_capture_ns=t_capture_ns,
                 t_ns=now_ns, clock="rtp", t_callback_ns=now_ns))
         self.mic_pts += len(pcm) // (2 * channels)
+
+
+
+def _tool_message(topic: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as the page shows it while it happens: its name, its arguments, then its result or error."""
+    def text(value: Any) -> str:
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        return shown if len(shown) <= TOOL_TEXT_CHARS else shown[:TOOL_TEXT_CHARS - 1] + "…"
+
+    message = {"type": "tool_call" if topic == "tool.call" else "tool_result",
+               "call_id": str(data.get("call_id") or ""), "name": str(data.get("name") or "")}
+    if topic == "tool.call":
+        return {**message, "arguments": text(data.get("arguments") or {})}
+    return {**message, "output": text(data.get("output")) if data.get("output") is not None else "",
+            "error": text(data.get("error")) if data.get("error") else "", "duration_ms": data.get("duration_ms")}

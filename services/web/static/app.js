@@ -5,8 +5,8 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const STATS_INTERVAL_MS = 500;
 
-const vb = (window.voicebus = { state: "idle", error: "", session: "", report: "", turns: {}, latencies: [],
-                                recordings: { played: [], mic: [] } });
+const vb = (window.voicebus = { state: "idle", error: "", session: "", report: "", reportUrl: "", turns: {},
+                                tools: {}, latencies: [], recordings: { played: [], mic: [] } });
 let pc = null, channel = null, ctx = null, micStream = null, statsTimer = null, lastJitter = null;
 
 function setStatus(state, text, kind = "") {
@@ -46,12 +46,33 @@ const handlers = {
   hello(m) {
     if (m.session !== vb.session) {  // a new conversation: nothing of the last one stays on the page
       vb.turns = {};
+      vb.tools = {};
       vb.latencies = [];
       $("transcript").replaceChildren();
     }
     vb.session = m.session; $("session").textContent = m.session || "-"; handlers.report(m);
+    if (!vb.reportUrl || !vb.reportUrl.includes(`/report/${m.session}?`)) showReportLink(m.report_url || "");
   },
   report(m) { vb.report = m.report || ""; $("report").textContent = m.report || "(no logger running)"; },
+  tool_call(m) {  // as it happens: the name and arguments, then (tool_result) what it returned and how long it took
+    const element = document.createElement("div");
+    element.className = "turn tool pending";
+    element.dataset.call = m.call_id;
+    element.innerHTML = `<span class="who">Tool</span><span class="text"><code class="name"></code>(<code class="args"></code>)</span><span class="result"></span><span class="meta">running</span>`;
+    element.querySelector(".name").textContent = m.name;
+    element.querySelector(".args").textContent = m.arguments;
+    $("transcript").appendChild(element);
+    vb.tools[m.call_id] = { name: m.name, arguments: m.arguments, output: "", error: "", ms: null, element };
+  },
+  tool_result(m) {
+    if (!vb.tools[m.call_id]) handlers.tool_call({ call_id: m.call_id, name: m.name, arguments: "" });
+    const tool = vb.tools[m.call_id];
+    Object.assign(tool, { output: m.output, error: m.error, ms: m.duration_ms });
+    tool.element.classList.remove("pending");
+    tool.element.classList.toggle("failed", !!m.error);
+    tool.element.querySelector(".result").textContent = m.error ? `error: ${m.error}` : `→ ${m.output}`;
+    tool.element.querySelector(".meta").textContent = m.duration_ms == null ? "" : `${Math.round(m.duration_ms)} ms`;
+  },
   speech_started(m) { turnElement(m.item_id, "user"); setStatus("live", "hearing you", "live"); },
   speech_stopped() { setStatus("live", "thinking", "live"); },
   user_delta(m) { const t = turnElement(m.item_id, "user"); setText(t, t.text + m.text); },
@@ -77,6 +98,13 @@ const handlers = {
   flush() { setStatus("live", "listening", "live"); },
   error(m) { $("error").textContent = `server error: ${m.error}`; $("error").hidden = false; },
 };
+
+function showReportLink(url) {  // the caller's own report, written when the call ends
+  vb.reportUrl = url;
+  const link = $("report-link");
+  link.hidden = !url;
+  if (url) link.href = url;
+}
 
 async function connect() {
   $("error").hidden = true;
@@ -124,6 +152,7 @@ async function connect() {
     const answer = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
     if (!response.ok) { fail(answer.error || `HTTP ${response.status}`); return; }
     await pc.setRemoteDescription(answer);
+    if (answer.report_url) showReportLink(answer.report_url);  // under serve: the front door's link
     if (answer.node_id) watchLine(answer.session);  // under voicebus serve: the front door knows if a node is lost
   } catch (error) {
     fail(`Could not connect: ${error.message || error}`);
