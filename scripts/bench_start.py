@@ -30,9 +30,9 @@ from benchlib import free_port, machine, offline_env, pct, start_simulator, tree
 from common.bus import Receiver, connect_sub  # noqa: E402
 from common.config import BusConfig  # noqa: E402
 from common.processes import cpu_seconds  # noqa: E402
-from common.zygote import Zygote  # noqa: E402
 from services.launcher import Supervisor, terminate  # noqa: E402
 from services.pipeline import WEB_STAGES, pipeline_specs  # noqa: E402
+from services.zygote import Zygote  # noqa: E402
 
 VARIANTS = ["zygote", "no-zygote"]
 READY_TIMEOUT_S = 120.0
@@ -92,7 +92,7 @@ def main() -> int:
     os.environ.clear()
     os.environ.update(clean, VOICEBUS_LOG_LEVEL="WARNING")
     simulator, os.environ["VOICEBUS_SIM_URL"] = start_simulator(work, dict(os.environ), ["--pace", "realtime"])
-    zygote = Zygote()
+    zygote = Zygote("services.preload")
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     try:
         began = time.monotonic()

@@ -102,7 +102,7 @@ def process_label(pid: int) -> str:
     words = command_words(pid)
     if "services.cli" in words:
         return words[words.index("services.cli") + 1]
-    if "common.zygote" in words:
+    if "services.zygote" in words:
         return "zygote"
     return next((Path(w).name for w in words[1:] if not w.startswith("-")), Path(words[0]).name)
 

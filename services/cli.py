@@ -739,7 +739,8 @@ def upload(sessions, root, evals, project, timeout, follow, owner_pid, log_level
     VOICEBUS_WEAVE_TELEMETRY=1."""
     import signal
 
-    from services.logger.upload import UploadError, run_upload
+    from services.upload_command import run_upload
+    from services.weave_upload import UploadError
 
     if follow:
         if evals or len(sessions) != 1:

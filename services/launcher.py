@@ -1,7 +1,7 @@
 """`voicebus up`: start the bus, then the stages; restart what dies or goes silent; stop it all.
 
 Children are ordinary `voicebus <stage>` processes (the same commands the Procfile lists for
-honcho), forked by the launcher's zygote (`common.zygote`: imported once, started in milliseconds,
+honcho), forked by the launcher's zygote (`services.zygote`: imported once, started in milliseconds,
 pages shared), or each its own `python -m services.cli` with `VOICEBUS_ZYGOTE=0`. Either way a
 SIGKILL of the launcher leaves no orphan behind (PR_SET_PDEATHSIG, through the zygote when forked).
 
@@ -41,7 +41,7 @@ from common.envelope import Stamper
 from common.log import kv
 from common.ports import port_answers
 from common.signals import StopFlag
-from common.zygote import ForkedProcess, Zygote, ZygoteError
+from services.zygote import ForkedProcess, Zygote, ZygoteError
 
 HEARTBEAT_TIMEOUT_S = 5.0  # five missed beats
 STARTUP_GRACE_S = 20.0  # a stage may load models before its first beat
@@ -123,6 +123,10 @@ def child_env(cfg: BusConfig, session: str, extra: dict[str, str] | None = None)
     return env
 
 
+# what the zygote preloads and how it runs a stage: a table handed to it by name (services/preload.py)
+PRELOAD_TABLE = "services.preload"
+
+
 def zygote_enabled() -> bool:
     """Stages forked from a zygote unless VOICEBUS_ZYGOTE=0 (each then imports for itself, as under honcho)."""
     return os.environ.get("VOICEBUS_ZYGOTE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -133,7 +137,7 @@ def default_zygote(fork_here: bool = False) -> Zygote | None:
     from this process itself if it has no other thread at the zygote's first start (`up`'s launcher)."""
     if not zygote_enabled():
         return None
-    zygote = Zygote.shared()
+    zygote = Zygote.shared(PRELOAD_TABLE)
     zygote.fork_here = zygote.fork_here or fork_here
     return zygote
 

@@ -104,7 +104,7 @@ def test_stages_fork_from_one_zygote_or_each_run_its_own_python(procs, client_fa
     client = client_factory_no_bus(["health.resample"])
     client.wait_for(lambda m: m.topic == "health.resample", timeout_s=30)
     under_up = {pid: command_words(pid) for pid in children_of(up.pid)}
-    zygotes = [pid for pid, words in under_up.items() if "common.zygote" in words]
+    zygotes = [pid for pid, words in under_up.items() if "services.zygote" in words]
     stages = {words[3]: pid for pid, words in under_up.items() if words[1:3] == ["-m", "services.cli"]}
     assert set(stages) == {"bus", "resample"}
     if zygote == "1":
@@ -243,10 +243,10 @@ def test_the_launcher_sleeps_until_a_stage_exits_not_until_its_next_look(forked,
     """The loop looks at its stages every POLL_INTERVAL_S, and an exit must wake it at once (a crash
     restarted without waiting out the interval), whichever way the stage was started; something
     readable in `wake` (Ctrl-C's pipe, the serve thread's bus socket) wakes it too, saying so."""
-    from common.zygote import Zygote
-    from services.launcher import sleep_until_exit, spawn
+    from services.launcher import PRELOAD_TABLE, sleep_until_exit, spawn
+    from services.zygote import Zygote
 
-    zygote = Zygote() if forked else None
+    zygote = Zygote(PRELOAD_TABLE) if forked else None
     if zygote is not None:
         zygote.start()
     bus = spawn(["bus", "--pub", f"ipc://{tmp_path}/pub.sock", "--sub", f"ipc://{tmp_path}/sub.sock"],

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from common.processes import command_words, descendants, parent_pid
-from common.zygote import ZYGOTE_LOST, Zygote, ZygoteError
+from services.launcher import PRELOAD_TABLE
+from services.zygote import ZYGOTE_LOST, Zygote, ZygoteError
 from tests.helpers import REPO, alive, fork_failing_env
 
 
 @pytest.fixture
 def zygote():
-    made = Zygote()
+    made = Zygote(PRELOAD_TABLE)
     made.start()
     yield made
     made.stop()
@@ -86,7 +87,7 @@ def test_a_fork_that_fails_fails_that_spawn_only(tmp_path, monkeypatch):
     env, forks_fail = fork_failing_env(tmp_path)
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the zygote starts with this process's environment
-    made = Zygote()
+    made = Zygote(PRELOAD_TABLE)
     made.start()
     try:
         bus = made.spawn(_bus_args(tmp_path), dict(os.environ), name="bus")
@@ -110,7 +111,7 @@ def test_a_fork_that_fails_fails_that_spawn_only(tmp_path, monkeypatch):
 HOLES_THEN_FORK = """
 import gc, os, sys
 from common.processes import memory_kb
-from common.zygote import fill_allocator_holes
+from services.zygote import fill_allocator_holes
 
 objects = [bytes(31) for _ in range(40_000)]  # 33 + 31 bytes: pymalloc's 64-byte class
 del objects[::8]
@@ -153,12 +154,12 @@ def test_a_fork_allocates_in_pools_of_its_own_once_the_zygotes_holes_are_filled(
 # encode and decode a bus message.
 PRELOAD_THEN_FORK = """
 import os, sys
-from common import zygote
 from common.processes import memory_kb
+from services import preload, zygote
 
 if sys.argv[1] == "no":
-    zygote.rehearse = lambda: 0
-zygote.preload()
+    preload.rehearse = lambda: 0
+zygote.preload("services.preload")
 pid = os.fork()
 if pid == 0:
     from common.envelope import decode, encode
@@ -191,17 +192,17 @@ def test_a_stage_forked_after_the_rehearsal_copies_fewer_pages_to_parse_its_comm
 
 
 def test_the_rehearsal_parses_every_stage_command_line_the_launcher_gives():
-    from common.zygote import rehearse
     from services.pipeline import STAGES
+    from services.preload import rehearse
 
     assert rehearse() == len(STAGES) + 1  # and the bus
 
 
 PRELOADED = """
 import sys
-from common import zygote
+from services import zygote
 
-zygote.preload(sys.argv[1:])
+zygote.preload("services.preload", sys.argv[1:])
 print("services.simulator.server" in sys.modules)
 """
 
@@ -210,7 +211,7 @@ def test_the_simulator_is_preloaded_only_for_a_stage_set_that_starts_one():
     """It stands in for OpenAI: a conversation with a key, or with the simulator apart, does not carry it."""
     assert _last_word_printed(PRELOADED) == "False"
     assert _last_word_printed(PRELOADED, "services.simulator.server") == "True"
-    made = Zygote()
+    made = Zygote(PRELOAD_TABLE)
     try:
         made.start(["gateway", "simulate", "logger"])
         assert made.extra_preload == ["services.simulator.server"]

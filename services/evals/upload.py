@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.logger.store import _atomic_write, load_json
-from services.logger.upload import UploadError, _at, _audio, _confirmed, flush_and_confirm
+from services.weave_upload import UploadError, at, audio, confirmed, flush_and_confirm
 
 RUN_FILE = "run.json"
 
@@ -45,10 +45,10 @@ def timed_as(client, started_ns: int | None, ended_ns: int | None) -> Iterator[N
     create, finish = client.create_call, client.finish_call
 
     def create_call(*args, started_at=None, **kwargs):
-        return create(*args, started_at=started_at or _at(started_ns), **kwargs)
+        return create(*args, started_at=started_at or at(started_ns), **kwargs)
 
     def finish_call(*args, ended_at=None, **kwargs):
-        return finish(*args, ended_at=ended_at or _at(ended_ns), **kwargs)
+        return finish(*args, ended_at=ended_at or at(ended_ns), **kwargs)
 
     client.create_call, client.finish_call = create_call, finish_call
     try:
@@ -63,7 +63,7 @@ def upload_eval_run(client, run_dir: Path, progress) -> dict[str, Any]:
     result = load_json(run_dir / RUN_FILE) or {}
     state_path = run_dir / "upload.json"
     state = load_json(state_path) or {}
-    if state.get("call_ids") and _confirmed(client, state["call_ids"]):
+    if state.get("call_ids") and confirmed(client, state["call_ids"]):
         _atomic_write(state_path, json.dumps({**state, "confirmed": True}, indent=1))
         return {"session": result.get("run"), "turns": 0, "already_there": True}
     rows = [{"file": Path(s["file"]).name, "scenario": s["name"], "repeat": s["repeat"],
@@ -78,12 +78,12 @@ def upload_eval_run(client, run_dir: Path, progress) -> dict[str, Any]:
     for row, scenario in zip(rows, result.get("scenarios", []), strict=True):
         turns = scenario["turns"]
         inputs = {**row, "session": scenario["session"],
-                  "user_audio": [_audio(run_dir / t["audio"]["user"]) if t["audio"].get("user") else None
+                  "user_audio": [audio(run_dir / t["audio"]["user"]) if t["audio"].get("user") else None
                                  for t in turns]}
         output = {"turns": [{"turn": t["turn"], "user_transcript": t.get("user_transcript"),
                              "reply_heard": t.get("reply_heard"), "tools": t.get("tools"),
                              "latency_ms": t.get("latency_ms"),
-                             "heard_audio": _audio(run_dir / t["audio"]["heard"]) if t["audio"].get("heard") else None}
+                             "heard_audio": audio(run_dir / t["audio"]["heard"]) if t["audio"].get("heard") else None}
                             for t in turns]}
         with timed_as(client, scenario.get("started_ns"), scenario.get("ended_ns")):
             prediction = evaluation.log_prediction(inputs=inputs, output=output)

@@ -17,15 +17,9 @@ import click
 import requests
 
 from services.logger.store import load_json
-from services.logger.upload import (
-    SessionBusy,
-    SessionLock,
-    SessionUploader,
-    UploadError,
-    connect,
-    span_exporter,
-    trace_server_url,
-)
+from services.logger.upload import SessionLock, SessionUploader, span_exporter
+from services.logger.weave_setup import trace_server_url
+from services.weave_upload import SessionBusy, UploadError, connect
 
 FOLLOW_POLL_S = 0.5  # how often a live uploader looks for a newly stored turn
 FOLLOW_RETRY_S = (1.0, 30.0)  # after a failed send: first wait, longest wait (doubling)

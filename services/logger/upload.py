@@ -17,7 +17,6 @@ a second uploader off a session that one is sending.
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import json
 import logging
@@ -27,37 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
-import requests
-
 from services.logger.store import _atomic_write, load_json, load_turns
-from services.logger.weave_setup import init_client, project_name, trace_server_url
+from services.logger.weave_setup import trace_server_url
+from services.weave_upload import SessionBusy, UploadError, at, audio, confirmed
 
-REACHABILITY_TIMEOUT_S = 3.0
 LOCK_WAIT_S = 60.0  # an upload finds a session being sent by another: wait this long for it, then skip it
 STATE_VERSION = 2
 log = logging.getLogger("voicebus.upload")
-
-
-class UploadError(RuntimeError):
-    pass
-
-
-class SessionBusy(UploadError):
-    """Another uploader (a live one) holds the session."""
-
-
-def reachable() -> tuple[bool, str]:
-    url = trace_server_url()
-    try:
-        response = requests.get(f"{url}/server_info", timeout=REACHABILITY_TIMEOUT_S)
-        return response.ok, f"{url} answered {response.status_code}"
-    except requests.RequestException as exc:
-        return False, f"{url} unreachable ({type(exc).__name__})"
-
-
-def _at(ns: int | None) -> datetime.datetime | None:
-    return datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC) if ns else None
 
 
 def _state(session_dir: Path) -> dict[str, Any]:
@@ -89,18 +64,6 @@ def pending_sessions(root: Path, wanted: list[str]) -> list[Path]:
         if session_pending(path):
             out.append(path)
     return out
-
-
-def _audio(path: Path):
-    import weave
-
-    return weave.Audio.from_path(str(path)) if path.exists() and path.stat().st_size > 44 else None
-
-
-def _confirmed(client, call_ids: list[str]) -> bool:
-    query = {"project_id": client.project_id, "filter": {"call_ids": call_ids}}
-    found = {call.id for call in client.server.calls_query_stream(query)}
-    return set(call_ids) <= found
 
 
 def _new_id() -> str:
@@ -206,7 +169,7 @@ class SessionUploader:
         entry["audio_refs"] = {name: ref for name in (agents.USER_AUDIO, agents.PLAYED_AUDIO, agents.GENERATED_AUDIO)
                                if name in files and (ref := self._publish_wav(files[name]))}
         if not entry.get("calls_confirmed"):
-            if entry.get("call_ids") and _confirmed(self.client, entry["call_ids"]):
+            if entry.get("call_ids") and confirmed(self.client, entry["call_ids"]):
                 entry["calls_confirmed"] = True  # sent by a run that was cut short before it could say so
             else:
                 entry["call_ids"] = [_new_id() for _ in range(1 + len(turn.get("tools", [])))]
@@ -214,7 +177,7 @@ class SessionUploader:
                 self._turn_calls(turn, files, parent, entry["call_ids"])
         self.client.flush()
         if not entry.get("calls_confirmed"):
-            if not _confirmed(self.client, entry["call_ids"]):
+            if not confirmed(self.client, entry["call_ids"]):
                 raise UploadError(f"{self.dir.name} turn {turn['turn']}: the trace server does not have "
                                   "its calls yet; it stays pending and is checked on the next upload")
             entry["calls_confirmed"] = True
@@ -229,25 +192,25 @@ class SessionUploader:
 
     def _turn_calls(self, turn: dict[str, Any], files: dict[str, Path], parent, call_ids: list[str]) -> None:
         client = self.client
-        started, ended = _at(turn.get("started_ns")), _at(turn.get("ended_ns"))
+        started, ended = at(turn.get("started_ns")), at(turn.get("ended_ns"))
         call = client.create_call("voicebus.turn", parent=parent, use_stack=False, _call_id_override=call_ids[0],
                                   started_at=started, display_name=f"turn {turn['turn']}", inputs={
                                       "turn": turn["turn"], "user_transcript": turn["user"]["transcript"],
-                                      "user_audio": _audio(files.get("user", Path("-"))), "user": turn["user"]})
+                                      "user_audio": audio(files.get("user", Path("-"))), "user": turn["user"]})
         for tool, call_id in zip(turn.get("tools", []), call_ids[1:], strict=True):
             tool_call = client.create_call("voicebus.tool", parent=call, use_stack=False, _call_id_override=call_id,
-                                           started_at=_at(tool.get("called_ns")) or started, inputs={
+                                           started_at=at(tool.get("called_ns")) or started, inputs={
                                                "name": tool.get("name"), "arguments": tool.get("arguments"),
                                                "call_id": tool.get("call_id"), "source": tool.get("source")})
             client.finish_call(tool_call, output={"output": tool.get("output"), "error": tool.get("error"),
                                                   "duration_ms": tool.get("tool_ms"),
                                                   "round_trip_ms": tool.get("round_trip_ms")},
                                exception=RuntimeError(tool["error"]) if tool.get("error") else None,
-                               ended_at=_at(tool.get("answered_ns")) or ended)
+                               ended_at=at(tool.get("answered_ns")) or ended)
         client.finish_call(call, ended_at=ended, output={
             "assistant_transcript": turn["assistant"]["transcript_heard"],
-            "assistant_audio": _audio(files.get("assistant-played", Path("-"))),
-            "assistant_audio_generated": _audio(files.get("assistant-generated", Path("-"))),
+            "assistant_audio": audio(files.get("assistant-played", Path("-"))),
+            "assistant_audio_generated": audio(files.get("assistant-generated", Path("-"))),
             "assistant": turn["assistant"], "usage": turn["usage"], "cost_usd": turn["cost_usd"],
             "timing": turn["timing"], "responses": turn.get("responses"), "events": turn["events"]})
 
@@ -268,12 +231,12 @@ class SessionUploader:
         meta = load_json(self.dir / "meta.json") or {}
         turns = load_turns(self.dir)
         root_id = self.root_stub().id
-        if not (self.state.get("root_sent") and _confirmed(self.client, [root_id])):
+        if not (self.state.get("root_sent") and confirmed(self.client, [root_id])):
             self.state["root_sent"] = True
             self.save()
             self._session_call(meta, turns, root_id)
             self.client.flush()
-            if not _confirmed(self.client, [root_id]):
+            if not confirmed(self.client, [root_id]):
                 raise UploadError(f"{self.dir.name}: the trace server does not have the session call yet; "
                                   "it stays pending and is checked on the next upload")
         self.state.update(confirmed=True, at_ns=time.time_ns())
@@ -296,15 +259,15 @@ class SessionUploader:
         inputs = {k: meta.get(k) for k in ("session", "model", "protocol", "server_session_id", "started_ns")}
         with weave.thread(None):  # the session call is no turn of its thread: the turns are
             root = self.client.create_call("voicebus.session", inputs=inputs, use_stack=False,
-                                           _call_id_override=root_id, started_at=_at(started))
-        self.client.finish_call(root, output={**totals, "events": events, "ended_ns": ended}, ended_at=_at(ended))
+                                           _call_id_override=root_id, started_at=at(started))
+        self.client.finish_call(root, output={**totals, "events": events, "ended_ns": ended}, ended_at=at(ended))
 
 
 def upload_session(client, session_dir: Path, progress, export_spans: Callable[[list], bool]) -> dict[str, Any]:
     """Everything pending of one stored session, the session call included."""
     state = _state(session_dir)
     legacy = state.get("legacy") or {}
-    if legacy.get("call_ids") and _confirmed(client, legacy["call_ids"]):
+    if legacy.get("call_ids") and confirmed(client, legacy["call_ids"]):
         _save(session_dir, {**legacy, "confirmed": True})  # an older uploader's run, cut short but complete
         return {"turns": 0, "already_there": True}
     meta = load_json(session_dir / "meta.json") or {}
@@ -327,7 +290,7 @@ def _upload_say(client, session_dir: Path, meta: dict[str, Any]) -> dict[str, An
     [turn] = load_turns(session_dir)
     audio_path = session_dir / turn["audio_files"]["answer"]
     call_id = state.get("say_call_id")
-    if not (call_id and _confirmed(client, [call_id])):
+    if not (call_id and confirmed(client, [call_id])):
         call_id = state["say_call_id"] = _new_id()
         _save(session_dir, state)
 
@@ -337,86 +300,18 @@ def _upload_say(client, session_dir: Path, meta: dict[str, Any]) -> dict[str, An
 
         call = client.create_call(voicebus_say, inputs={"prompt": turn["prompt"], "system": turn["system"],
                                                         "model": turn["model"], "voice": turn["voice"]},
-                                  use_stack=False, _call_id_override=call_id, started_at=_at(meta.get("started_ns")))
+                                  use_stack=False, _call_id_override=call_id, started_at=at(meta.get("started_ns")))
         client.finish_call(call, output={"transcript": turn["transcript"], "audio": weave.Audio.from_path(
-            str(audio_path)), "usage": turn["usage"]}, op=voicebus_say, ended_at=_at(meta.get("ended_ns")))
+            str(audio_path)), "usage": turn["usage"]}, op=voicebus_say, ended_at=at(meta.get("ended_ns")))
         client.flush()
-        if not _confirmed(client, [call_id]):
+        if not confirmed(client, [call_id]):
             raise UploadError(f"{session_dir.name}: the trace server does not have the call yet; it stays pending")
     state["turns"][turn["key"]] = {"call_ids": [call_id], "calls_confirmed": True, "done": True}
     _save(session_dir, {**state, "confirmed": True, "at_ns": time.time_ns()})
     return {"turns": 1, "already_there": False}
 
 
-def flush_and_confirm(client, state_path: Path, call_ids: list[str], name: str, before_flush=None) -> None:
-    """Write the call ids down, flush, read them back; only then mark `state_path` confirmed.
-
-    An upload cut short after the ids are written is checked on the next run, not sent again.
-    `before_flush` runs between (an Evaluation's summary, which ends its open call)."""
-    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": False}, indent=1))
-    if before_flush is not None:
-        before_flush()
-    client.flush()
-    if not _confirmed(client, call_ids):
-        raise UploadError(f"{name}: the trace server does not have all {len(call_ids)} calls yet; "
-                          "it stays pending and will be checked on the next upload")
-    _atomic_write(state_path, json.dumps({"call_ids": call_ids, "confirmed": True, "at_ns": time.time_ns()},
-                                         indent=1))
-
-
 def span_exporter(client) -> Callable[[list], bool]:
     from services.logger.agents import exporter
 
     return exporter(trace_server_url(), client.project_id, os.environ["WANDB_API_KEY"])
-
-
-def connect(project: str, what: str, count: int, root: Path):
-    if not os.environ.get("WANDB_API_KEY"):
-        raise click.ClickException(f"WANDB_API_KEY is not set: nothing can be uploaded ({what}s stay in "
-                                   f"{root}; weave is never asked to prompt for a login)")
-    ok, why = reachable()
-    if not ok:
-        raise click.ClickException(f"W&B is not reachable: {why}; {count} {what}(s) stay stored for later")
-    return init_client(project)
-
-
-def run_upload(root: Path, names: list[str], project: str, evals: bool = False) -> int:
-    """Upload what is pending under `root`: sessions, or eval runs (`voicebus eval`) with `evals`."""
-    what = "eval run" if evals else "session"
-    if not root.exists():
-        raise click.ClickException(f"no {what}s stored under {root}")
-    if evals:
-        from services.evals.upload import pending_runs, upload_eval_run
-
-        todo = pending_runs(root, names)
-    else:
-        todo = pending_sessions(root, names)
-    if not todo:
-        click.echo(f"nothing to upload: every stored {what} is already confirmed on the trace server")
-        return 0
-    client = connect(project, what, len(todo), root)
-    export = None if evals else span_exporter(client)
-    total_mb = sum(f.stat().st_size for d in todo for f in d.rglob("*.wav")) / 1e6
-    click.echo(f"uploading {len(todo)} {what}(s), {total_mb:.1f} MB of audio, to {trace_server_url()} "
-               f"(project {project_name(project)})")
-    failures = 0
-    for index, item_dir in enumerate(todo, 1):
-        def progress(turn: dict[str, Any], index: int = index, name: str = item_dir.name) -> None:
-            click.echo(f"  [{index}/{len(todo)}] {name} {'' if evals else 'turn '}{turn['turn']}")
-
-        try:
-            result = upload_eval_run(client, item_dir, progress) if evals else \
-                upload_session(client, item_dir, progress, export)
-        except SessionBusy as exc:
-            click.echo(f"  [{index}/{len(todo)}] skipped: {exc}")
-            continue
-        except (UploadError, requests.RequestException) as exc:  # the trace server went away mid-upload
-            failures += 1
-            said = str(exc) if isinstance(exc, UploadError) else f"{item_dir.name}: {exc}; it stays pending"
-            click.echo(f"  {said}", err=True)
-            continue
-        note = "already on the server" if result["already_there"] else \
-            f"{result['turns']} {'scenario run' if evals else 'turn'}(s)"
-        click.echo(f"  [{index}/{len(todo)}] {item_dir.name}: confirmed ({note})")
-    client.finish()
-    return 1 if failures else 0

@@ -7,7 +7,7 @@ up --web` does, and its web stage answers the browser's offer, so media flows be
 and this node; only signalling passed through the front door. The conversation is over when its
 caller hangs up or vanishes (the web stage's `session.end`) or has been idle too long; the front
 door then stops it, which stops every process it started. Its stages are forks of the node host's
-zygote (`common.zygote`: imported once for all the node's conversations, so a stage set starts in
+zygote (`services.zygote`: imported once for all the node's conversations, so a stage set starts in
 milliseconds and shares those pages); they die with it, and it with the node host.
 """
 

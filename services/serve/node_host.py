@@ -55,8 +55,8 @@ class NodeHost:
     @staticmethod
     def _warm_zygote() -> None:
         """Import the stages once, now, at full priority: every conversation's stages fork from it."""
-        from common.zygote import ZygoteError
         from services.launcher import default_zygote
+        from services.zygote import ZygoteError
 
         zygote = default_zygote()
         if zygote is not None:

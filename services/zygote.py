@@ -43,23 +43,11 @@ import setproctitle
 from common.log import kv
 from common.processes import memory_kb
 
-# what the stages import, their lazy imports included (the SDK's event tables, the browser stage's
-# codec and jitter buffer): every stage of `up` and of a served conversation forks with these in
-# place. Not the MCP client (only with `tools --mcp`) nor weave (only when uploading), nor the
-# simulator unless the set starts one (`COMMAND_PRELOAD`).
-PRELOAD = ["services.cli", "common.runner", "services.bus", "services.resampler", "services.mic",
-           "services.player", "services.gateway.stage", "services.gateway.session", "services.gateway.bargein",
-           "services.tools.stage", "services.logger.stage", "services.web.stage", "services.web.opus",
-           "aiortc.jitterbuffer", "ssl",
-           # what a browser's call imports as it connects (DTLS ciphers, the certificate's serialization;
-           # asyncio's default executor in the web, tools and gateway stages): ~7 ms at Connect, and
-           # pages of each web stage's own otherwise
-           "cryptography.hazmat.primitives.ciphers", "cryptography.hazmat.backends.openssl",
-           "cryptography.hazmat.primitives.serialization", "concurrent.futures.thread"]
-# and what a stage only some sets start imports, preloaded when the launcher says it will start one:
-# the simulator stands in for OpenAI in an offline `up` (~3 MB a browser conversation would
-# otherwise carry in its zygote with a key, or with the simulator apart as in the benchmarks)
-COMMAND_PRELOAD = {"simulate": ["services.simulator.server"]}
+# A zygote is handed a table: the name of a module (the launcher's is `services.preload`) with PRELOAD
+# (modules every fork should find imported), COMMAND_PRELOAD (command -> modules, for commands only
+# some sets start), warm() (build what the forks share) and run(argv) -> exit code (a stage's command
+# line, as `python -m services.cli ARGV` would run it). The zygote imports it by name and knows nothing
+# else of the stages: the lowest layer never reaches up to the commands it forks.
 READY_TIMEOUT_S = 120.0  # its imports, on a machine that is busy starting other stage sets
 REQUEST_TIMEOUT_S = 30.0
 REPLY_MAX = 512  # a pid, or "error: ..." when it could not fork
@@ -141,7 +129,7 @@ class DirectChild:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.poll() is None:
             if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(["common.zygote"], timeout or 0.0)
+                raise subprocess.TimeoutExpired(["services.zygote"], timeout or 0.0)
             time.sleep(0.01)
         assert self.returncode is not None
         return self.returncode
@@ -160,35 +148,37 @@ def _threads() -> int:
 class Zygote:
     """The launcher's end: starts the zygote process, asks it for stages."""
 
-    _shared: Zygote | None = None
+    _shared: dict[str, Zygote] = {}
     _shared_lock = threading.Lock()
 
-    def __init__(self, fork_here: bool = False) -> None:
+    def __init__(self, table: str, fork_here: bool = False) -> None:
+        self.table = table  # the module that says what to preload and how a stage runs (see above)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self.proc: subprocess.Popen | DirectChild | None = None
         # the first start forks the zygote from this very process when it is single-threaded then (`up`'s
         # launcher): the launcher then shares the imported pages with it and with every stage instead
         # of holding its own copy of click, zmq and the rest (~9 MB). Otherwise (a Ray worker has
-        # threads; a restart after the zygote died) it is a fresh `python -m common.zygote`.
+        # threads; a restart after the zygote died) it is a fresh `python -m services.zygote`.
         self.fork_here = fork_here
         self.extra_preload: list[str] = []
         self.imported_here = False  # this process imported PRELOAD only to fork it (`release_imports`)
         self.released = False
 
     @classmethod
-    def shared(cls) -> Zygote:
-        """This process's zygote (the node host's conversations share one)."""
+    def shared(cls, table: str) -> Zygote:
+        """This process's zygote for `table` (the node host's conversations share one)."""
         with cls._shared_lock:
-            if cls._shared is None:
-                cls._shared = cls()
-            return cls._shared
+            if table not in cls._shared:
+                cls._shared[table] = cls(table)
+            return cls._shared[table]
 
     def start(self, commands: Iterable[str] = ()) -> None:
         """Start it (if it is not running) and wait until it has imported `PRELOAD`, and what the
         `voicebus` commands it is about to fork import beside (`COMMAND_PRELOAD`)."""
         with self._lock:
-            self.extra_preload = sorted({name for command in commands for name in COMMAND_PRELOAD.get(command, [])})
+            by_command = importlib.import_module(self.table).COMMAND_PRELOAD
+            self.extra_preload = sorted({name for command in commands for name in by_command.get(command, [])})
             self._ensure_running()
 
     def _ensure_running(self) -> None:
@@ -205,13 +195,15 @@ class Zygote:
         env.pop("SPT_NOENV", None)
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
         started = time.monotonic()
-        forked = _fork_zygote(theirs, ours, self.extra_preload) if self.fork_here and self.proc is None else None
+        forked = _fork_zygote(theirs, ours, self.table, self.extra_preload) \
+            if self.fork_here and self.proc is None else None
         self.imported_here, self.released = forked is not None, False  # a new zygote's imports are new pages
         if forked is not None:
             self.proc = forked
         else:
-            self.proc = subprocess.Popen([sys.executable, "-m", "common.zygote", str(theirs.fileno()), *self.extra_preload],
-                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+            self.proc = subprocess.Popen([sys.executable, "-m", "services.zygote", str(theirs.fileno()), self.table,
+                                          *self.extra_preload], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         env=env)
         theirs.close()
         self._sock = ours
         ours.settimeout(READY_TIMEOUT_S)
@@ -291,7 +283,7 @@ class Zygote:
 
 
 # --- the zygote process itself ------------------------------------------------------------------
-def _serve(control: socket.socket) -> None:
+def _serve(control: socket.socket, table: str) -> None:
     """Fork a stage for each request until the launcher's end of `control` closes."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -322,7 +314,7 @@ def _serve(control: socket.socket) -> None:
             control.sendall(f"error: {type(exc).__name__}: {exc}".encode()[:REPLY_MAX])
             continue
         if pid == 0:
-            _become_stage(request, fds, [control.fileno(), wake_r, wake_w, *status_fds.values()])
+            _become_stage(request, fds, [control.fileno(), wake_r, wake_w, *status_fds.values()], table)
         status_fds[pid] = fds[0]
         for fd in fds[1:]:
             os.close(fd)
@@ -344,7 +336,7 @@ def _reap(status_fds: dict[int, int]) -> None:
             os.close(fd)
 
 
-def _become_stage(request: dict[str, Any], fds: list[int], inherited: list[int]) -> None:
+def _become_stage(request: dict[str, Any], fds: list[int], inherited: list[int], table: str) -> None:
     """In the fork: become `voicebus ARGV` as a fresh process would be, run it, and exit (never returns)."""
     code = 1
     try:
@@ -373,7 +365,7 @@ def _become_stage(request: dict[str, Any], fds: list[int], inherited: list[int])
         # it would have been started with (not the zygote's); and the short name top shows
         setproctitle.setproctitle(" ".join([sys.executable, "-m", "services.cli", *request["argv"]]))
         libc.prctl(PR_SET_NAME, f"vb-{request['name']}"[:15].encode())
-        code = _run_cli(request["argv"])
+        code = _run(table, request["argv"])
     finally:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -381,16 +373,13 @@ def _become_stage(request: dict[str, Any], fds: list[int], inherited: list[int])
         os._exit(code)
 
 
-def _run_cli(argv: list[str]) -> int:
-    """`voicebus ARGV` to its end, as the interpreter would end it: its exit code, then its
+def _run(table: str, argv: list[str]) -> int:
+    """The table's `run(ARGV)` to its end, as the interpreter would end it: its exit code, then its
     non-daemon threads joined and its atexit functions run (os._exit skips both)."""
     import atexit
 
-    from services.cli import main
-
     try:
-        main(args=argv, prog_name="voicebus")
-        code = 0
+        code = importlib.import_module(table).run(argv)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
@@ -407,7 +396,7 @@ def _run_cli(argv: list[str]) -> int:
     return code
 
 
-def _fork_zygote(theirs: socket.socket, ours: socket.socket, extra: list[str]) -> DirectChild | None:
+def _fork_zygote(theirs: socket.socket, ours: socket.socket, table: str, extra: list[str]) -> DirectChild | None:
     """Import `PRELOAD` here, then fork the zygote from this process: both keep the imported pages
     shared. The child keeps only its end of the socket and the standard streams (stdin: /dev/null),
     answers "ready" and serves; it never returns into the caller's frames. None when this process
@@ -415,7 +404,7 @@ def _fork_zygote(theirs: socket.socket, ours: socket.socket, extra: list[str]) -
     if _threads() != 1:
         return None
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS would start a pool as it loads
-    preload(extra)
+    preload(table, extra)
     if _threads() != 1:
         log.warning(kv("zygote_apart", reason="a preloaded module started a thread here", threads=_threads()))
         return None
@@ -431,9 +420,10 @@ def _fork_zygote(theirs: socket.socket, ours: socket.socket, extra: list[str]) -
         os.dup2(devnull, 0)
         os.close(devnull)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's handler sets the launcher's flag
-        setproctitle.setproctitle(f"{sys.executable} -m common.zygote (voicebus stage zygote, forked by {os.getppid()})")
+        setproctitle.setproctitle(f"{sys.executable} -m services.zygote (voicebus stage zygote, forked by "
+                                  f"{os.getppid()})")
         theirs.sendall(b"ready")
-        _serve(theirs)
+        _serve(theirs, table)
         code = 0
     finally:
         os._exit(code)
@@ -461,73 +451,17 @@ def page_out_unshared_library_pages() -> float:
     return max(0.0, (before - memory_kb("self", "Rss")) / 1024)
 
 
-def preload(extra: Iterable[str] = ()) -> None:
-    """Import what every stage imports (and `extra`) and build what they share, then keep it out of the
-    collector."""
-    for name in [*PRELOAD, *extra]:
+def preload(table: str, extra: Iterable[str] = ()) -> None:
+    """Import what every stage imports (the table's PRELOAD, and `extra`) and build what they share (the
+    table's `warm()`), then keep it out of the collector."""
+    spec = importlib.import_module(table)
+    for name in [*spec.PRELOAD, *extra]:
         importlib.import_module(name)
-    from common.realtime_types import build_validators
-
-    build_validators("ga")  # the gateway's event tables and their validators, built once here (~4 MB)
-    from common.resample import StreamResampler
-
-    StreamResampler(48_000, 24_000, 1).feed(bytes(3840))  # and the resampler's 48 -> 24 kHz tables (1.6 kB)
-    from services.web import libopus
-
-    with contextlib.suppress(libopus.LibOpusMissing):  # a web stage forked without it says so at its start
-        libopus.load()  # and the browser's decoder: found (ldconfig, ~12 ms) and bound once, not per web stage
-    rehearse()
-    _preload_example_tools()
+    spec.warm()
     gc.collect()
     filled = fill_allocator_holes()
     gc.freeze()  # what is imported is never collected: the collector leaves its pages shared
     log.debug(kv("allocator_holes_filled", slots=filled))
-
-
-def _preload_example_tools() -> None:
-    """The default tools' models and schemas, built once for every tools stage (`preload_python_tools`)."""
-    from services.pipeline import EXAMPLE_TOOLS
-    from services.tools.python_source import preload_python_tools
-
-    try:
-        preload_python_tools(EXAMPLE_TOOLS)
-    except Exception as exc:  # noqa: BLE001 - a tools stage loading it says what is wrong, and exits 2
-        log.warning(kv("example_tools_not_preloaded", path=str(EXAMPLE_TOOLS), reason=repr(str(exc))))
-
-
-def rehearse() -> int:
-    """Run once, here, the pure part of every stage's start: parsing its command line (as the launcher
-    gives it; no command runs, and the stage commands have no callbacks) and stamping, encoding and
-    decoding the bus messages it sends and takes. Returns how many command lines parsed.
-
-    The first run of code in a process writes to what it runs through: the code objects (CPython
-    specializes them as they run), the ABCs' isinstance caches, interned names' reference counts.
-    Done here, those writes land in pages every fork shares; done in each stage, each copied them:
-    measured, ~0.9 MB of each stage's private memory for the command line and ~0.4 MB more in
-    each stage that decodes messages (a browser conversation has five stages)."""
-    import click
-
-    from common.envelope import decode, encode
-    from common.stage import Output
-    from services.cli import main
-    from services.pipeline import BUS, STAGES
-
-    parsed = 0
-    for argv in ([BUS], *STAGES.values()):
-        try:
-            with main.make_context("voicebus", list(argv)) as group:
-                command = main.get_command(group, argv[0])
-                if command is not None:
-                    command.make_context(argv[0], list(argv[1:]), parent=group).close()
-                    parsed += 1
-        except (click.ClickException, click.exceptions.Exit) as exc:  # a stage that needs more; its start says so
-            log.debug(kv("rehearsal_skipped", command=argv[0], reason=repr(str(exc))))
-    out, sent = Output.collecting("zygote", "rehearsal")
-    out.event("health.zygote", {"state": "running", "pid": os.getpid(), "uptime_s": 0.0, "in": 0, "out": 0})
-    out.audio("audio.user", bytes(960), rate=24_000, channels=1, pts=0, t_capture_ns=time.time_ns())
-    for message in sent:
-        decode(encode(message))
-    return parsed
 
 
 # Small objects live in pymalloc's pools. The imports leave free slots in hundreds of them (~3,500
@@ -601,12 +535,13 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     # now, with its environment still in place: setproctitle takes the argv and environ area for the
     # titles on its first call (after a fork's environment is replaced it finds none)
-    setproctitle.setproctitle(f"{sys.executable} -m common.zygote {sys.argv[1]} (voicebus stage zygote)")
-    preload(sys.argv[2:])
+    setproctitle.setproctitle(f"{sys.executable} -m services.zygote {sys.argv[1]} (voicebus stage zygote)")
+    table = sys.argv[2]
+    preload(table, sys.argv[3:])
     if threading.active_count() != 1:
         raise SystemExit(f"zygote: a preloaded module started a thread ({threading.enumerate()}); a fork would lose it")
     control.sendall(b"ready")
-    _serve(control)
+    _serve(control, table)
 
 
 if __name__ == "__main__":
