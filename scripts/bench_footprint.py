@@ -34,10 +34,10 @@ from benchlib import (  # noqa: E402
 
 from common.bus import Receiver, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
-from common.rig import PulseRig  # noqa: E402
 from common.utterances import compose  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
 from services.launcher import terminate  # noqa: E402
+from tests.support.rig import PulseRig  # noqa: E402
 
 WARMUP_S = 10.0
 RULES = [{"match": ".*", "reply": "I heard you say {transcript}, and that is fine with me."}]

@@ -5,7 +5,7 @@ pipecat and LiveKit Agents, with the virtual devices' own latency as the floor. 
 Every system gets its own virtual PulseAudio (same recipe, same settings) and its own connection
 to one shared simulator (fast pacing, no think delay, a short reply); all run at once, idle but for
 the one being asked, and for each turn the order of the systems is shuffled. Each question is a
-flite WAV with a timing marker (a 30 ms chirp, common/markers.py) in its lead-in; the simulator
+flite WAV with a timing marker (a 30 ms chirp, services/simulator/markers.py) in its lead-in; the simulator
 starts every spoken reply with the same marker. Per turn and system:
 
     mouth -> server   the marker's last sample at the virtual mic (a recording of the mic, stamped on
@@ -63,11 +63,11 @@ from benchlib import (  # noqa: E402
     rss_mb,
 )
 
-from common import markers  # noqa: E402
-from common.rig import MonitorRecorder, PulseRig  # noqa: E402
 from common.speech import synthesize  # noqa: E402
 from common.utterances import SENTENCES  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
+from services.simulator import markers  # noqa: E402
+from tests.support.rig import MonitorRecorder, PulseRig  # noqa: E402
 
 SYSTEMS = ["voicebus", "notebook", "pipecat", "livekit", "floor"]
 LABELS = {"voicebus": "voicebus", "notebook": "notebook design", "pipecat": "pipecat", "livekit": "LiveKit Agents",

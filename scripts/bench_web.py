@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import markers  # noqa: E402
-from common.browser import Chromium  # noqa: E402
 from common.ports import free_port  # noqa: E402
 from common.speech import synthesize  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
 from scripts.benchlib import machine, pct  # noqa: E402
+from services.simulator import markers  # noqa: E402
+from tests.support.browser import Chromium  # noqa: E402
 
 RATE = 48_000
 QUESTIONS = ["what is the weather like today", "please tell me a short story", "how far away is the moon",

@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.ports import free_port  # noqa: E402, F401 - for the bench scripts
 from common.processes import command_words, cpu_seconds, descendants, memory_kb, tree_total  # noqa: E402, F401 - for the bench scripts
-from common.rig import PulseRig  # noqa: E402
+from tests.support.rig import PulseRig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_VENV = REPO / ".venv-bench"

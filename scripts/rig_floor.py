@@ -3,7 +3,7 @@
 
 A minimal passthrough with the voicebus devices' settings (PyAudio, capture at the device's native
 rate in 20 ms frames, playback at 24 kHz in the player's periods) and nothing else. It listens for the
-timing marker (common/markers.py) in its capture; when one arrives it prints `marker_in` with the
+timing marker (services/simulator/markers.py) in its capture; when one arrives it prints `marker_in` with the
 wall time of the callback that completed it (the capture floor, what "reaching a server" costs
 with zero processing and zero network), and 300 ms later plays the marker, printing `marker_out`
 with the wall time the callback handed over its first sample (the playback floor starts there).
@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.audio_devices import OUTPUT_PERIOD_MS, open_pyaudio  # noqa: E402
-from common.markers import StreamFinder, chirp_pcm  # noqa: E402
 from common.resample import StreamResampler  # noqa: E402
+from services.simulator.markers import StreamFinder, chirp_pcm  # noqa: E402
 
 REPLY_DELAY_S = 0.3
 OUT_RATE = 24_000

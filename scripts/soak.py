@@ -32,11 +32,11 @@ from benchlib import REPO, cpu_seconds, machine, process_tree, rss_mb  # noqa: E
 from common.bus import Receiver, connect_sub, wait_for_bus  # noqa: E402
 from common.config import BusConfig  # noqa: E402
 from common.processes import parent_pid  # noqa: E402
-from common.rig import PulseRig  # noqa: E402
-from common.trace_server import LoopbackTraceServer  # noqa: E402
 from common.utterances import compose  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
 from services.logger.store import load_turns  # noqa: E402
+from tests.support.rig import PulseRig  # noqa: E402
+from tests.support.trace_server import LoopbackTraceServer  # noqa: E402
 
 RULES = [{"match": "story", "reply": "Once upon a time there was a little robot who lived in a quiet town by the "
           "sea and every morning it walked down to the harbour to count the boats and talk to the fishermen."},

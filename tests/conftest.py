@@ -105,7 +105,7 @@ def pulse_rig():
     Not skipped when PulseAudio is missing: scripts/setup.sh installs it, and a test that needs
     audio fails loudly rather than passing by omission.
     """
-    from common.rig import PulseRig
+    from tests.support.rig import PulseRig
 
     rig = PulseRig()
     yield rig

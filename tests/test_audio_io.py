@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from common.envelope import AudioHeader
-from common.rig import MonitorRecorder, align, follow, play_into_mic, player_health
 from common.stage import Output
 from common.utterances import speech_pcm, tone
 from common.wavio import read_wav, write_wav
+from tests.support.rig import MonitorRecorder, align, follow, play_into_mic, player_health
 
 MAX_GLITCH_MS = 200  # silence a loaded machine may insert into 2-3 s of playback; a wrong stream adds far more
 ITEM = {"item_id": "item_test", "content_index": 0, "response_id": "resp_test"}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import markers
-from common.rig import MonitorRecorder
+from services.simulator import markers
+from tests.support.rig import MonitorRecorder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_pipeline  # noqa: E402

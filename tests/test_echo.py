@@ -10,9 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from common.rig import play_into_mic
 from common.utterances import speech_pcm
 from tests.pipeline import start_stages
+from tests.support.rig import play_into_mic
 from tests.test_audio_io import publish_item
 
 LONG = [{"match": ".*", "reply": "Once upon a time there was a little robot who lived in a quiet town by the sea "

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from common.trace_server import LoopbackTraceServer
 from tests.helpers import net_audit, net_audit_env
+from tests.support.trace_server import LoopbackTraceServer
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "evals"

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from common.rig import MonitorRecorder, follow, player_health
 from common.utterances import compose, speech_pcm
 from tests.pipeline import speak, start_stages
+from tests.support.rig import MonitorRecorder, follow, player_health
 
 QUESTION = "what is the weather like today"
 PREFIXES = ["rt.", "audio.assistant", "player.", "health."]

@@ -13,11 +13,11 @@ import wave
 
 import pytest
 
-from common.trace_server import LoopbackTraceServer
 from common.utterances import compose, speech_pcm
 from services.logger.store import load_json, load_turns
 from tests.helpers import REPO
 from tests.pipeline import speak, start_stages
+from tests.support.trace_server import LoopbackTraceServer
 
 QUESTION = "what is the weather like today"
 LONG_REPLY = [{"match": "weather", "reply": "Once upon a time there was a little robot who lived in a quiet town by "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.rig import align, follow
 from common.utterances import speech_pcm
+from tests.support.rig import align, follow
 
 RATE = 24_000
 

@@ -13,8 +13,8 @@ import wave
 
 from openai import OpenAI
 
-from common.trace_server import LoopbackTraceServer
 from tests.helpers import REPO, net_audit, net_audit_env
+from tests.support.trace_server import LoopbackTraceServer
 
 
 def _say(env, *args, timeout=90) -> subprocess.CompletedProcess:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.browser import Chromium
 from common.config import BusConfig
 from common.processes import command_words
 from common.speech import Transcriber, nearest_sentence, word_error_rate
@@ -27,6 +26,7 @@ from common.wavio import read_wav, write_wav
 from services.logger.store import load_turns
 from services.pipeline import WEB_STAGES
 from tests.helpers import REPO, BusClient, alive, children_of
+from tests.support.browser import Chromium
 from tests.web import BARGE_IN_AFTER_S, page_recording, where_the_browser_stopped
 
 QUESTIONS = ["what is the weather like today", "please turn on the lights in the kitchen",

@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.rig import align
 from common.speech import Transcriber, synthesize, word_error_rate
-from common.trace_server import LoopbackTraceServer
 from common.utterances import compose, speech_pcm
 from common.wavio import read_wav
 from services.logger.store import load_turns
 from tests.clock import zone_env
 from tests.helpers import REPO
 from tests.pipeline import speak, start_stages
+from tests.support.rig import align
+from tests.support.trace_server import LoopbackTraceServer
 
 MCP_TIME = f"{Path(sys.executable).parent / 'mcp-server-time'} --local-timezone UTC"
 EXAMPLES = str(REPO / "examples/tools.py")

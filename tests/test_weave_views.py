@@ -13,11 +13,11 @@ import sys
 import time
 import wave
 
-from common.trace_server import LoopbackTraceServer
 from common.utterances import compose
 from services.logger.store import load_json, load_turns
 from tests.helpers import REPO, net_audit, net_audit_env
 from tests.pipeline import speak, start_stages
+from tests.support.trace_server import LoopbackTraceServer
 
 TOOL_REPLY = ("It is {datetime:%H} hours in Tokyo. Once upon a time there was a little robot who lived in a quiet "
               "town by the sea and every morning it walked down to the harbour to count the boats.")

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.browser import Chromium
 from common.speech import Transcriber
 from common.utterances import compose
 from common.wavio import write_wav
 from services.player import IDLE_STATE_INTERVAL_S
+from tests.support.browser import Chromium
 from tests.web import (
     BARGE_IN_AFTER_S,
     dark_pixels,

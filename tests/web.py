@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.browser import Chromium
 from common.resample import resample_oneshot
-from common.rig import Followed, follow
 from tests.helpers import BusClient, Procs
+from tests.support.browser import Chromium
+from tests.support.rig import Followed, follow
 
 # "stop please" this long after the question: the reply starts 2-4.5 s after it (the simulator's VAD and
 # recogniser, slower on a busy machine) and runs 8-10 s, so the cut lands 1.5-4 s into it

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.log import kv
-from common.markers import StreamFinder, chirp_pcm
 from common.realtime_names import to_beta
 from common.resample import pcm_to_mono_float
 from common.speech import Transcriber, TranscriberPool, synthesize
 from common.transcripts import cut_transcript
 from services.simulator.faults import Fault, FaultBudget
+from services.simulator.markers import StreamFinder, chirp_pcm
 from services.simulator.protocol import (
     ClientEventError,
     Protocol,
@@ -61,7 +61,7 @@ class Options:
     burst_ms: int = 300
     think_ms: int = 0
     replies: Replies = field(default_factory=Replies)
-    markers: bool = False  # timing markers for the pipeline bench (common/markers.py)
+    markers: bool = False  # timing markers for the pipeline bench (services/simulator/markers.py)
 
 
 @dataclass

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from common.rig import CpuBurner, MonitorRecorder, align, player_health
 from common.utterances import compose
 from services.logger.store import load_json, load_turns
 from tests.pipeline import speak, start_stages
+from tests.support.rig import CpuBurner, MonitorRecorder, align, player_health
 
 REPLY = [{"match": "weather", "reply": "It will be sunny and warm all day with a light breeze from the sea."},
          {"match": ".*", "reply": "The moon is about three hundred and eighty thousand kilometres away."}]
