@@ -25,7 +25,7 @@ starts every spoken reply with the same marker. Per turn and system:
 plus CPU % of one core for all of each system's processes while listening (nobody speaking, all
 systems measured over the same window) and while talking (over its own turns), RSS and PSS. For
 voicebus that is everything `voicebus up` starts (launcher included; the simulator is the test
-peer). Writes bench-results/bench_pipeline.{md,json,png} and the table into README.md.
+peer). Writes bench-results/bench_pipeline.{md,json,png} and the table into docs/benchmarks.md.
 
 pipecat and LiveKit come from the `bench` extra, installed into .venv-bench on first use.
 
@@ -508,7 +508,7 @@ def main() -> int:
                                                               "turns": args.turns, "barge_ins": args.barge_ins, "rows": rows}, indent=1))
     plot(rows, args.out / "bench_pipeline.png")
     if not args.no_readme:
-        readme = REPO / "README.md"
+        readme = REPO / "docs" / "benchmarks.md"
         text = readme.read_text()
         if README_START in text:
             head, rest = text.split(README_START, 1)

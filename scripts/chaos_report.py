@@ -23,7 +23,7 @@ README_START, README_END = "<!-- chaos:start -->", "<!-- chaos:end -->"
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", action="store_true", help="Also write the table into README.md.")
+    parser.add_argument("--readme", action="store_true", help="Also write the table into docs/benchmarks.md.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "chaos.jsonl"
@@ -45,7 +45,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if args.readme and result.returncode == 0:
-        readme = REPO / "README.md"
+        readme = REPO / "docs" / "benchmarks.md"
         text = readme.read_text()
         if README_START in text:
             head, rest = text.split(README_START, 1)

@@ -257,7 +257,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=60.0, help="How long to talk (default 60).")
     parser.add_argument("--interval-s", type=float, default=60.0, help="Seconds between samples (default 60).")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results", help="Where soak.md/json go.")
-    parser.add_argument("--readme", action="store_true", help="Also write the table into README.md.")
+    parser.add_argument("--readme", action="store_true", help="Also write the table into docs/benchmarks.md.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vb-soak-", dir="/tmp") as tmp:
         result = run(args.minutes, args.interval_s, Path(tmp))
@@ -268,7 +268,7 @@ def main() -> int:
     (args.out / "soak.md").write_text(table + "\n")
     (args.out / "soak.json").write_text(json.dumps({**result, "checks": checks}, indent=1, default=str))
     if args.readme:
-        readme = REPO / "README.md"
+        readme = REPO / "docs" / "benchmarks.md"
         text = readme.read_text()
         if README_START in text:
             head, rest = text.split(README_START, 1)
