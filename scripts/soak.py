@@ -34,7 +34,7 @@ from common.config import BusConfig  # noqa: E402
 from common.processes import parent_pid  # noqa: E402
 from common.utterances import compose  # noqa: E402
 from common.wavio import write_wav  # noqa: E402
-from services.logger.store import load_turns  # noqa: E402
+from services.stages.logger.store import load_turns  # noqa: E402
 from tests.support.rig import PulseRig  # noqa: E402
 from tests.support.trace_server import LoopbackTraceServer  # noqa: E402
 

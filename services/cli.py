@@ -119,7 +119,7 @@ def keys(directory):
 @click.option("--quiet", is_flag=True, help="Only the summaries, not each message.")
 def tap(cfg, prefixes, as_json, count, duration, stats_interval, quiet):
     """Watch the bus live: topic, src, seq, size; rates, gaps and bad frames per topic."""
-    from services.tap import run_tap
+    from services.devtools.tap import run_tap
 
     sys.exit(run_tap(cfg, list(prefixes), as_json, count, duration, stats_interval, quiet))
 
@@ -196,7 +196,7 @@ def up(cfg, stages, stage_args, session, web_stage):
 def resample(cfg, rate_out, backend, filter_name):
     """Stage: audio.mic (any rate/channels) -> audio.user (24 kHz mono s16le), seam-free."""
     from common.runner import run_stage
-    from services.resampler import ResampleStage
+    from services.stages.resampler import ResampleStage
 
     sys.exit(run_stage(ResampleStage(rate_out, backend, filter_name), cfg))
 
@@ -235,7 +235,7 @@ def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, spe
     """Stage: capture a device (or a WAV) and publish audio.mic frames."""
     from common.runner import run_stage
     from common.wavio import WavError
-    from services.mic import CuedSource, DeviceSource, MicStage, WavSource
+    from services.stages.mic import CuedSource, DeviceSource, MicStage, WavSource
 
     if pulse_source:
         os.environ["PULSE_SOURCE"] = pulse_source
@@ -271,7 +271,7 @@ def mic(cfg, device, list_devices, rate, channels, frame_ms, wav_path, loop, spe
 def player(cfg, device, list_devices, rate, jitter_ms, period_ms, idle_pause_s, wav_path, pulse_sink):
     """Stage: play audio.assistant; flush on player.flush; publish player.state."""
     from common.runner import run_stage
-    from services.player import DeviceSink, PlayerStage, WavSink
+    from services.stages.player import DeviceSink, PlayerStage, WavSink
 
     if pulse_sink:
         os.environ["PULSE_SINK"] = pulse_sink
@@ -305,7 +305,7 @@ def player(cfg, device, list_devices, rate, jitter_ms, period_ms, idle_pause_s, 
 def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiortc_encoder, aiortc_decoder, silence):
     """Stage: talk from a browser over WebRTC (the mic's and the player's jobs; echo cancelled by the browser)."""
     from common.runner import run_stage
-    from services.web.stage import WebStage
+    from services.stages.web.stage import WebStage
 
     ssl_context = _tls_context(cert, key)
     if ssl_context is None and host not in ("127.0.0.1", "localhost", "::1"):
@@ -357,8 +357,8 @@ def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_h
     `voicebus serve drain NODE` marks a node draining on a running serve."""
     if ctx.invoked_subcommand:
         return
-    from services.serve.operator import OperatorTokenError, load_or_create
-    from services.serve.server import run_serve
+    from services.serving.serve.operator import OperatorTokenError, load_or_create
+    from services.serving.serve.server import run_serve
 
     setup_logging(log_level)
     ssl_context = _tls_context(cert, key)
@@ -400,7 +400,7 @@ def serve_drain(node, url, operator_token_file):
     import urllib.error
     import urllib.request
 
-    from services.serve.operator import TOKEN_ENV, OperatorTokenError, default_token_file, read_token
+    from services.serving.serve.operator import TOKEN_ENV, OperatorTokenError, default_token_file, read_token
 
     try:
         token = os.environ.get(TOKEN_ENV) or read_token(Path(operator_token_file) if operator_token_file
@@ -443,12 +443,12 @@ def serve_drain(node, url, operator_token_file):
                    "load when they press Connect. A caller not ready by then offers at once (dial_late_ms).")
 def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path,
              dial_at):
-    """Call a `voicebus web` or `voicebus serve` endpoint over WebRTC as a browser would; print each turn as heard.
+    """Call a `web` or `serve` endpoint over WebRTC as a browser would; print each turn as heard.
 
     Exit codes: 0 every reply heard; 1 the call failed (timeout, dropped line, refused offer); 3 busy (a full
     serve, a web stage with a caller, too many offers: try again later); 130 Ctrl-C (the turns done are
     printed first)."""
-    from services.call.command import run_call
+    from services.serving.call.command import run_call
 
     if bool(sentences) == bool(wav_path):
         raise click.UsageError("give --say SENTENCE (repeatable) or --wav FILE")
@@ -489,9 +489,9 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
-    from services.gateway.bargein import EchoGuard
-    from services.gateway.session import SessionSettings
-    from services.gateway.stage import GatewayStage
+    from services.stages.gateway.bargein import EchoGuard
+    from services.stages.gateway.session import SessionSettings
+    from services.stages.gateway.stage import GatewayStage
 
     target = openai_target()
     if target.is_simulator and not os.environ.get("VOICEBUS_SESSION_LAUNCHED"):
@@ -527,7 +527,7 @@ def tools(cfg, modules, mcp_commands, default_timeout, tool_timeouts, max_output
     """Stage: run the functions the model calls (Python modules, MCP servers); tool.call -> tool.result."""
     from common.runner import run_stage
     from common.stage import StageError
-    from services.tools.stage import ToolsStage
+    from services.stages.tools.stage import ToolsStage
 
     timeouts = {}
     for item in tool_timeouts:
@@ -561,7 +561,7 @@ def tools(cfg, modules, mcp_commands, default_timeout, tool_timeouts, max_output
 @click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
 def demo(questions, out_dir, voice, root, tool_modules, rules, log_level):
     """The whole pipeline offline: speak questions, hear answers, print the conversation and latency."""
-    from services.demo import DEFAULT_QUESTIONS, run_demo
+    from services.commands.demo import DEFAULT_QUESTIONS, run_demo
 
     setup_logging(log_level)
     sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice, _trace_root(root),
@@ -605,12 +605,12 @@ def eval_cmd(scenarios, instructions, tool_modules, mcp_commands, repeat, baseli
     Evaluation when WANDB_API_KEY is set. Exit 0: every check held; 1: a check failed or a
     regression against --baseline; 2: the run could not start (nothing is stored).
     """
-    from services.evals.command import default_evals_root, run_eval
-    from services.evals.run import Settings
+    from services.commands.evals.command import default_evals_root, run_eval
+    from services.commands.evals.run import Settings
 
     setup_logging(log_level)
     if from_session:
-        from services.evals.from_session import scenario_from_session
+        from services.commands.evals.from_session import scenario_from_session
 
         if not output:
             raise click.UsageError("--from-session writes a scenario file: name it with -o FILE.yaml")
@@ -638,7 +638,7 @@ def eval_cmd(scenarios, instructions, tool_modules, mcp_commands, repeat, baseli
 @click.option("--count", type=int, help="Stop after this many messages.")
 def capture(cfg, path, prefixes, duration, count):
     """Record bus messages exactly as received (crash-safe, append-only) for replay and inspection."""
-    from services.capture import run_capture
+    from services.devtools.capture import run_capture
 
     sys.exit(run_capture(cfg, path, list(prefixes), duration, count))
 
@@ -656,7 +656,7 @@ def replay(cfg, path, prefixes, only, speed, loop, from_s, to_s):
     """Publish a capture again with its original pacing, for example only audio.user into a running gateway."""
     from common.capture_file import CaptureError
     from common.config import session_id
-    from services.replay import run_replay
+    from services.devtools.replay import run_replay
 
     try:
         pace = None if speed == "max" else float(speed)
@@ -676,7 +676,7 @@ def replay(cfg, path, prefixes, only, speed, loop, from_s, to_s):
 def inspect_cmd(path, wav_topic, out, events):
     """Summarise a capture: topics, counts, duration, gaps, bad records; export audio; list events."""
     from common.capture_file import CaptureError
-    from services.inspect_capture import export_wav, print_events, summarize
+    from services.devtools.inspect_capture import export_wav, print_events, summarize
 
     try:
         if wav_topic:
@@ -689,7 +689,7 @@ def inspect_cmd(path, wav_topic, out, events):
 
 
 def _trace_root(root: str | None) -> Path:
-    from services.logger.store import default_root
+    from services.stages.logger.store import default_root
 
     return Path(root) if root else default_root()
 
@@ -708,8 +708,8 @@ def logger(cfg, root, project, prices, no_upload, no_report):
     import json
 
     from common.runner import run_stage
-    from services.logger.conversation import DEFAULT_PRICES
-    from services.logger.stage import LoggerStage
+    from services.stages.logger.conversation import DEFAULT_PRICES
+    from services.stages.logger.stage import LoggerStage
 
     table = dict(DEFAULT_PRICES)
     if prices:
@@ -745,7 +745,7 @@ def upload(sessions, root, evals, project, timeout, follow, owner_pid, log_level
     if follow:
         if evals or len(sessions) != 1:
             raise click.UsageError("--follow takes exactly one SESSION (not --evals)")
-        from services.logger.live import follow_session
+        from services.stages.logger.live import follow_session
 
         setup_logging(log_level)
         sys.exit(follow_session(_trace_root(root) / sessions[0], project, owner_pid))
@@ -758,7 +758,7 @@ def upload(sessions, root, evals, project, timeout, follow, owner_pid, log_level
     setup_logging(log_level)
     try:
         if evals:
-            from services.evals.command import default_evals_root
+            from services.commands.evals.command import default_evals_root
 
             sys.exit(run_upload(Path(root) if root else default_evals_root(), list(sessions), project, evals=True))
         sys.exit(run_upload(_trace_root(root), list(sessions), project))
@@ -772,7 +772,7 @@ def upload(sessions, root, evals, project, timeout, follow, owner_pid, log_level
 @click.option("--root", envvar="VOICEBUS_TRACE_DIR", help="Session store (default: $XDG_DATA_HOME/voicebus/sessions).")
 def report(session, out, root):
     """Write a self-contained HTML page for a stored session: timeline, waveforms, audio, transcripts, cost."""
-    from services.logger.report import write_report
+    from services.stages.logger.report import write_report
 
     session_dir = Path(session) if Path(session).is_dir() else _trace_root(root) / session
     try:
@@ -792,7 +792,7 @@ def report(session, out, root):
 @click.option("--no-upload", is_flag=True, help="Store locally only, even when WANDB_API_KEY is set.")
 def say(prompt, out, model, voice, system, play, root, no_upload):
     """Stream a chat-completions audio answer into a 24 kHz WAV, print its transcript, trace it to Weave."""
-    from services.say import run_say
+    from services.commands.say import run_say
 
     setup_logging("WARNING")
     sys.exit(run_say(prompt, Path(out), model, voice, system, play, _trace_root(root), not no_upload))
@@ -802,7 +802,7 @@ def say(prompt, out, model, voice, system, play, root, no_upload):
 @bus_options
 def doctor(cfg):
     """Check audio devices, PulseAudio, the bus, stage heartbeats and API keys; say how to fix problems."""
-    from services.doctor import run_doctor
+    from services.devtools.doctor import run_doctor
 
     sys.exit(run_doctor(cfg))
 

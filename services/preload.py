@@ -20,9 +20,9 @@ log = logging.getLogger("voicebus.zygote")
 # codec and jitter buffer): every stage of `up` and of a served conversation forks with these in
 # place. Not the MCP client (only with `tools --mcp`) nor weave (only when uploading), nor the
 # simulator unless the set starts one (`COMMAND_PRELOAD`).
-PRELOAD = ["services.cli", "common.runner", "services.bus", "services.resampler", "services.mic",
-           "services.player", "services.gateway.stage", "services.gateway.session", "services.gateway.bargein",
-           "services.tools.stage", "services.logger.stage", "services.web.stage", "services.web.opus",
+PRELOAD = ["services.cli", "common.runner", "services.bus", "services.stages.resampler", "services.stages.mic",
+           "services.stages.player", "services.stages.gateway.stage", "services.stages.gateway.session", "services.stages.gateway.bargein",
+           "services.stages.tools.stage", "services.stages.logger.stage", "services.stages.web.stage", "services.stages.web.opus",
            "aiortc.jitterbuffer", "ssl",
            # what a browser's call imports as it connects (DTLS ciphers, the certificate's serialization;
            # asyncio's default executor in the web, tools and gateway stages): ~7 ms at Connect, and
@@ -51,7 +51,7 @@ def warm() -> None:
     from common.resample import StreamResampler
 
     StreamResampler(48_000, 24_000, 1).feed(bytes(3840))  # and the resampler's 48 -> 24 kHz tables (1.6 kB)
-    from services.web import libopus
+    from services.stages.web import libopus
 
     with contextlib.suppress(libopus.LibOpusMissing):  # a web stage forked without it says so at its start
         libopus.load()  # and the browser's decoder: found (ldconfig, ~12 ms) and bound once, not per web stage
@@ -62,7 +62,7 @@ def warm() -> None:
 def _preload_example_tools() -> None:
     """The default tools' models and schemas, built once for every tools stage (`preload_python_tools`)."""
     from services.pipeline import EXAMPLE_TOOLS
-    from services.tools.python_source import preload_python_tools
+    from services.stages.tools.python_source import preload_python_tools
 
     try:
         preload_python_tools(EXAMPLE_TOOLS)

@@ -9,9 +9,9 @@ from typing import Any
 import click
 import requests
 
-from services.evals.upload import pending_runs, upload_eval_run
-from services.logger.upload import pending_sessions, span_exporter, upload_session
-from services.logger.weave_setup import project_name, trace_server_url
+from services.commands.evals.upload import pending_runs, upload_eval_run
+from services.stages.logger.upload import pending_sessions, span_exporter, upload_session
+from services.stages.logger.weave_setup import project_name, trace_server_url
 from services.weave_upload import SessionBusy, UploadError, connect
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import requests
 
-from services.logger.store import _atomic_write
-from services.logger.weave_setup import init_client, trace_server_url
+from services.stages.logger.store import _atomic_write
+from services.stages.logger.weave_setup import init_client, trace_server_url
 
 REACHABILITY_TIMEOUT_S = 3.0
 

@@ -6,7 +6,7 @@ import time
 
 from common.envelope import Stamper
 from common.utterances import tone
-from services.logger.conversation import ConversationBuilder
+from services.stages.logger.conversation import ConversationBuilder
 
 RESPONSE = {"id": "resp_1", "object": "realtime.response", "status": "in_progress", "output": []}
 

@@ -7,7 +7,7 @@ import json
 
 from common.speech import nearest_sentence
 from common.utterances import compose
-from services.logger.store import load_turns
+from services.stages.logger.store import load_turns
 from tests.pipeline import speak, start_stages
 
 PREFIXES = ["rt.", "player.", "health.", "session."]

@@ -13,13 +13,13 @@ import pytest
 
 from common.envelope import Stamper
 from common.wavio import write_wav
-from services.evals.checks import Interruption, check_turn
-from services.evals.command import compare
-from services.evals.from_session import reply_words, scenario_from_session
-from services.evals.run import match_turns
-from services.evals.scenario import ScenarioError, UserTurn, load_scenarios
-from services.logger.store import SessionStore
-from services.mic import CUE_STATE_TOPIC, CUE_TOPIC, CuedSource, MicStage
+from services.commands.evals.checks import Interruption, check_turn
+from services.commands.evals.command import compare
+from services.commands.evals.from_session import reply_words, scenario_from_session
+from services.commands.evals.run import match_turns
+from services.commands.evals.scenario import ScenarioError, UserTurn, load_scenarios
+from services.stages.logger.store import SessionStore
+from services.stages.mic import CUE_STATE_TOPIC, CUE_TOPIC, CuedSource, MicStage
 
 
 def _stored(reply: str = "It is 10 30 in Tokyo.", tools: list | None = None, latency: float | None = 900.0,
@@ -167,7 +167,7 @@ def test_a_capture_turn_speaks_the_captured_user_audio_between_from_and_to(tmp_p
     from common.capture_file import CaptureWriter
     from common.envelope import encode
     from common.stage import Output
-    from services.evals.scenario import resolve_audio
+    from services.commands.evals.scenario import resolve_audio
 
     out, sent = Output.collecting("resample", "s")
     for index in range(50):  # one second of 20 ms frames at 24 kHz, each frame's samples = its index
@@ -195,8 +195,8 @@ def test_a_stored_conversation_that_called_a_tool_becomes_a_scenario_with_that_c
     """The store keeps a call's arguments parsed (a dict): --from-session once failed on them (TypeError)."""
     import yaml
 
-    from services.evals.from_session import scenario_from_session
-    from services.evals.scenario import load_scenarios
+    from services.commands.evals.from_session import scenario_from_session
+    from services.commands.evals.scenario import load_scenarios
 
     session = Path(__file__).parent / "data" / "stored-session"
     out = scenario_from_session(session, tmp_path / "replay.yaml")
@@ -210,7 +210,7 @@ def test_a_stored_conversation_that_called_a_tool_becomes_a_scenario_with_that_c
 
 def test_baseline_latest_is_the_latest_run_of_the_same_scenario_files(tmp_path):
     """Once `latest` took the latest run of any file (a failing run of another file: 0 regressions)."""
-    from services.evals.command import EvalError, find_run
+    from services.commands.evals.command import EvalError, find_run
 
     good, other = tmp_path / "good.yaml", tmp_path / "other.yaml"
     root = tmp_path / "runs"
@@ -228,7 +228,7 @@ def test_baseline_latest_is_the_latest_run_of_the_same_scenario_files(tmp_path):
 
 
 def test_repeats_whose_checks_all_held_say_so_instead_of_an_empty_heading(capsys):
-    from services.evals.command import print_table
+    from services.commands.evals.command import print_table
 
     def run(outcomes: list[bool]) -> dict:
         scenarios = [{"file": "a.yaml", "name": "greeting", "repeat": index + 1, "passed": held,

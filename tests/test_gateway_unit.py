@@ -17,9 +17,9 @@ from common.realtime_types import (
     validate_client_event,
 )
 from common.utterances import tone
-from services.gateway.bargein import AudibleTracker, EchoGuard
-from services.gateway.events import parse_server_event, strip_audio
-from services.gateway.session import SessionSettings, replay_item, session_update
+from services.stages.gateway.bargein import AudibleTracker, EchoGuard
+from services.stages.gateway.events import parse_server_event, strip_audio
+from services.stages.gateway.session import SessionSettings, replay_item, session_update
 
 
 def test_beta_names_become_ga_and_audio_is_stripped():
@@ -99,7 +99,7 @@ def test_echo_guard_engages_before_the_player_reports():
 
 def _gateway(interrupt_response: bool):
     from common.stage import Output
-    from services.gateway.stage import GatewayStage
+    from services.stages.gateway.stage import GatewayStage
 
     stage = GatewayStage("ws://127.0.0.1:9/v1/realtime", [], "ga", SessionSettings(interrupt_response=interrupt_response))
     stage.out, published = Output.collecting("gateway")
@@ -205,7 +205,7 @@ def test_malformed_arguments_and_a_silent_tools_stage_get_error_outputs_from_the
     stage, published, sent = _gateway(interrupt_response=True)
     _function_call_response(stage, "resp_b", {**CALL_ITEM, "call_id": "call_2"})
     assert [m.data["call_id"] for m in published if m.topic == "tool.call"] == ["call_2"]
-    import services.gateway.stage as gateway_stage
+    import services.stages.gateway.stage as gateway_stage
 
     later = gateway_stage.time.monotonic() + 60
     monkeypatch.setattr(gateway_stage.time, "monotonic", lambda: later)
@@ -219,7 +219,7 @@ def test_appended_audio_goes_on_the_bus_as_runs_published_before_any_later_event
     run is published when it reaches APPEND_RUN_S, at a gap in pts, and before any other event of
     the gateway, so the logger has mapped the server's clock before speech_started refers to it."""
     from common.stage import Output
-    from services.gateway.stage import APPEND_RUN_S
+    from services.stages.gateway.stage import APPEND_RUN_S
 
     stage, published, sent = _gateway(interrupt_response=True)
     mic = Output.collecting("resample")[0]

@@ -14,7 +14,7 @@ import wave
 import pytest
 
 from common.utterances import compose, speech_pcm
-from services.logger.store import load_json, load_turns
+from services.stages.logger.store import load_json, load_turns
 from tests.helpers import REPO
 from tests.pipeline import speak, start_stages
 from tests.support.trace_server import LoopbackTraceServer

@@ -13,7 +13,7 @@ from common.envelope import AudioHeader
 from common.resample import BACKENDS, StreamResampler, float_to_pcm, pcm_to_mono_float, resample_oneshot
 from common.stage import Output
 from common.utterances import tone
-from services.resampler import ResampleStage
+from services.stages.resampler import ResampleStage
 
 RATE_PAIRS = [(48000, 24000), (44100, 24000), (16000, 24000), (8000, 24000), (22050, 24000), (96000, 24000),
               (32000, 24000), (47999, 24000)]  # the last needs 24000 phases: weights per frame, no bank

@@ -23,8 +23,8 @@ from common.processes import command_words
 from common.speech import Transcriber, nearest_sentence, word_error_rate
 from common.utterances import compose
 from common.wavio import read_wav, write_wav
-from services.logger.store import load_turns
 from services.pipeline import WEB_STAGES
+from services.stages.logger.store import load_turns
 from tests.helpers import REPO, BusClient, alive, children_of
 from tests.support.browser import Chromium
 from tests.web import BARGE_IN_AFTER_S, page_recording, where_the_browser_stopped
@@ -481,7 +481,7 @@ def test_a_conversations_turns_under_serve_are_the_users_not_the_servers_respons
     import threading
 
     from common.envelope import Stamper
-    from services.serve.conversation import Conversation
+    from services.serving.serve.conversation import Conversation
 
     conversation = object.__new__(Conversation)  # its bookkeeping only: no stage set, no thread
     conversation.state = {"turns": 0, "responses": 0, "stages": [], "report": "", "ended": "", "last_activity": 0.0,

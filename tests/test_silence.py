@@ -7,7 +7,7 @@ import pytest
 
 from common.silence import SilenceBatcher
 from common.stage import Output
-from services.mic import CapturedFrame, MicStage
+from services.stages.mic import CapturedFrame, MicStage
 
 RATE = 48_000
 FRAME = 960  # 20 ms

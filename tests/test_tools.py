@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from services.tools.python_source import python_tools
-from services.tools.registry import run_call
+from services.stages.tools.python_source import python_tools
+from services.stages.tools.registry import run_call
 from tests.helpers import REPO, children_of
 
 EXAMPLES = str(REPO / "examples/tools.py")
@@ -121,7 +121,7 @@ def test_mcp_server_that_exits_mid_call_is_restarted_and_the_call_gets_an_error(
 
 
 def test_tools_built_before_the_fork_are_taken_while_their_file_is_unchanged(tmp_path, monkeypatch):
-    from services.tools import python_source
+    from services.stages.tools import python_source
 
     monkeypatch.setattr(python_source, "_preloaded", {})
     module = tmp_path / "mine.py"

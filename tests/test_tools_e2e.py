@@ -16,7 +16,7 @@ import pytest
 from common.speech import Transcriber, synthesize, word_error_rate
 from common.utterances import compose, speech_pcm
 from common.wavio import read_wav
-from services.logger.store import load_turns
+from services.stages.logger.store import load_turns
 from tests.clock import zone_env
 from tests.helpers import REPO
 from tests.pipeline import speak, start_stages

@@ -14,7 +14,7 @@ import time
 import wave
 
 from common.utterances import compose
-from services.logger.store import load_json, load_turns
+from services.stages.logger.store import load_json, load_turns
 from tests.helpers import REPO, net_audit, net_audit_env
 from tests.pipeline import speak, start_stages
 from tests.support.trace_server import LoopbackTraceServer

@@ -14,7 +14,7 @@ import pytest
 from common.speech import Transcriber
 from common.utterances import compose
 from common.wavio import write_wav
-from services.player import IDLE_STATE_INTERVAL_S
+from services.stages.player import IDLE_STATE_INTERVAL_S
 from tests.support.browser import Chromium
 from tests.web import (
     BARGE_IN_AFTER_S,
@@ -225,7 +225,7 @@ def _feed_mic(stage, settings: dict, now_ns: int) -> None:
 def test_mic_frames_keep_rate_channels_timeline_and_fill_lost_packets(channel_count):
     """--via-resampler: audio.mic as the browser sent it, for a resample stage."""
     from common.stage import Output
-    from services.web.stage import WebStage
+    from services.stages.web.stage import WebStage
 
     stage = WebStage("127.0.0.1", 0, via_resampler=True)
     stage.thread_out, sent = Output.collecting("web")
@@ -246,7 +246,7 @@ def test_mic_frames_keep_rate_channels_timeline_and_fill_lost_packets(channel_co
 def test_caller_silence_goes_out_in_batches_and_what_is_held_is_sent_before_the_hang_up():
     """common.silence in the web stage: 2 s of silence, a word, 1.2 s of silence, then the caller hangs up."""
     from common.stage import SESSION_END, Output
-    from services.web.stage import WebStage
+    from services.stages.web.stage import WebStage
 
     stage = WebStage("127.0.0.1", 0, via_resampler=True)
     stage.thread_out, sent = Output.collecting("web")
@@ -273,8 +273,8 @@ def test_mic_resampled_in_process_is_what_the_resample_stage_makes(channel_count
     """The default: the web stage publishes audio.user itself, sample for sample and timestamp for timestamp
     what `voicebus resample` makes of its --via-resampler audio.mic (gap filled, tail flushed at stop)."""
     from common.stage import Output
-    from services.resampler import ResampleStage
-    from services.web.stage import WebStage
+    from services.stages.resampler import ResampleStage
+    from services.stages.web.stage import WebStage
 
     now = time.time_ns()
     settings = {"channelCount": channel_count}
@@ -305,9 +305,9 @@ def test_mic_resampled_in_process_is_what_the_resample_stage_makes(channel_count
 
 def test_state_reports_heard_position_and_flush_reports_everything_sent():
     from common.stage import Output
-    from services.playback import Segment
-    from services.web.rtc import BrowserStats
-    from services.web.stage import WebStage
+    from services.stages.playback import Segment
+    from services.stages.web.rtc import BrowserStats
+    from services.stages.web.stage import WebStage
 
     stage = WebStage("127.0.0.1", 0, jitter_ms=0)
     stage.out, published = Output.collecting("web")
@@ -325,7 +325,7 @@ def test_page_messages_cannot_name_bus_topics_and_a_busy_port_is_a_clear_error()
     import socket
 
     from common.stage import StageError
-    from services.web.stage import WebStage
+    from services.stages.web.stage import WebStage
 
     stage = WebStage("127.0.0.1", 0)
     events = []
@@ -345,9 +345,9 @@ def test_page_messages_cannot_name_bus_topics_and_a_busy_port_is_a_clear_error()
 def test_a_reply_sent_to_its_end_is_played_to_its_end_once_the_browser_drains():
     """What the browser holds drains in real time after the last frame left: the position reaches the end."""
     from common.stage import Output
-    from services.playback import Segment
-    from services.web.rtc import BrowserStats
-    from services.web.stage import WebStage
+    from services.stages.playback import Segment
+    from services.stages.web.rtc import BrowserStats
+    from services.stages.web.stage import WebStage
 
     stage = WebStage("127.0.0.1", 0, jitter_ms=0)
     stage.out, _ = Output.collecting("web")
@@ -366,8 +366,8 @@ def test_a_reply_sent_to_its_end_is_played_to_its_end_once_the_browser_drains():
 def test_each_browser_is_a_conversation_of_its_own_and_a_hang_up_forgets_the_reply():
     from common.envelope import Stamper
     from common.stage import Output
-    from services.playback import Segment
-    from services.web.stage import WebStage
+    from services.stages.playback import Segment
+    from services.stages.web.stage import WebStage
 
     stage = WebStage("127.0.0.1", 0, jitter_ms=0)
     stage.out, published = Output.collecting("web", session="launcher-session")
@@ -524,7 +524,7 @@ def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_br
     from aiortc.codecs.opus import OpusDecoder, OpusEncoder
     from aiortc.jitterbuffer import JitterFrame
 
-    from services.web.opus import VoiceEncoder
+    from services.stages.web.opus import VoiceEncoder
 
     rate, samples = 24_000, 480
     t = np.arange(rate) / rate
@@ -560,7 +560,7 @@ def test_the_mic_is_decoded_in_the_loop_to_24_khz_mono_and_a_bad_packet_is_a_cou
     from aiortc.jitterbuffer import JitterFrame
     from av import AudioFrame
 
-    from services.web.opus import LoopDecoding, MicFrame
+    from services.stages.web.opus import LoopDecoding, MicFrame
 
     rate_in, samples = 48_000, 960
     t = np.arange(rate_in) / rate_in
@@ -611,8 +611,8 @@ def test_the_mic_clock_counts_on_through_the_rtp_timestamp_wrap(decoder):
     from av import AudioFrame
 
     from common.stage import Output
-    from services.web.opus import VoiceDecoder
-    from services.web.stage import WebStage
+    from services.stages.web.opus import VoiceDecoder
+    from services.stages.web.stage import WebStage
 
     frame = AudioFrame(format="s16", layout="mono", samples=960)
     frame.planes[0].update(bytes(1920))
@@ -644,9 +644,9 @@ def test_a_missing_libopus_is_a_clear_error_at_start_not_a_count_of_bad_packets(
     """Without a libopus to load, the web stage refuses to start and says what to do, rather than
     counting every packet of the first caller as undecodable."""
     from common.stage import StageError
-    from services.playback import PlaybackBuffer
-    from services.web import libopus
-    from services.web.rtc import BrowserLink
+    from services.stages.playback import PlaybackBuffer
+    from services.stages.web import libopus
+    from services.stages.web.rtc import BrowserLink
 
     monkeypatch.setattr(libopus, "_lib", None)
     monkeypatch.setattr(libopus, "_candidates", lambda: ["/nonexistent/libopus.so.0"])
@@ -667,7 +667,7 @@ def test_between_replies_the_track_repeats_the_settled_silence_packet_and_the_br
     from aiortc.jitterbuffer import JitterFrame
 
     from common.utterances import speech_pcm
-    from services.web.opus import VoiceEncoder
+    from services.stages.web.opus import VoiceEncoder
 
     rate, samples = 24_000, 480
     speech = speech_pcm("how far away is the moon", "slt", rate)

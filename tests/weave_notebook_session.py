@@ -32,7 +32,7 @@ def main(base_url: str, project: str, wavs: list[str]) -> int:
 
     from common.config import realtime_ws_url
     from common.wavio import read_wav
-    from services.gateway.session import SessionSettings, session_update
+    from services.stages.gateway.session import SessionSettings, session_update
 
     weave.init(project)
     questions = [read_wav(path).pcm for path in wavs]

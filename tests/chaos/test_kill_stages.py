@@ -9,7 +9,7 @@ import time
 
 from common.utterances import compose
 from common.wavio import write_wav
-from services.logger.store import load_turns
+from services.stages.logger.store import load_turns
 
 QUESTIONS = ["what is the weather like today", "please tell me a short story", "how far away is the moon",
              "turn on the lights in the kitchen", "what time does the train leave", "play some music for me",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from common.utterances import compose
-from services.logger.store import load_json, load_turns
+from services.stages.logger.store import load_json, load_turns
 from tests.pipeline import speak, start_stages
 from tests.support.rig import CpuBurner, MonitorRecorder, align, player_health
 

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from common.capture_file import MAGIC, RECORD_HEAD
-from services.evals.scenario import ScenarioError, load_scenarios
+from services.commands.evals.scenario import ScenarioError, load_scenarios
 from tests.helpers import REPO
 
 BILLION_LAUGHS = "\n".join(
@@ -22,7 +22,7 @@ BILLION_LAUGHS = "\n".join(
 
 
 def test_infinite_nan_and_oversized_page_messages_are_refused_counted_and_the_stage_goes_on(caplog):
-    from services.web.stage import WebStage
+    from services.stages.web.stage import WebStage
 
     caplog.set_level(logging.WARNING, logger="voicebus.web")
     stage = WebStage("127.0.0.1", 0)
@@ -120,7 +120,7 @@ def test_what_voicebus_stores_is_its_users_alone(simulator, tmp_path, base_env):
 
 
 def test_offer_limits_hold_per_address_and_forget_quiet_addresses(monkeypatch):
-    from services.serve import front
+    from services.serving.serve import front
 
     clock = [1000.0]
     monkeypatch.setattr(front.time, "monotonic", lambda: clock[0])

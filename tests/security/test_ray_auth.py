@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 # started as `serve` starts it; prints the GCS address and the token file's mode, then waits to be told to go
 EMBEDDED = """
 import json, stat, sys
-from services.serve.server import private_ray_token, start_ray
+from services.serving.serve.server import private_ray_token, start_ray
 start_ray(None, 1)
 import ray
 token = private_ray_token(create=False)

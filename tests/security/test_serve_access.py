@@ -162,7 +162,7 @@ def test_a_slowloris_burst_is_capped_per_client_and_closed_after_the_header_time
     answered throughout, and this one again afterwards."""
     import socket
 
-    from services.web.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT
+    from services.stages.web.connections import HEADER_TIMEOUT_S, MAX_CONNECTIONS_PER_CLIENT
 
     url = serving["url"]
     host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)

@@ -1,0 +1,1 @@
+"""Commands a user runs end to end: demo, say, eval."""

@@ -1,0 +1,1 @@
+"""Developer tools on the bus: tap, capture, replay, inspect, doctor."""

@@ -1,0 +1,1 @@
+"""The pipeline's stages: each its own process on the bus (mic, resample, gateway, tools, player, logger, web)."""

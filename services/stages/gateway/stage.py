@@ -1,0 +1,475 @@
+"""The gateway stage: audio.user -> websocket; server events -> rt.*, audio.assistant; barge-in."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgpack
+
+from common.envelope import AudioHeader, Message
+from common.log import RateLimitedLog, kv
+from common.realtime_types import (
+    ClientEventError,
+    build_validators,
+    validate_client_event,
+)
+from common.stage import SESSION_END, Stage
+from common.transcripts import cut_transcript
+from services.stages.gateway.bargein import AudibleTracker, EchoGuard
+from services.stages.gateway.events import parse_server_event, strip_audio
+from services.stages.gateway.function_calls import FunctionCalls, error_output, output_item
+from services.stages.gateway.session import SessionSettings, replay_item, session_update
+from services.stages.gateway.socket import PAUSED_REASON, RealtimeSocket, SocketEvent
+
+RATE = 24_000
+FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before truncating with the last one
+MAX_EVENT_HEADER_BYTES = 60_000
+RESUME_TURNS = 20
+APPEND_HISTORY = 3000  # 60 s of 20 ms frames: maps the server's audio ms back to capture time
+# Appended audio is reported on the bus as runs of contiguous frames, not one event per 20 ms frame
+# (50 messages a second that woke the bus and the logger for nothing); a run is published at this
+# length, and always before any other event of ours, so whoever maps the server's audio clock (the
+# logger) has it before the speech_started/stopped that refers to it.
+APPEND_RUN_S = 1.0
+# server errors that only say a race was lost and the server already did what we asked: reported on
+# the bus with benign=true and counted apart, never shown to the user as a failure
+BENIGN_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_response"}
+TOOL_TIMEOUT_MARGIN_S = 1.0  # the tools stage answers a timeout itself; the gateway waits this much longer
+
+FINISHED_STATUSES = ("completed", "incomplete")  # a response that ended by itself; "cancelled" was cut
+log = logging.getLogger("voicebus.gateway")
+
+
+class GatewayStage(Stage):
+    name = "gateway"
+    subscriptions = ["audio.user", "player.state", "gateway.send", "tools.available", "tool.result"]
+    deadline_tick_s = 0.05
+
+    @property
+    def tick_interval_s(self) -> float | None:  # type: ignore[override]
+        """Tick at 20 Hz only while a deadline runs (a tool call, a cut waiting on the player): idle, none."""
+        return self.deadline_tick_s if self.calls.pending or self.pending_truncate is not None else None
+
+    def __init__(self, url: str, headers: list[str], protocol: str, settings: SessionSettings,
+                 echo_guard: EchoGuard | None = None, ws_log: Path | None = None, max_session_s: float = 55 * 60,
+                 target_label: str = "", tool_timeout_s: float = 15.0) -> None:
+        super().__init__()
+        self.protocol, self.settings, self.echo_guard = protocol, settings, echo_guard
+        self.socket = RealtimeSocket(url, headers, self.inbox.put, max_session_s)
+        self.url_for_logs = url.split("?", 1)[0]
+        self.target_label = target_label
+        self.tracker = AudibleTracker()
+        self.response_active: str | None = None
+        self.pending_truncate: dict[str, Any] | None = None
+        self.conversation: OrderedDict[str, tuple[str, str]] = OrderedDict()  # item_id -> (role, text)
+        self.tools: list[dict[str, Any]] = []  # as announced on tools.available
+        # the server's session as it last confirmed it (session.updated), None until then: in every
+        # heartbeat, for whoever subscribed after that one event went by
+        self.session_tools: list[str] | None = None
+        self.tools_instance = ""
+        self.calls = FunctionCalls(tool_timeout_s)
+        self.ws_log_path = ws_log
+        self._ws_log: TextIO | None = None
+        self._warn = RateLimitedLog(log)
+        self.appended_frames: deque[tuple[int, int, int]] = deque(maxlen=APPEND_HISTORY)  # (start, n, t_capture)
+        self.append_run: dict[str, Any] | None = None  # frames sent, not yet reported on the bus
+        self.session_samples = 0  # audio appended since this server session began
+        self.fresh_session = False  # the next connect starts a new conversation: nothing to resume
+        self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
+                       "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
+                       "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0, "conversations": 1,
+                       "played_to_end": 0}
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        # the openai SDK's event tables take seconds to import on a busy machine, and their validators
+        # a moment to build: done here, within the launcher's start-up grace, not on the first server
+        # events, when heartbeats are already due (a no-op when forked from the zygote, which built them)
+        build_validators(self.protocol)  # type: ignore[arg-type]
+        if self.ws_log_path is not None:
+            self.ws_log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._ws_log = open(self.ws_log_path, "a")  # noqa: SIM115 - closed in stop()
+        log.info(kv("connecting", url=self.url_for_logs, protocol=self.protocol, target=self.target_label or "-"))
+        self.out.event("tools.query", {})  # a tools stage that is already up announces its set again
+        self.socket.start()
+
+    def stop(self) -> None:
+        self.socket.stop()
+        if self.append_run is not None:
+            self._publish_append_run()
+        if self._ws_log is not None:
+            self._ws_log.close()
+
+    def counters(self) -> dict[str, Any]:
+        extra = {"connected": self.socket.connected, "session_configured": self.session_tools is not None,
+                 "session_tools": self.session_tools or []}
+        if self.echo_guard is not None:
+            extra.update(echo_gated_frames=self.echo_guard.gated_frames, echo_passed_frames=self.echo_guard.passed_frames)
+        return {**self.counts, **self.calls.counts, "tools": len(self.tools), **extra}
+
+    def on_session(self, topic: str, session: str, previous: str) -> None:
+        """A conversation ended: close the server session (nothing of it may reach the next caller).
+        One began: connect afresh; a new session on a server session already used is renewed."""
+        if topic == SESSION_END:
+            self._forget_conversation()
+            self.socket.pause()
+            log.info(kv("conversation_ended", session=session, server_session="closed"))
+        elif self.socket.paused:
+            self.counts["conversations"] += 1
+            self.socket.resume()
+            log.info(kv("conversation_begins", session=session, server_session="new"))
+        elif session != previous and (self.session_samples or self.conversation or self.tracker.items):
+            self.counts["conversations"] += 1
+            self._forget_conversation()
+            self.socket.renew()
+            log.info(kv("conversation_begins", session=session, server_session="renewed"))
+
+    def _forget_conversation(self) -> None:
+        if self.append_run is not None:
+            self._publish_append_run()
+        self.conversation.clear()
+        self.tracker = AudibleTracker()
+        self.response_active = None
+        self.pending_truncate = None
+        self.calls.reset()
+        self.fresh_session = True
+
+    # --- sending ---------------------------------------------------------------------------
+    def send(self, event: dict[str, Any]) -> bool:
+        sent = self.socket.send(json.dumps(event))
+        stripped = strip_audio(event)
+        self._log_ws("out", stripped)
+        if sent:
+            self._publish_event(f"rt.sent.{event['type']}", {"event": stripped, "protocol": self.protocol})
+        return sent
+
+    def _log_ws(self, direction: str, event: dict[str, Any]) -> None:
+        if self._ws_log is not None:
+            self._ws_log.write(json.dumps({"t_ns": time.time_ns(), "dir": direction, "event": event}) + "\n")
+            self._ws_log.flush()
+
+    def _publish_event(self, topic: str, data: dict[str, Any]) -> None:
+        if self.append_run is not None:
+            self._publish_append_run()
+        self._publish_checked(topic, data)
+
+    def _publish_append_run(self) -> None:
+        run, self.append_run = self.append_run, None
+        self._publish_checked("rt.sent.input_audio_buffer.append", {"event": run, "protocol": self.protocol})
+
+    def _note_append(self, header: AudioHeader, pcm: bytes) -> None:
+        """Add a sent frame to the current run (frames contiguous in pts), publishing it when due."""
+        run = self.append_run
+        sent_ns = time.time_ns()
+        if run is not None and header.pts != run["pts"] + run["audio_bytes"] // 2:
+            self._publish_append_run()
+            run = None
+        if run is None:
+            run = self.append_run = {"type": "input_audio_buffer.append", "audio_bytes": 0, "pts": header.pts,
+                                     "t_capture_ns": header.t_capture_ns, "frames": 0, "t_callback_ns": [],
+                                     "t_sent_ns": []}
+        run["audio_bytes"] += len(pcm)
+        run["frames"] += 1
+        run["t_callback_ns"].append(header.extra.get("t_callback_ns", 0))
+        run["t_sent_ns"].append(sent_ns)
+        if run["audio_bytes"] >= APPEND_RUN_S * RATE * 2:
+            self._publish_append_run()
+
+    def _publish_checked(self, topic: str, data: dict[str, Any]) -> None:
+        if len(msgpack.packb(data, use_bin_type=True, default=str)) > MAX_EVENT_HEADER_BYTES:
+            data = {"event": {"type": data.get("event", {}).get("type")}, "omitted": "too large for the bus"}
+        self.out.event(topic, data)
+
+    # --- bus input -------------------------------------------------------------------------
+    def handle(self, message: Message) -> None:
+        if message.topic == "audio.user" and isinstance(message.header, AudioHeader):
+            self._forward_audio(message)
+        elif message.topic == "gateway.send":
+            self._send_command(message.data.get("event"))
+        elif message.topic == "tools.available":
+            self._tools_available(message.data.get("tools") or [], str(message.data.get("instance", "")))
+        elif message.topic == "tool.result":
+            self._tool_result(message.data)
+        elif message.topic == "player.state":
+            self.tracker.on_player_state(message.data, time.monotonic())
+            if self.pending_truncate is not None and message.data.get("flushed"):
+                self._truncate(message.data.get("played_ms", 0.0), source="player_flush_state")
+
+    def _forward_audio(self, message: Message) -> None:
+        header = message.header
+        if header.rate != RATE or header.channels != 1:
+            self._warn.warning("format", kv("dropped_audio", reason="not 24 kHz mono", rate=header.rate,
+                                            channels=header.channels))
+            return
+        if not self.socket.connected:
+            self.counts["dropped_disconnected"] += 1
+            return
+        pcm = message.payload
+        if self.echo_guard is not None and not self.echo_guard.admit(pcm, self.tracker, time.monotonic()):
+            pcm = bytes(len(pcm))  # silence keeps the server's audio clock in step with capture
+        if self.socket.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})):
+            self.counts["appended"] += 1
+            self.appended_frames.append((self.session_samples, message.samples, header.t_capture_ns))
+            self.session_samples += message.samples
+            if self._ws_log is not None:
+                self._log_ws("out", {"type": "input_audio_buffer.append", "audio_bytes": len(pcm), "pts": header.pts,
+                                     "t_capture_ns": header.t_capture_ns})
+            self._note_append(header, pcm)
+        else:
+            self.counts["dropped_disconnected"] += 1
+
+    def _send_command(self, event: Any) -> None:
+        """A client event from the bus (debugging, tests, tools): checked against the SDK's types first."""
+        try:
+            if not isinstance(event, dict):
+                raise ClientEventError("gateway.send needs data.event: a client event object")
+            validate_client_event(event, self.protocol)  # type: ignore[arg-type]
+        except ClientEventError as exc:
+            self.counts["rejected_commands"] += 1
+            self._warn.warning("command", kv("command_rejected", reason=repr(str(exc))))
+            return
+        self.send(event)
+
+    # --- socket input ----------------------------------------------------------------------
+    def on_inbox(self, item: SocketEvent) -> None:
+        if item.kind == "message":
+            self._on_server_text(item.text, item.t_recv_ns)
+        elif item.kind == "connected":
+            self._on_connected(item.attempt)
+        elif item.kind == "closed":
+            self._on_closed(item.reason, item.attempt)
+
+    def _on_connected(self, attempt: int) -> None:
+        resumed = self.socket.connects > 1 and not self.fresh_session
+        self.fresh_session = False
+        self.session_samples = 0  # a new socket is a new server session: its audio clock starts at 0
+        self.appended_frames.clear()
+        self.session_tools = None  # until this server session confirms its configuration
+        log.info(kv("connected", url=self.url_for_logs, attempt=attempt, resumed=resumed))
+        self.send(session_update(self.settings, self.protocol, self.tools))
+        replayed = 0
+        if resumed:
+            for role, text in list(self.conversation.values())[-RESUME_TURNS:]:
+                if text:
+                    self.send(replay_item(role, text, self.protocol))
+                    replayed += 1
+        self._publish_event("rt.gateway.connected", {"attempt": attempt, "resumed": resumed,
+                                                     "replayed_items": replayed, "protocol": self.protocol})
+
+    def _on_closed(self, reason: str, attempt: int) -> None:
+        was_active = self.response_active is not None
+        self.session_tools = None
+        self.response_active = None
+        self.pending_truncate = None
+        self.calls.reset()
+        if reason == PAUSED_REASON:
+            self._publish_event("rt.gateway.closed", {"reason": reason})
+            return
+        if reason.startswith("connect failed"):
+            log.debug(kv("not_connected", reason=repr(reason), attempt=attempt))
+        else:
+            self.counts["reconnects"] += 1
+            log.warning(kv("disconnected", reason=repr(reason), attempt=attempt, response_lost=was_active))
+        self._publish_event("rt.gateway.disconnected", {"reason": reason, "attempt": attempt,
+                                                        "response_lost": was_active})
+
+    def _on_server_text(self, text: str, t_recv_ns: int) -> None:
+        parsed = parse_server_event(text, self.protocol)  # type: ignore[arg-type]
+        self.counts["events_in"] += 1
+        if parsed.type == "unknown":
+            self.counts["unknown_events"] += 1
+            self._warn.warning(parsed.problem, kv("unknown_event", reason=parsed.problem,
+                                                  wire_type=parsed.data.get("wire_type", "-")))
+            self._log_ws("in", parsed.data)
+            self._publish_event("rt.unknown", {**parsed.data, "protocol": self.protocol, "t_recv_ns": t_recv_ns})
+            return
+        data = parsed.data
+        self._log_ws("in", data)
+        kind = parsed.type
+        if kind == "response.output_audio.delta":
+            self._on_audio_delta(data, parsed.audio, t_recv_ns)
+        elif kind == "session.updated":
+            self.session_tools = [str(tool.get("name")) for tool in data.get("session", {}).get("tools") or []]
+        benign = kind == "error" and data.get("error", {}).get("code") in BENIGN_ERRORS
+        self._publish_event(f"rt.{kind}", {"event": data, "protocol": self.protocol, "t_recv_ns": t_recv_ns,
+                                           **({"benign": True} if benign else {})})
+        if kind == "error":
+            error = data.get("error", {})
+            self.counts["benign_errors" if benign else "server_errors"] += 1
+            log.log(logging.INFO if benign else logging.WARNING,
+                    kv("server_error", code=error.get("code"), benign=benign,
+                       message=repr(str(error.get("message"))[:200])))
+        elif kind == "response.created":
+            self.response_active = data["response"].get("id")
+            if self.calls.on_response_created(data["response"]):
+                # a follow-up asked for before the user spoke, created after: it would talk over them
+                self.send({"type": "response.cancel", "response_id": self.response_active})
+                log.info(kv("orphan_cancelled", response_id=self.response_active))
+        elif kind == "response.output_item.done" and data.get("item", {}).get("type") == "function_call":
+            self._function_call(data["item"], data.get("response_id", ""))
+        elif kind == "response.done":
+            self.response_active = None
+            response_id = data["response"].get("id", "")
+            if data["response"].get("status") in FINISHED_STATUSES:
+                for item in self.tracker.items.values():
+                    item.complete = item.complete or item.response_id == response_id
+            self.calls.on_response_done(response_id)
+            self._maybe_follow_up(response_id)
+        elif kind == "response.output_audio_transcript.delta":
+            item = self.tracker.items.get(data["item_id"])
+            if item is not None:
+                item.transcript += data.get("delta", "")
+        elif kind == "response.output_audio_transcript.done":
+            item = self.tracker.items.get(data["item_id"])
+            if item is not None and not item.truncated:
+                item.transcript = data.get("transcript", "")
+                self._remember(data["item_id"], "assistant", item.transcript)
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            self._remember(data["item_id"], "user", data.get("transcript", ""))
+        elif kind == "input_audio_buffer.speech_started":
+            self.calls.on_speech_started()
+            self._barge_in()
+        elif kind == "input_audio_buffer.speech_stopped":
+            self._speech_end(data)
+
+    def _on_audio_delta(self, data: dict[str, Any], pcm: bytes, t_recv_ns: int) -> None:
+        before = self.tracker.items[data["item_id"]].received_samples if data["item_id"] in self.tracker.items else 0
+        self.tracker.add_audio(data["item_id"], data["response_id"], data["content_index"], pcm, time.monotonic())
+        self.out.audio("audio.assistant", pcm, rate=RATE, channels=1, pts=before, t_capture_ns=t_recv_ns,
+                       item_id=data["item_id"], response_id=data["response_id"], content_index=data["content_index"])
+
+    def _remember(self, item_id: str, role: str, text: str) -> None:
+        self.conversation[item_id] = (role, text)
+        while len(self.conversation) > 4 * RESUME_TURNS:
+            self.conversation.popitem(last=False)
+
+    def capture_time_of(self, session_ms: float) -> int | None:
+        """Wall-clock capture time of the audio the server knows as `session_ms` (None if too old)."""
+        target = session_ms * RATE / 1000
+        for start, samples, t_capture_ns in reversed(self.appended_frames):
+            if start <= target:
+                return t_capture_ns + int((target - start) * 1e9 / RATE) if target <= start + samples else None
+        return None
+
+    def _speech_end(self, data: dict[str, Any]) -> None:
+        """The user stopped speaking `silence_duration_ms` before the server said so: when was that, really?"""
+        speech_end_ms = data["audio_end_ms"] - self.settings.vad_silence_duration_ms
+        self._publish_event("rt.gateway.speech_end", {"item_id": data["item_id"], "audio_end_ms": data["audio_end_ms"],
+                                                      "speech_end_ms": speech_end_ms,
+                                                      "speech_end_capture_ns": self.capture_time_of(speech_end_ms)})
+
+    # --- tools ------------------------------------------------------------------------------
+    def _tools_available(self, listing: list[dict[str, Any]], instance: str) -> None:
+        if instance != self.tools_instance:
+            if self.tools_instance:  # a restarted tools stage: what the old one was running is lost
+                for call in self.calls.abandon_pending():
+                    log.warning(kv("tool_lost", name=call.name, call_id=call.call_id, reason="tools stage restarted"))
+                    self._answer_call({**error_output(call.call_id, call.name, f"{call.name} was interrupted: the "
+                                                      "tools stage restarted"), "source": "gateway"},
+                                      call.response_id, (time.time_ns() - call.started_ns) / 1e6)
+            self.tools_instance = instance
+        if listing == self.tools:
+            return
+        self.tools = listing
+        log.info(kv("tools", names=",".join(t.get("name", "?") for t in listing) or "-"))
+        if self.socket.connected:
+            self.send(session_update(self.settings, self.protocol, self.tools))
+
+    def _function_call(self, item: dict[str, Any], response_id: str) -> None:
+        timeout = next((t.get("timeout_s") for t in self.tools if t.get("name") == item.get("name")), None)
+        call, immediate = self.calls.on_call_item(item, response_id, time.monotonic(),
+                                                  timeout + TOOL_TIMEOUT_MARGIN_S if timeout else None)
+        if call is not None:
+            self._publish_event("tool.call", call)
+        else:
+            self._answer_call({**immediate, "source": "gateway"}, response_id, 0.0)
+
+    def _tool_result(self, result: dict[str, Any]) -> None:
+        pending = self.calls.on_result(result)
+        if pending is None:  # answered already (the gateway's own timeout), or another session's
+            self.counts["late_tool_results"] += 1
+            return
+        self._answer_call(result, pending.response_id, (time.time_ns() - pending.started_ns) / 1e6)
+
+    def _answer_call(self, result: dict[str, Any], response_id: str, round_trip_ms: float) -> None:
+        """The output goes to the server, and on the bus as what the model was told (for the trace)."""
+        self.send(output_item(result))
+        self._publish_event("rt.gateway.tool_output", {
+            "call_id": result["call_id"], "name": result.get("name"), "response_id": response_id,
+            "output": result.get("output"), "error": result.get("error"), "source": result.get("source"),
+            "tool_ms": result.get("duration_ms"), "round_trip_ms": round(round_trip_ms, 2)})
+        self.calls.answered(result["call_id"], response_id)
+        self._maybe_follow_up(response_id)
+
+    def _maybe_follow_up(self, response_id: str) -> None:
+        metadata, why = self.calls.followup_due(response_id, self.response_active is not None)
+        if metadata is not None:
+            self.send({"type": "response.create", "response": {"metadata": metadata}})
+        elif why != "waiting":
+            log.info(kv("no_follow_up", response_id=response_id, reason=repr(why)))
+            self._publish_event("rt.gateway.follow_up_skipped", {"response_id": response_id, "reason": why})
+
+    # --- barge-in --------------------------------------------------------------------------
+    def _barge_in(self) -> None:
+        item = self.tracker.audible_item()
+        if item is None or item.truncated:
+            return
+        self.counts["barge_ins"] += 1
+        self._publish_event("player.flush", {"reason": "barge_in", "item_id": item.item_id})
+        # with interrupt_response the server has cancelled already (as the Agents SDK assumes too)
+        cancel = self.response_active is not None and not self.settings.interrupt_response
+        if cancel:
+            self.send({"type": "response.cancel"})
+        self.pending_truncate = {"item_id": item.item_id, "deadline": time.monotonic() + FLUSH_WAIT_S}
+        log.info(kv("barge_in", item_id=item.item_id, received_ms=round(item.received_ms), cancel_sent=cancel))
+
+    def tick(self) -> None:
+        for call in self.calls.expired(time.monotonic()):
+            log.warning(kv("tool_timeout", name=call.name, call_id=call.call_id))
+            self._answer_call({**error_output(call.call_id, call.name, f"{call.name} did not answer in time (the "
+                                              "tools stage may be down)"), "source": "gateway"}, call.response_id,
+                              (time.time_ns() - call.started_ns) / 1e6)
+        if self.pending_truncate is not None and time.monotonic() > self.pending_truncate["deadline"]:
+            # no flushed state from the player in time: fall back to its last report, and say so
+            self._truncate(self.tracker.player.get("played_ms", 0.0) if
+                           self.tracker.player.get("item_id") == self.pending_truncate["item_id"] else 0.0,
+                           source="last_player_state")
+
+    def _truncate(self, played_ms: float, source: str) -> None:
+        pending, self.pending_truncate = self.pending_truncate, None
+        item = self.tracker.items.get(pending["item_id"]) if pending else None
+        if item is None or item.truncated:
+            return
+        item.truncated = True
+        audio_end_ms = self.tracker.truncate_at_ms(item, played_ms)
+        if audio_end_ms >= int(item.received_ms) and item.complete:
+            # the whole reply had been heard when the user spoke: a new turn, nothing to cut. Not so
+            # for a reply the server cancelled when the user spoke (interrupt_response): it stopped
+            # sending there, so all it sent was heard, but the reply was cut all the same
+            self.counts["played_to_end"] += 1
+            log.info(kv("not_truncated", item_id=item.item_id, played_ms=played_ms,
+                        received_ms=round(item.received_ms), reason="played to its end"))
+            return
+        heard = cut_transcript(item.transcript, audio_end_ms / item.received_ms) if item.received_ms else ""
+        if audio_end_ms <= 0:
+            # nothing was heard: truncating at 0 is an API error; the honest conversation has no such reply
+            self.send({"type": "conversation.item.delete", "item_id": item.item_id})
+            self.conversation.pop(item.item_id, None)
+        else:
+            self.send({"type": "conversation.item.truncate", "item_id": item.item_id,
+                       "content_index": item.content_index, "audio_end_ms": audio_end_ms})
+            self._remember(item.item_id, "assistant", heard)
+        self.counts["truncations"] += 1
+        log.info(kv("truncated", item_id=item.item_id, audio_end_ms=audio_end_ms, played_ms=played_ms,
+                    received_ms=round(item.received_ms), source=source))
+        self._publish_event("rt.gateway.truncated", {"item_id": item.item_id, "response_id": item.response_id,
+                                                     "audio_end_ms": audio_end_ms, "played_ms": played_ms,
+                                                     "received_ms": round(item.received_ms, 1),
+                                                     "deleted": audio_end_ms <= 0, "transcript_heard": heard,
+                                                     "transcript_generated": item.transcript, "source": source})
