@@ -467,6 +467,12 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
 @click.option("--instructions", default=None, help="System instructions for the assistant.")
 @click.option("--voice", default="alloy", show_default=True)
 @click.option("--transcription-model", default="whisper-1", show_default=True, help="'none' to disable.")
+@click.option("--turn-detection", "vad_type", type=click.Choice(["server_vad", "semantic_vad"]), default="server_vad",
+              show_default=True, help="server_vad: the end of a turn is silence_duration_ms of quiet; semantic_vad: "
+              "the server judges whether the phrase is finished (see --eagerness).")
+@click.option("--eagerness", type=click.Choice(["auto", "low", "medium", "high"]), default="auto", show_default=True,
+              help="semantic_vad: how soon a turn ends; low lets the user take their time (an unfinished phrase "
+              "waits up to 8 s), high answers soonest (2 s); auto is medium (4 s).")
 @click.option("--vad-threshold", type=float, default=0.3, show_default=True)
 @click.option("--vad-prefix-ms", type=int, default=300, show_default=True)
 @click.option("--vad-silence-ms", type=int, default=600, show_default=True)
@@ -484,8 +490,8 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
 @click.option("--tool-timeout", type=float, default=15.0, show_default=True,
               help="Seconds to wait for a tool.result (for tools that announce no timeout of their own) before "
               "the gateway answers the call with an error itself.")
-def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_threshold, vad_prefix_ms,
-            vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
+def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_type, eagerness, vad_threshold,
+            vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -501,7 +507,8 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
     settings = SessionSettings(model=model, voice=voice,
                                transcription_model=None if transcription_model == "none" else transcription_model,
                                vad_threshold=vad_threshold, vad_prefix_padding_ms=vad_prefix_ms,
-                               vad_silence_duration_ms=vad_silence_ms, interrupt_response=interrupt_response)
+                               vad_silence_duration_ms=vad_silence_ms, interrupt_response=interrupt_response,
+                               vad_type=vad_type, eagerness=eagerness)
     if instructions:
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,

@@ -55,6 +55,11 @@ def test_outgoing_events_validate_against_sdk_client_types():
         validate_client_event(session_update(SessionSettings(), protocol), protocol)
         validate_client_event(replay_item("user", "hello", protocol), protocol)
         validate_client_event(replay_item("assistant", "hi there", protocol), protocol)
+        semantic = session_update(SessionSettings(vad_type="semantic_vad", eagerness="low"), protocol)
+        validate_client_event(semantic, protocol)
+        turn = semantic["session"]["audio"]["input"]["turn_detection"] if protocol == "ga" else \
+            semantic["session"]["turn_detection"]
+        assert turn == {"type": "semantic_vad", "eagerness": "low", "create_response": True, "interrupt_response": True}
 
 
 def test_truncate_uses_played_position_capped_by_received_audio():

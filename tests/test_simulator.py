@@ -413,3 +413,56 @@ def test_sdk_realtime_client_completes_a_tool_round_trip(simulator, tmp_path):
     assert {"response.function_call_arguments.delta", "response.output_item.done"} <= {e.type for e in events}
     for event in events:  # typed by the SDK on receipt; and each one round-trips its union
         adapter.validate_python(event.model_dump(exclude_unset=True))
+
+
+UNFINISHED, REST = "i would like a pizza and", "a large salad please"
+
+
+def _semantic_turns(base_url: str, eagerness: str, pause_s: float) -> tuple[list[str], list[int]]:
+    """Speak an unfinished phrase, pause, finish it, at real-time pace (as a mic does); the user turns the
+    server made of it (transcripts) and where each ended (audio_end_ms)."""
+    client = RawRealtime(base_url)
+    try:
+        client.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "transcription": {"model": "whisper-1"},
+            "turn_detection": {"type": "semantic_vad", "eagerness": eagerness, "create_response": False}}}}})
+        updated = client.until("session.updated")
+        assert updated["session"]["audio"]["input"]["turn_detection"] == {
+            "type": "semantic_vad", "eagerness": eagerness, "create_response": False, "interrupt_response": True}
+        pcm = (bytes(24000) + speech_pcm(UNFINISHED) + bytes(int(48000 * pause_s)) + speech_pcm(REST)
+               + bytes(48000 * 10))
+        started = time.monotonic()
+        for offset in range(0, len(pcm), 4800):  # 100 ms at a time, on the clock
+            client.append(pcm[offset:offset + 4800])
+            time.sleep(max(0.0, started + (offset + 4800) / 48000 - time.monotonic()))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                client.recv(0.5)
+            except websocket.WebSocketTimeoutException:
+                if client.of_type("conversation.item.input_audio_transcription.completed") and \
+                        len(client.of_type("conversation.item.input_audio_transcription.completed")) == \
+                        len(client.of_type("input_audio_buffer.committed")):
+                    break
+        transcripts = [e["transcript"] for e in client.of_type("conversation.item.input_audio_transcription.completed")]
+        ends = [e["audio_end_ms"] for e in client.of_type("input_audio_buffer.speech_stopped")]
+        return transcripts, ends
+    finally:
+        client.close()
+
+
+def test_semantic_vad_waits_longer_for_an_unfinished_phrase_when_eagerness_is_low(simulator):
+    """The same words, "i would like a pizza and" (unfinished), 3 s of quiet, then the rest: eagerness low
+    waits for more (up to 8 s) and hears one turn; high waits at most 2 s, so the first half is a turn of
+    its own, ended at the word "and"."""
+    base_url = simulator("--pace", "fast")
+    low, low_ends = _semantic_turns(base_url, "low", 3.0)
+    high, high_ends = _semantic_turns(base_url, "high", 3.0)
+    print(f"low: {low} ending at {low_ends} ms; high: {high} ending at {high_ends} ms")
+    # (what the recogniser makes of the words matters less than where the turns were cut)
+    assert len(low) == 1 and low[0].startswith(UNFINISHED) and low[0].endswith("salad please"), low
+    assert len(high) == 2 and high[0] == UNFINISHED and high[1].endswith("salad please"), high
+    assert high_ends[0] < low_ends[0]  # the first turn ended later on low: after the whole sentence
+    # and a finished phrase is not held: "a large salad please" ended its turn well within a second
+    speech_ms = (len(speech_pcm(UNFINISHED)) + len(speech_pcm(REST))) / 48 + 1000 + 3000
+    assert high_ends[1] <= speech_ms + 200, (high_ends, speech_ms)

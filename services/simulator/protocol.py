@@ -31,6 +31,7 @@ class VadConfig:
     silence_duration_ms: int = 500
     create_response: bool = True
     interrupt_response: bool = True
+    eagerness: str = "auto"  # semantic_vad only
 
 
 @dataclass
@@ -55,7 +56,14 @@ def _vad_from(raw: dict[str, Any] | None, current: VadConfig | None) -> VadConfi
                     prefix_padding_ms=raw.get("prefix_padding_ms", base.prefix_padding_ms),
                     silence_duration_ms=raw.get("silence_duration_ms", base.silence_duration_ms),
                     create_response=raw.get("create_response", base.create_response),
-                    interrupt_response=raw.get("interrupt_response", base.interrupt_response))
+                    interrupt_response=raw.get("interrupt_response", base.interrupt_response),
+                    eagerness=raw.get("eagerness", base.eagerness) or "auto")
+    if vad.type not in ("server_vad", "semantic_vad"):
+        raise ClientEventError(f"Invalid turn_detection type {vad.type!r}: server_vad or semantic_vad",
+                               "session.turn_detection.type")
+    if vad.eagerness not in ("auto", "low", "medium", "high"):
+        raise ClientEventError(f"Invalid eagerness {vad.eagerness!r}: auto, low, medium or high",
+                               "session.turn_detection.eagerness")
     if vad.threshold is None:
         vad.threshold = base.threshold
     if not 0.0 <= float(vad.threshold) <= 1.0:
@@ -105,6 +113,9 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
 def _vad_dict(vad: VadConfig | None) -> dict[str, Any] | None:
     if vad is None:
         return None
+    if vad.type == "semantic_vad":
+        return {"type": vad.type, "eagerness": vad.eagerness, "create_response": vad.create_response,
+                "interrupt_response": vad.interrupt_response}
     return {"type": vad.type, "threshold": vad.threshold, "prefix_padding_ms": vad.prefix_padding_ms,
             "silence_duration_ms": vad.silence_duration_ms, "create_response": vad.create_response,
             "interrupt_response": vad.interrupt_response}

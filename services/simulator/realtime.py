@@ -23,6 +23,7 @@ from common.realtime_names import to_beta
 from common.resample import pcm_to_mono_float
 from common.speech import Transcriber, TranscriberPool, synthesize
 from common.transcripts import cut_transcript
+from services.simulator import semantic
 from services.simulator.faults import Fault, FaultBudget
 from services.simulator.markers import StreamFinder, chirp_pcm
 from services.simulator.protocol import (
@@ -113,12 +114,24 @@ class RealtimeConnection:
         self.user_audio_ms = 0.0  # all user audio committed in this session (for usage)
         self.call_plans: dict[str, Plan] = {}  # call_id -> the plan that made the call (for what to say after)
         self.markers = StreamFinder(RATE) if options.markers else None
+        # semantic_vad: the open turn's first sample, and a candidate end being judged (see semantic.py)
+        self.turn_start_ms = 0
+        self.pending_end: dict[str, Any] | None = None
 
     def _new_vad(self) -> EnergyVad:
         vad = self.config.vad
         if vad is None:
             return EnergyVad(RATE)
-        return EnergyVad(RATE, vad.threshold, vad.prefix_padding_ms, vad.silence_duration_ms)
+        return EnergyVad(RATE, vad.threshold, vad.prefix_padding_ms, self._pause_ms())
+
+    def _semantic(self) -> bool:
+        return self.config.vad is not None and self.config.vad.type == "semantic_vad"
+
+    def _pause_ms(self) -> int:
+        """The quiet the energy detector reports as a stop: the end itself (server_vad), or a candidate
+        end to judge (semantic_vad)."""
+        assert self.config.vad is not None
+        return semantic.CANDIDATE_PAUSE_MS if self._semantic() else self.config.vad.silence_duration_ms
 
     # --- sending -----------------------------------------------------------------------------
     async def send(self, ga_type: str, **fields: Any) -> None:
@@ -183,8 +196,7 @@ class RealtimeConnection:
     async def on_session_update(self, event: dict[str, Any]) -> None:
         apply_session_update(self.config, event.get("session") or {}, self.protocol)
         if self.config.vad is not None:
-            self.vad.configure(self.config.vad.threshold, self.config.vad.prefix_padding_ms,
-                               self.config.vad.silence_duration_ms)
+            self.vad.configure(self.config.vad.threshold, self.config.vad.prefix_padding_ms, self._pause_ms())
         await self.send("session.updated", session=render_session(self.config, self.protocol))
 
     async def on_append(self, event: dict[str, Any]) -> None:
@@ -204,11 +216,43 @@ class RealtimeConnection:
         self.arrivals.append((self.vad.position_ms, time.time_ns()))
         for vad_event in events:
             if vad_event.kind == "started":
+                if self.pending_end is not None:  # semantic_vad: they went on speaking; the same turn goes on
+                    self.pending_end = None
+                    continue
+                self.turn_start_ms = vad_event.audio_ms
                 await self._speech_started(vad_event.audio_ms)
+            elif self._semantic():
+                self._judge_end(vad_event.audio_ms - semantic.CANDIDATE_PAUSE_MS)
             else:
                 await self._speech_stopped(vad_event.audio_ms)
-        if not self.vad.in_speech:
+        await self._end_if_due()
+        if not self.vad.in_speech and self.pending_end is None:
             self._trim_buffer(self.vad.position_ms - IDLE_BUFFER_MS)
+
+    def _judge_end(self, words_end_ms: int) -> None:
+        """semantic_vad: a pause after words; read what was said to decide how long to wait for more."""
+        pending: dict[str, Any] = {"words_end_ms": words_end_ms, "end_ms": None, "transcript": ""}
+        self.pending_end = pending
+        pcm = self._buffer_slice(self.turn_start_ms, words_end_ms)
+        eagerness = self.config.vad.eagerness if self.config.vad else "auto"
+
+        async def judge() -> None:
+            pending["transcript"] = await asyncio.to_thread(self.transcriber.transcribe, pcm, RATE)
+            pending["end_ms"] = words_end_ms + semantic.wait_after_words_ms(pending["transcript"], eagerness)
+            await self._end_if_due()  # the audio may already be past it
+
+        self._spawn(judge())
+
+    async def _end_if_due(self) -> None:
+        """semantic_vad: the judged wait has passed in the audio with nobody speaking: the turn is over."""
+        pending = self.pending_end
+        if pending is None or pending["end_ms"] is None or self.vad.in_speech \
+                or self.vad.position_ms < pending["end_ms"]:
+            return
+        self.pending_end = None
+        log.info(kv("semantic_end", session=self.config.id, transcript=repr(pending["transcript"]),
+                    waited_ms=pending["end_ms"] - pending["words_end_ms"]))
+        await self._speech_stopped(pending["words_end_ms"])
 
     def _trim_buffer(self, keep_from_ms: int) -> None:
         cut_ms = keep_from_ms - self.buffer_start_ms
@@ -230,12 +274,13 @@ class RealtimeConnection:
 
     async def _speech_stopped(self, audio_end_ms: int) -> None:
         item_id = self.speech_item_id or new_id("item")
-        # when did the last word actually arrive? (the VAD only says so silence_duration_ms later)
-        speech_end_ms = audio_end_ms - (self.config.vad.silence_duration_ms if self.config.vad else 0)
+        # when did the last word actually arrive? (server_vad says so silence_duration_ms later; semantic_vad's
+        # audio_end_ms is where the words ended)
+        speech_end_ms = audio_end_ms - (self._pause_ms() if self.config.vad and not self._semantic() else 0)
         arrived = next((t for ms, t in self.arrivals if ms >= speech_end_ms), time.time_ns())
         log.info(kv("speech_stopped", audio_end_ms=audio_end_ms, speech_end_received_ns=arrived, t_ns=time.time_ns()))
         await self.send("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
-        pcm = self._buffer_slice(self.vad.speech_start_ms, audio_end_ms)
+        pcm = self._buffer_slice(self.turn_start_ms, audio_end_ms)
         self._trim_buffer(audio_end_ms)
         create = bool(self.config.vad and self.config.vad.create_response)
         await self._commit(item_id, pcm, create_response=create)

@@ -24,6 +24,7 @@ class SessionSettings:
     # the server cancels its own response when the user starts speaking; the gateway then only
     # flushes and truncates (a client response.cancel would get response_cancel_not_active)
     interrupt_response: bool = True
+    eagerness: str = "auto"  # semantic_vad: low waits longest for an unfinished phrase (8 s), high least (2 s)
 
 
 def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -34,10 +35,13 @@ def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def session_update(settings: SessionSettings, protocol: str, tools: list[dict[str, Any]] | None = None
                    ) -> dict[str, Any]:
-    vad: dict[str, Any] = {"type": settings.vad_type, "threshold": settings.vad_threshold,
-                           "prefix_padding_ms": settings.vad_prefix_padding_ms,
-                           "silence_duration_ms": settings.vad_silence_duration_ms,
-                           "create_response": True, "interrupt_response": settings.interrupt_response}
+    vad: dict[str, Any] = {"type": settings.vad_type, "create_response": True,
+                           "interrupt_response": settings.interrupt_response}
+    if settings.vad_type == "semantic_vad":  # the server decides when the phrase is over: no energy knobs
+        vad["eagerness"] = settings.eagerness
+    else:
+        vad.update(threshold=settings.vad_threshold, prefix_padding_ms=settings.vad_prefix_padding_ms,
+                   silence_duration_ms=settings.vad_silence_duration_ms)
     transcription = {"model": settings.transcription_model} if settings.transcription_model else None
     if protocol == "ga":
         from openai.types.realtime import SessionUpdateEventParam

@@ -359,7 +359,9 @@ class GatewayStage(Stage):
 
     def _speech_end(self, data: dict[str, Any]) -> None:
         """The user stopped speaking `silence_duration_ms` before the server said so: when was that, really?"""
-        speech_end_ms = data["audio_end_ms"] - self.settings.vad_silence_duration_ms
+        # server_vad's audio_end_ms includes its silence_duration_ms; semantic_vad's is where the words ended
+        silence_ms = self.settings.vad_silence_duration_ms if self.settings.vad_type == "server_vad" else 0
+        speech_end_ms = data["audio_end_ms"] - silence_ms
         self._publish_event("rt.gateway.speech_end", {"item_id": data["item_id"], "audio_end_ms": data["audio_end_ms"],
                                                       "speech_end_ms": speech_end_ms,
                                                       "speech_end_capture_ns": self.capture_time_of(speech_end_ms)})
