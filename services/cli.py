@@ -457,6 +457,24 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
                       record_path, as_json, offer_path=offer_path, dial_at=dial_at))
 
 
+def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ...]) -> dict | None:
+    """--prompt-id/--prompt-version/--prompt-var as the GA session's `prompt` object."""
+    if not prompt_id:
+        if version or variables:
+            raise click.UsageError("--prompt-version and --prompt-var need --prompt-id")
+        return None
+    pairs = [item.partition("=") for item in variables]
+    bad = [item for item, (_name, sep, _value) in zip(variables, pairs, strict=True) if not sep]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r}: expected NAME=VALUE", param_hint="--prompt-var")
+    prompt: dict = {"id": prompt_id}
+    if version:
+        prompt["version"] = version
+    if pairs:
+        prompt["variables"] = {name: value for name, _sep, value in pairs}
+    return prompt
+
+
 @main.command()
 @bus_options
 @click.option("--url", help="Full websocket URL (default: derived from OPENAI_BASE_URL as the openai SDK does, "
@@ -473,6 +491,17 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
 @click.option("--eagerness", type=click.Choice(["auto", "low", "medium", "high"]), default="auto", show_default=True,
               help="semantic_vad: how soon a turn ends; low lets the user take their time (an unfinished phrase "
               "waits up to 8 s), high answers soonest (2 s); auto is medium (4 s).")
+@click.option("--noise-reduction", type=click.Choice(["near_field", "far_field"]), default=None,
+              help="The server's input noise reduction: near_field (headset), far_field (laptop, room); default off.")
+@click.option("--transcription-logprobs", is_flag=True, help="Ask for the user transcript's log probabilities (GA).")
+@click.option("--truncation-retention", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="When the context is full, keep this share of it (GA `truncation: retention_ratio`).")
+@click.option("--prompt-id", default=None, help="A stored prompt (GA `prompt`): its id ...")
+@click.option("--prompt-version", default=None, help="... its version ...")
+@click.option("--prompt-var", "prompt_vars", multiple=True, metavar="NAME=VALUE", help="... and its variables.")
+@click.option("--max-output-tokens", type=click.IntRange(1, 4096), default=None,
+              help="Cap each response (the server ends it `incomplete`, reason max_output_tokens).")
+@click.option("--speed", type=click.FloatRange(0.25, 1.5), default=None, help="The assistant's speaking speed.")
 @click.option("--vad-threshold", type=float, default=0.3, show_default=True)
 @click.option("--vad-prefix-ms", type=int, default=300, show_default=True)
 @click.option("--vad-silence-ms", type=int, default=600, show_default=True)
@@ -490,8 +519,9 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
 @click.option("--tool-timeout", type=float, default=15.0, show_default=True,
               help="Seconds to wait for a tool.result (for tools that announce no timeout of their own) before "
               "the gateway answers the call with an error itself.")
-def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_type, eagerness, vad_threshold,
-            vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
+def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_type, eagerness, noise_reduction,
+            transcription_logprobs, truncation_retention, prompt_id, prompt_version, prompt_vars, max_output_tokens,
+            speed, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -508,7 +538,11 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
                                transcription_model=None if transcription_model == "none" else transcription_model,
                                vad_threshold=vad_threshold, vad_prefix_padding_ms=vad_prefix_ms,
                                vad_silence_duration_ms=vad_silence_ms, interrupt_response=interrupt_response,
-                               vad_type=vad_type, eagerness=eagerness)
+                               vad_type=vad_type, eagerness=eagerness, noise_reduction=noise_reduction,
+                               transcription_logprobs=transcription_logprobs,
+                               truncation_retention=truncation_retention,
+                               prompt=_prompt(prompt_id, prompt_version, prompt_vars),
+                               max_output_tokens=max_output_tokens, speed=speed)
     if instructions:
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,

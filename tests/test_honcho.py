@@ -17,7 +17,7 @@ import pytest
 from common.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)
 
 
 def test_every_process_of_a_procfile_takes_the_bus_session_and_ctrl_c_leaves_no_socket(tmp_path, run_dir):
@@ -37,7 +37,7 @@ def test_every_process_of_a_procfile_takes_the_bus_session_and_ctrl_c_leaves_no_
                                   start_new_session=True)
     try:
         stages = {"tools", "gateway", "logger"}
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # five interpreters importing at once, on a loaded machine too
         while time.monotonic() < deadline:
             text = log.read_text(errors="replace")
             started = dict(re.findall(r"^\S+ (\w+)\.\d+\s+\|.* started .*session=(\S+)", text, re.M))

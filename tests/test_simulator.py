@@ -466,3 +466,37 @@ def test_semantic_vad_waits_longer_for_an_unfinished_phrase_when_eagerness_is_lo
     # and a finished phrase is not held: "a large salad please" ended its turn well within a second
     speech_ms = (len(speech_pcm(UNFINISHED)) + len(speech_pcm(REST))) / 48 + 1000 + 3000
     assert high_ends[1] <= speech_ms + 200, (high_ends, speech_ms)
+
+
+def test_the_rest_of_the_ga_session_is_taken_echoed_and_acted_on(simulator):
+    """noise reduction, speed, logprobs, truncation, a stored prompt and max_output_tokens, as the gateway
+    sends them (`voicebus gateway --noise-reduction … --max-output-tokens 3`): the simulator echoes each in
+    session.updated, adds logprobs to the transcript, and ends a reply past the cap `incomplete`."""
+    from services.stages.gateway.session import SessionSettings, session_update
+
+    settings = SessionSettings(noise_reduction="far_field", speed=1.2, transcription_logprobs=True,
+                               truncation_retention=0.5, prompt={"id": "pmpt_voicebus", "version": "2",
+                                                                  "variables": {"city": "Paris"}},
+                               max_output_tokens=3, vad_silence_duration_ms=500)
+    adapter = _server_event_adapter(beta=False)
+    client = RawRealtime(simulator("--pace", "fast"))
+    try:
+        client.send(session_update(settings, "ga"))
+        session = client.until("session.updated")["session"]
+        assert session["audio"]["input"]["noise_reduction"] == {"type": "far_field"}
+        assert session["audio"]["output"]["speed"] == 1.2
+        assert session["include"] == ["item.input_audio_transcription.logprobs"]
+        assert session["truncation"] == {"type": "retention_ratio", "retention_ratio": 0.5}
+        assert session["prompt"] == {"id": "pmpt_voicebus", "version": "2", "variables": {"city": "Paris"}}
+        assert session["max_output_tokens"] == 3
+        client.append(with_silence(speech_pcm(QUESTION), 24000))
+        done = client.until("response.done", 60)
+        heard = client.of_type("conversation.item.input_audio_transcription.completed")[0]
+    finally:
+        client.close()
+    for event in client.events:
+        adapter.validate_python(event)  # every one of them an event the SDK knows
+    assert [p["token"] for p in heard["logprobs"]] == QUESTION.split()
+    assert done["response"]["status"] == "incomplete"
+    assert done["response"]["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+    assert done["response"]["output"][0]["content"][0]["transcript"] == "I heard: what"

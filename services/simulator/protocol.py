@@ -45,6 +45,14 @@ class SessionConfig:
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "auto"
     id: str = field(default_factory=lambda: new_id("sess_voicebus_sim"))
+    # the rest of the session, as the client set it: echoed back; max_output_tokens caps replies (a word a
+    # token), include logprobs adds them to transcripts; the others change nothing the simulator makes
+    noise_reduction: dict[str, Any] | None = None
+    speed: float = 1.0
+    include: list[str] = field(default_factory=list)
+    truncation: Any = None
+    prompt: dict[str, Any] | None = None
+    max_output_tokens: int | str = "inf"
 
 
 def _vad_from(raw: dict[str, Any] | None, current: VadConfig | None) -> VadConfig | None:
@@ -96,6 +104,15 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
             config.transcription_model = (audio_in["transcription"] or {}).get("model")
         if "turn_detection" in audio_in:
             config.vad = _vad_from(audio_in["turn_detection"], config.vad)
+        if "noise_reduction" in audio_in:
+            config.noise_reduction = audio_in["noise_reduction"]
+        if audio_out.get("speed") is not None:
+            config.speed = float(audio_out["speed"])
+        for key in ("include", "truncation", "prompt", "max_output_tokens"):
+            if key in session:
+                setattr(config, key, session[key] if session[key] is not None else getattr(SessionConfig, key, None))
+        if config.include is None:
+            config.include = []
     else:
         if "modalities" in session:
             config.output_modalities = [m for m in session["modalities"] if m == "audio"] or ["text"]
@@ -108,6 +125,12 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
             config.transcription_model = (session["input_audio_transcription"] or {}).get("model")
         if "turn_detection" in session:
             config.vad = _vad_from(session["turn_detection"], config.vad)
+        if "input_audio_noise_reduction" in session:
+            config.noise_reduction = session["input_audio_noise_reduction"]
+        if session.get("speed") is not None:
+            config.speed = float(session["speed"])
+        if "max_response_output_tokens" in session:
+            config.max_output_tokens = session["max_response_output_tokens"] or "inf"
 
 
 def _vad_dict(vad: VadConfig | None) -> dict[str, Any] | None:
@@ -137,9 +160,11 @@ def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
         return {"type": "realtime", "object": "realtime.session", "id": config.id, "model": model,
                 "instructions": config.instructions, "output_modalities": config.output_modalities,
                 "audio": {"input": {"format": pcm, "transcription": transcription,
-                                    "turn_detection": _vad_dict(config.vad)},
-                          "output": {"format": pcm, "voice": config.voice, "speed": 1.0}},
-                "tools": config.tools, "tool_choice": config.tool_choice}
+                                    "turn_detection": _vad_dict(config.vad), "noise_reduction": config.noise_reduction},
+                          "output": {"format": pcm, "voice": config.voice, "speed": config.speed}},
+                "tools": config.tools, "tool_choice": config.tool_choice, "include": config.include or None,
+                "truncation": config.truncation or "auto", "prompt": config.prompt,
+                "max_output_tokens": config.max_output_tokens}
     modalities = ["audio", "text"] if "audio" in config.output_modalities else ["text"]
     # the beta Session type allows only known model names, so there the simulator says who it is
     # in an extra `server` field (and in its id and logs)
@@ -147,7 +172,9 @@ def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
             "server": SIMULATOR_NAME, "modalities": modalities,
             "instructions": config.instructions, "voice": config.voice, "input_audio_format": "pcm16",
             "output_audio_format": "pcm16", "input_audio_transcription": transcription,
-            "turn_detection": _vad_dict(config.vad), "tools": config.tools, "tool_choice": config.tool_choice}
+            "turn_detection": _vad_dict(config.vad), "tools": config.tools, "tool_choice": config.tool_choice,
+            "input_audio_noise_reduction": config.noise_reduction, "speed": config.speed,
+            "max_response_output_tokens": config.max_output_tokens}
 
 
 def user_item(item_id: str, transcript: str | None, protocol: Protocol, text: str | None = None) -> dict[str, Any]:

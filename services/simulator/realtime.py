@@ -93,6 +93,15 @@ class ConnectionDropped(Exception):
     pass
 
 
+def capped_reply(text: str, max_output_tokens: int | str) -> tuple[str, bool]:
+    """The reply as `max_output_tokens` lets it out (the simulator counts a word a token), and whether it
+    was cut (the response then ends `incomplete`, reason max_output_tokens, as the API's does)."""
+    words = text.split()
+    if max_output_tokens == "inf" or not isinstance(max_output_tokens, int) or len(words) <= max_output_tokens:
+        return text, False
+    return " ".join(words[:max_output_tokens]), True
+
+
 class RealtimeConnection:
     def __init__(self, send_text: Callable[[str], Awaitable[None]], drop: Callable[[], None], protocol: Protocol,
                  model: str, options: Options, faults: list[Fault], budget: FaultBudget,
@@ -216,8 +225,11 @@ class RealtimeConnection:
         self.arrivals.append((self.vad.position_ms, time.time_ns()))
         for vad_event in events:
             if vad_event.kind == "started":
-                if self.pending_end is not None:  # semantic_vad: they went on speaking; the same turn goes on
-                    self.pending_end = None
+                if self.pending_end is not None:  # semantic_vad: speech again while a pause is judged
+                    if self.pending_end["end_ms"] is None:  # not judged yet: the judgement says which it is
+                        self.pending_end.setdefault("resumed_ms", vad_event.audio_ms)
+                    else:  # inside the wait: the same turn goes on
+                        self.pending_end = None
                     continue
                 self.turn_start_ms = vad_event.audio_ms
                 await self._speech_started(vad_event.audio_ms)
@@ -244,15 +256,28 @@ class RealtimeConnection:
         self._spawn(judge())
 
     async def _end_if_due(self) -> None:
-        """semantic_vad: the judged wait has passed in the audio with nobody speaking: the turn is over."""
+        """semantic_vad: the judged wait has passed in the audio with nobody speaking: the turn is over.
+
+        Speech that came back while the pause was still being judged (a busy recogniser) is placed by
+        where it came, not by when the judgement did: within the wait it continues the turn; after it,
+        the turn ended at its words and the new speech is a turn of its own."""
         pending = self.pending_end
-        if pending is None or pending["end_ms"] is None or self.vad.in_speech \
-                or self.vad.position_ms < pending["end_ms"]:
+        if pending is None or pending["end_ms"] is None:
+            return
+        resumed = pending.get("resumed_ms")
+        if resumed is not None and resumed + (self.config.vad.prefix_padding_ms if self.config.vad else 0) \
+                < pending["end_ms"]:
+            self.pending_end = None
+            return
+        if resumed is None and (self.vad.in_speech or self.vad.position_ms < pending["end_ms"]):
             return
         self.pending_end = None
         log.info(kv("semantic_end", session=self.config.id, transcript=repr(pending["transcript"]),
                     waited_ms=pending["end_ms"] - pending["words_end_ms"]))
         await self._speech_stopped(pending["words_end_ms"])
+        if resumed is not None:
+            self.turn_start_ms = resumed
+            await self._speech_started(resumed)
 
     def _trim_buffer(self, keep_from_ms: int) -> None:
         cut_ms = keep_from_ms - self.buffer_start_ms
@@ -319,9 +344,14 @@ class RealtimeConnection:
         item.transcript = await asyncio.to_thread(self.transcriber.transcribe, item.audio, RATE)
         log.info(kv("heard", item_id=item_id, transcript=repr(item.transcript)))
         if self.config.transcription_model:
+            extra: dict[str, Any] = {}
+            if "item.input_audio_transcription.logprobs" in (self.config.include or []):
+                # one entry a word; pocketsphinx gives no probability the simulator trusts: 0.0 (certain)
+                extra["logprobs"] = [{"token": word, "logprob": 0.0, "bytes": list(word.encode())}
+                                     for word in item.transcript.split()]
             await self.send("conversation.item.input_audio_transcription.completed", item_id=item_id,
                             content_index=0, transcript=item.transcript,
-                            usage={"type": "duration", "seconds": round(len(item.audio) / (2 * RATE), 3)})
+                            usage={"type": "duration", "seconds": round(len(item.audio) / (2 * RATE), 3)}, **extra)
         if create_response and self.response is None:
             self._start_response()
 
@@ -475,7 +505,7 @@ class RealtimeConnection:
     async def _respond(self, response: Response) -> None:
         audio_out = "audio" in self.config.output_modalities
         plan = self._plan()
-        reply = plan.text
+        reply, capped = capped_reply(plan.text, self.config.max_output_tokens)
         base = {"id": response.id, "object": "realtime.response", "conversation_id": "conv_sim",
                 "output_modalities": ["audio"] if audio_out else ["text"], "metadata": response.metadata}
         await self.send("response.created", response={**base, "status": "in_progress", "output": []})
@@ -501,12 +531,13 @@ class RealtimeConnection:
                         else self._stream_text(response, reply, ids))
         item.transcript = spoken if item.transcript is None else item.transcript
         cancelled = response.cancelled.is_set()
-        status = "cancelled" if cancelled else "completed"
-        done_item = assistant_item(item.id, item.transcript, "incomplete" if cancelled else "completed",
+        status = "cancelled" if cancelled else "incomplete" if capped else "completed"
+        done_item = assistant_item(item.id, item.transcript, "incomplete" if cancelled or capped else "completed",
                                    self.protocol, audio_out)
         await self.send("response.output_item.done", response_id=response.id, output_index=0, item=done_item)
         await self.send("conversation.item.done", item=done_item, previous_item_id=previous)
-        details = {"type": "cancelled", "reason": response.reason} if cancelled else None
+        details = {"type": "cancelled", "reason": response.reason} if cancelled else \
+            {"type": "incomplete", "reason": "max_output_tokens"} if capped else None
         await self.send("response.done", response={**base, "status": status, "status_details": details,
                                                    "output": [done_item], "usage": self._usage(item)})
         self.response = None

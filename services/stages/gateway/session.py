@@ -25,6 +25,13 @@ class SessionSettings:
     # flushes and truncates (a client response.cancel would get response_cancel_not_active)
     interrupt_response: bool = True
     eagerness: str = "auto"  # semantic_vad: low waits longest for an unfinished phrase (8 s), high least (2 s)
+    # the rest of the GA session (None: the server's default); beta has no counterpart for some (left out there)
+    noise_reduction: str | None = None  # near_field (a headset) or far_field (a laptop, a room)
+    transcription_logprobs: bool = False  # include item.input_audio_transcription.logprobs
+    truncation_retention: float | None = None  # when the context is full, keep this share of it
+    prompt: dict[str, Any] | None = None  # a stored prompt: {id, version?, variables?}
+    max_output_tokens: int | None = None
+    speed: float | None = None  # of the assistant's voice, 0.25-1.5
 
 
 def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -51,6 +58,19 @@ def session_update(settings: SessionSettings, protocol: str, tools: list[dict[st
             "audio": {"input": {"format": PCM, "transcription": transcription, "turn_detection": vad},
                       "output": {"format": PCM, "voice": settings.voice}},
             "tools": function_tools(tools or []), "tool_choice": "auto"}}
+        session = event["session"]
+        if settings.noise_reduction:
+            session["audio"]["input"]["noise_reduction"] = {"type": settings.noise_reduction}
+        if settings.speed is not None:
+            session["audio"]["output"]["speed"] = settings.speed
+        if settings.transcription_logprobs:
+            session["include"] = ["item.input_audio_transcription.logprobs"]
+        if settings.truncation_retention is not None:
+            session["truncation"] = {"type": "retention_ratio", "retention_ratio": settings.truncation_retention}
+        if settings.prompt:
+            session["prompt"] = settings.prompt
+        if settings.max_output_tokens is not None:
+            session["max_output_tokens"] = settings.max_output_tokens
         return dict(event)
     from openai.types.beta.realtime import SessionUpdateEventParam as BetaSessionUpdate
 
@@ -58,6 +78,12 @@ def session_update(settings: SessionSettings, protocol: str, tools: list[dict[st
         "modalities": ["audio", "text"], "instructions": settings.instructions, "voice": settings.voice,
         "input_audio_format": "pcm16", "output_audio_format": "pcm16", "input_audio_transcription": transcription,
         "turn_detection": vad, "tools": function_tools(tools or []), "tool_choice": "auto"}}
+    if settings.noise_reduction:
+        beta["session"]["input_audio_noise_reduction"] = {"type": settings.noise_reduction}
+    if settings.speed is not None:
+        beta["session"]["speed"] = settings.speed
+    if settings.max_output_tokens is not None:
+        beta["session"]["max_response_output_tokens"] = settings.max_output_tokens
     return dict(beta)
 
 
