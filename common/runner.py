@@ -114,7 +114,7 @@ def run_stage(stage: Stage, cfg: BusConfig) -> int:
                 next_beat = now + HEARTBEAT_INTERVAL_S
             if stage.tick_interval_s and now >= next_tick:
                 stage.tick()
-                next_tick = now + stage.tick_interval_s
+                next_tick = now + (stage.tick_interval_s or 0.0)  # its tick may have ended what it ticked for
             wait_until = min(next_beat, next_tick) if stage.tick_interval_s else next_beat
             ready = dict(poller.poll(max(0, int((wait_until - now) * 1000) + 1)))
             if wake_fd in ready:

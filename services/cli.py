@@ -502,6 +502,11 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
 @click.option("--max-output-tokens", type=click.IntRange(1, 4096), default=None,
               help="Cap each response (the server ends it `incomplete`, reason max_output_tokens).")
 @click.option("--speed", type=click.FloatRange(0.25, 1.5), default=None, help="The assistant's speaking speed.")
+@click.option("--idle-timeout", "idle_timeout_s", type=click.FloatRange(1, min_open=False), default=None,
+              help="Seconds of quiet on the line (nobody speaking, nothing playing) before the assistant asks "
+              "--idle-prompt; after --idle-prompts unanswered asks the call ends (a web page is hung up). Off by default.")
+@click.option("--idle-prompt", default="Are you still there?", show_default=True)
+@click.option("--idle-prompts", type=click.IntRange(0), default=2, show_default=True)
 @click.option("--vad-threshold", type=float, default=0.3, show_default=True)
 @click.option("--vad-prefix-ms", type=int, default=300, show_default=True)
 @click.option("--vad-silence-ms", type=int, default=600, show_default=True)
@@ -521,7 +526,7 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "the gateway answers the call with an error itself.")
 def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_type, eagerness, noise_reduction,
             transcription_logprobs, truncation_retention, prompt_id, prompt_version, prompt_vars, max_output_tokens,
-            speed, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
+            speed, idle_timeout_s, idle_prompt, idle_prompts, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -542,7 +547,8 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
                                transcription_logprobs=transcription_logprobs,
                                truncation_retention=truncation_retention,
                                prompt=_prompt(prompt_id, prompt_version, prompt_vars),
-                               max_output_tokens=max_output_tokens, speed=speed)
+                               max_output_tokens=max_output_tokens, speed=speed, idle_timeout_s=idle_timeout_s,
+                               idle_prompt=idle_prompt, idle_prompts=idle_prompts)
     if instructions:
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,

@@ -322,3 +322,19 @@ def test_every_event_validator_can_be_built_before_a_fork():
     assert len(models) > 40
     assert all(type(m.__pydantic_validator__).__name__ == "SchemaValidator" for m in models)
     assert build_validators("ga") == 0
+
+
+def test_the_idle_watch_asks_after_the_quiet_it_was_given_and_ends_after_the_last_ask():
+    from services.stages.gateway.idle import IdleWatch
+
+    watch = IdleWatch(timeout_s=2.0, max_prompts=2)
+    assert watch.check(True, 0.0) is None and watch.check(True, 1.9) is None
+    assert watch.check(True, 2.0) == "prompt" and watch.prompts == 1
+    assert watch.check(False, 2.5) is None  # the prompt is being said: not quiet
+    assert watch.check(True, 4.0) is None and watch.check(True, 6.0) == "prompt"
+    watch.heard_user()  # they answered: the count starts again
+    assert watch.prompts == 0
+    assert watch.check(True, 7.0) is None and watch.check(True, 9.0) == "prompt"
+    assert watch.check(True, 9.1) is None and watch.check(True, 11.1) == "prompt"
+    assert watch.check(True, 11.2) is None and watch.check(True, 13.2) == "end"
+    assert watch.check(True, 20.0) is None  # once

@@ -517,6 +517,39 @@ def test_the_page_shows_each_tool_call_as_it_happens_and_links_the_callers_own_r
     assert _http(base + "/report/another-session?" + link.split("?")[1])[0] == 404
 
 
+def test_a_caller_who_goes_quiet_is_asked_whether_they_are_there_and_then_hung_up_on(procs, client_factory,
+                                                                                     simulator, tmp_path):
+    """gateway --idle-timeout 2 --idle-prompts 1: after the reply has played and 2 s of quiet, the assistant
+    says the prompt (a response the gateway asked for); 2 s of quiet after that, the web stage hangs up the
+    caller, and the conversation ends with that reason."""
+    import subprocess
+
+    client = client_factory(PREFIXES)
+    url = start_web_pipeline(procs, client, simulator("--pace", "realtime"), tmp_path / "traces",
+                             gateway_args=("--idle-timeout", "2", "--idle-prompts", "1",
+                                           "--idle-prompt", "Are you still there?"))
+    # a caller who says hello, hears the reply, then says nothing for a minute (its second sentence waits)
+    caller = procs.voicebus("call", url, "--say", "hello there", "--say", "goodbye", "--pause", "60",
+                            "--timeout", "120", stdout=subprocess.PIPE, name="caller")
+    try:
+        client.wait_for(lambda m: m.topic == "rt.response.done", timeout_s=60)
+        prompt = client.wait_for(lambda m: m.topic == "rt.gateway.idle_prompt", timeout_s=30)
+        said = client.wait_for(lambda m: m.topic == "rt.response.output_audio_transcript.done"
+                               and m.data["event"].get("transcript") == "Are you still there?", timeout_s=30)
+        ended = client.wait_for(lambda m: m.topic == "rt.gateway.idle_end", timeout_s=30)
+        gone = client.wait_for(lambda m: m.topic == "session.end", timeout_s=15)
+    finally:
+        caller.kill()
+    assert prompt.data["count"] == 1 and said.header.t_ns > prompt.header.t_ns
+    # each ask came after a full 2 s of quiet: the prompt not before the reply had played out, the end not
+    # before the prompt had
+    assert ended.header.t_ns - said.header.t_ns > 2e9
+    assert gone.data["reason"] == "nobody spoke after 1 prompt"
+    # and the gateway lives on for the next caller (its tick had ended what it ticked for: that once killed it)
+    gateway = next(proc for proc in procs.started if "/gateway-" in proc.log_path)
+    assert gateway.poll() is None, procs.log_of(gateway)
+
+
 def test_the_track_encodes_each_frame_into_one_packet_on_its_own_clock_that_a_browser_decodes():
     """The assistant's audio leaves as 24 kHz mono Opus made in the track: one packet per 20 ms frame,
     stamped with the frame's pts (converted to RTP's 48 kHz by aiortc), decoding to the same speech."""

@@ -19,11 +19,12 @@ BARGE_IN_AFTER_S = 6.0
 
 
 def start_web_pipeline(procs: Procs, client: BusClient, sim_url: str | None, traces: Path,
-                       stages: tuple[str, ...] = ("gateway", "logger")) -> str:
+                       stages: tuple[str, ...] = ("gateway", "logger"), gateway_args: tuple[str, ...] = ()) -> str:
     """Starts the stages and `voicebus web --port 0`; returns the page's URL."""
     env = {"VOICEBUS_SIM_URL": sim_url or "", "VOICEBUS_TRACE_DIR": str(traces)}
     for stage in stages:
-        procs.voicebus(stage, *(("--no-upload",) if stage == "logger" else ()), env=env)
+        extra = ("--no-upload",) if stage == "logger" else gateway_args if stage == "gateway" else ()
+        procs.voicebus(stage, *extra, env=env)
     web = procs.voicebus("web", "--port", "0", env=env)
     for stage in (*stages, "web"):
         client.wait_for(lambda m, s=stage: m.topic == f"health.{s}", timeout_s=30)

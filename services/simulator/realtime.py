@@ -87,6 +87,10 @@ class Response:
     reason: str = ""
     task: asyncio.Task | None = None
     metadata: dict[str, str] | None = None
+    say: str | None = None  # response.create's instructions "Say exactly: ..." (a model would; so does this)
+
+
+SAY_EXACTLY = "Say exactly:"
 
 
 class ConnectionDropped(Exception):
@@ -434,10 +438,12 @@ class RealtimeConnection:
             raise ClientEventError("Conversation already has an active response in progress.", None,
                                    "conversation_already_has_active_response")
         metadata = (event.get("response") or {}).get("metadata")
+        instructions = str((event.get("response") or {}).get("instructions") or "")
+        say = instructions.removeprefix(SAY_EXACTLY).strip() if instructions.startswith(SAY_EXACTLY) else None
         if await self._fault("late_response"):
             self._spawn(self._start_late(metadata))  # created later whatever happens meanwhile
             return
-        self._start_response(metadata)
+        self._start_response(metadata, say)
 
     async def _start_late(self, metadata: dict[str, str] | None) -> None:
         await asyncio.sleep(LATE_RESPONSE_S)
@@ -467,8 +473,8 @@ class RealtimeConnection:
     }
 
     # --- responses ---------------------------------------------------------------------------
-    def _start_response(self, metadata: dict[str, str] | None = None) -> None:
-        self.response = Response(new_id("resp"), metadata=metadata)
+    def _start_response(self, metadata: dict[str, str] | None = None, say: str | None = None) -> None:
+        self.response = Response(new_id("resp"), metadata=metadata, say=say)
         self.response.task = self._spawn(self._respond(self.response))
 
     def _cancel_response(self, reason: str) -> None:
@@ -504,7 +510,7 @@ class RealtimeConnection:
 
     async def _respond(self, response: Response) -> None:
         audio_out = "audio" in self.config.output_modalities
-        plan = self._plan()
+        plan = Plan(response.say) if response.say else self._plan()
         reply, capped = capped_reply(plan.text, self.config.max_output_tokens)
         base = {"id": response.id, "object": "realtime.response", "conversation_id": "conv_sim",
                 "output_modalities": ["audio"] if audio_out else ["text"], "metadata": response.metadata}

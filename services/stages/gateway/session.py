@@ -32,6 +32,9 @@ class SessionSettings:
     prompt: dict[str, Any] | None = None  # a stored prompt: {id, version?, variables?}
     max_output_tokens: int | None = None
     speed: float | None = None  # of the assistant's voice, 0.25-1.5
+    idle_timeout_s: float | None = None  # quiet this long: ask whether they are still there (idle.py)
+    idle_prompt: str = "Are you still there?"
+    idle_prompts: int = 2  # unanswered asks before the call ends
 
 
 def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from common.transcripts import cut_transcript
 from services.stages.gateway.bargein import AudibleTracker, EchoGuard
 from services.stages.gateway.events import parse_server_event, strip_audio
 from services.stages.gateway.function_calls import FunctionCalls, error_output, output_item
+from services.stages.gateway.idle import IdleWatch
 from services.stages.gateway.session import SessionSettings, replay_item, session_update
 from services.stages.gateway.socket import PAUSED_REASON, RealtimeSocket, SocketEvent
 
@@ -43,6 +44,8 @@ BENIGN_ERRORS = {"response_cancel_not_active", "conversation_already_has_active_
 TOOL_TIMEOUT_MARGIN_S = 1.0  # the tools stage answers a timeout itself; the gateway waits this much longer
 
 FINISHED_STATUSES = ("completed", "incomplete")  # a response that ended by itself; "cancelled" was cut
+IDLE_TICK_S = 0.25  # how often a quiet line is looked at when an idle timeout is set
+LINE_LIVE_S = 1.0  # user audio this recent: someone is on the line
 log = logging.getLogger("voicebus.gateway")
 
 
@@ -54,7 +57,9 @@ class GatewayStage(Stage):
     @property
     def tick_interval_s(self) -> float | None:  # type: ignore[override]
         """Tick at 20 Hz only while a deadline runs (a tool call, a cut waiting on the player): idle, none."""
-        return self.deadline_tick_s if self.calls.pending or self.pending_truncate is not None else None
+        if self.calls.pending or self.pending_truncate is not None:
+            return self.deadline_tick_s
+        return IDLE_TICK_S if self.idle is not None and not self.idle.ended else None
 
     def __init__(self, url: str, headers: list[str], protocol: str, settings: SessionSettings,
                  echo_guard: EchoGuard | None = None, ws_log: Path | None = None, max_session_s: float = 55 * 60,
@@ -74,6 +79,10 @@ class GatewayStage(Stage):
         self.session_tools: list[str] | None = None
         self.tools_instance = ""
         self.calls = FunctionCalls(tool_timeout_s)
+        self.idle = IdleWatch(settings.idle_timeout_s, settings.idle_prompt, settings.idle_prompts) \
+            if settings.idle_timeout_s else None
+        self.user_speaking = False
+        self.line_heard_at = 0.0  # the last user audio: a line with nobody on it (a web stage between callers) is not idle
         self.ws_log_path = ws_log
         self._ws_log: TextIO | None = None
         self._warn = RateLimitedLog(log)
@@ -116,6 +125,8 @@ class GatewayStage(Stage):
     def on_session(self, topic: str, session: str, previous: str) -> None:
         """A conversation ended: close the server session (nothing of it may reach the next caller).
         One began: connect afresh; a new session on a server session already used is renewed."""
+        if self.idle is not None:  # a new conversation, or none: nothing asked yet
+            self.idle = IdleWatch(self.idle.timeout_s, self.idle.prompt, self.idle.max_prompts)
         if topic == SESSION_END:
             self._forget_conversation()
             self.socket.pause()
@@ -202,6 +213,7 @@ class GatewayStage(Stage):
                 self._truncate(message.data.get("played_ms", 0.0), source="player_flush_state")
 
     def _forward_audio(self, message: Message) -> None:
+        self.line_heard_at = time.monotonic()
         header = message.header
         if header.rate != RATE or header.channels != 1:
             self._warn.warning("format", kv("dropped_audio", reason="not 24 kHz mono", rate=header.rate,
@@ -333,9 +345,13 @@ class GatewayStage(Stage):
         elif kind == "conversation.item.input_audio_transcription.completed":
             self._remember(data["item_id"], "user", data.get("transcript", ""))
         elif kind == "input_audio_buffer.speech_started":
+            self.user_speaking = True
+            if self.idle is not None:
+                self.idle.heard_user()
             self.calls.on_speech_started()
             self._barge_in()
         elif kind == "input_audio_buffer.speech_stopped":
+            self.user_speaking = False
             self._speech_end(data)
 
     def _on_audio_delta(self, data: dict[str, Any], pcm: bytes, t_recv_ns: int) -> None:
@@ -431,7 +447,28 @@ class GatewayStage(Stage):
         self.pending_truncate = {"item_id": item.item_id, "deadline": time.monotonic() + FLUSH_WAIT_S}
         log.info(kv("barge_in", item_id=item.item_id, received_ms=round(item.received_ms), cancel_sent=cancel))
 
+    def _check_idle(self) -> None:
+        """Quiet on the line for the idle timeout: ask whether they are there; after the last ask, end."""
+        if self.idle is None or self.session_tools is None or not self.socket.connected:
+            return
+        now = time.monotonic()
+        live = now - self.line_heard_at < LINE_LIVE_S  # a mic sends silence too (batched, 10 times a second)
+        quiet = live and not self.user_speaking and self.response_active is None and self.tracker.audible_item() is None
+        due = self.idle.check(quiet, now)
+        if due == "prompt":
+            self.send({"type": "response.create", "response": {
+                "instructions": f"Say exactly: {self.idle.prompt}", "metadata": {"voicebus": "idle_prompt"}}})
+            log.info(kv("idle_prompt", count=self.idle.prompts, after_s=self.idle.timeout_s))
+            self._publish_event("rt.gateway.idle_prompt", {"count": self.idle.prompts, "prompt": self.idle.prompt,
+                                                           "after_s": self.idle.timeout_s})
+        elif due == "end":
+            log.info(kv("idle_end", prompts=self.idle.prompts, reason="nobody spoke after the prompts"))
+            self._publish_event("rt.gateway.idle_end", {"prompts": self.idle.prompts,
+                                                        "reason": f"nobody spoke after {self.idle.prompts} prompt"
+                                                                  f"{'' if self.idle.prompts == 1 else 's'}"})
+
     def tick(self) -> None:
+        self._check_idle()
         for call in self.calls.expired(time.monotonic()):
             log.warning(kv("tool_timeout", name=call.name, call_id=call.call_id))
             self._answer_call({**error_output(call.call_id, call.name, f"{call.name} did not answer in time (the "

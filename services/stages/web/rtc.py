@@ -208,6 +208,12 @@ class BrowserLink:
         if self.client is not None:
             self.loop.call_soon_threadsafe(self._send, json.dumps(message))
 
+    def hang_up(self, reason: str) -> None:
+        """Thread-safe: end the current caller's call from our side (the page is told why first)."""
+        if self.client is not None:
+            self.send_page({"type": "ended", "reason": reason})
+            asyncio.run_coroutine_threadsafe(self._hang_up(reason), self.loop)
+
     # --- the loop's thread ------------------------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)

@@ -126,6 +126,10 @@ class WebStage(PlayerStage):
             super().handle(message)
             if topic == "player.flush":
                 self.link.send_page({"type": "flush", "reason": message.data.get("reason", "")})
+        elif topic == "rt.gateway.idle_end":  # nobody answered the idle prompts: the call is over
+            self.link.hang_up(str(message.data.get("reason") or "nobody spoke"))
+        elif topic == "rt.gateway.idle_prompt":
+            self.link.send_page({"type": "idle_prompt", "count": message.data.get("count")})
         elif topic in ("tool.call", "tool.result"):
             self.link.send_page(_tool_message(topic, message.data))
         elif topic == "health.logger":

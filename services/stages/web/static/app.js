@@ -96,6 +96,8 @@ const handlers = {
     if (!meta.textContent) meta.textContent = `${m.latency_ms} ms`;
   },
   flush() { setStatus("live", "listening", "live"); },
+  idle_prompt(m) { vb.idlePrompts = m.count; },
+  ended(m) { vb.endedBy = m.reason; $("error").textContent = `The call ended: ${m.reason}.`; $("error").hidden = false; },
   error(m) { $("error").textContent = `server error: ${m.error}`; $("error").hidden = false; },
 };
 
