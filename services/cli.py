@@ -507,6 +507,10 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "--idle-prompt; after --idle-prompts unanswered asks the call ends (a web page is hung up). Off by default.")
 @click.option("--idle-prompt", default="Are you still there?", show_default=True)
 @click.option("--idle-prompts", type=click.IntRange(0), default=2, show_default=True)
+@click.option("--false-interruptions", is_flag=True,
+              help="Speech over a reply pauses it; a backchannel (mhmm, yeah, ok; or nothing recognisable, short) "
+              "resumes it where it paused, anything else cuts it at the played position. The server's own "
+              "interrupt_response and create_response are then off: the gateway decides and answers.")
 @click.option("--vad-threshold", type=float, default=0.3, show_default=True)
 @click.option("--vad-prefix-ms", type=int, default=300, show_default=True)
 @click.option("--vad-silence-ms", type=int, default=600, show_default=True)
@@ -526,7 +530,7 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "the gateway answers the call with an error itself.")
 def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_type, eagerness, noise_reduction,
             transcription_logprobs, truncation_retention, prompt_id, prompt_version, prompt_vars, max_output_tokens,
-            speed, idle_timeout_s, idle_prompt, idle_prompts, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
+            speed, idle_timeout_s, idle_prompt, idle_prompts, false_interruptions, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -548,7 +552,8 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
                                truncation_retention=truncation_retention,
                                prompt=_prompt(prompt_id, prompt_version, prompt_vars),
                                max_output_tokens=max_output_tokens, speed=speed, idle_timeout_s=idle_timeout_s,
-                               idle_prompt=idle_prompt, idle_prompts=idle_prompts)
+                               idle_prompt=idle_prompt, idle_prompts=idle_prompts,
+                               false_interruptions=false_interruptions)
     if instructions:
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,

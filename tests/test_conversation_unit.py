@@ -120,3 +120,17 @@ def test_a_turn_is_timed_from_the_users_first_word_to_the_last_sample_played_and
     [response] = record["responses"]
     assert response == {"id": "resp_1", "created_ns": speech_end_ns + 10**8, "done_ns": speech_end_ns + 9 * 10**8,
                         "status": "completed", "usage": {"total_tokens": 7}, "reason": None, "output": ["message"]}
+
+
+def test_an_interruption_weighed_and_resumed_is_in_the_turn_and_the_session_events():
+    builder, gateway = ConversationBuilder(), Stamper("gateway", "s")
+    _feed(builder, gateway, "rt.input_audio_buffer.speech_started", {"event": {"item_id": "u1", "audio_start_ms": 0}})
+    _feed(builder, gateway, "rt.response.created", {"event": {"response": RESPONSE}})
+    _feed(builder, gateway, "rt.response.output_item.added", {"event": {"response_id": "resp_1", "item": {"id": "a1"}}})
+    for decision, said in (("paused", ""), ("resumed", "yeah")):
+        _feed(builder, gateway, "rt.gateway.interruption", {"decision": decision, "item_id": "a1", "transcript": said,
+                                                            "speech_s": 0.32 if said else None})
+    [(record, _audio)] = builder.tick(time.monotonic(), final=True)
+    kept = [(e["kind"], e["decision"], e["transcript"]) for e in record["events"] if e["kind"] == "interruption"]
+    assert kept == [("interruption", "paused", ""), ("interruption", "resumed", "yeah")]
+    assert [e["decision"] for e in builder.session_events if e["kind"] == "interruption"] == ["paused", "resumed"]

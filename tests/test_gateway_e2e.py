@@ -172,3 +172,68 @@ def test_gateway_renews_session_before_the_time_limit_and_resumes(procs, client_
     sent = [m.data["event"] for m in client.collect(1.0) if m.topic == "rt.sent.conversation.item.create"]
     assert [e["item"]["role"] for e in sent[-2:]] == ["user", "assistant"]
     assert sent[-2]["item"]["content"][0]["text"] == QUESTION
+
+
+def test_a_backchannel_over_a_reply_resumes_it_and_stop_please_cuts_it_at_the_played_position(
+        procs, client_factory, simulator, tmp_path):
+    """gateway --false-interruptions: "yeah" (flite spells "mhmm" out letter by letter) spoken a second into a long reply pauses it, then resumes it
+    where it paused (no truncate, no new response); "stop please" later pauses it, is judged an
+    interruption, and cuts it at the played position as a barge-in does, then gets its own answer.
+    Spoken through a cued mic timed from the reply's first audio (as `eval` times a barge-in)."""
+    from common.wavio import write_wav
+    from services.stages.mic import CUE_STATE_TOPIC, CUE_TOPIC
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([{"match": "weather", "reply": "Once upon a time there was a little robot who "
+                                  "lived in a quiet town by the sea and every morning it walked down to the harbour "
+                                  "to count the boats and talk to the fishermen about the weather."},
+                                 {"match": ".*", "reply": "I heard: {transcript}"}]))
+    client = client_factory([*PREFIXES, "mic.", "session."])
+    start_stages(procs, client, simulator("--pace", "realtime", "--rules", str(rules)),
+                 gateway_args=("--false-interruptions",), player_args=("--wav", str(tmp_path / "played.wav")))
+    procs.voicebus("mic", "--cued", "--rate", "48000")
+    client.wait_for(lambda m: m.topic == "health.mic", timeout_s=30)
+    wavs = {name: write_wav(tmp_path / f"{name}.wav", speech_pcm(text, rate=48000), 48000)
+            for name, text in (("question", QUESTION), ("yeah", "yeah"), ("stop", "stop please"))}
+
+    def say(name: str) -> None:
+        client.send_event(CUE_TOPIC, {"cue": name, "path": str(wavs[name])})
+        client.wait_for(lambda m: m.topic == CUE_STATE_TOPIC and m.data.get("cue") == name
+                        and m.data.get("state") == "ended", timeout_s=20)
+
+    say("question")
+    first = client.wait_for(lambda m: m.topic == "audio.assistant", timeout_s=60)
+    reply = first.header.extra["item_id"]
+    client.collect(1.0)
+    say("yeah")
+    resumed = client.wait_for(lambda m: m.topic == "rt.gateway.interruption" and m.data["decision"] == "resumed",
+                              timeout_s=30)
+    client.collect(2.0)
+    say("stop")
+    cut = client.wait_for(lambda m: m.topic == "rt.gateway.interruption" and m.data["decision"] == "interrupted",
+                          timeout_s=30)
+    truncate = client.wait_for(lambda m: m.topic == "rt.sent.conversation.item.truncate", timeout_s=10)
+    flushed = client.wait_for(lambda m: m.topic == "player.state" and m.data.get("flushed"), timeout_s=10)
+    answer = client.wait_for(lambda m: m.topic == "rt.response.output_audio_transcript.done"
+                             and m.data["event"]["transcript"] == "I heard: stop please", timeout_s=60)
+    decisions = [(m.data["decision"], m.data["item_id"]) for m in _of(client, "rt.gateway.interruption")]
+    assert decisions == [("paused", reply), ("resumed", reply), ("paused", reply), ("interrupted", reply)], decisions
+    assert resumed.data["transcript"] == "yeah" and resumed.data["speech_s"] < 1.5
+    assert "stop" in cut.data["transcript"]
+    # nothing was cut for the backchannel: one truncate in all, after the interruption, of the same reply
+    truncates = _of(client, "rt.sent.conversation.item.truncate")
+    assert len(truncates) == 1 and truncate.header.t_ns > cut.header.t_ns
+    assert truncate.data["event"]["item_id"] == reply
+    assert abs(truncate.data["event"]["audio_end_ms"] - flushed.data["played_ms"]) <= 40
+    # while held nothing played; after "resumed" the reply played on from there
+    held = [m.data["played_ms"] for m in _of(client, "player.state") if m.data.get("item_id") == reply
+            and m.data.get("held") and m.header.t_ns < resumed.header.t_ns]
+    assert len(set(held)) == 1, held  # paused: the position did not move while "yeah" was weighed
+    after = [m.data["played_ms"] for m in _of(client, "player.state") if m.data.get("item_id") == reply
+             and not m.data.get("held") and resumed.header.t_ns < m.header.t_ns < cut.header.t_ns]
+    assert held and after and max(after) > max(held) + 500, (held, after)
+    assert answer.header.t_ns > truncate.header.t_ns
+    # the server never cancelled or answered on its own: the gateway did (create/interrupt_response off)
+    assert _of(client, "rt.sent.response.cancel") or \
+        _of(client, "rt.response.done")[0].data["event"]["response"]["status"] != "cancelled"
+

@@ -338,3 +338,30 @@ def test_the_idle_watch_asks_after_the_quiet_it_was_given_and_ends_after_the_las
     assert watch.check(True, 9.1) is None and watch.check(True, 11.1) == "prompt"
     assert watch.check(True, 11.2) is None and watch.check(True, 13.2) == "end"
     assert watch.check(True, 20.0) is None  # once
+
+
+def test_the_interruption_policy_knows_a_backchannel_from_an_interruption():
+    from services.stages.gateway.interruptions import InterruptionPolicy
+
+    policy = InterruptionPolicy()
+    for said in ("mhmm", "Yeah.", "ok ok", "uh huh", "", "  ", "right", "i see", "h m m", "m m"):
+        assert policy.is_backchannel(said), said
+    for said in ("stop please", "wait", "yes but what about the boats", "no", "tell me more"):
+        assert not policy.is_backchannel(said), said
+    assert policy.too_long(2.0) and not policy.too_long(0.8)
+
+
+def test_a_held_reply_is_neither_played_nor_dropped_and_goes_on_from_where_it_was():
+    from services.stages.playback import PlaybackBuffer, Segment
+
+    buffer = PlaybackBuffer(24000, jitter_ms=0)
+    buffer.push(Segment("item", 0, "resp", bytes(range(200)) * 48))  # 4800 samples
+    first = buffer.pull(480)
+    buffer.hold(True)
+    assert buffer.pull(480) == bytes(960) and buffer.snapshot()["held"]
+    assert buffer.snapshot()["played_ms"] == 20.0  # nothing more was played while held
+    buffer.hold(False)
+    assert buffer.pull(480) == (bytes(range(200)) * 48)[960:1920] and first == (bytes(range(200)) * 48)[:960]
+    buffer.hold(True)
+    buffer.flush()  # an interruption: what was held is dropped, and the hold with it
+    assert not buffer.snapshot()["held"]

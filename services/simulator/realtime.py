@@ -80,6 +80,9 @@ class Item:
     output: str = ""
 
 
+TRANSCRIBE_WAIT_S = 30.0  # longest a response waits for the user turn it answers to be transcribed
+
+
 @dataclass
 class Response:
     id: str
@@ -482,6 +485,14 @@ class RealtimeConnection:
             self.response.reason = reason
             self.response.cancelled.set()
 
+    async def _heard_last_user_item(self, within_s: float = TRANSCRIBE_WAIT_S) -> None:
+        """A response.create right after speech stopped (the client answers, create_response off): the
+        model hears the audio itself; the simulator answers from its transcript, so it waits for it."""
+        last = next((self.items[i] for i in reversed(self.order) if self.items[i].role == "user"), None)
+        deadline = time.monotonic() + within_s
+        while last is not None and last.audio and last.transcript is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     def _last_user_words(self) -> str:
         for item_id in reversed(self.order):
             item = self.items[item_id]
@@ -510,6 +521,7 @@ class RealtimeConnection:
 
     async def _respond(self, response: Response) -> None:
         audio_out = "audio" in self.config.output_modalities
+        await self._heard_last_user_item()
         plan = Plan(response.say) if response.say else self._plan()
         reply, capped = capped_reply(plan.text, self.config.max_output_tokens)
         base = {"id": response.id, "object": "realtime.response", "conversation_id": "conv_sim",

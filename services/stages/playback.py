@@ -47,6 +47,7 @@ class PlaybackBuffer:
         self.ran_dry_at = 0.0  # monotonic: when the output last ran out of item audio (0: it is not dry)
         self.handoff_ms: deque[float] = deque(maxlen=500)  # frame received -> first sample handed to output
         self.pulled_audio = 0  # samples of item audio (not silence) the last pull handed over
+        self.held = False  # paused where it is (a possible false interruption): silence out, nothing consumed
 
     @staticmethod
     def _bump(table: OrderedDict[str, int], key: str, samples: int) -> None:
@@ -70,6 +71,8 @@ class PlaybackBuffer:
         wanted = samples * BYTES_PER_SAMPLE
         with self._lock:
             self.pulled_audio = 0
+            if self.held:
+                return bytes(wanted)
             if not self.playing:
                 waited = time.monotonic() - self._last_arrival
                 if self._buffered and (self._buffered >= self.jitter_bytes or waited >= self.jitter_s):
@@ -101,6 +104,11 @@ class PlaybackBuffer:
                 out += bytes(wanted - len(out))
             return bytes(out)
 
+    def hold(self, held: bool) -> None:
+        """Pause the reply where it is, or go on from there: what is held is neither played nor dropped."""
+        with self._lock:
+            self.held = held
+
     def idle_for(self) -> float:
         """Seconds since anything was playable (0 while playing or holding audio)."""
         with self._lock:
@@ -120,6 +128,7 @@ class PlaybackBuffer:
                 dropped += unheard * BYTES_PER_SAMPLE
             self._segments.clear()
             self._buffered = 0
+            self.held = False
             if self.playing:
                 self.ran_dry_at = time.monotonic()
             self.playing = False
@@ -144,7 +153,7 @@ class PlaybackBuffer:
                      "played_ms": round(1000 * self.played.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
                      "received_ms": round(1000 * self.received.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
                      "buffered_ms": round(1000 * self._buffered / BYTES_PER_SAMPLE / self.rate, 1),
-                     "playing": self.playing, "underruns": self.underruns,
+                     "playing": self.playing, "held": self.held, "underruns": self.underruns,
                      "item_started_ns": self.item_started_ns if current else 0}
             self.item_changed = False
         return state

@@ -194,7 +194,7 @@ class WavSink:
 
 class PlayerStage(Stage):
     name = "player"
-    subscriptions = ["audio.assistant", "player.flush"]
+    subscriptions = ["audio.assistant", "player.flush", "player.hold"]
     tick_interval_s = STATE_INTERVAL_S
 
     def __init__(self, sink: DeviceSink | WavSink, rate: int = 24_000, jitter_ms: int = 40) -> None:
@@ -215,6 +215,9 @@ class PlayerStage(Stage):
     def handle(self, message: Message) -> None:
         if message.topic == "player.flush":
             self.flush(message.data)
+        elif message.topic == "player.hold":  # the gateway weighs whether the user really interrupted
+            self.buffer.hold(bool(message.data.get("hold")))
+            self.publish_state(reason=str(message.data.get("reason", "")))
         elif message.topic == "audio.assistant" and isinstance(message.header, AudioHeader):
             self.enqueue(message)
 

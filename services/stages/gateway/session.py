@@ -35,6 +35,9 @@ class SessionSettings:
     idle_timeout_s: float | None = None  # quiet this long: ask whether they are still there (idle.py)
     idle_prompt: str = "Are you still there?"
     idle_prompts: int = 2  # unanswered asks before the call ends
+    # speech over a reply pauses it, and what was said decides (interruptions.py); the server then neither
+    # cancels nor answers on its own: create_response and interrupt_response are off, the gateway decides
+    false_interruptions: bool = False
 
 
 def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,8 +48,8 @@ def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def session_update(settings: SessionSettings, protocol: str, tools: list[dict[str, Any]] | None = None
                    ) -> dict[str, Any]:
-    vad: dict[str, Any] = {"type": settings.vad_type, "create_response": True,
-                           "interrupt_response": settings.interrupt_response}
+    vad: dict[str, Any] = {"type": settings.vad_type, "create_response": not settings.false_interruptions,
+                           "interrupt_response": settings.interrupt_response and not settings.false_interruptions}
     if settings.vad_type == "semantic_vad":  # the server decides when the phrase is over: no energy knobs
         vad["eagerness"] = settings.eagerness
     else:

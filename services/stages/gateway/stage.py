@@ -25,6 +25,7 @@ from services.stages.gateway.bargein import AudibleTracker, EchoGuard
 from services.stages.gateway.events import parse_server_event, strip_audio
 from services.stages.gateway.function_calls import FunctionCalls, error_output, output_item
 from services.stages.gateway.idle import IdleWatch
+from services.stages.gateway.interruptions import InterruptionPolicy
 from services.stages.gateway.session import SessionSettings, replay_item, session_update
 from services.stages.gateway.socket import PAUSED_REASON, RealtimeSocket, SocketEvent
 
@@ -57,7 +58,7 @@ class GatewayStage(Stage):
     @property
     def tick_interval_s(self) -> float | None:  # type: ignore[override]
         """Tick at 20 Hz only while a deadline runs (a tool call, a cut waiting on the player): idle, none."""
-        if self.calls.pending or self.pending_truncate is not None:
+        if self.calls.pending or self.pending_truncate is not None or self.held is not None:
             return self.deadline_tick_s
         return IDLE_TICK_S if self.idle is not None and not self.idle.ended else None
 
@@ -82,6 +83,9 @@ class GatewayStage(Stage):
         self.idle = IdleWatch(settings.idle_timeout_s, settings.idle_prompt, settings.idle_prompts) \
             if settings.idle_timeout_s else None
         self.user_speaking = False
+        self.policy = InterruptionPolicy() if settings.false_interruptions else None
+        self.held: dict[str, Any] | None = None  # a reply paused while the user speaks over it (policy on)
+        self.create_after_done = False  # the user's turn wants a response once the one running is done
         self.line_heard_at = 0.0  # the last user audio: a line with nobody on it (a web stage between callers) is not idle
         self.ws_log_path = ws_log
         self._ws_log: TextIO | None = None
@@ -125,6 +129,7 @@ class GatewayStage(Stage):
     def on_session(self, topic: str, session: str, previous: str) -> None:
         """A conversation ended: close the server session (nothing of it may reach the next caller).
         One began: connect afresh; a new session on a server session already used is renewed."""
+        self.held, self.create_after_done = None, False
         if self.idle is not None:  # a new conversation, or none: nothing asked yet
             self.idle = IdleWatch(self.idle.timeout_s, self.idle.prompt, self.idle.max_prompts)
         if topic == SESSION_END:
@@ -327,6 +332,9 @@ class GatewayStage(Stage):
             self._function_call(data["item"], data.get("response_id", ""))
         elif kind == "response.done":
             self.response_active = None
+            if self.create_after_done:  # the user's turn, held back while the cut reply was ending
+                self.create_after_done = False
+                self.send({"type": "response.create"})
             response_id = data["response"].get("id", "")
             if data["response"].get("status") in FINISHED_STATUSES:
                 for item in self.tracker.items.values():
@@ -344,15 +352,21 @@ class GatewayStage(Stage):
                 self._remember(data["item_id"], "assistant", item.transcript)
         elif kind == "conversation.item.input_audio_transcription.completed":
             self._remember(data["item_id"], "user", data.get("transcript", ""))
+            held = self.held
+            if held is not None and held.get("speech_s") is not None and held.get("user_item") == data["item_id"]:
+                self._decide(data.get("transcript", ""))
         elif kind == "input_audio_buffer.speech_started":
             self.user_speaking = True
             if self.idle is not None:
                 self.idle.heard_user()
             self.calls.on_speech_started()
-            self._barge_in()
+            if self.policy is None or not self._hold(data.get("item_id"), data.get("audio_start_ms")):
+                self._barge_in()
         elif kind == "input_audio_buffer.speech_stopped":
             self.user_speaking = False
             self._speech_end(data)
+            if self.policy is not None:
+                self._user_turn_over(data.get("audio_end_ms"))
 
     def _on_audio_delta(self, data: dict[str, Any], pcm: bytes, t_recv_ns: int) -> None:
         before = self.tracker.items[data["item_id"]].received_samples if data["item_id"] in self.tracker.items else 0
@@ -441,11 +455,71 @@ class GatewayStage(Stage):
         self.counts["barge_ins"] += 1
         self._publish_event("player.flush", {"reason": "barge_in", "item_id": item.item_id})
         # with interrupt_response the server has cancelled already (as the Agents SDK assumes too)
-        cancel = self.response_active is not None and not self.settings.interrupt_response
+        server_cancels = self.settings.interrupt_response and self.policy is None  # else: the gateway decides
+        cancel = self.response_active is not None and not server_cancels
         if cancel:
             self.send({"type": "response.cancel"})
         self.pending_truncate = {"item_id": item.item_id, "deadline": time.monotonic() + FLUSH_WAIT_S}
         log.info(kv("barge_in", item_id=item.item_id, received_ms=round(item.received_ms), cancel_sent=cancel))
+
+    # --- false interruptions (policy on) -------------------------------------------------------
+    def _hold(self, user_item: str | None, audio_start_ms: int | None) -> bool:
+        """The user speaks over a reply: pause it where it is (not cut) until what they said is known."""
+        item = self.tracker.audible_item()
+        if item is None or item.truncated or self.held is not None:
+            return False
+        self.held = {"item_id": item.item_id, "since": time.monotonic(), "user_item": user_item, "speech_s": None,
+                     "audio_start_ms": audio_start_ms}
+        self._publish_event("player.hold", {"hold": True, "item_id": item.item_id, "reason": "user speaking"})
+        self._interruption("paused", item.item_id)
+        return True
+
+    def _user_turn_over(self, audio_end_ms: int | None) -> None:
+        """speech_stopped: weigh a paused reply's interruption, or answer the user (the server will not)."""
+        held = self.held
+        if held is None:
+            if self.response_active is not None:  # made but not heard yet: the user's new turn replaces it
+                self.send({"type": "response.cancel"})
+                self.create_after_done = True
+            else:
+                self.send({"type": "response.create"})
+            return
+        held["speech_s"] = self._speech_s(held.get("audio_start_ms"), audio_end_ms, held["since"])
+        if self.policy is not None and self.policy.too_long(held["speech_s"]):
+            self._decide("", too_long=True)
+        elif not self.settings.transcription_model:
+            self._decide("")  # no words to weigh: short speech resumes
+        # else: the transcript of held["user_item"] decides (conversation.item.input_audio_transcription.completed)
+
+    def _speech_s(self, audio_start_ms: int | None, audio_end_ms: int | None, since: float) -> float:
+        """How long they spoke, on the server's audio clock: its start less the prefix padding, its end less
+        the silence that ended it (server_vad); by the wall clock when the server did not say."""
+        if audio_start_ms is None or audio_end_ms is None:
+            return round(time.monotonic() - since, 2)
+        server_vad = self.settings.vad_type == "server_vad"
+        start = audio_start_ms + (self.settings.vad_prefix_padding_ms if server_vad else 0)
+        end = audio_end_ms - (self.settings.vad_silence_duration_ms if server_vad else 0)
+        return round(max(0, end - start) / 1000, 2)
+
+    def _decide(self, transcript: str, too_long: bool = False) -> None:
+        held, self.held = self.held, None
+        if held is None or self.policy is None:
+            return
+        if not too_long and self.policy.is_backchannel(transcript):
+            self._publish_event("player.hold", {"hold": False, "item_id": held["item_id"], "reason": "backchannel"})
+            self._interruption("resumed", held["item_id"], transcript, held.get("speech_s"))
+            return
+        self._interruption("interrupted", held["item_id"], transcript, held.get("speech_s"))
+        self._barge_in()  # flush, cancel (interrupt_response is off), truncate at the played position
+        if self.response_active is not None:
+            self.create_after_done = True
+        else:
+            self.send({"type": "response.create"})
+
+    def _interruption(self, decision: str, item_id: str, transcript: str = "", speech_s: float | None = None) -> None:
+        log.info(kv("interruption", decision=decision, item_id=item_id, transcript=repr(transcript), speech_s=speech_s))
+        self._publish_event("rt.gateway.interruption", {"decision": decision, "item_id": item_id,
+                                                        "transcript": transcript, "speech_s": speech_s})
 
     def _check_idle(self) -> None:
         """Quiet on the line for the idle timeout: ask whether they are there; after the last ask, end."""
@@ -469,6 +543,12 @@ class GatewayStage(Stage):
 
     def tick(self) -> None:
         self._check_idle()
+        held = self.held
+        # still talking past the longest backchannel (and the silence the server waits before it says stopped)
+        if held is not None and self.policy is not None and held.get("speech_s") is None and self.policy.too_long(
+                time.monotonic() - held["since"] - self.settings.vad_silence_duration_ms / 1000):
+            held["speech_s"] = round(time.monotonic() - held["since"], 2)
+            self._decide("", too_long=True)  # still talking: not a backchannel, whatever it turns out to say
         for call in self.calls.expired(time.monotonic()):
             log.warning(kv("tool_timeout", name=call.name, call_id=call.call_id))
             self._answer_call({**error_output(call.call_id, call.name, f"{call.name} did not answer in time (the "

@@ -204,6 +204,13 @@ class ConversationBuilder:
             turn = self.by_item.get(event.get("item_id", ""))
             if turn is not None:
                 turn.transcript = event.get("transcript", "")
+        elif kind in ("gateway.interruption", "gateway.idle_prompt", "gateway.idle_end"):
+            record = {"kind": kind.removeprefix("gateway."), "t_ns": t_ns,
+                      **{k: v for k, v in data.items() if k not in ("event", "protocol", "t_recv_ns")}}
+            turn = self.by_item.get(str(data.get("item_id") or ""))
+            self.note(record)  # the session's, and the open turn's
+            if turn is not None and record not in turn.events:  # the reply it concerns, if that turn is closed
+                turn.events.append(record)
         elif kind == "gateway.truncated":
             turn = self.by_item.get(data.get("item_id", ""))
             if turn is not None:

@@ -67,7 +67,7 @@ PAGE_EVENTS = {
 
 class WebStage(PlayerStage):
     name = "web"
-    subscriptions = ["audio.assistant", "player.flush", "rt.", "health.logger", "tool.call", "tool.result"]
+    subscriptions = ["audio.assistant", "player.flush", "player.hold", "rt.", "health.logger", "tool.call", "tool.result"]
     publishes_from_thread = True  # mic frames go out from the web loop's thread
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None, rate: int = 24_000,
@@ -122,7 +122,7 @@ class WebStage(PlayerStage):
             # caller): nobody hears it, so it is not played, nor reported ten times a second
             self.unheard_dropped += 1
             return
-        if topic in ("audio.assistant", "player.flush"):
+        if topic in ("audio.assistant", "player.flush", "player.hold"):
             super().handle(message)
             if topic == "player.flush":
                 self.link.send_page({"type": "flush", "reason": message.data.get("reason", "")})
