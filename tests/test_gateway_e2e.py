@@ -98,8 +98,9 @@ def test_gateway_survives_every_fault_and_next_turn_works(procs, client_factory,
     client = client_factory(PREFIXES)
     start_stages(procs, client, sim, player_args=("--wav", str(tmp_path / "p.wav")))
     gateway = procs.started[-3]
-    # room for the reconnect: audio spoken while disconnected is dropped (and counted) by design
-    utterance = compose([("say", QUESTION), ("silence", 6.0), ("say", "please tell me a short story")], 48000)
+    # room for the reply, the fault and the reconnect before the second question (audio spoken while
+    # disconnected is dropped, and counted, by design): 7 s at speed 2, for a recogniser slowed by a busy machine
+    utterance = compose([("say", QUESTION), ("silence", 14.0), ("say", "please tell me a short story")], 48000)
     speak(procs, utterance, 48000, tmp_path, speed=2.0, tail_s=2.0)
     second = client.wait_for(lambda m: m.topic == "rt.conversation.item.input_audio_transcription.completed"
                              and "story" in m.data["event"]["transcript"], timeout_s=60)

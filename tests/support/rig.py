@@ -17,7 +17,7 @@ import numpy as np
 
 from common.wavio import write_wav
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SETTLE_S = 1.0  # the recipe: give a fresh daemon a second before opening streams
 KEEPALIVE_CLIENT = "pacat"  # pulse-up.sh's silent stream into the mic, part of the baseline
 

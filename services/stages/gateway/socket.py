@@ -160,7 +160,8 @@ class RealtimeSocket:
     def stop(self) -> None:
         self._stop.set()
         self._close_current()
-        self._thread.join(timeout=2.0)
+        if self._thread.ident is not None:  # a stage stopped before it started has no thread to wait for
+            self._thread.join(timeout=2.0)
 
 
 def _describe(exc: BaseException) -> str:
