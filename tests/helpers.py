@@ -29,12 +29,15 @@ class Procs:
         self.started: list[subprocess.Popen] = []
 
     def voicebus(self, *args: str, env: dict[str, str] | None = None, name: str | None = None,
-                 stdout: int | None = None) -> subprocess.Popen:
+                 stdout: int | None = None, sigint_ignored: bool = False) -> subprocess.Popen:
+        """`voicebus ARGS`; `sigint_ignored`: started as a shell starts a background job (SIGINT ignored)."""
         name = name or args[0]
         log_file = open(self.log_dir / f"{name}-{len(self.started)}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO,
                                 env={**self.env, **(env or {})}, stdout=stdout if stdout is not None else log_file,
-                                stderr=log_file)
+                                stderr=log_file,
+                                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored
+                                else None)
         proc.log_path = log_file.name  # type: ignore[attr-defined]
         self.started.append(proc)
         return proc

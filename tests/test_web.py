@@ -456,7 +456,8 @@ def test_voicebus_call_by_default_never_barges_in_is_busy_as_serve_is_and_keeps_
     url = start_web_pipeline(procs, client, _story_sim(simulator, tmp_path), tmp_path / "traces")
     # 8 s after each reply: the Ctrl-C lands in that quiet, however slow the machine, never after the third turn
     caller = procs.voicebus("call", url, "--say", QUESTION, "--say", "thank you", "--say", "goodbye now",
-                            "--pause", "8", "--timeout", "120", stdout=subprocess.PIPE, name="caller")
+                            "--pause", "8", "--timeout", "120", stdout=subprocess.PIPE, name="caller",
+                            sigint_ignored=True)  # as a background job of a script starts: Ctrl-C must still work
     client.wait_for(lambda m: m.topic == "rt.response.created", timeout_s=60)
     busy = procs.voicebus("call", url, "--say", "hello", name="caller-busy")
     assert busy.wait(timeout=60) == 3 and "busy" in procs.log_of(busy), procs.log_of(busy)

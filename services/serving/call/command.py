@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,13 +47,11 @@ def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, t
         pcm, utterances = speech(sentences, wav_path, voice, pause_s), None
     result = CallResult()
     try:
-        asyncio.run(call(url, pcm, turns, timeout_s, offer_path=offer_path, utterances=utterances,
-                         pause_s=pause_s, dial_at=dial_at, result=result))
-    except KeyboardInterrupt:
-        _print(result, as_json)
-        click.echo(f"voicebus call: interrupted after {len(result.assistant)} repl"
-                   f"{'y' if len(result.assistant) == 1 else 'ies'} (hung up)", err=True)
-        return INTERRUPTED_EXIT_CODE
+        interrupted = asyncio.run(_until_interrupted(call(url, pcm, turns, timeout_s, offer_path=offer_path,
+                                                          utterances=utterances, pause_s=pause_s, dial_at=dial_at,
+                                                          result=result)))
+    except KeyboardInterrupt:  # before the loop ran (a Ctrl-C during start-up)
+        interrupted = True
     except CallRefused as exc:
         click.echo(f"voicebus call: {url} refused the call: {exc.message}"
                    + (f" (try again in {exc.retry_after_s:g} s)" if exc.retry_after_s else ""), err=True)
@@ -61,12 +62,40 @@ def run_call(url: str, sentences: list[str], wav_path: str | None, voice: str, t
     except OSError as exc:
         click.echo(f"voicebus call: cannot reach {url}: {exc}", err=True)
         return 1
+    if interrupted:
+        _print(result, as_json)
+        click.echo(f"voicebus call: interrupted after {len(result.assistant)} repl"
+                   f"{'y' if len(result.assistant) == 1 else 'ies'} (hung up)", err=True)
+        return INTERRUPTED_EXIT_CODE
     if record_path:
         from common.wavio import write_wav
 
         write_wav(Path(record_path), bytes(result.received), MIC_RATE)
     _print(result, as_json)
     return 0
+
+
+async def _until_interrupted(calling: Coroutine[Any, Any, CallResult]) -> bool:
+    """Run the call; True when Ctrl-C (SIGINT) ended it. Our own handler, so it holds whatever the
+    process inherited (a shell's background job starts with SIGINT ignored) and however the call ends."""
+    task = asyncio.ensure_future(calling)
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    return interrupted
 
 
 def _print(result: CallResult, as_json: bool) -> None:
