@@ -478,11 +478,7 @@ class GatewayStage(Stage):
         """speech_stopped: weigh a paused reply's interruption, or answer the user (the server will not)."""
         held = self.held
         if held is None:
-            if self.response_active is not None:  # made but not heard yet: the user's new turn replaces it
-                self.send({"type": "response.cancel"})
-                self.create_after_done = True
-            else:
-                self.send({"type": "response.create"})
+            self._answer_user(cancel_running=True)  # a response made but not heard yet: this turn replaces it
             return
         held["speech_s"] = self._speech_s(held.get("audio_start_ms"), audio_end_ms, held["since"])
         if self.policy is not None and self.policy.too_long(held["speech_s"]):
@@ -511,10 +507,16 @@ class GatewayStage(Stage):
             return
         self._interruption("interrupted", held["item_id"], transcript, held.get("speech_s"))
         self._barge_in()  # flush, cancel (interrupt_response is off), truncate at the played position
-        if self.response_active is not None:
-            self.create_after_done = True
-        else:
+        self._answer_user(cancel_running=False)
+
+    def _answer_user(self, cancel_running: bool) -> None:
+        """The user's turn wants an answer (create_response is off): now, or once the running response is done."""
+        if self.response_active is None:
             self.send({"type": "response.create"})
+            return
+        if cancel_running:
+            self.send({"type": "response.cancel"})
+        self.create_after_done = True
 
     def _interruption(self, decision: str, item_id: str, transcript: str = "", speech_s: float | None = None) -> None:
         log.info(kv("interruption", decision=decision, item_id=item_id, transcript=repr(transcript), speech_s=speech_s))
