@@ -21,7 +21,10 @@ SCHEMA_VERSION = 1
 MAX_TOPIC_BYTES = 128
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
-BYTES_PER_SAMPLE = 2  # s16le is the only sample format on the bus
+BYTES_PER_SAMPLE = 2  # s16le, the bus's own sample format
+# bytes per sample of each format a payload may have: s16le, or G.711 codes passed through untouched
+# from a phone line to the Realtime API and back (common.g711)
+SAMPLE_BYTES = {"s16le": 2, "pcmu": 1, "pcma": 1}
 TOPIC_PATTERN = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_\-]+)*$")
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -75,7 +78,7 @@ class AudioHeader(Header, frozen=True, kw_only=True):
 
     rate: Annotated[int, msgspec.Meta(ge=1000, le=384_000)]
     channels: Annotated[int, msgspec.Meta(ge=1, le=32)]
-    fmt: Literal["s16le"] = "s16le"
+    fmt: Literal["s16le", "pcmu", "pcma"] = "s16le"
     pts: NonNegative  # index of the first sample (per channel) in this stream
     t_capture_ns: NonNegative  # wall clock of the first sample's capture, carried end to end
 
@@ -109,7 +112,7 @@ class Message:
         """Samples per channel in an audio payload (derived, never stored)."""
         if not isinstance(self.header, AudioHeader):
             return 0
-        return len(self.payload) // (BYTES_PER_SAMPLE * self.header.channels)
+        return len(self.payload) // (SAMPLE_BYTES[self.header.fmt] * self.header.channels)
 
     @property
     def duration_ms(self) -> float:
@@ -155,8 +158,8 @@ def decode(frames: list[bytes]) -> Message:
     if header.v != SCHEMA_VERSION:
         raise EnvelopeError("bad_version", str(header.v))
     if isinstance(header, AudioHeader):
-        if len(payload) % (BYTES_PER_SAMPLE * header.channels):
-            raise EnvelopeError("bad_audio", f"{len(payload)} bytes is not whole s16le frames")
+        if len(payload) % (SAMPLE_BYTES[header.fmt] * header.channels):
+            raise EnvelopeError("bad_audio", f"{len(payload)} bytes is not whole {header.fmt} frames")
     elif payload:
         raise EnvelopeError("unexpected_payload", topic)
     return Message(topic=topic, header=header, payload=payload, raw_header=header_bytes)
@@ -182,9 +185,8 @@ class Stamper:
     def event(self, topic: str, data: dict[str, Any], t_ns: int) -> Message:
         return Message(topic, EventHeader(**self._base(topic, t_ns), data=data))
 
-
     def audio(self, topic: str, pcm: bytes, *, rate: int, channels: int, pts: int, t_capture_ns: int,
-              t_ns: int, **extra: Any) -> Message:
+              t_ns: int, fmt: str = "s16le", **extra: Any) -> Message:
         header = AudioHeader(**self._base(topic, t_ns), rate=rate, channels=channels, pts=pts,
-                             t_capture_ns=t_capture_ns, extra=extra)
+                             t_capture_ns=t_capture_ns, fmt=fmt, extra=extra)
         return Message(topic, header, pcm)

@@ -96,9 +96,9 @@ class Output:
         return message
 
     def audio(self, topic: str, pcm: bytes, *, rate: int, channels: int, pts: int, t_capture_ns: int,
-              **extra: Any) -> Message:
+              fmt: str = "s16le", **extra: Any) -> Message:
         message = self.stamper.audio(topic, pcm, rate=rate, channels=channels, pts=pts,
-                                     t_capture_ns=t_capture_ns, t_ns=time.time_ns(), **extra)
+                                     t_capture_ns=t_capture_ns, t_ns=time.time_ns(), fmt=fmt, **extra)
         self.send(message)
         return message
 

@@ -484,6 +484,10 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               help="GA protocol, or beta (`OpenAI-Beta: realtime=v1`).")
 @click.option("--instructions", default=None, help="System instructions for the assistant.")
 @click.option("--voice", default="alloy", show_default=True)
+@click.option("--audio-format", type=click.Choice(["pcm16", "pcmu", "pcma"]), default="pcm16", show_default=True,
+              help="The session's audio both ways: pcm16 (24 kHz; a mic or a browser), or pcmu/pcma (G.711 at 8 kHz, "
+              "GA audio/pcmu, beta g711_ulaw: a phone call's bytes go to the server and back untouched). "
+              "audio.user must come at the format's rate; s16le at 8 kHz is encoded here.")
 @click.option("--transcription-model", default="whisper-1", show_default=True, help="'none' to disable.")
 @click.option("--turn-detection", "vad_type", type=click.Choice(["server_vad", "semantic_vad"]), default="server_vad",
               show_default=True, help="server_vad: the end of a turn is silence_duration_ms of quiet; semantic_vad: "
@@ -528,7 +532,7 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
 @click.option("--tool-timeout", type=float, default=15.0, show_default=True,
               help="Seconds to wait for a tool.result (for tools that announce no timeout of their own) before "
               "the gateway answers the call with an error itself.")
-def gateway(cfg, url, model, protocol, instructions, voice, transcription_model, vad_type, eagerness, noise_reduction,
+def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transcription_model, vad_type, eagerness, noise_reduction,
             transcription_logprobs, truncation_retention, prompt_id, prompt_version, prompt_vars, max_output_tokens,
             speed, idle_timeout_s, idle_prompt, idle_prompts, false_interruptions, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
@@ -543,7 +547,7 @@ def gateway(cfg, url, model, protocol, instructions, voice, transcription_model,
         click.echo(f"gateway: OPENAI_API_KEY is not set: using the local simulator at {target.base_url} "
                    "(start it with `voicebus simulate`; `voicebus up` does)", err=True)
     headers = [f"Authorization: Bearer {target.api_key}"] + (["OpenAI-Beta: realtime=v1"] if protocol == "beta" else [])
-    settings = SessionSettings(model=model, voice=voice,
+    settings = SessionSettings(model=model, voice=voice, audio_format=audio_format,
                                transcription_model=None if transcription_model == "none" else transcription_model,
                                vad_threshold=vad_threshold, vad_prefix_padding_ms=vad_prefix_ms,
                                vad_silence_duration_ms=vad_silence_ms, interrupt_response=interrupt_response,
@@ -886,9 +890,12 @@ def doctor(cfg):
 @click.option("--markers", is_flag=True,
               help="Timing markers (scripts/bench_pipeline.py): log when a chirp arrives in the input audio "
               "(marker_in) and start every spoken reply with one (marker_out, logged as it is sent).")
+@click.option("--echo", is_flag=True,
+              help="Every reply is the user's last turn played back (its audio exactly as it came when the session's "
+              "formats match: a G.711 line's codes return bit for bit); for testing audio paths end to end.")
 @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
 def simulate(host, port, api_key, listen_fd, pace, chunk_ms, burst_ms, think_ms, rules, fault_kinds, fault_count, fault_after,
-             fault_delay_ms, markers, log_level):
+             fault_delay_ms, markers, echo, log_level):
     """Local stand-in for the OpenAI Realtime + chat-completions audio APIs (the offline default)."""
     from services.simulator.faults import Fault
     from services.simulator.realtime import Options
@@ -902,7 +909,7 @@ def simulate(host, port, api_key, listen_fd, pace, chunk_ms, burst_ms, think_ms,
         raise click.BadParameter(str(exc), param_hint="--rules") from exc
     faults = [Fault(kind, after_deltas=fault_after, delay_ms=fault_delay_ms, count=fault_count) for kind in fault_kinds]
     options = Options(pace=pace, chunk_ms=chunk_ms, burst_ms=burst_ms, think_ms=think_ms, replies=replies,
-                      markers=markers)
+                      markers=markers, echo=echo)
     sys.exit(run_simulator(host, port, options, faults, api_key, listen_fd))
 
 

@@ -17,6 +17,15 @@ SIMULATOR_MODEL_PREFIX = "voicebus-simulator/"
 SIMULATOR_NAME = "voicebus-simulator (local, not OpenAI)"
 BETA_FALLBACK_MODEL = "gpt-4o-realtime-preview"
 PCM_RATE = 24_000
+# the session's audio formats, as the simulator names them -> (GA format object, beta name), as OpenAI's:
+# audio/pcm is 24 kHz s16le, audio/pcmu and audio/pcma are G.711 at 8 kHz (the beta's g711_ulaw/g711_alaw)
+AUDIO_FORMATS: dict[str, tuple[dict[str, Any], str]] = {
+    "pcm16": ({"type": "audio/pcm", "rate": PCM_RATE}, "pcm16"),
+    "pcmu": ({"type": "audio/pcmu"}, "g711_ulaw"),
+    "pcma": ({"type": "audio/pcma"}, "g711_alaw"),
+}
+_FROM_GA = {"audio/pcm": "pcm16", "audio/pcmu": "pcmu", "audio/pcma": "pcma"}
+_FROM_BETA = {beta: name for name, (_, beta) in AUDIO_FORMATS.items()}
 
 
 def new_id(prefix: str) -> str:
@@ -53,6 +62,8 @@ class SessionConfig:
     truncation: Any = None
     prompt: dict[str, Any] | None = None
     max_output_tokens: int | str = "inf"
+    input_format: str = "pcm16"  # a key of AUDIO_FORMATS
+    output_format: str = "pcm16"
 
 
 def _vad_from(raw: dict[str, Any] | None, current: VadConfig | None) -> VadConfig | None:
@@ -95,9 +106,13 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
         audio = session.get("audio") or {}
         audio_in, audio_out = audio.get("input") or {}, audio.get("output") or {}
         for direction, fmt in (("input", audio_in.get("format")), ("output", audio_out.get("format"))):
-            if fmt and (fmt.get("type") != "audio/pcm" or fmt.get("rate", PCM_RATE) != PCM_RATE):
-                raise ClientEventError("the simulator serves audio/pcm at 24000 Hz only",
+            if not fmt:
+                continue
+            name = _FROM_GA.get(fmt.get("type"))
+            if name is None or (name == "pcm16" and fmt.get("rate", PCM_RATE) != PCM_RATE):
+                raise ClientEventError("Invalid audio format: audio/pcm (24000 Hz), audio/pcmu or audio/pcma",
                                        f"session.audio.{direction}.format")
+            setattr(config, f"{direction}_format", name)
         if "voice" in audio_out:
             config.voice = audio_out["voice"]
         if "transcription" in audio_in:
@@ -117,8 +132,10 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
         if "modalities" in session:
             config.output_modalities = [m for m in session["modalities"] if m == "audio"] or ["text"]
         for key in ("input_audio_format", "output_audio_format"):
-            if session.get(key, "pcm16") != "pcm16":
-                raise ClientEventError("the simulator serves pcm16 only", f"session.{key}")
+            if key in session:
+                if session[key] not in _FROM_BETA:
+                    raise ClientEventError("Invalid audio format: pcm16, g711_ulaw or g711_alaw", f"session.{key}")
+                setattr(config, key.replace("_audio", ""), _FROM_BETA[session[key]])
         if "voice" in session:
             config.voice = session["voice"]
         if "input_audio_transcription" in session:
@@ -156,12 +173,12 @@ def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
     model = SIMULATOR_MODEL_PREFIX + config.model
     transcription = {"model": config.transcription_model} if config.transcription_model else None
     if protocol == "ga":
-        pcm = {"type": "audio/pcm", "rate": PCM_RATE}
         return {"type": "realtime", "object": "realtime.session", "id": config.id, "model": model,
                 "instructions": config.instructions, "output_modalities": config.output_modalities,
-                "audio": {"input": {"format": pcm, "transcription": transcription,
+                "audio": {"input": {"format": AUDIO_FORMATS[config.input_format][0], "transcription": transcription,
                                     "turn_detection": _vad_dict(config.vad), "noise_reduction": config.noise_reduction},
-                          "output": {"format": pcm, "voice": config.voice, "speed": config.speed}},
+                          "output": {"format": AUDIO_FORMATS[config.output_format][0], "voice": config.voice,
+                                     "speed": config.speed}},
                 "tools": config.tools, "tool_choice": config.tool_choice, "include": config.include or None,
                 "truncation": config.truncation or "auto", "prompt": config.prompt,
                 "max_output_tokens": config.max_output_tokens}
@@ -170,8 +187,9 @@ def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
     # in an extra `server` field (and in its id and logs)
     return {"id": config.id, "object": "realtime.session", "model": _beta_model(config.model),
             "server": SIMULATOR_NAME, "modalities": modalities,
-            "instructions": config.instructions, "voice": config.voice, "input_audio_format": "pcm16",
-            "output_audio_format": "pcm16", "input_audio_transcription": transcription,
+            "instructions": config.instructions, "voice": config.voice,
+            "input_audio_format": AUDIO_FORMATS[config.input_format][1],
+            "output_audio_format": AUDIO_FORMATS[config.output_format][1], "input_audio_transcription": transcription,
             "turn_detection": _vad_dict(config.vad), "tools": config.tools, "tool_choice": config.tool_choice,
             "input_audio_noise_reduction": config.noise_reduction, "speed": config.speed,
             "max_response_output_tokens": config.max_output_tokens}

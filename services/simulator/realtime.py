@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common import g711
 from common.log import kv
 from common.realtime_names import to_beta
 from common.resample import pcm_to_mono_float
@@ -44,6 +45,7 @@ from services.simulator.vad import EnergyVad
 
 RATE = 24_000
 BYTES_PER_MS = RATE * 2 // 1000
+G711_BYTES_PER_MS = g711.RATE // 1000
 MAX_APPEND_BASE64 = 15 * 1024 * 1024  # the API's per-event limit
 MIN_COMMIT_MS = 100
 IDLE_BUFFER_MS = 2000  # input kept while nobody speaks (covers prefix padding)
@@ -63,6 +65,7 @@ class Options:
     think_ms: int = 0
     replies: Replies = field(default_factory=Replies)
     markers: bool = False  # timing markers for the pipeline bench (services/simulator/markers.py)
+    echo: bool = False  # every reply is the user's last turn, its audio as it came (bit-exact where the formats match)
 
 
 @dataclass
@@ -71,7 +74,8 @@ class Item:
     role: str
     transcript: str | None = None
     text: str | None = None
-    audio: bytes = b""  # user audio as committed; assistant audio as generated
+    audio: bytes = b""  # user audio as committed (24 kHz s16le); assistant audio as generated (output format)
+    raw: bytes = b""  # user audio as the client sent it, when that was not pcm16 (G.711 codes)
     audio_sent_ms: float = 0.0  # assistant: how much of it went out as deltas
     kind: str = "message"  # or "function_call", "function_call_output"
     call_id: str = ""
@@ -118,7 +122,9 @@ class RealtimeConnection:
         self.config = SessionConfig(model=model)
         self.options, self.faults, self.budget, self.transcriber = options, faults, budget, transcriber
         self.vad = self._new_vad()
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the input, as 24 kHz s16le whatever its format (the VAD and recogniser hear it)
+        self.raw = bytearray()  # ... and as it came, when that was G.711 (from buffer_start_ms, like buffer)
+        self._upsampler: Any = None  # G.711 input's 8 kHz -> 24 kHz (one stream: no seams between appends)
         self.buffer_start_ms = 0  # session ms of buffer[0]
         self.items: dict[str, Item] = {}
         self.order: list[str] = []
@@ -220,8 +226,12 @@ class RealtimeConnection:
             pcm = base64.b64decode(event["audio"], validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ClientEventError("Invalid 'audio': not base64-encoded data.", "audio") from exc
-        if len(pcm) % 2:
-            raise ClientEventError("Invalid 'audio': pcm16 needs an even number of bytes.", "audio")
+        if self.config.input_format == "pcm16":
+            if len(pcm) % 2:
+                raise ClientEventError("Invalid 'audio': pcm16 needs an even number of bytes.", "audio")
+        else:
+            self.raw += pcm
+            pcm = self._from_g711(pcm)
         self.buffer += pcm
         if self.markers is not None:
             for marker in self.markers.feed(pcm, time.time_ns()):
@@ -286,11 +296,29 @@ class RealtimeConnection:
             self.turn_start_ms = resumed
             await self._speech_started(resumed)
 
+    def _from_g711(self, codes: bytes) -> bytes:
+        """G.711 input as the 24 kHz s16le the VAD and the recogniser take."""
+        from common.resample import StreamResampler
+
+        if self._upsampler is None:
+            self._upsampler = StreamResampler(g711.RATE, RATE, 1)
+        return self._upsampler.feed(g711.decode(codes, self.config.input_format))  # type: ignore[arg-type]
+
+    def _clear_buffer(self) -> None:
+        self.buffer_start_ms += len(self.buffer) // BYTES_PER_MS
+        self.buffer.clear()
+        self.raw.clear()
+
     def _trim_buffer(self, keep_from_ms: int) -> None:
         cut_ms = keep_from_ms - self.buffer_start_ms
         if cut_ms > 0:
             del self.buffer[:cut_ms * BYTES_PER_MS]
+            del self.raw[:cut_ms * G711_BYTES_PER_MS]
             self.buffer_start_ms = keep_from_ms
+
+    def _raw_slice(self, start_ms: int, end_ms: int) -> bytes:
+        start = max(0, (start_ms - self.buffer_start_ms) * G711_BYTES_PER_MS)
+        return bytes(self.raw[start:max(start, (end_ms - self.buffer_start_ms) * G711_BYTES_PER_MS)])
 
     def _buffer_slice(self, start_ms: int, end_ms: int) -> bytes:
         start = max(0, (start_ms - self.buffer_start_ms) * BYTES_PER_MS)
@@ -313,9 +341,10 @@ class RealtimeConnection:
         log.info(kv("speech_stopped", audio_end_ms=audio_end_ms, speech_end_received_ns=arrived, t_ns=time.time_ns()))
         await self.send("input_audio_buffer.speech_stopped", audio_end_ms=audio_end_ms, item_id=item_id)
         pcm = self._buffer_slice(self.turn_start_ms, audio_end_ms)
+        raw = self._raw_slice(self.turn_start_ms, audio_end_ms)
         self._trim_buffer(audio_end_ms)
         create = bool(self.config.vad and self.config.vad.create_response)
-        await self._commit(item_id, pcm, create_response=create)
+        await self._commit(item_id, pcm, create_response=create, raw=raw)
 
     async def on_commit(self, event: dict[str, Any]) -> None:
         if len(self.buffer) < MIN_COMMIT_MS * BYTES_PER_MS:
@@ -323,23 +352,21 @@ class RealtimeConnection:
                                    f"{MIN_COMMIT_MS}ms of audio, but buffer only has "
                                    f"{len(self.buffer) / BYTES_PER_MS:.2f}ms of audio.", None,
                                    "input_audio_buffer_commit_empty")
-        pcm = bytes(self.buffer)
-        self.buffer_start_ms += len(self.buffer) // BYTES_PER_MS
-        self.buffer.clear()
-        await self._commit(new_id("item"), pcm, create_response=False)
+        pcm, raw = bytes(self.buffer), bytes(self.raw)
+        self._clear_buffer()
+        await self._commit(new_id("item"), pcm, create_response=False, raw=raw)
 
     async def on_clear(self, event: dict[str, Any]) -> None:
-        self.buffer_start_ms += len(self.buffer) // BYTES_PER_MS
-        self.buffer.clear()
+        self._clear_buffer()
         await self.send("input_audio_buffer.cleared")
 
-    async def _commit(self, item_id: str, pcm: bytes, create_response: bool) -> None:
+    async def _commit(self, item_id: str, pcm: bytes, create_response: bool, raw: bytes = b"") -> None:
         previous = self.order[-1] if self.order else None
-        self.items[item_id] = Item(item_id, "user", audio=pcm)
+        self.items[item_id] = Item(item_id, "user", audio=pcm, raw=raw)
         self.order.append(item_id)
         self.user_audio_ms += len(pcm) / BYTES_PER_MS
         for old in self.order[:-AUDIO_ITEMS_KEPT]:
-            self.items[old].audio = b""
+            self.items[old].audio = self.items[old].raw = b""
         await self.send("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         item = user_item(item_id, None, self.protocol)
         await self.send("conversation.item.added", item=item, previous_item_id=previous)
@@ -428,10 +455,10 @@ class RealtimeConnection:
         if audio_end_ms > item.audio_sent_ms:
             raise ClientEventError(f"Audio content of {int(item.audio_sent_ms)}ms is already shorter than "
                                    f"{audio_end_ms}ms", "audio_end_ms")
-        full_ms = len(item.audio) / BYTES_PER_MS
+        full_ms = len(item.audio) / self._output_bytes_per_ms()
         item.transcript = cut_transcript(item.text or "", audio_end_ms / full_ms if full_ms else 0.0)
         item.audio_sent_ms = audio_end_ms
-        item.audio = item.audio[:audio_end_ms * BYTES_PER_MS]
+        item.audio = item.audio[:audio_end_ms * self._output_bytes_per_ms()]
         log.info(kv("truncated", item_id=item.id, audio_end_ms=audio_end_ms, transcript=repr(item.transcript)))
         await self.send("conversation.item.truncated", item_id=item.id, content_index=event["content_index"],
                         audio_end_ms=audio_end_ms)
@@ -522,7 +549,8 @@ class RealtimeConnection:
     async def _respond(self, response: Response) -> None:
         audio_out = "audio" in self.config.output_modalities
         await self._heard_last_user_item()
-        plan = Plan(response.say) if response.say else self._plan()
+        plan = Plan(response.say) if response.say else \
+            Plan(self._last_user_words() or "nothing") if self.options.echo else self._plan()
         reply, capped = capped_reply(plan.text, self.config.max_output_tokens)
         base = {"id": response.id, "object": "realtime.response", "conversation_id": "conv_sim",
                 "output_modalities": ["audio"] if audio_out else ["text"], "metadata": response.metadata}
@@ -591,14 +619,15 @@ class RealtimeConnection:
 
     async def _stream_audio(self, response: Response, item: Item, reply: str, ids: dict[str, Any]) -> str:
         await self.send("response.content_part.added", **ids, part={"type": "audio", "transcript": ""})
-        item.audio = await asyncio.to_thread(synthesize, reply, self.config.voice, RATE)
-        if self.markers is not None:
+        item.audio = await asyncio.to_thread(self._voice, reply)
+        if self.markers is not None and self.config.output_format == "pcm16":
             item.audio = chirp_pcm(RATE) + item.audio
         if self.options.think_ms:
             await asyncio.sleep(self.options.think_ms / 1000)
         words = reply.split()
-        chunk_bytes = self.options.chunk_ms * BYTES_PER_MS
-        total_ms = len(item.audio) / BYTES_PER_MS
+        bytes_per_ms = self._output_bytes_per_ms()
+        chunk_bytes = self.options.chunk_ms * bytes_per_ms
+        total_ms = len(item.audio) / bytes_per_ms
         started = time.monotonic()
         said = 0
         drop = next((f for f in self.faults if f.kind == "drop_mid_response"), None)
@@ -611,7 +640,7 @@ class RealtimeConnection:
                 if self.markers is not None:  # the marker is this delta's first sample
                     log.info(kv("marker_out", session=self.config.id, response_id=response.id, sent_ns=time.time_ns()))
             await self.send("response.output_audio.delta", **ids, delta=base64.b64encode(chunk).decode())
-            item.audio_sent_ms += len(chunk) / BYTES_PER_MS
+            item.audio_sent_ms += len(chunk) / bytes_per_ms
             due = math.ceil(len(words) * item.audio_sent_ms / total_ms) if total_ms else len(words)
             while said < min(due, len(words)):
                 await self.send("response.output_audio_transcript.delta", **ids,
@@ -633,6 +662,29 @@ class RealtimeConnection:
         await self.send("response.output_audio_transcript.done", **ids, transcript=transcript)
         await self.send("response.content_part.done", **ids, part={"type": "audio", "transcript": transcript})
         return transcript
+
+    def _output_bytes_per_ms(self) -> int:
+        return BYTES_PER_MS if self.config.output_format == "pcm16" else G711_BYTES_PER_MS
+
+    def _voice(self, reply: str) -> bytes:
+        """The reply's audio in the session's output format: spoken, or (--echo) the user's last turn, whose
+        G.711 codes go back exactly as they came when the output format is the input's."""
+        out = self.config.output_format
+        last = next((self.items[i] for i in reversed(self.order) if self.items[i].role == "user"), None)
+        if self.options.echo and last is not None and (last.raw or last.audio):
+            if out == self.config.input_format and last.raw:
+                return last.raw
+            pcm, rate = last.audio, RATE
+        else:
+            rate = RATE if out == "pcm16" else g711.RATE
+            return synthesize(reply, self.config.voice, rate) if out == "pcm16" else \
+                g711.encode(synthesize(reply, self.config.voice, rate), out)  # type: ignore[arg-type]
+        if out == "pcm16":
+            return pcm
+        from common.resample import StreamResampler
+
+        down = StreamResampler(rate, g711.RATE, 1)
+        return g711.encode(down.feed(pcm) + down.flush(), out)  # type: ignore[arg-type]
 
     async def _stream_text(self, response: Response, reply: str, ids: dict[str, Any]) -> str:
         await self.send("response.content_part.added", **ids, part={"type": "text", "text": ""})

@@ -28,6 +28,7 @@ from common.audio_devices import (
     realtime_threads,
 )
 from common.envelope import AudioHeader, Message
+from common.g711 import as_s16
 from common.log import RateLimitedLog, kv
 from common.stage import Stage
 from common.wavio import WavWriter
@@ -229,7 +230,7 @@ class PlayerStage(Stage):
             self._warn.warning("format", kv("dropped_frame", reason="unsupported_format", rate=header.rate,
                                             channels=header.channels))
             return
-        pcm = message.payload
+        pcm = as_s16(message.payload, header.fmt)  # a G.711 session's reply (audio/pcmu) is decoded here
         if (header.rate, header.channels) != (self.buffer.rate, 1):
             key = (header.rate, header.channels)
             if key not in self.converters:

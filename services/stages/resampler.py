@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from common.envelope import AudioHeader, Message
+from common.g711 import as_s16
 from common.log import kv
 from common.resample import DEFAULT_BACKEND, Backend, StreamResampler
 from common.stage import Stage
@@ -71,7 +72,7 @@ class ResampleStage(Stage):
                 self._feed(bytes(jump * header.channels * BYTES_PER_SAMPLE), header.pts - jump, header)
             else:
                 self._restart(header, reason=f"pts_jump={jump}")
-        self._feed(message.payload, header.pts, header)
+        self._feed(as_s16(message.payload, header.fmt), header.pts, header)  # G.711 (a phone line): decoded
         self.expected_pts = header.pts + message.samples
 
     def _restart(self, header: AudioHeader, reason: str) -> None:

@@ -42,13 +42,14 @@ class AssistantItem:
     truncated: bool = False
     first_audio_at: float = 0.0  # monotonic, when its first audio arrived
     complete: bool = False  # its response finished on its own (not cancelled): no more audio comes
+    rate: int = RATE  # of its audio (8 kHz in a G.711 session)
 
     def could_still_be_unreported(self, now: float) -> bool:
         return now - self.first_audio_at < self.received_ms / 1000 + UNREPORTED_GRACE_S
 
     @property
     def received_ms(self) -> float:
-        return 1000 * self.received_samples / RATE
+        return 1000 * self.received_samples / self.rate
 
 
 class AudibleTracker:
@@ -61,15 +62,16 @@ class AudibleTracker:
         self.last_playing_at = float("-inf")
 
     def add_audio(self, item_id: str, response_id: str, content_index: int, pcm: bytes,
-                  now: float | None = None) -> AssistantItem:
+                  now: float | None = None, rate: int = RATE) -> AssistantItem:
+        """`pcm`: the delta as s16le (decoded first in a G.711 session), at `rate`."""
         item = self.items.get(item_id)
         if item is None:
-            item = self.items[item_id] = AssistantItem(item_id, response_id, content_index,
+            item = self.items[item_id] = AssistantItem(item_id, response_id, content_index, rate=rate,
                                                        first_audio_at=time.monotonic() if now is None else now)
             while len(self.items) > ITEMS_REMEMBERED:
                 self.items.popitem(last=False)
         samples = _samples(pcm)
-        step = RATE * LEVEL_WINDOW_MS // 1000
+        step = item.rate * LEVEL_WINDOW_MS // 1000
         start = item.received_samples % step
         if item.levels and start:  # finish the partial window first
             head, samples = samples[:step - start], samples[step - start:]

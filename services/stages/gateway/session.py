@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 PCM = {"type": "audio/pcm", "rate": 24000}
+# --audio-format -> (GA format object, beta name, the bus's fmt, sample rate): G.711 as a phone line carries it
+AUDIO_FORMATS: dict[str, tuple[dict[str, Any], str, str, int]] = {
+    "pcm16": (PCM, "pcm16", "s16le", 24_000),
+    "pcmu": ({"type": "audio/pcmu"}, "g711_ulaw", "pcmu", 8000),
+    "pcma": ({"type": "audio/pcma"}, "g711_alaw", "pcma", 8000),
+}
 
 
 @dataclass
@@ -16,6 +22,8 @@ class SessionSettings:
     model: str = "gpt-realtime"
     instructions: str = "You are a helpful voice assistant. Keep answers short."
     voice: str = "alloy"
+    # both ways: pcm16 (24 kHz s16le), or pcmu/pcma (8 kHz G.711: a phone call's own codes, passed through)
+    audio_format: str = "pcm16"
     transcription_model: str | None = "whisper-1"
     vad_type: str = "server_vad"
     vad_threshold: float = 0.3  # the notebook's values
@@ -59,10 +67,11 @@ def session_update(settings: SessionSettings, protocol: str, tools: list[dict[st
     if protocol == "ga":
         from openai.types.realtime import SessionUpdateEventParam
 
+        audio_format = AUDIO_FORMATS[settings.audio_format][0]
         event: SessionUpdateEventParam = {"type": "session.update", "session": {
             "type": "realtime", "instructions": settings.instructions, "output_modalities": ["audio"],
-            "audio": {"input": {"format": PCM, "transcription": transcription, "turn_detection": vad},
-                      "output": {"format": PCM, "voice": settings.voice}},
+            "audio": {"input": {"format": audio_format, "transcription": transcription, "turn_detection": vad},
+                      "output": {"format": audio_format, "voice": settings.voice}},
             "tools": function_tools(tools or []), "tool_choice": "auto"}}
         session = event["session"]
         if settings.noise_reduction:
@@ -82,7 +91,8 @@ def session_update(settings: SessionSettings, protocol: str, tools: list[dict[st
 
     beta: BetaSessionUpdate = {"type": "session.update", "session": {
         "modalities": ["audio", "text"], "instructions": settings.instructions, "voice": settings.voice,
-        "input_audio_format": "pcm16", "output_audio_format": "pcm16", "input_audio_transcription": transcription,
+        "input_audio_format": AUDIO_FORMATS[settings.audio_format][1],
+        "output_audio_format": AUDIO_FORMATS[settings.audio_format][1], "input_audio_transcription": transcription,
         "turn_detection": vad, "tools": function_tools(tools or []), "tool_choice": "auto"}}
     if settings.noise_reduction:
         beta["session"]["input_audio_noise_reduction"] = {"type": settings.noise_reduction}

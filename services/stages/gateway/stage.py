@@ -12,7 +12,8 @@ from typing import Any, TextIO
 
 import msgpack
 
-from common.envelope import AudioHeader, Message
+from common import g711
+from common.envelope import SAMPLE_BYTES, AudioHeader, Message
 from common.log import RateLimitedLog, kv
 from common.realtime_types import (
     ClientEventError,
@@ -26,10 +27,9 @@ from services.stages.gateway.events import parse_server_event, strip_audio
 from services.stages.gateway.function_calls import FunctionCalls, error_output, output_item
 from services.stages.gateway.idle import IdleWatch
 from services.stages.gateway.interruptions import InterruptionPolicy
-from services.stages.gateway.session import SessionSettings, replay_item, session_update
+from services.stages.gateway.session import AUDIO_FORMATS, SessionSettings, replay_item, session_update
 from services.stages.gateway.socket import PAUSED_REASON, RealtimeSocket, SocketEvent
 
-RATE = 24_000
 FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before truncating with the last one
 MAX_EVENT_HEADER_BYTES = 60_000
 RESUME_TURNS = 20
@@ -67,6 +67,10 @@ class GatewayStage(Stage):
                  target_label: str = "", tool_timeout_s: float = 15.0) -> None:
         super().__init__()
         self.protocol, self.settings, self.echo_guard = protocol, settings, echo_guard
+        # the session's audio both ways: its bus format, its rate, its bytes per sample (s16le at 24 kHz,
+        # or a phone line's G.711 at 8 kHz, whose codes go to the server and back as they are)
+        _, _, self.audio_fmt, self.rate = AUDIO_FORMATS[settings.audio_format]
+        self.sample_bytes = SAMPLE_BYTES[self.audio_fmt]
         self.socket = RealtimeSocket(url, headers, self.inbox.put, max_session_s)
         self.url_for_logs = url.split("?", 1)[0]
         self.target_label = target_label
@@ -97,7 +101,7 @@ class GatewayStage(Stage):
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
                        "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0, "conversations": 1,
-                       "played_to_end": 0}
+                       "played_to_end": 0, "audio_converted": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -183,18 +187,19 @@ class GatewayStage(Stage):
         """Add a sent frame to the current run (frames contiguous in pts), publishing it when due."""
         run = self.append_run
         sent_ns = time.time_ns()
-        if run is not None and header.pts != run["pts"] + run["audio_bytes"] // 2:
+        if run is not None and header.pts != run["pts"] + run["audio_bytes"] // self.sample_bytes:
             self._publish_append_run()
             run = None
         if run is None:
             run = self.append_run = {"type": "input_audio_buffer.append", "audio_bytes": 0, "pts": header.pts,
+                                     "bytes_per_sample": self.sample_bytes, "rate": self.rate,
                                      "t_capture_ns": header.t_capture_ns, "frames": 0, "t_callback_ns": [],
                                      "t_sent_ns": []}
         run["audio_bytes"] += len(pcm)
         run["frames"] += 1
         run["t_callback_ns"].append(header.extra.get("t_callback_ns", 0))
         run["t_sent_ns"].append(sent_ns)
-        if run["audio_bytes"] >= APPEND_RUN_S * RATE * 2:
+        if run["audio_bytes"] >= APPEND_RUN_S * self.rate * self.sample_bytes:
             self._publish_append_run()
 
     def _publish_checked(self, topic: str, data: dict[str, Any]) -> None:
@@ -220,20 +225,26 @@ class GatewayStage(Stage):
     def _forward_audio(self, message: Message) -> None:
         self.line_heard_at = time.monotonic()
         header = message.header
-        if header.rate != RATE or header.channels != 1:
-            self._warn.warning("format", kv("dropped_audio", reason="not 24 kHz mono", rate=header.rate,
-                                            channels=header.channels))
+        if header.rate != self.rate or header.channels != 1:
+            self._warn.warning("format", kv("dropped_audio", reason=f"not {self.rate} Hz mono ({self.settings.audio_format})",
+                                            rate=header.rate, channels=header.channels))
             return
         if not self.socket.connected:
             self.counts["dropped_disconnected"] += 1
             return
         pcm = message.payload
-        if self.echo_guard is not None and not self.echo_guard.admit(pcm, self.tracker, time.monotonic()):
-            pcm = bytes(len(pcm))  # silence keeps the server's audio clock in step with capture
+        if header.fmt != self.audio_fmt:  # s16le <-> G.711 at the same rate: recoded, never resampled
+            pcm = g711.encode(g711.as_s16(pcm, header.fmt), self.audio_fmt) if self.audio_fmt != "s16le" \
+                else g711.as_s16(pcm, header.fmt)
+            self.counts["audio_converted"] += 1
+        if self.echo_guard is not None and not self.echo_guard.admit(self._s16(pcm), self.tracker, time.monotonic()):
+            # silence keeps the server's audio clock in step with capture
+            pcm = bytes(len(pcm)) if self.audio_fmt == "s16le" else bytes([g711.SILENCE[self.audio_fmt]]) * len(pcm)
         if self.socket.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})):
             self.counts["appended"] += 1
-            self.appended_frames.append((self.session_samples, message.samples, header.t_capture_ns))
-            self.session_samples += message.samples
+            samples = len(pcm) // self.sample_bytes
+            self.appended_frames.append((self.session_samples, samples, header.t_capture_ns))
+            self.session_samples += samples
             if self._ws_log is not None:
                 self._log_ws("out", {"type": "input_audio_buffer.append", "audio_bytes": len(pcm), "pts": header.pts,
                                      "t_capture_ns": header.t_capture_ns})
@@ -368,11 +379,18 @@ class GatewayStage(Stage):
             if self.policy is not None:
                 self._user_turn_over(data.get("audio_end_ms"))
 
-    def _on_audio_delta(self, data: dict[str, Any], pcm: bytes, t_recv_ns: int) -> None:
+    def _s16(self, audio: bytes) -> bytes:
+        """The session's audio as s16le, for level meters (G.711 decoded; s16le as it is)."""
+        return audio if self.audio_fmt == "s16le" else g711.as_s16(audio, self.audio_fmt)
+
+    def _on_audio_delta(self, data: dict[str, Any], audio: bytes, t_recv_ns: int) -> None:
+        """`audio`: the delta as the server sent it, in the session's format; on the bus as it is."""
         before = self.tracker.items[data["item_id"]].received_samples if data["item_id"] in self.tracker.items else 0
-        self.tracker.add_audio(data["item_id"], data["response_id"], data["content_index"], pcm, time.monotonic())
-        self.out.audio("audio.assistant", pcm, rate=RATE, channels=1, pts=before, t_capture_ns=t_recv_ns,
-                       item_id=data["item_id"], response_id=data["response_id"], content_index=data["content_index"])
+        self.tracker.add_audio(data["item_id"], data["response_id"], data["content_index"], self._s16(audio),
+                               time.monotonic(), rate=self.rate)
+        self.out.audio("audio.assistant", audio, rate=self.rate, channels=1, pts=before, t_capture_ns=t_recv_ns,
+                       fmt=self.audio_fmt, item_id=data["item_id"], response_id=data["response_id"],
+                       content_index=data["content_index"])
 
     def _remember(self, item_id: str, role: str, text: str) -> None:
         self.conversation[item_id] = (role, text)
@@ -381,10 +399,10 @@ class GatewayStage(Stage):
 
     def capture_time_of(self, session_ms: float) -> int | None:
         """Wall-clock capture time of the audio the server knows as `session_ms` (None if too old)."""
-        target = session_ms * RATE / 1000
+        target = session_ms * self.rate / 1000
         for start, samples, t_capture_ns in reversed(self.appended_frames):
             if start <= target:
-                return t_capture_ns + int((target - start) * 1e9 / RATE) if target <= start + samples else None
+                return t_capture_ns + int((target - start) * 1e9 / self.rate) if target <= start + samples else None
         return None
 
     def _speech_end(self, data: dict[str, Any]) -> None:

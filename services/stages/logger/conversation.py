@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.envelope import AudioHeader, Message
+from common.g711 import as_s16
 from common.transcripts import cut_transcript
 
-RATE = 24_000
-BYTES_PER_MS = RATE * 2 // 1000
+RATE = 24_000  # until the session's audio says otherwise (a phone call's G.711 is 8 kHz)
 USER_AUDIO_FRAMES = 9000  # ~3 min of 20 ms frames kept for cutting
 FINALIZE_GRACE_S = 3.0  # after response.done, how long to wait for the player to finish or a truncation
 FOLLOW_UP_WAIT_S = 30.0  # a turn whose tools were called waits this long for the spoken answer
@@ -98,17 +98,24 @@ class ConversationBuilder:
         self.finished: list[tuple[dict[str, Any], dict[str, bytes]]] = []
         self.session_events: list[dict[str, Any]] = []
         self.session_facts: dict[str, Any] = {}
+        self.rate = RATE  # of the session's audio, stored as s16le at this rate (the server's clock counts in it)
+
+    @property
+    def bytes_per_ms(self) -> int:
+        return self.rate * 2 // 1000
 
     # --- input -------------------------------------------------------------------------------
     def handle(self, message: Message, now: float) -> None:
         topic = message.topic
+        if topic.startswith("audio.") and isinstance(message.header, AudioHeader):
+            self.rate = message.header.rate
         if topic == "audio.user" and isinstance(message.header, AudioHeader):
-            self.user_frames[message.header.pts] = message.payload
+            self.user_frames[message.header.pts] = as_s16(message.payload, message.header.fmt)
             while len(self.user_frames) > USER_AUDIO_FRAMES:
                 self.user_frames.popitem(last=False)
         elif topic == "audio.assistant" and isinstance(message.header, AudioHeader):
             item_id = message.header.extra.get("item_id", "")
-            self.generated.setdefault(item_id, bytearray()).extend(message.payload)
+            self.generated.setdefault(item_id, bytearray()).extend(as_s16(message.payload, message.header.fmt))
             turn = self.by_item.get(item_id)
             if turn is not None and turn.first_delta_ns is None:
                 turn.first_delta_ns = message.header.t_capture_ns
@@ -136,7 +143,7 @@ class ConversationBuilder:
     def _event(self, kind: str, data: dict[str, Any], t_ns: int, now: float) -> None:
         event = data.get("event", {})
         if kind == "sent.input_audio_buffer.append":
-            samples = event.get("audio_bytes", 0) // 2
+            samples = event.get("audio_bytes", 0) // event.get("bytes_per_sample", 2)
             self.appended.append((self.server_samples, event.get("pts", 0), samples))
             self.server_samples += samples
             del self.appended[:-USER_AUDIO_FRAMES]
@@ -262,7 +269,7 @@ class ConversationBuilder:
         The gateway reports what it appended as runs of pts-contiguous frames; each run maps a span
         of the server's clock onto a span of `audio.user` pts, which is read back frame by frame
         (silence where a frame did not reach the logger)."""
-        first, last = start_ms * RATE // 1000, end_ms * RATE // 1000
+        first, last = start_ms * self.rate // 1000, end_ms * self.rate // 1000
         starts = sorted(self.user_frames)
         out = bytearray()
         for server_start, run_pts, samples in self.appended:
@@ -319,7 +326,7 @@ class ConversationBuilder:
             return False
         if turn.awaiting_follow_up:
             return now - turn.done_at > FOLLOW_UP_WAIT_S
-        generated_ms = len(self.generated.get(turn.item_id, b"")) / BYTES_PER_MS
+        generated_ms = len(self.generated.get(turn.item_id, b"")) / self.bytes_per_ms
         fully_played = turn.played_ms is not None and turn.played_ms >= generated_ms - 1
         return turn.truncated is not None or fully_played or now - turn.done_at > FINALIZE_GRACE_S
 
@@ -338,7 +345,7 @@ class ConversationBuilder:
 
     def _record(self, turn: Turn) -> tuple[dict[str, Any], dict[str, bytes]]:
         generated = bytes(self.generated.pop(turn.item_id, b""))
-        generated_ms = len(generated) / BYTES_PER_MS
+        generated_ms = len(generated) / self.bytes_per_ms
         unfinished = bool(turn.response_id) and turn.done_at is None  # stopped before response.done
         if unfinished and not turn.transcript:
             turn.transcript = turn.transcript_so_far
@@ -350,7 +357,7 @@ class ConversationBuilder:
             heard = turn.transcript
             if unfinished and generated_ms:
                 heard = cut_transcript(turn.transcript, min(1.0, played_ms / generated_ms))
-        played = generated[:int(played_ms) * BYTES_PER_MS]
+        played = generated[:int(played_ms) * self.bytes_per_ms]
         first_played = turn.first_played_ns or self.item_started_ns.get(turn.item_id)
 
         def ms_between(a: int | None, b: int | None) -> float | None:
@@ -358,15 +365,15 @@ class ConversationBuilder:
 
         usage = add_usage(turn.usage, turn.tool_usage)
         record = {
-            "key": turn.response_id or f"user:{turn.user_item_id}",
+            "key": turn.response_id or f"user:{turn.user_item_id}", "audio_rate": self.rate,
             "user": {"item_id": turn.user_item_id, "transcript": turn.user_transcript,
                      "audio_start_ms": turn.audio_start_ms, "audio_end_ms": turn.audio_end_ms,
-                     "audio_ms": round(len(turn.user_pcm) / BYTES_PER_MS, 1)},
+                     "audio_ms": round(len(turn.user_pcm) / self.bytes_per_ms, 1)},
             "assistant": {"response_id": turn.response_id, "item_id": turn.item_id,
                           "tool_response_id": turn.tool_response_id or None,
                           "status": "unfinished" if unfinished else turn.status, "unfinished": unfinished,
                           "transcript_heard": heard, "transcript_generated": turn.transcript,
-                          "played_ms": round(played_ms, 1), "generated_ms": round(len(generated) / BYTES_PER_MS, 1),
+                          "played_ms": round(played_ms, 1), "generated_ms": round(len(generated) / self.bytes_per_ms, 1),
                           "barge_in": turn.truncated is not None},
             "tools": turn.tools,
             "usage": usage, "cost_usd": cost_usd(usage, self.prices) if usage else 0.0,

@@ -68,7 +68,7 @@ class SessionStore:
         turn["turn"] = self.next_index
         files = {}
         for name, pcm in audio.items():
-            path = write_wav(self.audio_dir / f"turn-{self.next_index:03d}-{name}.wav", pcm, RATE)
+            path = write_wav(self.audio_dir / f"turn-{self.next_index:03d}-{name}.wav", pcm, turn.get("audio_rate") or RATE)
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
             files[name] = str(path.relative_to(self.dir))
