@@ -159,24 +159,35 @@ def _use_run_dir(_ctx, _param, value: str | None) -> str | None:
 @click.option("--session", default=None, help="Conversation name for headers and traces (default: new).")
 @click.option("--web", "web_stage", is_flag=True, help="Talk from a browser: start the web stage instead of the local "
               "mic and player (open the URL it logs).")
-def up(cfg, stages, stage_args, session, web_stage):
+@click.option("--phone", "phone_stage", is_flag=True, help="Answer a phone line (Twilio Media Streams): the phone stage "
+              "instead of the local mic and player, the gateway's session in μ-law (audio/pcmu) end to end.")
+def up(cfg, stages, stage_args, session, web_stage, phone_stage):
     """Start the bus and the pipeline's stages; restart any that crash; Ctrl-C stops all.
 
     A stage that finishes its input (mic --wav) is not restarted; one that cannot start (bad arguments,
     a tools module that does not load) stops `up` with its reason and exit code 2.
     """
     from services.launcher import run_up
-    from services.pipeline import BUS, WEB_STAGES, canonical_args, pipeline_specs
+    from services.pipeline import (
+        BUS,
+        PHONE_GATEWAY_ARGS,
+        PHONE_STAGES,
+        WEB_STAGES,
+        canonical_args,
+        pipeline_specs,
+    )
 
     extra: dict[str, list[str]] = {}
     for item in stage_args:
         name, _, args = item.partition("=")
         extra.setdefault(name.strip(), []).extend(shlex.split(args))
     names = [s.strip() for s in stages.split(",")] if stages else None
-    if web_stage:
-        if names:
-            raise click.UsageError("--web chooses the stages itself; use --stages alone to pick them")
-        names = WEB_STAGES
+    if web_stage or phone_stage:
+        if names or (web_stage and phone_stage):
+            raise click.UsageError("--web and --phone choose the stages themselves; use one, or --stages alone")
+        names = WEB_STAGES if web_stage else PHONE_STAGES
+        if phone_stage:
+            extra["gateway"] = [*PHONE_GATEWAY_ARGS, *extra.get("gateway", [])]
     try:
         specs, env_extra = pipeline_specs(names, extra)
     except ValueError as exc:
@@ -317,6 +328,34 @@ def web(cfg, host, port, cert, key, jitter_ms, rx_prefetch, via_resampler, aiort
                                 aiortc_decoder=aiortc_decoder, silence=silence), cfg))
 
 
+@main.command()
+@bus_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the Media Streams websocket (and the TwiML webhook) listens on.")
+@click.option("--port", type=int, default=8090, show_default=True, help="Its port (0: any free one, logged).")
+@click.option("--session-format", type=click.Choice(["pcmu", "pcm16"]), default="pcmu", show_default=True,
+              help="The gateway's --audio-format: pcmu passes the caller's μ-law through untouched both ways; pcm16 "
+              "converts here (decode and 8 -> 24 kHz in, 24 -> 8 kHz and encode out).")
+@click.option("--lead-ms", type=click.IntRange(20, 1000), default=100, show_default=True,
+              help="Reply audio sent ahead of what the carrier has played: more rides out network jitter, less "
+              "leaves less for a barge-in to clear.")
+@click.option("--jitter-ms", type=int, default=40, show_default=True, help="Reply audio buffered before sending.")
+@click.option("--public-url", default="", help="The wss:// URL a carrier reaches this stage's /media by (TLS "
+              "ends at your proxy), for the TwiML that POST /twilio/voice answers. Default: this server's ws:// URL.")
+def phone(cfg, host, port, session_format, lead_ms, jitter_ms, public_url):
+    """Stage: answer a phone call over Twilio Media Streams (the mic's and the player's jobs for a caller).
+
+    Point a Twilio number's voice webhook at POST /twilio/voice (or your own TwiML's <Connect><Stream> at
+    /media); run the gateway with the same --audio-format (pcmu: μ-law end to end, no resampling).
+    Barge-in cuts at what the phone played: the last mark the carrier echoed."""
+    from common.runner import run_stage
+    from services.stages.phone.stage import PhoneStage
+    from services.stages.web.placement import OFFER_SECRET_ENV
+
+    sys.exit(run_stage(PhoneStage(host, port, session_format, jitter_ms=jitter_ms, lead_ms=lead_ms,
+                                  token=os.environ.get(OFFER_SECRET_ENV, ""), public_url=public_url), cfg))
+
+
 @main.group(invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address for the page and offers; 0.0.0.0 for a LAN (give --cert/--key: browsers need HTTPS there).")
@@ -441,18 +480,28 @@ def serve_drain(node, url, operator_token_file):
               help="Get ready (speech, WebRTC), then offer at this wall-clock time (seconds since the epoch, "
                    "`date +%s.%N`): a rig starts many callers ahead so that their start-up is not the endpoint's "
                    "load when they press Connect. A caller not ready by then offers at once (dial_late_ms).")
+@click.option("--carrier", type=click.Choice(["webrtc", "twilio"]), default="webrtc", show_default=True,
+              help="twilio: be the phone network instead of a browser: URL is a voice webhook (POST, TwiML "
+              "<Connect><Stream>) or a Media Streams ws:// URL; μ-law at 8 kHz, marks echoed as played, clear honoured.")
+@click.option("--dtmf", default="", metavar="DIGITS", help="--carrier twilio: press these keys after the last turn.")
+@click.option("--twilio-auth-token", envvar="TWILIO_AUTH_TOKEN", default="",
+              help="--carrier twilio: sign the webhook request with it (X-Twilio-Signature), as Twilio does.")
 def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path,
-             dial_at):
-    """Call a `web` or `serve` endpoint over WebRTC as a browser would; print each turn as heard.
+             dial_at, carrier, dtmf, twilio_auth_token):
+    """Call a `web` or `serve` endpoint over WebRTC as a browser would, or a phone door as Twilio would
+    (--carrier twilio); print each turn as heard.
 
     Exit codes: 0 every reply heard; 1 the call failed (timeout, dropped line, refused offer); 3 busy (a full
     serve, a web stage with a caller, too many offers: try again later); 130 Ctrl-C (the turns done are
     printed first)."""
-    from services.serving.call.command import run_call
+    from services.serving.call.command import run_call, run_carrier_call
 
     if bool(sentences) == bool(wav_path):
         raise click.UsageError("give --say SENTENCE (repeatable) or --wav FILE")
     del take_turns  # what --say does anyway
+    if carrier == "twilio":
+        sys.exit(run_carrier_call(url, list(sentences), wav_path, voice, pause_s, timeout_s, record_path, as_json,
+                                  dtmf, twilio_auth_token))
     sys.exit(run_call(url, list(sentences), wav_path, voice, turns or max(1, len(sentences)), pause_s, timeout_s,
                       record_path, as_json, offer_path=offer_path, dial_at=dial_at))
 

@@ -25,9 +25,12 @@ STAGES: dict[str, list[str]] = {
     "player": ["player"],
     "logger": ["logger"],
     "web": ["web"],  # not in the default set: it replaces mic and player (`voicebus up --web`)
+    "phone": ["phone"],  # nor this: it answers a phone line instead (`voicebus up --phone`)
 }
-DEFAULT_STAGES = [name for name in STAGES if name != "web"]
+DEFAULT_STAGES = [name for name in STAGES if name not in ("web", "phone")]
 WEB_STAGES = ["web", "tools", "gateway", "logger"]  # the web stage resamples in-process
+PHONE_STAGES = ["phone", "tools", "gateway", "logger"]
+PHONE_GATEWAY_ARGS = ["--audio-format", "pcmu"]  # the caller's μ-law to the server and back, untouched
 SIMULATOR = "simulator"
 BUS = "bus"
 # what else a user may call a process in --arg: the command's own name

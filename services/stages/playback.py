@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-BYTES_PER_SAMPLE = 2
+SAMPLE_BYTES_S16 = 2
 ITEMS_REMEMBERED = 16
 
 
@@ -28,9 +28,11 @@ class Segment:
 
 
 class PlaybackBuffer:
-    def __init__(self, rate: int, jitter_ms: int) -> None:
+    def __init__(self, rate: int, jitter_ms: int, sample_bytes: int = SAMPLE_BYTES_S16) -> None:
+        """`sample_bytes`: 2 for s16le, 1 for a phone line's G.711 codes (their silence is the phone stage's)."""
         self.rate = rate
-        self.jitter_bytes = rate * jitter_ms // 1000 * BYTES_PER_SAMPLE
+        self.sample_bytes = sample_bytes
+        self.jitter_bytes = rate * jitter_ms // 1000 * sample_bytes
         self.jitter_s = jitter_ms / 1000
         self._lock = threading.Lock()
         self._segments: deque[Segment] = deque()
@@ -61,14 +63,14 @@ class PlaybackBuffer:
             self._segments.append(segment)
             self._buffered += len(segment.pcm)
             self._last_arrival = time.monotonic()
-            self._bump(self.received, segment.item_id, len(segment.pcm) // BYTES_PER_SAMPLE)
+            self._bump(self.received, segment.item_id, len(segment.pcm) // self.sample_bytes)
             if self._starved_item == segment.item_id:
                 self.underruns += 1  # the item ran dry and then continued: the listener heard a gap
                 self._starved_item = None
 
     def pull(self, samples: int) -> bytes:
         """Exactly `samples` mono s16le samples for the output; silence where nothing is ready."""
-        wanted = samples * BYTES_PER_SAMPLE
+        wanted = samples * self.sample_bytes
         with self._lock:
             self.pulled_audio = 0
             if self.held:
@@ -93,10 +95,10 @@ class PlaybackBuffer:
                 out += take
                 segment.offset += len(take)
                 self._buffered -= len(take)
-                self._bump(self.played, segment.item_id, len(take) // BYTES_PER_SAMPLE)
+                self._bump(self.played, segment.item_id, len(take) // self.sample_bytes)
                 if segment.offset >= len(segment.pcm):
                     self._segments.popleft()
-            self.pulled_audio = len(out) // BYTES_PER_SAMPLE
+            self.pulled_audio = len(out) // self.sample_bytes
             if len(out) < wanted:
                 self.ran_dry_at = time.monotonic()
                 self.playing = False
@@ -125,7 +127,7 @@ class PlaybackBuffer:
                 item_id = self.current.item_id
                 unheard = min(unheard, self.played.get(item_id, 0))
                 self.played[item_id] = self.played.get(item_id, 0) - unheard
-                dropped += unheard * BYTES_PER_SAMPLE
+                dropped += unheard * self.sample_bytes
             self._segments.clear()
             self._buffered = 0
             self.held = False
@@ -133,7 +135,7 @@ class PlaybackBuffer:
                 self.ran_dry_at = time.monotonic()
             self.playing = False
             self._starved_item = None
-        return round(1000 * dropped / BYTES_PER_SAMPLE / self.rate)
+        return round(1000 * dropped / self.sample_bytes / self.rate)
 
     def reset(self) -> None:
         """A new listener: nothing of the last one's items is played, reported or counted for them."""
@@ -152,7 +154,7 @@ class PlaybackBuffer:
                      "response_id": current.response_id if current else None,
                      "played_ms": round(1000 * self.played.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
                      "received_ms": round(1000 * self.received.get(item_id, 0) / self.rate, 1) if item_id else 0.0,
-                     "buffered_ms": round(1000 * self._buffered / BYTES_PER_SAMPLE / self.rate, 1),
+                     "buffered_ms": round(1000 * self._buffered / self.sample_bytes / self.rate, 1),
                      "playing": self.playing, "held": self.held, "underruns": self.underruns,
                      "item_started_ns": self.item_started_ns if current else 0}
             self.item_changed = False

@@ -119,3 +119,54 @@ def _print(result: CallResult, as_json: bool) -> None:
         reply = f"you heard {heard!r} (cut at {cut.get('audio_end_ms')} ms of {answer!r})" if cut else \
             f"you heard {answer!r}"
         click.echo(f"  turn {index + 1}: you said {said!r}; {reply}; latency {latency}")
+
+
+def run_carrier_call(url: str, sentences: list[str], wav_path: str | None, voice: str, pause_s: float,
+                     timeout_s: float, record_path: str | None, as_json: bool, dtmf: str, auth_token: str) -> int:
+    """`voicebus call --carrier twilio`: the fake carrier dials a phone door (a voice webhook or a Media
+    Streams websocket) and says each sentence once the reply before it has played out."""
+    from common import g711
+    from common.speech import Transcriber
+    from common.utterances import speech_pcm
+    from services.serving.call.carrier import CarrierRefused, FakeCarrier, Turn
+
+    if wav_path:
+        from common.resample import float_to_pcm, resample_oneshot
+        from common.speech import read_wav_mono
+
+        samples, rate = read_wav_mono(Path(wav_path))
+        turns = [Turn(float_to_pcm(resample_oneshot(samples, rate, g711.RATE)))]
+    else:
+        turns = [Turn(speech_pcm(sentence, voice, g711.RATE)) for sentence in sentences]
+    turns += [Turn(b"", dtmf=dtmf)] if dtmf else []
+    carrier = FakeCarrier(url, turns, pause_s=pause_s, timeout_s=timeout_s, auth_token=auth_token)
+    try:
+        result = asyncio.run(carrier.run())
+    except CarrierRefused as exc:
+        click.echo(f"voicebus call: {url} did not connect the call: {exc.message}", err=True)
+        return BUSY_EXIT_CODE if exc.status == 200 or exc.status in BUSY_STATUSES else 1
+    except TimeoutError:
+        click.echo(f"voicebus call: {url}: the call did not finish within {timeout_s:g} s", err=True)
+        return 1
+    except (OSError, ValueError) as exc:  # aiohttp's connection errors are OSErrors; a bad TwiML a ValueError
+        click.echo(f"voicebus call: cannot reach {url}: {exc}", err=True)
+        return 1
+    if record_path:
+        from common.wavio import write_wav
+
+        write_wav(Path(record_path), result.heard_pcm(), g711.RATE)
+    transcriber = Transcriber()
+    heard = [transcriber.transcribe(g711.decode(bytes(reply.codes), "pcmu"), g711.RATE) for reply in result.replies]
+    summary = {"call_sid": result.call_sid, "stream_sid": result.stream_sid, "said": sentences, "heard": heard,
+               "replies_ms": [round(len(reply.codes) / 8) for reply in result.replies],
+               "cut": [reply.cleared for reply in result.replies], "clears": result.clears,
+               "marks_echoed": result.marks_echoed, "bad_messages": result.bad_messages}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return 0
+    click.echo(f"call {result.call_sid}: {len(result.replies)} repl{'y' if len(result.replies) == 1 else 'ies'} heard")
+    for index, text in enumerate(heard):
+        said = sentences[index] if index < len(sentences) else "-"
+        cut = " (cut by a clear)" if result.replies[index].cleared else ""
+        click.echo(f"  turn {index + 1}: you said {said!r}; you heard (recognised) {text!r}{cut}")
+    return 0

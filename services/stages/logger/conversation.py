@@ -123,6 +123,11 @@ class ConversationBuilder:
             self._player_state(message.data)
         elif topic == "tool.call":
             self._tool_call(message.data, message.header.t_ns)
+        elif topic == "phone.dtmf":  # a key the caller pressed: in the session's and the open turn's events
+            self.note({"kind": "dtmf", "digit": str(message.data.get("digit", "")), "t_ns": message.header.t_ns})
+        elif topic in ("phone.started", "phone.ended"):
+            self.note({"kind": topic.replace(".", "_"), "t_ns": message.header.t_ns,
+                       **{k: v for k, v in message.data.items() if k in ("call_sid", "reason", "duration_s")}})
         elif topic.startswith("rt."):
             self._event(topic[3:], message.data, message.header.t_ns, now)
 

@@ -27,7 +27,7 @@ WATCHED_COUNTERS = {"dropped": ("dropped", "gaps"),
 
 class LoggerStage(Stage):
     name = "logger"
-    subscriptions = ["audio.user", "audio.assistant", "rt.", "player.", "health.", "tool.call", "launcher."]
+    subscriptions = ["audio.user", "audio.assistant", "rt.", "player.", "health.", "tool.call", "launcher.", "phone."]
     tick_interval_s = 0.5
     batch_interval_s = 0.2  # nothing here is on the latency path: wake 5 times a second, not 100
 
