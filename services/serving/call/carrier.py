@@ -174,7 +174,9 @@ class FakeCarrier:
                         outgoing.extend([SILENT_FRAME] * int(LEAD_IN_S * 1000 / ms.FRAME_MS))
                         await self._say(turn, outgoing)
             elif waiting_for in ("reply_end", "hang_up"):
-                heard_reply = self.replies_started > replies_at_turn or waiting_for == "hang_up"
+                # hanging up after the last turn's reply too (a key press expects none)
+                heard_reply = self.replies_started > replies_at_turn or \
+                    (waiting_for == "hang_up" and (not self.turns or bool(self.turns[-1].dtmf)))
                 quiet = not self.held and now - self.last_audio_at >= REPLY_QUIET_S
                 if heard_reply and quiet:
                     quiet_since = quiet_since or now

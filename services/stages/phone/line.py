@@ -75,7 +75,7 @@ class PhoneLine:
         self.counts = {"calls": 0, "busy_refused": 0, "unplaced_refused": 0, "bad_messages": 0,
                        "media_before_start": 0, "unknown_stream": 0, "bad_format_refused": 0, "start_timeouts": 0,
                        "frames_in": 0, "frames_out": 0, "marks_echoed": 0, "marks_stale": 0, "clears": 0,
-                       "dtmf": 0, "gap_fills": 0}
+                       "dtmf": 0, "gap_fills": 0, "handler_errors": 0}
         self.refusals = RateLimitedLog(log)
         self.url = ""
         self._ready = threading.Event()
@@ -183,9 +183,10 @@ class PhoneLine:
                                 content_type=twiml.CONTENT_TYPE)
         return web.Response(text=twiml.connect_stream(self.public_url or self.url), content_type=twiml.CONTENT_TYPE)
 
-    def _refuse(self, reason: str, **fields: Any) -> None:
-        self.counts[reason] += 1
-        self.refusals.warning(reason, kv(reason, **fields))
+    def _refuse(self, counter: str, **fields: Any) -> None:
+        """Count it, and say it in one line (at most every few seconds per kind)."""
+        self.counts[counter] += 1
+        self.refusals.warning(counter, kv(counter, **fields))
 
     async def _media(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=ms.MAX_MESSAGE_CHARS)
@@ -227,19 +228,26 @@ class PhoneLine:
                     self._refuse("media_before_start", kind=event.event, remote=request.remote)
                 elif event.stream_sid != call.stream_sid:
                     self._refuse("unknown_stream", stream_sid=repr(event.stream_sid[:40]), remote=request.remote)
-                elif isinstance(event, ms.Media):
-                    self._media_in(event)
-                elif isinstance(event, ms.Mark):
-                    self._mark_echoed(call, event.mark.name)
-                elif isinstance(event, ms.Dtmf):
-                    self.counts["dtmf"] += 1
-                    self.on_dtmf(event.dtmf.digit)
+                else:
+                    try:
+                        self._in_call(call, event)
+                    except Exception as exc:  # noqa: BLE001 - one message never ends the call: counted, said
+                        self._refuse("handler_errors", kind=event.event, error=repr(exc)[:200])
         finally:
             if call is not None:
                 await self._hang_up(call, ended)
             elif not ws.closed:
                 await ws.close()
         return ws
+
+    def _in_call(self, call: Call, event: ms.Media | ms.Mark | ms.Dtmf) -> None:
+        if isinstance(event, ms.Media):
+            self._media_in(event)
+        elif isinstance(event, ms.Mark):
+            self._mark_echoed(call, event.mark.name)
+        elif isinstance(event, ms.Dtmf):
+            self.counts["dtmf"] += 1
+            self.on_dtmf(event.dtmf.digit)
 
     def _started(self, event: ms.Start, ws: web.WebSocketResponse, remote: str) -> Call | None:
         start = event.start
