@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Ramp concurrent conversations with `voicebus call` callers until it breaks: voicebus serve, then
+"""Ramp concurrent conversations with `voicebus call` callers until it breaks: voicebus serve (browsers over
+WebRTC, and with `--peers voicebus-phone` phone calls through its Twilio door), then
 pipecat's SmallWebRTC runner, in one run, against one simulator.
 
 One `voicebus simulate --pace realtime` answers both. voicebus: one `voicebus serve` (embedded
@@ -168,6 +169,9 @@ class Peer:
     def pss_sample(self, roots: list[int]) -> list[float]:
         return [round(tree_pss(root), 1) for root in roots]
 
+    def caller_args(self, says: list[str]) -> list[str]:
+        return ["call", self.url, *says, "--take-turns", "--offer-path", self.offer_path, "--json"]
+
     def wait_ready(self) -> None:
         """Until the peer is at rest (the last step's calls gone; for voicebus a full pool)."""
 
@@ -188,6 +192,8 @@ class Peer:
 
 class VoicebusPeer(Peer):
     name = "voicebus"
+    output_stage = "web"  # the stage whose underruns a caller hears
+    placed_counter = "placed"
 
     def __init__(self, env: dict[str, str], work: Path, slots: int, prewarm: int) -> None:
         self.work, self.prewarm = work, min(prewarm, slots)  # a pool never holds more than the slots
@@ -228,7 +234,7 @@ class VoicebusPeer(Peer):
         while time.monotonic() < deadline:
             now = status(self.url)
             if now["prewarmed"] >= self.prewarm and not now["conversations"]:
-                self.placed_before = now["counts"]["placed"]  # the step's placements are the ones after
+                self.placed_before = now["counts"][self.placed_counter]  # the step's placements are the ones after
                 return
             time.sleep(0.5)
 
@@ -238,7 +244,7 @@ class VoicebusPeer(Peer):
         ICE, DTLS and the first audio frame through both jitter buffers. Only this step's (a caller
         the front refused is not among them)."""
         now = status(self.url)
-        placed = now["counts"]["placed"] - self.placed_before
+        placed = now["counts"][self.placed_counter] - self.placed_before
         return now["connect_ms"][-placed:] if placed > 0 else []
 
     def stage_glitches(self, results: list[dict]) -> dict[str, int] | None:
@@ -250,12 +256,29 @@ class VoicebusPeer(Peer):
             last = {"underruns": 0, "late_frames": 0}
             for line in events.read_text().splitlines() if events.exists() else []:
                 record = json.loads(line)
-                if record.get("kind") == "playback_glitch" and record.get("stage") == "web":
+                if record.get("kind") == "playback_glitch" and record.get("stage") == self.output_stage:
                     last = {"underruns": int(record.get("underruns") or 0),
                             "late_frames": int(record.get("late_callbacks") or 0)}
             for key in total:  # the counters are cumulative: a session's last report is its total
                 total[key] += last[key]
         return total
+
+
+class PhonePeer(VoicebusPeer):
+    """The same serve, called as the phone network calls it: the fake carrier posts its Twilio webhook and
+    streams μ-law (`voicebus call --carrier twilio`); a stage set is started per call (no prewarmed pool:
+    those are browsers'), the phone stage plays out to the carrier's marks."""
+
+    name = "voicebus-phone"
+    output_stage = "phone"
+    placed_counter = "phone_placed"
+
+    def __init__(self, env: dict[str, str], work: Path, slots: int) -> None:
+        super().__init__(env, work, slots, prewarm=0)
+
+    def caller_args(self, says: list[str]) -> list[str]:
+        # flite's rms voice: its words survive a phone line's 8 kHz for the offline recogniser
+        return ["call", "--carrier", "twilio", self.url + "twilio/voice", *says, "--voice", "rms", "--json"]
 
 
 class PipecatPeer(Peer):
@@ -306,8 +329,8 @@ def run_step(peer: Peer, count: int, turns: int, simulator_pid: int, env: dict[s
     for index in range(count):
         says = [arg for q in range(turns) for arg in ("--say", QUESTIONS[(index + q) % len(QUESTIONS)])]
         dial = [] if cold_callers else ["--dial-at", f"{first_dial + index * STAGGER_S:.3f}"]
-        callers.append(voicebus("call", peer.url, *says, "--take-turns", "--offer-path", peer.offer_path, "--json",
-                                "--timeout", "240", *dial, env=env, log=work / f"{peer.name}-caller-{count}-{index}.log"))
+        callers.append(voicebus(*peer.caller_args(says), "--timeout", "240", *dial, env=env,
+                                log=work / f"{peer.name}-caller-{count}-{index}.log"))
         if cold_callers:
             time.sleep(STAGGER_S)
     if not cold_callers:
@@ -394,7 +417,9 @@ def main() -> int:
     parser.add_argument("--steps", default="1,2,4,8", help="Concurrent conversations per step (default 1,2,4,8).")
     parser.add_argument("--turns", type=int, default=3, help="Questions each caller asks (default 3).")
     parser.add_argument("--prewarm", type=int, default=2, help="serve --prewarm (default 2, serve's own).")
-    parser.add_argument("--peers", default="voicebus,pipecat", help="Which to ramp, in order (default both).")
+    parser.add_argument("--peers", default="voicebus,pipecat",
+                        help="Which to ramp, in order: voicebus (browsers over WebRTC), voicebus-phone (phone calls "
+                        "through the Twilio door, the fake carrier), pipecat (default voicebus,pipecat).")
     parser.add_argument("--json", dest="json_path", help="Write the figures here too.")
     parser.add_argument("--cold-callers", action="store_true",
                         help="Start each caller's process when it dials (imports and speech synthesis then load the "
@@ -414,7 +439,7 @@ def main() -> int:
     try:
         for name in peers:
             peer: Peer = VoicebusPeer(env, work, max(steps), args.prewarm) if name == "voicebus" \
-                else PipecatPeer(env, work, sim_url)
+                else PhonePeer(env, work, max(steps)) if name == "voicebus-phone" else PipecatPeer(env, work, sim_url)
             try:
                 rows += ramp(peer, steps, args.turns, simulator.pid, env, work, args.json_path, rows,
                              args.cold_callers)

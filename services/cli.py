@@ -386,11 +386,19 @@ def phone(cfg, host, port, session_format, lead_ms, jitter_ms, public_url):
 @click.option("--client-offers", default="2/30", show_default=True, metavar="AT_ONCE/PER_MINUTE",
               help="Offers one client address may have in flight and make a minute (more: 429 with Retry-After). "
               "Raise it when many callers share one address (a NAT, a load test).")
+@click.option("--twilio-auth-token", envvar="TWILIO_AUTH_TOKEN", default="",
+              help="Check Twilio's X-Twilio-Signature on POST /twilio/voice (unsigned or wrongly signed: 403). Without "
+              "it any caller of the webhook can start a phone conversation.")
+@click.option("--twilio-url", default="", metavar="URL",
+              help="The base URL Twilio calls (https://voice.example.com) when a proxy is between: the signature "
+              "covers it. Default: the URL the request arrived at.")
 @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
 @click.pass_context
 def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, prewarm, root, tool_modules,
-          operator_token_file, allowed_hosts, client_offers, log_level):
-    """Serve many callers: every browser its own conversation (own stage set), placed on nodes by Ray.
+          operator_token_file, allowed_hosts, client_offers, twilio_auth_token, twilio_url, log_level):
+    """Serve many callers: every browser and phone call its own stage set, placed on nodes by Ray.
+
+    Phone calls come in at POST /twilio/voice (a Twilio number's voice webhook), μ-law end to end.
 
     `/status` and `/drain` need the operator token (see --operator-token-file).
     `voicebus serve drain NODE` marks a node draining on a running serve."""
@@ -423,7 +431,8 @@ def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_h
     sys.exit(run_serve(host, port, ssl_context, ray_address, slots, idle_timeout_s, _trace_root(root), tools_args,
                        prewarm, node_host or (None if ray_address else "127.0.0.1"),
                        operator={"token": token, "allowed_hosts": list(allowed_hosts),
-                                 "client_offers": (at_once, per_minute)}))
+                                 "client_offers": (at_once, per_minute),
+                                 "twilio": {"auth_token": twilio_auth_token, "url": twilio_url}}))
 
 
 @serve.command("drain")
@@ -488,8 +497,9 @@ def serve_drain(node, url, operator_token_file):
               help="--carrier twilio: sign the webhook request with it (X-Twilio-Signature), as Twilio does.")
 def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_path, as_json, take_turns, offer_path,
              dial_at, carrier, dtmf, twilio_auth_token):
-    """Call a `web` or `serve` endpoint over WebRTC as a browser would, or a phone door as Twilio would
-    (--carrier twilio); print each turn as heard.
+    """Call a `web`, `serve` or phone endpoint as a browser (WebRTC) or Twilio would; print each turn as heard.
+
+    --carrier twilio is the phone network: a voice webhook's TwiML followed, or a Media Streams ws:// URL.
 
     Exit codes: 0 every reply heard; 1 the call failed (timeout, dropped line, refused offer); 3 busy (a full
     serve, a web stage with a caller, too many offers: try again later); 130 Ctrl-C (the turns done are
@@ -501,7 +511,7 @@ def call_cmd(url, sentences, wav_path, voice, turns, pause_s, timeout_s, record_
     del take_turns  # what --say does anyway
     if carrier == "twilio":
         sys.exit(run_carrier_call(url, list(sentences), wav_path, voice, pause_s, timeout_s, record_path, as_json,
-                                  dtmf, twilio_auth_token))
+                                  dtmf, twilio_auth_token, dial_at))
     sys.exit(run_call(url, list(sentences), wav_path, voice, turns or max(1, len(sentences)), pause_s, timeout_s,
                       record_path, as_json, offer_path=offer_path, dial_at=dial_at))
 

@@ -8,7 +8,7 @@ import sys
 
 from tests.helpers import REPO
 
-COMMANDS = ["bus", "call", "capture", "demo", "doctor", "eval", "gateway", "inspect", "keys", "logger", "mic", "player", "replay",
+COMMANDS = ["bus", "call", "capture", "demo", "doctor", "eval", "gateway", "inspect", "keys", "logger", "mic", "phone", "player", "replay",
             "report", "resample", "say", "serve", "simulate", "tap", "tools", "up", "upload", "web"]
 
 

@@ -157,7 +157,7 @@ def test_a_barge_in_over_the_phone_cuts_where_the_carrier_had_played(procs, tmp_
     up, port, traces, _ = _start_phone_pipeline(procs, tmp_path)
     _wait_ready(client_factory_no_bus, up, procs)
     turns_said = [Turn(speech_pcm("tell me a story about dragons", "slt", g711.RATE)),
-                  Turn(speech_pcm("stop please", "slt", g711.RATE), barge_in_ms=1500),
+                  Turn(speech_pcm("stop please", "rms", g711.RATE), barge_in_ms=1500),
                   Turn(b"", dtmf="7")]
     result = asyncio.run(FakeCarrier(f"ws://127.0.0.1:{port}/media", turns_said, timeout_s=120).run())
     time.sleep(1.0)

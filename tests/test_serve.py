@@ -535,3 +535,67 @@ def test_with_every_node_drained_callers_hear_no_capacity_not_try_again(procs, c
 TINY_OFFER = "\r\n".join(["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0", "m=audio 9 UDP/TLS/RTP/SAVPF 111",
                           "c=IN IP4 0.0.0.0", "a=ice-ufrag:abcd", "a=ice-pwd:" + "p" * 24,
                           "a=fingerprint:sha-256 " + ":".join(["AB"] * 32), "a=sendrecv", "a=rtpmap:111 opus/48000/2"])
+
+
+TWILIO_TOKEN = "test-twilio-auth-token"
+
+
+def test_two_phone_calls_and_a_browser_page_at_once_each_hear_their_own_answer(procs, cluster, simulator, tmp_path):
+    """Phone calls through serve's Twilio door (the fake carrier, signed as Twilio signs, μ-law end to end)
+    beside a Chromium page: three conversations at once, each its own stage set and its own stored
+    session, each caller hearing the answer to their own question (one of them through a tool call)."""
+    made, _nodes = cluster
+    sim = simulator("--pace", "realtime")
+    traces = tmp_path / "traces"
+    serve, url = _start_serve(procs, made.address, traces, "--prewarm", "1", "--twilio-auth-token", TWILIO_TOKEN,
+                              env={"VOICEBUS_SIM_URL": sim})
+    _wait_prewarmed(url, 1)
+    # a webhook request Twilio did not sign is refused before anything starts
+    status, _text, _ = _http(url + "twilio/voice", b"CallSid=CAforged&From=%2B15005550006")
+    assert status == 403
+    phone_questions = [QUESTIONS[2], FOUR_QUESTIONS[3]]  # the moon; the time in Tokyo (a tool call)
+    # flite's rms voice: the one whose words the offline recogniser still reads through a phone line's 8 kHz
+    phones = [procs.voicebus("call", "--carrier", "twilio", url + "twilio/voice", "--say", question, "--json",
+                             "--voice", "rms",
+                             "--timeout", "120", stdout=subprocess.PIPE, name=f"phone-{index}",
+                             env={"TWILIO_AUTH_TOKEN": TWILIO_TOKEN})
+              for index, question in enumerate(phone_questions)]
+    speech = compose([("silence", 1.0), ("say", QUESTIONS[0]), ("silence", 8.0)], 48000)
+    wav = write_wav(tmp_path / "mic.wav", speech, 48000)
+    with Chromium(url, fake_mic_wav=wav, log_path=tmp_path / "chromium.log") as page:
+        page.evaluate("voicebus.connect()")
+        page.wait_for("Object.values(voicebus.turns).some(t => t.role === 'assistant' && t.text.endsWith('today'))",
+                      90)
+        kinds = sorted(c["kind"] for c in _status(url)["conversations"])
+        browser_session = page.evaluate("voicebus.session")
+        turns = page.evaluate("Object.values(voicebus.turns).map(t => ({role: t.role, text: t.text}))")
+        page.evaluate("voicebus.hangUp()")
+    results = []
+    for phone in phones:
+        out, _ = phone.communicate(timeout=180)
+        assert phone.returncode == 0, procs.log_of(phone)
+        results.append(json.loads(out))
+    assert "phone" in kinds and "browser" in kinds, kinds
+    assert [t["text"] for t in turns if t["role"] == "assistant"][0] == f"I heard: {QUESTIONS[0]}", turns
+    # each phone caller heard (recognised at 8 kHz from what the carrier played) their own answer
+    candidates = [f"i heard {q}" for q in QUESTIONS] + ["the time in tokyo is"]
+    for index, result in enumerate(results):
+        assert len(result["heard"]) == 1, result
+        heard = result["heard"][0]
+        if index == 1:  # the tool's answer: "The time in Tokyo is HH:MM."
+            assert "tokyo" in heard or "time" in heard, result
+        else:
+            assert nearest_sentence(heard, candidates) == f"i heard {phone_questions[index]}", result
+    # three sessions stored: two phone calls at 8 kHz (one with its tool call), one browser at 24 kHz
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(traces.glob("*/turns.jsonl"))) < 3:
+        time.sleep(0.5)
+    stored = {path.parent.name: load_turns(path.parent) for path in traces.glob("*/turns.jsonl")}
+    assert len(stored) == 3, sorted(stored)
+    assert stored[browser_session][0]["audio_rate"] == 24000
+    phone_turns = [turns for session, turns in stored.items() if session != browser_session]
+    assert sorted(turns[0]["audio_rate"] for turns in phone_turns) == [8000, 8000]
+    assert sum(1 for turns in phone_turns if turns[0]["tools"]) == 1, phone_turns
+    ended = _status(url)["ended"]
+    assert sorted(e["kind"] for e in ended) == ["browser", "phone", "phone"], ended
+    assert _status(url)["counts"]["phone_placed"] == 2 and serve.poll() is None

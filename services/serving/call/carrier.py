@@ -63,6 +63,9 @@ class Reply:
     cleared: bool = False  # a clear cut it
     cleared_at_frame: int | None = None
     marks_played_ms: list[float] = field(default_factory=list)  # where each mark echoed as played stood in it
+    gaps: int = 0  # times it ran dry and then went on: a gap the caller heard (the stage's audio came late)
+    gap_ms: float = 0.0
+    first_heard_at: float = 0.0  # monotonic
 
 
 @dataclass
@@ -79,6 +82,19 @@ class CarrierResult:
     turn_ends_frame: list[int] = field(default_factory=list)  # when each spoken turn's last frame went
     bad_messages: list[str] = field(default_factory=list)
     closed_by: str = ""
+    parameters: dict[str, str] = field(default_factory=dict)  # the TwiML's (a voicebus serve's: its session)
+    connect_ms: float = 0.0  # dialled (the webhook posted, or the socket opened) -> `start` sent: the line is live
+    started_at: float = 0.0  # monotonic, when frame 0 was due
+
+    def heard_ms(self) -> list[float]:
+        """Per spoken turn: its last frame sent -> the first sample of the next reply played."""
+        out = []
+        for end_frame in self.turn_ends_frame:
+            ended = self.started_at + end_frame * ms.FRAME_MS / 1000
+            reply = next((r for r in self.replies if r.first_heard_at > ended), None)
+            if reply is not None:
+                out.append(round(1000 * (reply.first_heard_at - ended), 1))
+        return out
 
     def heard_pcm(self) -> bytes:
         return g711.decode(bytes(self.heard), "pcmu")
@@ -92,7 +108,8 @@ class FakeCarrier:
         self.auth_token, self.parameters, self.caller, self.tail_s = auth_token, dict(parameters or {}), caller, tail_s
         self.result = CarrierResult(stream_sid="MZ" + secrets.token_hex(16), call_sid="CA" + secrets.token_hex(16))
         self.held: deque[bytes | str] = deque()  # codes to play, and mark names after the audio they follow
-        self.pending_marks: list[str] = []  # marks after the frame playing now: echoed once it has played out
+        self.pending_marks: list[str] = []
+        self._short_ms = 0.0  # the last frame played was this much short of 20 ms (it ran dry in it)  # marks after the frame playing now: echoed once it has played out
         self.frame = 0  # frames played (and sent: both run on the one 20 ms clock)
         self.last_audio_at = 0.0  # monotonic: the last frame of reply audio received or played
         self.replies_started = 0
@@ -120,14 +137,17 @@ class FakeCarrier:
         return stream.get("url", ""), {**parameters, **self.parameters}
 
     async def run(self) -> CarrierResult:
+        dialled = time.monotonic()
         async with aiohttp.ClientSession() as session:
             url, parameters = await self._stream_target(session)
+            self.result.parameters = {k: v for k, v in parameters.items() if k != "token"}
             async with session.ws_connect(url, max_msg_size=ms.MAX_MESSAGE_CHARS) as ws:
                 self._ws = ws
                 await ws.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
                 await self._send({"event": "start", "start": {
                     "accountSid": "AC" + "0" * 32, "streamSid": self.result.stream_sid, "callSid": self.result.call_sid,
                     "tracks": ["inbound"], "customParameters": parameters, "mediaFormat": dict(ms.MULAW)}})
+                self.result.connect_ms = round(1000 * (time.monotonic() - dialled), 1)
                 receiving = asyncio.ensure_future(self._receive(ws))
                 try:
                     await asyncio.wait_for(self._talk(ws, receiving), self.timeout_s)
@@ -151,7 +171,7 @@ class FakeCarrier:
         waiting_for: str | None = None  # "reply_end", "barge", or None when speaking / done
         quiet_since: float | None = None
         replies_at_turn = 0
-        start = time.monotonic()
+        start = self.result.started_at = time.monotonic()
         while not ws.closed and not receiving.done():
             due = start + self.frame * ms.FRAME_MS / 1000
             if due > time.monotonic():
@@ -239,11 +259,17 @@ class FakeCarrier:
         if played:
             self.last_audio_at = now
             if reply is None or reply.cleared or reply.end_frame < self.frame - int(REPLY_QUIET_S * 50):
-                reply = Reply(self.frame, self.frame)
+                reply = Reply(self.frame, self.frame, first_heard_at=now)
                 self.result.replies.append(reply)
                 self.replies_started += 1
+            else:  # the same reply going on: anything short of whole frames since its last is a gap heard
+                silent_ms = (self.frame - reply.end_frame - 1) * ms.FRAME_MS + self._short_ms
+                if silent_ms > 0:
+                    reply.gaps += 1
+                    reply.gap_ms += silent_ms
             reply.codes += played
             reply.end_frame = self.frame
+        self._short_ms = (FRAME - len(played)) / 8 if played else 0.0
         self.result.heard += bytes(played) + SILENT_FRAME[:FRAME - len(played)]
 
     async def _echo(self, name: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,8 @@ def _print(result: CallResult, as_json: bool) -> None:
 
 
 def run_carrier_call(url: str, sentences: list[str], wav_path: str | None, voice: str, pause_s: float,
-                     timeout_s: float, record_path: str | None, as_json: bool, dtmf: str, auth_token: str) -> int:
+                     timeout_s: float, record_path: str | None, as_json: bool, dtmf: str, auth_token: str,
+                     dial_at: float | None = None) -> int:
     """`voicebus call --carrier twilio`: the fake carrier dials a phone door (a voice webhook or a Media
     Streams websocket) and says each sentence once the reply before it has played out."""
     from common import g711
@@ -140,6 +142,8 @@ def run_carrier_call(url: str, sentences: list[str], wav_path: str | None, voice
         turns = [Turn(speech_pcm(sentence, voice, g711.RATE)) for sentence in sentences]
     turns += [Turn(b"", dtmf=dtmf)] if dtmf else []
     carrier = FakeCarrier(url, turns, pause_s=pause_s, timeout_s=timeout_s, auth_token=auth_token)
+    if dial_at is not None:  # ready (speech made, imports done): dial at the agreed moment
+        time.sleep(max(0.0, dial_at - time.time()))
     try:
         result = asyncio.run(carrier.run())
     except CarrierRefused as exc:
@@ -157,7 +161,12 @@ def run_carrier_call(url: str, sentences: list[str], wav_path: str | None, voice
         write_wav(Path(record_path), result.heard_pcm(), g711.RATE)
     transcriber = Transcriber()
     heard = [transcriber.transcribe(g711.decode(bytes(reply.codes), "pcmu"), g711.RATE) for reply in result.replies]
+    gaps = [reply.gap_ms for reply in result.replies if reply.gaps]
     summary = {"call_sid": result.call_sid, "stream_sid": result.stream_sid, "said": sentences, "heard": heard,
+               "session": result.parameters.get("session", ""), "connect_ms": result.connect_ms,
+               "heard_ms": result.heard_ms(), "gaps": sum(reply.gaps for reply in result.replies),
+               "late_frames": 0,  # the carrier plays on its own clock: audio that came late is a gap
+               "max_late_ms": max(gaps, default=0.0), "page_messages": 0, "dial_late_ms": 0.0,
                "replies_ms": [round(len(reply.codes) / 8) for reply in result.replies],
                "cut": [reply.cleared for reply in result.replies], "clears": result.clears,
                "marks_echoed": result.marks_echoed, "bad_messages": result.bad_messages}

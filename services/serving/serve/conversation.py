@@ -47,7 +47,7 @@ READY_TIMEOUT_S = 60.0
 # second): the list is reused this long, a restarted stage is counted from its next lookup
 TREE_REFRESH_S = 5.0
 OFFER_TIMEOUT_S = 30.0
-WATCH = ["health.", "session.", "web.", "rt.response.done", "rt.input_audio_buffer.speech_st",  # started, stopped
+WATCH = ["health.", "session.", "web.", "phone.", "rt.response.done", "rt.input_audio_buffer.speech_st",  # started, stopped
          "rt.session.updated"]
 
 log = logging.getLogger("voicebus.serve")
@@ -56,8 +56,10 @@ log = logging.getLogger("voicebus.serve")
 class Conversation:
     """One caller's stage set on this node, in its node host's process (several share it)."""
 
-    def __init__(self, session: str, settings: dict[str, Any], node_id: str, host: str, prewarm: bool = False) -> None:
+    def __init__(self, session: str, settings: dict[str, Any], node_id: str, host: str, prewarm: bool = False,
+                 kind: str = "browser") -> None:
         self.session = session
+        self.kind = kind  # "browser" (the web stage) or "phone" (the phone stage, μ-law end to end)
         self.prewarm = prewarm  # started ahead of any caller: in the background (WARMING_NICE)
         self.settings = settings
         self.node_id = node_id
@@ -115,13 +117,22 @@ class Conversation:
             answer = {"status": error.code, "body": json.loads(error.read() or b"{}")}
         return {**answer, "took_ms": {"web_answer": round(1000 * (time.monotonic() - began), 1)}}
 
+    def phone_stream(self) -> dict[str, str]:
+        """Where the carrier streams this call, and the token its `start` must carry (a Parameter of the
+        TwiML: Twilio keeps no query string). The token is this set's own: no other call can take it."""
+        if self.kind != "phone":
+            raise ValueError(f"conversation {self.session} is a {self.kind}'s, not a phone call's")
+        from services.stages.phone.line import MEDIA_PATH
+
+        return {"url": f"ws://{self.host}:{self.web_port}{MEDIA_PATH}", "token": self.offer_secret}
+
     def status(self) -> dict[str, Any]:
         state = dict(self.state)
         idle_s = time.monotonic() - state.pop("last_activity")
         idle_limit = float(self.settings.get("idle_timeout_s") or 0)
         if idle_limit and idle_s > idle_limit and not state["ended"]:
             self.state["ended"] = state["ended"] = f"idle for {idle_s:.0f} s (--idle-timeout)"
-        return {**state, "session": self.session, "node_id": self.node_id, "host": self.host,
+        return {**state, "session": self.session, "kind": self.kind, "node_id": self.node_id, "host": self.host,
                 "age_s": round(time.time() - self.started_at, 1), "idle_s": round(idle_s, 1),
                 # the node host's process, and this conversation's own (its bus and stages, by name)
                 "pid": os.getpid(), "stage_pids": self._stage_pids(),
@@ -195,19 +206,21 @@ class Conversation:
     def _run(self) -> None:
         from common.bus import Receiver, connect_sub, wait_for_bus
         from services.launcher import POLL_INTERVAL_S, LauncherError, Supervisor, default_zygote
-        from services.pipeline import WEB_STAGES, pipeline_specs
+        from services.pipeline import PHONE_GATEWAY_ARGS, PHONE_STAGES, WEB_STAGES, pipeline_specs
 
         if self.prewarm:
             with contextlib.suppress(OSError):  # this thread only: what it starts inherits it
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARMING_NICE)
         cfg = BusConfig(pub=f"ipc://{self.run_dir}/pub.sock", sub=f"ipc://{self.run_dir}/sub.sock")
-        extra = {"web": ["--host", self.host, "--port", str(self.web_port)],
+        phone = self.kind == "phone"
+        gateway_args = [*(PHONE_GATEWAY_ARGS if phone else []), *self.settings.get("gateway_args", [])]
+        extra = {"phone" if phone else "web": ["--host", self.host, "--port", str(self.web_port)],
                  "logger": list(self.settings.get("logger_args", [])),
                  **({"tools": list(self.settings["tools_args"])} if self.settings.get("tools_args") else {}),
-                 **({"gateway": list(self.settings["gateway_args"])} if self.settings.get("gateway_args") else {}),
+                 **({"gateway": gateway_args} if gateway_args else {}),
                  **({"simulator": list(self.settings["simulator_args"])}
                     if self.settings.get("simulator_args") else {})}
-        specs, env = pipeline_specs(WEB_STAGES, extra)
+        specs, env = pipeline_specs(PHONE_STAGES if phone else WEB_STAGES, extra)
         # its stages' run dir (passed, not set here: the host's other conversations share os.environ)
         supervisor = Supervisor(cfg, specs, self.session, {**env, "VOICEBUS_RUN_DIR": str(self.run_dir),
                                                            OFFER_SECRET_ENV: self.offer_secret},
@@ -274,6 +287,6 @@ class Conversation:
             self.state["turns"] += 1
         elif topic == "web.turn":
             self.state["last_latency_ms"] = message.data.get("latency_ms")
-        elif topic == "web.connected":
+        elif topic in ("web.connected", "phone.started"):
             self.state["last_activity"] = time.monotonic()
 

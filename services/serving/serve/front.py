@@ -35,6 +35,8 @@ from common.log import kv
 from services.serving.serve.cluster import DrainError, conversation_nodes, drain_node, find_node
 from services.serving.serve.conversation import SLOT_RESOURCE
 from services.serving.serve.node_host import HOST_CONCURRENCY, NodeHost
+from services.stages.phone import twiml
+from services.stages.phone.line import TOKEN_PARAMETER, VOICE_PATH
 from services.stages.web import reports
 from services.stages.web.sdp import OfferError, parse_offer
 
@@ -107,14 +109,16 @@ class Placed:
     host: str  # where its web stage serves media
     placed_at: float = field(default_factory=time.time)
     status: dict[str, Any] = field(default_factory=dict)
+    kind: str = "browser"  # or "phone" (a Twilio call)
 
 
 class FrontDoor:
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], twilio: dict[str, str] | None = None) -> None:
         import ray
 
         self.ray = ray
-        self.settings = settings
+        self.settings = settings  # every node host gets these: no secret of the front door's goes in
+        self.twilio = twilio or {}  # auth_token (signature check), url (what Twilio calls, behind a proxy)
         self.host_class = ray.remote(NodeHost)
         self.hosts: dict[str, Any] = {}  # node id -> its NodeHost actor
         self.live: dict[str, Placed] = {}
@@ -131,7 +135,8 @@ class FrontDoor:
         self.counts = {"placed": 0, "busy_refused": 0, "flood_refused": 0, "bad_offers": 0, "ended": 0,
                        "dropped": 0, "failed_starts": 0, "waited_for_warming": 0,
                        "cold_starts": 0,  # a caller's own stage set started: none idle, none warming
-                       "client_limited": 0, "no_capacity": 0}
+                       "client_limited": 0, "no_capacity": 0,
+                       "phone_placed": 0, "phone_busy": 0, "phone_bad_signature": 0}
         self.limits = ClientLimits(*settings.get("client_offers", DEFAULT_CLIENT_OFFERS))
         self.said_no_capacity = False
         self.report_secret = reports.new_secret()  # keys each caller's link to their own report
@@ -186,6 +191,7 @@ class FrontDoor:
         app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=middlewares or [])
         app.router.add_get("/", self.page)
         app.router.add_post("/offer", self.offer)
+        app.router.add_post(VOICE_PATH, self.phone_call)
         app.router.add_get("/status", self.status)
         app.router.add_get("/call/{session}", self.call_state)
         app.router.add_get("/report/{session}", self.report)
@@ -237,6 +243,52 @@ class FrontDoor:
         finally:
             self.limits.done(remote)
 
+    async def phone_call(self, request: web.Request) -> web.Response:
+        """A Twilio number's voice webhook: a stage set of its own for the call (the phone stage, μ-law end to
+        end), placed by Ray as a browser's is, answered with `<Connect><Stream>` to that node's phone stage.
+        Busy or no capacity is said to the caller (`<Say>` then `<Hangup>`). With an auth token configured a
+        request must carry Twilio's signature over the URL Twilio called (--twilio-url when a proxy is between)."""
+        params = {name: str(value) for name, value in (await request.post()).items()}
+        token = self.twilio.get("auth_token") or ""
+        if token:
+            signed_url = (self.twilio.get("url") or "").rstrip("/")
+            signed_url = signed_url + VOICE_PATH if signed_url else str(request.url)
+            if not twiml.signature_ok(token, signed_url, params, request.headers.get(twiml.SIGNATURE_HEADER, "")):
+                self.counts["phone_bad_signature"] += 1
+                log.warning(kv("phone_refused", remote=request.remote, reason="bad Twilio signature",
+                               call_sid=params.get("CallSid", "")[:40]))
+                return web.Response(status=403, text="signature does not match")
+        call_sid = params.get("CallSid", "")[:64]
+        if self.stopping or self.free_slots() < 1:
+            self.counts["phone_busy"] += 1
+            message = NO_CAPACITY_MESSAGE if self.no_capacity() else BUSY_MESSAGE
+            log.warning(kv("phone_refused", remote=request.remote, call_sid=call_sid, reason=repr(message)))
+            return web.Response(text=twiml.busy(f"Sorry, {message}."), content_type=twiml.CONTENT_TYPE)
+        if self.unheld_slots() < 1 and self.pool:  # the free slot is an idle browser set's: the call takes it
+            idle = self.pool.pop()
+            self._release(idle.session, idle.node_host, idle.slot)
+        self.pending += 1
+        received = time.monotonic()
+        try:
+            placed = await self._start_one(kind="phone")
+            stream = await placed.node_host.phone_stream.remote(placed.session)
+        except Exception as exc:  # noqa: BLE001 - said to the caller, logged for the operator
+            self.counts["failed_starts"] += 1
+            log.error(kv("conversation_failed", kind="phone", error=repr(str(exc)[:300] or type(exc).__name__)))
+            return web.Response(text=twiml.busy("Sorry, the call could not be connected."),
+                                content_type=twiml.CONTENT_TYPE)
+        finally:
+            self.pending -= 1
+        placed.placed_at = time.time()
+        self.live[placed.session] = placed
+        self.counts["phone_placed"] += 1
+        self.connect_ms.append(round(1000 * (time.monotonic() - received), 1))  # webhook received -> TwiML answered
+        log.info(kv("conversation_placed", kind="phone", session=placed.session, node=placed.node_id[:12],
+                    call_sid=call_sid, connect_ms=round(1000 * (time.monotonic() - received), 1)))
+        return web.Response(text=twiml.connect_stream(stream["url"], {TOKEN_PARAMETER: stream["token"],
+                                                                      "session": placed.session}),
+                            content_type=twiml.CONTENT_TYPE)
+
     def host_on(self, node_id: str) -> Any:
         """The node's host actor, started the first time the node is needed (pinned there)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -248,7 +300,7 @@ class FrontDoor:
             log.info(kv("node_host_started", node=node_id[:12]))
         return self.hosts[node_id]
 
-    async def _start_one(self, prewarm: bool = False) -> Placed:
+    async def _start_one(self, prewarm: bool = False, kind: str = "browser") -> Placed:
         """A new conversation's stage set on a node Ray chooses, once it serves."""
         from ray.util.placement_group import placement_group, placement_group_table
 
@@ -261,7 +313,8 @@ class FrontDoor:
             node_id = placement_group_table(slot)["bundles_to_node_id"][0]
             self.starting_on.append(node_id)
             node_host = self.host_on(node_id)
-            await asyncio.wait_for(node_host.start.remote(session, prewarm), max(0.1, deadline - time.monotonic()))
+            await asyncio.wait_for(node_host.start.remote(session, prewarm, kind),
+                                   max(0.1, deadline - time.monotonic()))
             if prewarm:
                 warming = (node_host, session)
                 self.warming_sets.append(warming)
@@ -277,7 +330,7 @@ class FrontDoor:
                 self.starting_on.remove(node_id)
             if warming is not None:
                 self.warming_sets.remove(warming)
-        return Placed(session, node_host, slot, where["node_id"], where["host"])
+        return Placed(session, node_host, slot, where["node_id"], where["host"], kind=kind)
 
     def _release(self, session: str, node_host: Any, slot: Any) -> None:
         """Stop a stage set without waiting (if its host still runs) and give its slot back."""
@@ -413,7 +466,8 @@ class FrontDoor:
 
     async def status(self, request: web.Request) -> web.Response:
         report = {"warning": NO_CAPACITY_MESSAGE if self.no_capacity() else "", "nodes": self.nodes(), "conversations": [
-            {"session": p.session, "node_id": p.node_id, "host": p.host, "age_s": round(time.time() - p.placed_at, 1),
+            {"session": p.session, "kind": p.kind, "node_id": p.node_id, "host": p.host,
+             "age_s": round(time.time() - p.placed_at, 1),
              "turns": p.status.get("turns", 0), "responses": p.status.get("responses", 0),
              "last_latency_ms": p.status.get("last_latency_ms"),
              "report": p.status.get("report", ""), "restarts": p.status.get("restarts", 0),
@@ -527,7 +581,8 @@ class FrontDoor:
     def _end(self, placed: Placed, reason: str, dropped: bool = False) -> None:
         self.live.pop(placed.session, None)
         self.counts["dropped" if dropped else "ended"] += 1
-        self.ended.append({"session": placed.session, "node_id": placed.node_id, "reason": reason, "dropped": dropped,
+        self.ended.append({"session": placed.session, "kind": placed.kind, "node_id": placed.node_id, "reason": reason,
+                           "dropped": dropped,
                            "turns": placed.status.get("turns", 0), "report": placed.status.get("report", ""),
                            "restarts": placed.status.get("restarts", 0),
                            "age_s": round(time.time() - placed.placed_at, 1)})
@@ -589,8 +644,9 @@ def _status_page(report: dict[str, Any]) -> str:
             + table(report["nodes"], ["node_id", "address", "state", "slots", "used", "free", "load_1m", "cpus",
                                       "conversations_cpu_pct"], "no node")
             + "<h2>Live conversations</h2>"
-            + table(report["conversations"], ["session", "node_id", "age_s", "turns", "last_latency_ms", "cpu_pct",
-                                              "report"], "none")
-            + "<h2>Ended</h2>" + table(report["ended"], ["session", "reason", "turns", "age_s", "report"], "none yet")
+            + table(report["conversations"], ["session", "kind", "node_id", "age_s", "turns", "last_latency_ms",
+                                              "cpu_pct", "report"], "none")
+            + "<h2>Ended</h2>" + table(report["ended"], ["session", "kind", "reason", "turns", "age_s", "report"],
+                                       "none yet")
             + "<h2>Counts</h2>" + table(counts, ["counter", "count"], "")
             + "</body></html>")

@@ -68,12 +68,13 @@ class NodeHost:
     def where(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "host": self.host, "pid": os.getpid()}
 
-    def start(self, session: str, prewarm: bool = False) -> None:
-        """Start a stage set for `session` (returns at once; `ready` waits for it)."""
+    def start(self, session: str, prewarm: bool = False, kind: str = "browser") -> None:
+        """Start a stage set for `session` (returns at once; `ready` waits for it): a browser's, or a
+        phone call's (`kind` "phone")."""
         if session in self.conversations:
             raise ValueError(f"conversation {session} already runs here")
-        self.conversations[session] = Conversation(session, self.settings, self.node_id, self.host, prewarm)
-        log.info(kv("conversation_started", session=session, prewarm=prewarm, here=len(self.conversations)))
+        self.conversations[session] = Conversation(session, self.settings, self.node_id, self.host, prewarm, kind)
+        log.info(kv("conversation_started", session=session, prewarm=prewarm, kind=kind, here=len(self.conversations)))
 
     def ready(self, session: str) -> dict[str, Any]:
         where = self._get(session).ready()
@@ -86,6 +87,9 @@ class NodeHost:
 
     def offer(self, session: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._get(session).offer(body)
+
+    def phone_stream(self, session: str) -> dict[str, str]:
+        return self._get(session).phone_stream()
 
     def hurry(self, session: str) -> None:
         """A caller waits for this prewarmed set (a no-op if it is gone meanwhile: sent without waiting)."""

@@ -114,7 +114,7 @@ async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settin
     from services.serving.serve.operator import HostPolicy, guard
     from services.stages.web.connections import guarded_runner
 
-    front = FrontDoor({**settings, "client_offers": operator["client_offers"]})
+    front = FrontDoor({**settings, "client_offers": operator["client_offers"]}, twilio=operator.get("twilio"))
     app = front.app(middlewares=[guard(operator["token"], HostPolicy(host, operator["allowed_hosts"]))])
     runner = guarded_runner(app)
     await runner.setup()
