@@ -44,6 +44,18 @@ def test_g711_is_bit_exact_with_the_reference_coder():
     assert g711.encode(g711.decode(every_code, "pcmu"), "pcmu") == every_code.replace(b"\x7f", b"\xff")
 
 
+def test_a_bus_frame_says_its_format_and_g711_is_one_byte_a_sample():
+    from common.envelope import EnvelopeError, Stamper, decode, encode
+
+    stamper = Stamper("phone", "s1")
+    frame = stamper.audio("audio.user", b"\xff" * 161, rate=8000, channels=1, pts=0, t_capture_ns=1, t_ns=1, fmt="pcmu")
+    decoded = decode(encode(frame))
+    assert (decoded.header.fmt, decoded.samples, decoded.duration_ms) == ("pcmu", 161, 20.125)
+    odd_pcm = stamper.audio("audio.user", b"\x00" * 161, rate=8000, channels=1, pts=0, t_capture_ns=1, t_ns=1)
+    with pytest.raises(EnvelopeError, match="whole s16le frames"):
+        decode(encode(odd_pcm))
+
+
 def test_the_webhook_signature_is_twilios():
     """Twilio's published example (its helper libraries' tests): token 12345, this URL and these parameters."""
     params = {"CallSid": "CA1234567890ABCDE", "Caller": "+14158675309", "Digits": "1234", "From": "+14158675309",

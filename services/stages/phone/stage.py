@@ -62,6 +62,7 @@ class PhoneStage(PlayerStage):
         self.other_session_dropped = 0
         self.unheard_dropped = 0
         self._on_line = False
+        self._reported_played = 0.0  # the played position the last player.state said
 
     # --- runner thread --------------------------------------------------------------------------
     def start(self) -> None:
@@ -115,6 +116,19 @@ class PhoneStage(PlayerStage):
         state["sent_ms"] = state["played_ms"]
         state["played_ms"] = round(self.line.played_ms(state["item_id"]), 1)  # the carrier's last echoed mark
         return state
+
+    def publish_state(self, **extra: Any) -> dict[str, Any]:
+        state = super().publish_state(**extra)
+        self._reported_played = state["played_ms"]
+        return state
+
+    def tick(self) -> None:
+        super().tick()
+        # the carrier plays out the last `lead_ms` after the stage has sent everything: its marks move the
+        # played position on while nothing is "playing" here, and that is news (a reply heard to its end)
+        item = self.buffer.current.item_id if self.buffer.current else None
+        if item and self.line.played_ms(item) != self._reported_played:
+            self.publish_state()
 
     def stop(self) -> None:
         super().stop()
