@@ -392,10 +392,13 @@ def phone(cfg, host, port, session_format, lead_ms, jitter_ms, public_url):
 @click.option("--twilio-url", default="", metavar="URL",
               help="The base URL Twilio calls (https://voice.example.com) when a proxy is between: the signature "
               "covers it. Default: the URL the request arrived at.")
+@click.option("--phone-voice", default=None, metavar="VOICE",
+              help="The assistant's voice on phone calls, where a narrowband line favours some voices (offline, "
+              "ash/echo/onyx/cedar are flite's rms, the one its recogniser reads best at 8 kHz). Default: as browsers.")
 @click.option("--log-level", default="INFO", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
 @click.pass_context
 def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_host, prewarm, root, tool_modules,
-          operator_token_file, allowed_hosts, client_offers, twilio_auth_token, twilio_url, log_level):
+          operator_token_file, allowed_hosts, client_offers, twilio_auth_token, twilio_url, phone_voice, log_level):
     """Serve many callers: every browser and phone call its own stage set, placed on nodes by Ray.
 
     Phone calls come in at POST /twilio/voice (a Twilio number's voice webhook), μ-law end to end.
@@ -429,7 +432,7 @@ def serve(ctx, host, port, cert, key, ray_address, slots, idle_timeout_s, node_h
                                  param_hint="--client-offers") from None
     tools_args = [arg for module in tool_modules for arg in ("--module", str(Path(module).resolve()))]
     sys.exit(run_serve(host, port, ssl_context, ray_address, slots, idle_timeout_s, _trace_root(root), tools_args,
-                       prewarm, node_host or (None if ray_address else "127.0.0.1"),
+                       prewarm, node_host or (None if ray_address else "127.0.0.1"), phone_voice,
                        operator={"token": token, "allowed_hosts": list(allowed_hosts),
                                  "client_offers": (at_once, per_minute),
                                  "twilio": {"auth_token": twilio_auth_token, "url": twilio_url}}))

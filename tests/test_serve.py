@@ -548,7 +548,7 @@ def test_two_phone_calls_and_a_browser_page_at_once_each_hear_their_own_answer(p
     sim = simulator("--pace", "realtime")
     traces = tmp_path / "traces"
     serve, url = _start_serve(procs, made.address, traces, "--prewarm", "1", "--twilio-auth-token", TWILIO_TOKEN,
-                              env={"VOICEBUS_SIM_URL": sim})
+                              "--phone-voice", "ash", env={"VOICEBUS_SIM_URL": sim})
     _wait_prewarmed(url, 1)
     # a webhook request Twilio did not sign is refused before anything starts
     status, _text, _ = _http(url + "twilio/voice", b"CallSid=CAforged&From=%2B15005550006")

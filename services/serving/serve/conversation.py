@@ -213,7 +213,8 @@ class Conversation:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WARMING_NICE)
         cfg = BusConfig(pub=f"ipc://{self.run_dir}/pub.sock", sub=f"ipc://{self.run_dir}/sub.sock")
         phone = self.kind == "phone"
-        gateway_args = [*(PHONE_GATEWAY_ARGS if phone else []), *self.settings.get("gateway_args", [])]
+        phone_voice = ["--voice", self.settings["phone_voice"]] if phone and self.settings.get("phone_voice") else []
+        gateway_args = [*(PHONE_GATEWAY_ARGS if phone else []), *phone_voice, *self.settings.get("gateway_args", [])]
         extra = {"phone" if phone else "web": ["--host", self.host, "--port", str(self.web_port)],
                  "logger": list(self.settings.get("logger_args", [])),
                  **({"tools": list(self.settings["tools_args"])} if self.settings.get("tools_args") else {}),

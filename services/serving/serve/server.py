@@ -142,7 +142,7 @@ async def serve(host: str, port: int, ssl_context: ssl.SSLContext | None, settin
 
 def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_address: str | None, slots: int | None,
               idle_timeout_s: float, root: Path, tools_args: list[str], prewarm: int, node_host: str | None,
-              operator: dict[str, Any]) -> int:
+              phone_voice: str | None, operator: dict[str, Any]) -> int:
     if port and not _can_bind(host, port):  # said now, not after Ray has started (seconds) for nothing
         print(f"voicebus serve: cannot serve on {host}:{port}: the port is taken (--port 0 picks a free one)",
               file=sys.stderr)
@@ -162,7 +162,7 @@ def run_serve(host: str, port: int, ssl_context: ssl.SSLContext | None, ray_addr
             env["VOICEBUS_SIM_URL"] = simulator[1]
             log.warning(kv("offline", reason="OPENAI_API_KEY is not set", using=f"local simulator at {simulator[1]}"))
         settings = {"env": env, "idle_timeout_s": idle_timeout_s, "logger_args": ["--root", str(root)],
-                    "tools_args": tools_args, "prewarm": prewarm, "media_host": node_host,
+                    "tools_args": tools_args, "prewarm": prewarm, "media_host": node_host, "phone_voice": phone_voice,
                     "log_level": logging.getLevelName(logging.getLogger().level)}
         log.info(kv("ray", mode=repr(cluster["mode"]), slots=cluster["slots"]))
         loop = asyncio.new_event_loop()
