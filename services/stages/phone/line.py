@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 
 from common import g711
 from common.log import RateLimitedLog, kv
-from common.stage import StageError
+from services.stages.loop_server import LoopServer, RemoteOutput
 from services.stages.phone import media_streams as ms
 from services.stages.phone import twiml
 from services.stages.playback import PlaybackBuffer
@@ -58,18 +58,20 @@ class Call:
     sender: asyncio.Task | None = None
 
 
-class PhoneLine:
+class PhoneLine(LoopServer, RemoteOutput):
     """The carrier's side of the stage: hands caller audio, DTMF and call events to callbacks."""
+
+    what = "phone line"
 
     def __init__(self, host: str, port: int, buffer: PlaybackBuffer, *,
                  on_audio: Callable[[bytes, int, int], None], on_call: Callable[[str, dict[str, Any]], None],
                  on_dtmf: Callable[[str], None], token: str = "", public_url: str = "",
                  lead_ms: int = LEAD_MS) -> None:
-        self.host, self.port, self.buffer, self.lead_ms = host, port, buffer, lead_ms
+        super().__init__(host, port, "phone-loop")
+        self.buffer, self.lead_ms = buffer, lead_ms
         self.on_audio, self.on_call, self.on_dtmf = on_audio, on_call, on_dtmf
         self.token = token  # under `serve`: a call must carry it (customParameters.token) or is refused
         self.public_url = public_url  # what the TwiML answer points the carrier at (default: this server)
-        self.loop = asyncio.new_event_loop()
         self.call: Call | None = None
         self.lock = threading.Lock()  # marks and positions: the loop writes, the stage's thread reads
         self.counts = {"calls": 0, "busy_refused": 0, "unplaced_refused": 0, "bad_messages": 0,
@@ -78,24 +80,11 @@ class PhoneLine:
                        "dtmf": 0, "gap_fills": 0, "handler_errors": 0}
         self.refusals = RateLimitedLog(log)
         self.url = ""
-        self._ready = threading.Event()
-        self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="phone-loop", daemon=True)
         self._runner: web.AppRunner | None = None
 
-    # --- the player's sink contract -------------------------------------------------------------
+    # --- the player's sink contract (RemoteOutput's, and a flush that clears the carrier) --------------
     latency_ms = 0.0  # the carrier's own delay is inside the marks it echoes
-    output_underflows, late_callbacks, max_callback_gap_ms = 0, 0, 0.0
-    paused, pauses, callbacks = False, 0, 0
-
-    def resume(self) -> None:
-        pass
-
-    def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
-        pass
-
-    def unheard_s(self) -> float:
-        return 0.0  # what the carrier still holds is the stage's to subtract (PhoneStage.current_state)
+    late_callbacks, max_callback_gap_ms = 0, 0.0
 
     def drop_unheard(self) -> float:
         """A flush: the carrier is told to drop what it holds; the seconds of the current item it had been
@@ -118,45 +107,13 @@ class PhoneLine:
         with self.lock:
             return call.echoed.get(item_id or "", 0.0) if call else 0.0
 
-    # --- lifecycle (runner thread) ---------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait(timeout=30)
-        if isinstance(self._failed, OSError):
-            raise StageError(f"cannot serve on {self.host}:{self.port}: {self._failed.strerror or self._failed} "
-                             "(--port 0 picks a free port)") from self._failed
-        if self._failed is not None:
-            raise self._failed
-        if not self._ready.is_set():
-            raise RuntimeError("the phone line did not start in 30 s")
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
-            try:
-                future.result(timeout=3)
-            except Exception as exc:  # noqa: BLE001 - stopping: say it, do not hang
-                log.warning(kv("phone_stop", error=repr(exc)))
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=2)
-
     def hang_up(self, reason: str) -> None:
         """Thread-safe: end the current call from our side."""
         if self.call is not None:
             asyncio.run_coroutine_threadsafe(self._hang_up(self.call, reason), self.loop)
 
     # --- the loop's thread -------------------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start() in the runner thread
-            self._failed = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-
+    # --- the loop's thread -------------------------------------------------------------------------
     async def _serve(self) -> None:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get(MEDIA_PATH, self._media)

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from av.packet import Packet
 from common.log import RateLimitedLog, kv
 from common.pacing import FrameClock
 from common.stage import StageError
+from services.stages.loop_server import LoopServer, RemoteOutput
 from services.stages.playback import PlaybackBuffer
 from services.stages.web import libopus, page_messages, reports
 from services.stages.web.connections import guarded_runner
@@ -114,15 +114,19 @@ class Client:
     mic_at: float = 0.0  # monotonic time of the last mic frame (or of the mic track's start)
 
 
-class BrowserLink:
+class BrowserLink(LoopServer, RemoteOutput):
     """aiohttp + aiortc on their own asyncio loop; hands mic frames and page events to callbacks."""
+
+    what = "web server"
+    busy_port_hint = "another web stage running? --port 0 picks a free port"
 
     def __init__(self, host: str, port: int, buffer: PlaybackBuffer, *,
                  on_mic_frame: Callable[[AudioFrame | MicFrame, int, dict[str, Any]], None],
                  on_client: Callable[[str, dict[str, Any]], None],
                  ssl_context: ssl.SSLContext | None = None, rx_prefetch: int = RX_PREFETCH_FRAMES,
                  aiortc_encoder: bool = False, aiortc_decoder: bool = False, mic_rate: int = 24_000) -> None:
-        self.host, self.port, self.buffer, self.rx_prefetch = host, port, buffer, rx_prefetch
+        super().__init__(host, port, "web-loop")
+        self.buffer, self.rx_prefetch = buffer, rx_prefetch
         self.aiortc_encoder = aiortc_encoder  # aiortc encodes the assistant's audio, not the track
         self.aiortc_decoder = aiortc_decoder  # aiortc decodes the mic (48 kHz stereo, in its thread)
         self.mic_rate = mic_rate  # what LoopDecoding decodes the browser's Opus to
@@ -138,15 +142,11 @@ class BrowserLink:
         self.stats = BrowserStats()
         self.client: Client | None = None
         self.track: AssistantTrack | None = None
-        self.loop = asyncio.new_event_loop()
         self.counts = {"clients": 0, "busy_refused": 0, "bad_offers": 0, "bad_page_messages": 0, "clients_gone": 0,
                        "unplaced_refused": 0}
         self.offer_secret = os.environ.get(OFFER_SECRET_ENV, "")
         self.refusals = RateLimitedLog(log)
         self.url = ""
-        self._ready = threading.Event()
-        self._failed: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="web-loop", daemon=True)
         self._runner: web.AppRunner | None = None
         self.hello: dict[str, Any] = {}  # sent to every page that connects (session id, report dir)
         self.report_secret = reports.new_secret()  # keys the link to each caller's own report
@@ -165,44 +165,6 @@ class BrowserLink:
     def max_callback_gap_ms(self) -> float:
         return self.track.max_lateness_ms if self.track else 0.0
 
-    output_underflows = 0  # the browser's jitter buffer conceals; its own counters are in its stats
-    # the track is paced by the call's own clock and sends silence only while a caller is on the line
-    paused, pauses, callbacks = False, 0, 0
-
-    def resume(self) -> None:
-        pass
-
-    def pause_when_idle(self, buffer: PlaybackBuffer) -> None:
-        pass
-
-    def unheard_s(self) -> float:
-        return 0.0  # what the browser still holds is the web stage's to subtract (WebStage.current_state)
-
-    def drop_unheard(self) -> float:
-        return 0.0  # the page is told to flush its own buffer
-
-    # --- lifecycle (runner thread) ------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait(timeout=30)
-        if isinstance(self._failed, OSError):
-            raise StageError(f"cannot serve on {self.host}:{self.port}: {self._failed.strerror or self._failed} "
-                             "(another web stage running? --port 0 picks a free port)") from self._failed
-        if self._failed is not None:
-            raise self._failed
-        if not self._ready.is_set():
-            raise RuntimeError("the web server did not start in 30 s")
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
-            try:
-                future.result(timeout=3)
-            except Exception as exc:  # noqa: BLE001 - stopping: say it, do not hang
-                log.warning(kv("web_stop", error=repr(exc)))
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=2)
-
     def send_page(self, message: dict[str, Any]) -> None:
         """Thread-safe: one JSON event to the connected page (dropped when no page is connected)."""
         if self.client is not None:
@@ -215,17 +177,6 @@ class BrowserLink:
             asyncio.run_coroutine_threadsafe(self._hang_up(reason), self.loop)
 
     # --- the loop's thread ------------------------------------------------------------------------
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported to start() in the runner thread
-            self._failed = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-
     async def _serve(self) -> None:
         app = web.Application(client_max_size=MAX_OFFER_BYTES)
         app.router.add_get("/", self._page)
