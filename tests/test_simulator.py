@@ -500,3 +500,47 @@ def test_the_rest_of_the_ga_session_is_taken_echoed_and_acted_on(simulator):
     assert done["response"]["status"] == "incomplete"
     assert done["response"]["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
     assert done["response"]["output"][0]["content"][0]["transcript"] == "I heard: what"
+
+
+@pytest.mark.parametrize("beta", [False, True], ids=["ga", "beta"])
+def test_a_g711_session_is_heard_and_answered_in_g711_as_openai_does(simulator, beta):
+    """audio/pcmu (beta g711_ulaw): μ-law in, μ-law out at 8 kHz (one byte a sample), every event SDK-valid,
+    a truncate counted in the μ-law audio's own milliseconds."""
+    from common import g711
+
+    conn = RawRealtime(simulator("--pace", "fast"), model="gpt-4o-realtime-preview" if beta else "gpt-realtime",
+                       beta=beta)
+    try:
+        if beta:
+            session = {**BETA_SESSION, "input_audio_format": "g711_ulaw", "output_audio_format": "g711_ulaw"}
+        else:
+            session = {**GA_SESSION, "audio": {"input": {**GA_SESSION["audio"]["input"], "format": {"type": "audio/pcmu"}},
+                                               "output": {"format": {"type": "audio/pcmu"}}}}
+        conn.send({"type": "session.update", "session": session})
+        updated = conn.until("session.updated")["session"]
+        conn.append(g711.encode(with_silence(speech_pcm(QUESTION, "rms", 8000), 8000), "pcmu"))
+        done = conn.until("response.done", 60)
+        delta_type = "response.audio.delta" if beta else "response.output_audio.delta"
+        reply = conn.audio(delta_type)
+        item_id = done["response"]["output"][0]["id"]
+        conn.send({"type": "conversation.item.truncate", "item_id": item_id, "content_index": 0,
+                   "audio_end_ms": len(reply) // 8 // 2})
+        truncated = conn.until("conversation.item.truncated")
+    finally:
+        conn.close()
+    if beta:
+        assert updated["input_audio_format"] == updated["output_audio_format"] == "g711_ulaw"
+    else:
+        assert updated["audio"]["input"]["format"] == updated["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+    adapter = _server_event_adapter(beta)
+    for event in conn.events:
+        adapter.validate_python(event)
+    heard = conn.of_type("conversation.item.input_audio_transcription.completed")[0]["transcript"]
+    from common.speech import Transcriber, word_error_rate
+
+    assert word_error_rate(QUESTION, heard)[0] <= 2, heard  # the recogniser, through a phone line's 8 kHz
+
+    spoken = Transcriber().transcribe(g711.decode(reply, "pcmu"), 8000)
+    assert "heard" in spoken or QUESTION.split()[-1] in spoken, spoken  # "I heard: ..." in the telephone band
+    assert 1.0 < len(reply) / 8000 < 10.0  # one byte a sample at 8 kHz: seconds, not 3x too short
+    assert truncated["audio_end_ms"] == len(reply) // 16
