@@ -111,6 +111,9 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_N
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
+HANDSHAKE_VERDICT_S = 2.0  # a tcp:// bus that says nothing: how long its refusal may take to arrive
+
+
 class HandshakeWatch:
     """Why a tcp:// bus stays silent: ZeroMQ's monitor events for one socket's security handshake.
 
@@ -139,6 +142,15 @@ class HandshakeWatch:
             else:
                 self.problem = (f"CURVE handshake with the bus failed: the keys in {self.cfg.curve_dir} do not match "
                                 "the bus's (another server key, or this client key is not in its authorized dir)")
+        return self.problem
+
+    def verdict(self, within_s: float = HANDSHAKE_VERDICT_S) -> str | None:
+        """The problem, waiting up to `within_s` for a handshake's outcome when none has come yet: a CURVE
+        refusal takes the bus's authenticator a round trip, and on a loaded machine longer than the wait
+        for a first message did (the reason was then left out of what the user was told)."""
+        deadline = time.monotonic() + within_s
+        while self.poll() is None and self._monitor is not None and time.monotonic() < deadline:
+            self._monitor.poll(int(1000 * max(0.0, deadline - time.monotonic())))
         return self.problem
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ def run_tap(cfg: BusConfig, prefixes: list[str], as_json: bool, count: int | Non
     receiver = Receiver(connect_sub(ctx, cfg, prefixes), "tap")
     handshake = HandshakeWatch(receiver.sock, cfg)
     if not wait_for_bus(ctx, cfg, NO_BUS_WAIT_S, sub=receiver.sock):
-        print(f"voicebus tap: {no_bus_message(cfg, handshake.poll())}", file=sys.stderr)
+        print(f"voicebus tap: {no_bus_message(cfg, handshake.verdict())}", file=sys.stderr)
         handshake.close()
         receiver.sock.close(linger=0)
         ctx.term()
