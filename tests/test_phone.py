@@ -139,14 +139,18 @@ def test_a_phone_calls_mulaw_goes_to_the_server_and_back_untouched(procs, tmp_pa
     codes the carrier hears are the codes it sent, bit for bit, and nothing on the way decoded them."""
     up, port, traces, ws_log = _start_phone_pipeline(procs, tmp_path, "--arg", "simulator=--echo")
     health = _wait_ready(client_factory_no_bus, up, procs)
-    question = speech_pcm("please repeat what i am saying now", "slt", g711.RATE)
-    result = asyncio.run(FakeCarrier(f"ws://127.0.0.1:{port}/media", [Turn(question)], timeout_s=60).run())
+    questions = [speech_pcm("please repeat what i am saying now", "slt", g711.RATE),
+                 speech_pcm("and now say this one back to me", "rms", g711.RATE)]
+    result = asyncio.run(FakeCarrier(f"ws://127.0.0.1:{port}/media", [Turn(q) for q in questions],
+                                     timeout_s=90).run())
 
-    assert result.replies, "the carrier heard no reply"
-    echoed = bytes(result.replies[0].codes)
-    echoed = echoed[:len(echoed) - FRAME]  # the last frame may be padded with silence to 20 ms
-    assert len(echoed) >= 8 * 1000, f"only {len(echoed) / 8:.0f} ms came back"
-    assert bytes(result.sent).find(echoed) >= 0, "what came back is not what was sent, bit for bit"
+    assert len(result.replies) == 2, f"the carrier heard {len(result.replies)} replies to two turns"
+    for reply in result.replies:  # each turn came back as it was sent, in order
+        echoed = bytes(reply.codes)
+        echoed = echoed[:len(echoed) - FRAME]  # the last frame may be padded with silence to 20 ms
+        assert len(echoed) >= 8 * 1000, f"only {len(echoed) / 8:.0f} ms came back"
+        assert bytes(result.sent).find(echoed) >= 0, "what came back is not what was sent, bit for bit"
+    assert len(result.heard_ms()) == 2 and all(ms_ > 0 for ms_ in result.heard_ms()), result.heard_ms()
 
     phone = health.wait_for(lambda m: m.topic == "health.phone" and m.data.get("audio_passed_out", 0) > 0)
     gateway = health.wait_for(lambda m: m.topic == "health.gateway")

@@ -182,13 +182,14 @@ class FakeCarrier:
                 if turn_index >= 0:
                     self.result.turn_ends_frame.append(self.frame)
                 turn_index += 1
+                # a reply to the turn just spoken is one that starts from now on
+                replies_at_turn = self.replies_started
                 if turn_index >= len(self.turns):
                     waiting_for = "hang_up"
                 else:
                     turn = self.turns[turn_index]
                     waiting_for = "barge" if turn.barge_in_ms is not None and turn_index > 0 else \
                         "reply_end" if turn_index > 0 else None
-                    replies_at_turn = self.replies_started
                     quiet_since = None
                     if waiting_for is None:  # the first turn, after a moment's silence on the new line
                         outgoing.extend([SILENT_FRAME] * int(LEAD_IN_S * 1000 / ms.FRAME_MS))
