@@ -43,9 +43,9 @@ def test_readme_documents_every_command_and_procfile_matches_launcher():
     readme = (REPO / "README.md").read_text()
     for command in COMMANDS:
         assert f"`voicebus {command}" in readme, command
-    from services.pipeline import DEFAULT_STAGES, WEB_STAGES
+    from services.pipeline import DEFAULT_STAGES, PHONE_STAGES, WEB_STAGES
 
-    for name, stages in (("Procfile", DEFAULT_STAGES), ("Procfile.web", WEB_STAGES)):
+    for name, stages in (("Procfile", DEFAULT_STAGES), ("Procfile.web", WEB_STAGES), ("Procfile.phone", PHONE_STAGES)):
         procfile = dict(line.split(":", 1) for line in (REPO / name).read_text().splitlines() if line.strip())
         assert set(procfile) == {"bus", "simulator", *stages}, name
         assert f"honcho -f {name} start" in readme or name == "Procfile"
