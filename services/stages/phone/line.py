@@ -208,6 +208,9 @@ class PhoneLine(LoopServer, RemoteOutput):
 
     def _started(self, event: ms.Start, ws: web.WebSocketResponse, remote: str) -> Call | None:
         start = event.start
+        if self.call is not None:  # two sockets opened at once: the first to say `start` has the line
+            self._refuse("busy_refused", remote=remote, call_sid=start.call_sid)
+            return None
         if self.token and not hmac.compare_digest(start.custom_parameters.get(TOKEN_PARAMETER, "").encode(),
                                                   self.token.encode()):
             self._refuse("unplaced_refused", remote=remote, call_sid=start.call_sid)
