@@ -382,7 +382,7 @@ def _asr_of_played(store_dir: Path, turn: dict[str, Any] | None, transcriber: Tr
     path = store_dir / (turn or {}).get("audio_files", {}).get("assistant-played", "-")
     if turn is None or not path.is_file():
         return None
-    played = read_wav(path)  # the store writes mono s16 at 24 kHz
+    played = read_wav(path)  # mono s16 at the session's rate (24 kHz; 8 kHz for a phone call)
     return transcriber.transcribe(played.pcm, played.rate)
 
 
