@@ -31,7 +31,6 @@ from services.stages.playback import PlaybackBuffer, Segment
 from services.stages.player import PlayerStage
 
 if TYPE_CHECKING:
-    from common.resample import StreamResampler
     from services.stages.resampler import ResampleStage
 
 log = logging.getLogger("voicebus.phone")
@@ -53,7 +52,6 @@ class PhoneStage(PlayerStage):
                                           on_call=self._call_event, on_dtmf=self._dtmf, token=token,
                                           public_url=public_url, lead_ms=lead_ms)
         self.resampler: ResampleStage | None = None  # pcm16 session: the caller's 8 kHz -> 24 kHz
-        self.to_line: dict[tuple[int, int], StreamResampler] = {}  # pcm16 session: the reply -> 8 kHz
         self.conversations = 0
         self.mic_pts = 0
         self._next_pts: int | None = None  # the next frame's first sample, if none is lost
@@ -100,11 +98,11 @@ class PhoneStage(PlayerStage):
             pcm = g711.as_s16(message.payload, header.fmt)
             if (header.rate, header.channels) != (g711.RATE, 1):
                 key = (header.rate, header.channels)
-                if key not in self.to_line:
+                if key not in self.converters:  # the player's own: a flush empties them too
                     from common.resample import StreamResampler
 
-                    self.to_line[key] = StreamResampler(header.rate, g711.RATE, header.channels)
-                pcm = self.to_line[key].feed(pcm)
+                    self.converters[key] = StreamResampler(header.rate, g711.RATE, header.channels)
+                pcm = self.converters[key].feed(pcm)
             codes = g711.encode(pcm, "pcmu")
             self.converted_out += 1
         extra = header.extra
