@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import secrets
 import time
 import xml.etree.ElementTree as ET
@@ -112,7 +111,6 @@ class FakeCarrier:
         self._short_ms = 0.0  # the last frame played was this much short of 20 ms (it ran dry in it)  # marks after the frame playing now: echoed once it has played out
         self.frame = 0  # frames played (and sent: both run on the one 20 ms clock)
         self.last_audio_at = 0.0  # monotonic: the last frame of reply audio received or played
-        self.replies_started = 0
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._sequence = 0
 
@@ -183,7 +181,7 @@ class FakeCarrier:
                     self.result.turn_ends_frame.append(self.frame)
                 turn_index += 1
                 # a reply to the turn just spoken is one that starts from now on
-                replies_at_turn = self.replies_started
+                replies_at_turn = len(self.result.replies)
                 if turn_index >= len(self.turns):
                     waiting_for = "hang_up"
                 else:
@@ -196,7 +194,7 @@ class FakeCarrier:
                         await self._say(turn, outgoing)
             elif waiting_for in ("reply_end", "hang_up"):
                 # hanging up after the last turn's reply too (a key press expects none)
-                heard_reply = self.replies_started > replies_at_turn or \
+                heard_reply = len(self.result.replies) > replies_at_turn or \
                     (waiting_for == "hang_up" and (not self.turns or bool(self.turns[-1].dtmf)))
                 quiet = not self.held and now - self.last_audio_at >= REPLY_QUIET_S
                 if heard_reply and quiet:
@@ -210,7 +208,7 @@ class FakeCarrier:
                 else:
                     quiet_since = None
             elif waiting_for == "barge":
-                reply = self.result.replies[-1] if self.replies_started > replies_at_turn else None
+                reply = self.result.replies[-1] if len(self.result.replies) > replies_at_turn else None
                 barge_in_ms = self.turns[turn_index].barge_in_ms or 0
                 if reply is not None and len(reply.codes) >= barge_in_ms * 8:
                     waiting_for = None
@@ -262,7 +260,6 @@ class FakeCarrier:
             if reply is None or reply.cleared or reply.end_frame < self.frame - int(REPLY_QUIET_S * 50):
                 reply = Reply(self.frame, self.frame, first_heard_at=now)
                 self.result.replies.append(reply)
-                self.replies_started += 1
             else:  # the same reply going on: anything short of whole frames since its last is a gap heard
                 silent_ms = (self.frame - reply.end_frame - 1) * ms.FRAME_MS + self._short_ms
                 if silent_ms > 0:
@@ -292,9 +289,9 @@ class FakeCarrier:
                 continue
             if isinstance(event, ms.OutboundMedia):
                 try:
-                    codes = _unb64(event.media.get("payload", ""))
-                except ValueError:
-                    self.result.bad_messages.append("media payload is not base64")
+                    codes = ms.payload_codes(event.media.get("payload", ""))
+                except ms.MediaStreamError as exc:
+                    self.result.bad_messages.append(str(exc))
                     continue
                 self.result.frames_received += 1
                 self.last_audio_at = time.monotonic()
@@ -317,10 +314,3 @@ class FakeCarrier:
 
 def _b64(codes: bytes) -> str:
     return base64.b64encode(codes).decode()
-
-
-def _unb64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text, validate=True)
-    except binascii.Error as exc:
-        raise ValueError(str(exc)) from exc

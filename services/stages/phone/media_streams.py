@@ -91,10 +91,15 @@ class Media(_Message):
 
     def codes(self) -> bytes:
         """The payload's μ-law bytes (MediaStreamError if it is not base64)."""
-        try:
-            return base64.b64decode(self.media.payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise MediaStreamError("bad_payload", "media payload is not base64") from exc
+        return payload_codes(self.media.payload)
+
+
+def payload_codes(payload: str) -> bytes:
+    """A media message's base64 payload as its bytes (MediaStreamError if it is not base64)."""
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaStreamError("bad_payload", "media payload is not base64") from exc
 
 
 class Dtmf(_Message):
