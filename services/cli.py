@@ -577,6 +577,11 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               help="Speech over a reply pauses it; a backchannel (mhmm, yeah, ok; or nothing recognisable, short) "
               "resumes it where it paused, anything else cuts it at the played position. The server's own "
               "interrupt_response and create_response are then off: the gateway decides and answers.")
+@click.option("--dtmf/--no-dtmf", "keys_to_model", default=True, show_default=True,
+              help="Keys a phone caller presses (phone.dtmf) are told to the model as their turn (\"The caller "
+              "pressed 1 #\"), and the first one cuts a reply that is playing, as speech does.")
+@click.option("--dtmf-wait-ms", "keys_wait_ms", type=click.IntRange(100, 10_000), default=1500, show_default=True,
+              help="Keys are gathered until # or this long without one, then told as one turn.")
 @click.option("--vad-threshold", type=float, default=0.3, show_default=True)
 @click.option("--vad-prefix-ms", type=int, default=300, show_default=True)
 @click.option("--vad-silence-ms", type=int, default=600, show_default=True)
@@ -596,7 +601,7 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "the gateway answers the call with an error itself.")
 def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transcription_model, vad_type, eagerness, noise_reduction,
             transcription_logprobs, truncation_retention, prompt_id, prompt_version, prompt_vars, max_output_tokens,
-            speed, idle_timeout_s, idle_prompt, idle_prompts, false_interruptions, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
+            speed, idle_timeout_s, idle_prompt, idle_prompts, false_interruptions, keys_to_model, keys_wait_ms, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -619,7 +624,8 @@ def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transc
                                prompt=_prompt(prompt_id, prompt_version, prompt_vars),
                                max_output_tokens=max_output_tokens, speed=speed, idle_timeout_s=idle_timeout_s,
                                idle_prompt=idle_prompt, idle_prompts=idle_prompts,
-                               false_interruptions=false_interruptions)
+                               false_interruptions=false_interruptions,
+                               keys_wait_s=keys_wait_ms / 1000 if keys_to_model else None)
     if instructions:
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,
@@ -709,10 +715,12 @@ def demo(questions, out_dir, voice, root, tool_modules, rules, log_level):
               help="Write a scenario file (-o) from a stored conversation (id or directory) instead of running.")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False),
               help="With --from-session: the scenario file to write (its WAVs go beside it).")
+@click.option("--phone", is_flag=True, help="Make each scenario a phone call: a fake carrier (Twilio Media Streams, "
+              "μ-law 8 kHz) calls a phone stage whose session is audio/pcmu. Needed for `dtmf:` turns.")
 @click.option("--no-upload", is_flag=True, help="Store the run only, even when WANDB_API_KEY is set.")
 @click.option("--log-level", default="WARNING", show_default=True, envvar="VOICEBUS_LOG_LEVEL")
 def eval_cmd(scenarios, instructions, tool_modules, mcp_commands, repeat, baseline, rules, evals_root, root,
-             from_session, output, no_upload, log_level):
+             from_session, output, phone, no_upload, log_level):
     """Spoken regression tests: run YAML scenarios through the real pipeline and check every turn.
 
     Each scenario is a conversation of user turns (spoken by flite, a WAV, or a stored session's
@@ -743,7 +751,7 @@ def eval_cmd(scenarios, instructions, tool_modules, mcp_commands, repeat, baseli
     if not files:
         raise click.UsageError("name the scenario files (or folders of *.yaml) to run, e.g. examples/evals/")
     settings = Settings(Path(instructions) if instructions else None, list(tool_modules), list(mcp_commands), repeat,
-                        Path(rules) if rules else None, _trace_root(root))
+                        Path(rules) if rules else None, _trace_root(root), phone)
     sys.exit(run_eval(files, settings, Path(evals_root) if evals_root else default_evals_root(), baseline,
                       upload=not no_upload))
 

@@ -230,3 +230,27 @@ def test_a_barge_in_scenario_passes_first_second_and_alone_with_its_question_hea
         turns = [json.loads(line) for line in (session / "turns.jsonl").read_text().splitlines()]
         users = [turn["user"]["transcript"] for turn in sorted(turns, key=lambda t: t["turn"])]
         assert users == ["tell me a story about dragons", "stop please"], (session.name, users)
+
+
+def test_a_phone_scenario_presses_keys_and_a_key_cuts_a_reply_where_the_carrier_had_played(tmp_path):
+    """`eval --phone`: each scenario is a fake-carrier call into a phone stage (μ-law end to end); a `dtmf:`
+    turn is told to the model as the caller's turn, and one pressed over a reply cuts it at the last mark
+    the carrier echoed, checked as a spoken barge-in is."""
+    env = _env(tmp_path / "home")
+    result = _eval(env, "--phone", str(EXAMPLES / "phone"), "--no-upload")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [run_dir] = _runs(tmp_path / "home" / "voicebus" / "evals")
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["settings"]["phone"] and run["summary"]["failed_checks"] == 0
+    turns = {(s["name"], t["turn"]): t for s in run["scenarios"] for t in s["turns"]}
+    menu = turns[("the time by phone, then a key", 2)]
+    assert menu["user_transcript"] == "The caller pressed 2 # on the phone keypad."
+    assert "pressed 2" in menu["reply_heard"]
+    keyed = {c["name"]: c for c in turns[("a key cuts a long reply", 2)]["checks"]}
+    assert keyed["reply interrupted"]["passed"] and keyed["truncated where played (within 60 ms)"]["passed"]
+    for scenario in run["scenarios"]:  # each call its own session, stored at the line's 8 kHz
+        stored = [json.loads(line) for line in
+                  (run_dir / "sessions" / scenario["session"] / "turns.jsonl").read_text().splitlines()]
+        assert {t["audio_rate"] for t in stored} == {8000}
+        assert [t["user"].get("keys") for t in stored][-1] in ("2#", "0")
+    assert len({s["session"] for s in run["scenarios"]}) == 2

@@ -245,3 +245,30 @@ def test_repeats_whose_checks_all_held_say_so_instead_of_an_empty_heading(capsys
     print_table(run([True, False]))
     out = capsys.readouterr().out
     assert "did not always hold" in out and "greeting turn 1: reply_contains: 1/2" in out
+
+
+def test_a_keys_turn_is_a_phone_turn_with_nothing_to_transcribe(tmp_path):
+    from services.commands.evals.run import Settings, plan
+
+    path = tmp_path / "keys.yaml"
+    path.write_text("scenarios:\n  - name: menu\n    turns:\n      - say: hello\n      - dtmf: '1#'\n"
+                    "        expect: {reply_contains: pressed 1, transcript_wer: 0.3}\n")
+    turn = load_scenarios(path).scenarios[0].turns[1]
+    assert turn.dtmf == "1#" and turn.expected_words is None  # no words to hold a transcript to
+    with pytest.raises(ScenarioError, match=r"turn 2: presses keys \(dtmf\), which only a phone line carries: run "
+                                            r"`voicebus eval --phone`"):
+        plan([path], tmp_path, Settings())
+    planned = plan([path], tmp_path, Settings(phone=True))
+    assert planned[0].audio[1] is None and planned[0].audio[0].is_file()
+    stored = _stored(reply="I heard: The caller pressed 1 # on the phone keypad.",
+                     user="The caller pressed 1 # on the phone keypad.")
+    checks = check_turn(turn, stored)
+    assert [c.name for c in checks] == ["turn heard", "reply contains 'pressed 1'"] and all(c.passed for c in checks)
+    for bad in ("'12x'", "''", "{say: hi}"):
+        path.write_text(f"scenarios:\n  - name: m\n    turns:\n      - say: hi\n      - dtmf: {bad}\n")
+        with pytest.raises(ScenarioError, match=r"keys.yaml:5: scenarios\[0\].turns\[1\]"):
+            load_scenarios(path)
+    path.write_text("scenarios:\n  - name: m\n    turns:\n      - say: hi\n      - say: stop\n"
+                    "        barge_in_after: rt.response.created\n")
+    with pytest.raises(ScenarioError, match="over the phone a barge-in is timed by what the caller has heard"):
+        plan([path], tmp_path, Settings(phone=True))

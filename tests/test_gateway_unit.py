@@ -365,3 +365,46 @@ def test_a_held_reply_is_neither_played_nor_dropped_and_goes_on_from_where_it_wa
     buffer.hold(True)
     buffer.flush()  # an interruption: what was held is dropped, and the hold with it
     assert not buffer.snapshot()["held"]
+
+
+def test_keys_pressed_on_a_phone_cut_the_reply_and_become_one_user_turn_for_the_model():
+    from common.envelope import Stamper
+    from common.realtime_types import validate_client_event
+    from services.stages.gateway.keypad import KeyPad
+
+    pad = KeyPad(wait_s=1.5)
+    assert pad.press("1", now=0.0, t_ns=1) is None and pad.due(1.0) is None
+    assert pad.press("2", now=1.2, t_ns=2) is None and pad.due(2.6) is None  # 1.4 s since the last key
+    assert pad.due(2.8) == "12" and pad.keys == ""
+    assert pad.press("9", 3.0, 3) is None and pad.press("#", 3.1, 4) == "9#"  # the end key ends them at once
+
+    stage, published, sent = _gateway(interrupt_response=True)
+    _playing_response(stage)
+    stamper = Stamper("phone", "s1")
+
+    def key(digit) -> None:
+        stage.handle(stamper.event("phone.dtmf", {"digit": digit}, 1_000))
+
+    key("0")  # over a reply that is playing: cut as speech would, but the server heard nothing: we cancel
+    assert [m.data["reason"] for m in published if m.topic == "player.flush"] == ["keys"]
+    assert [e["type"] for e in sent] == ["response.cancel"]
+    key("x")  # not a DTMF key: refused, counted, nothing sent
+    key("#")
+    assert stage.counts["keys_refused"] == 1 and stage.counts["key_turns"] == 1
+    item = next(e for e in sent if e["type"] == "conversation.item.create")
+    assert item["item"]["content"] == [{"type": "input_text", "text": "The caller pressed 0 # on the phone keypad."}]
+    validate_client_event(item, "ga")
+    keys = next(m for m in published if m.topic == "rt.gateway.keys")
+    assert keys.data["keys"] == "0#" and keys.data["last_key_ns"] == 1_000
+    # the response is asked for once the cut one is done, not over it
+    assert not [e for e in sent if e["type"] == "response.create"]
+    _server(stage, type="response.done", response={"id": "resp_1", "object": "realtime.response",
+                                                    "status": "cancelled", "output": []})
+    assert [e["type"] for e in sent][-1] == "response.create"
+
+    stage, published, sent = _gateway(interrupt_response=True)
+    stage.settings.keys_wait_s = None  # --no-dtmf: the keys stay on the bus only
+    stage.handle(stamper.event("phone.dtmf", {"digit": "5"}, 1_000))
+    stage.keypad.last_at -= 10
+    stage.tick()
+    assert not sent and stage.counts["key_turns"] == 0

@@ -194,8 +194,10 @@ def test_a_barge_in_over_the_phone_cuts_where_the_carrier_had_played(procs, tmp_
     assert stored.rate == 8000
     assert stored.pcm == heard[:len(stored.pcm)]
     assert 0 <= len(heard) - len(stored.pcm) <= 2 * 2 * FRAME, (len(heard), len(stored.pcm))
-    # after the clear the caller heard only the answer to "stop please", from its first sample
-    assert len(turns) == 2 and turns[1]["user"]["audio_start_ms"] > turns[0]["user"]["audio_end_ms"], turns
+    # after the clear the caller heard only the answer to "stop please", from its first sample; then the key
+    # pressed was told to the model as the caller's turn, and answered
+    assert len(turns) == 3 and turns[1]["user"]["audio_start_ms"] > turns[0]["user"]["audio_end_ms"], turns
+    assert turns[2]["user"]["keys"] == "7" and "pressed 7" in turns[2]["assistant"]["transcript_heard"], turns[2]
     answer = read_wav(session / story_file(turns[1], "assistant-generated"))
     after = g711.decode(bytes(result.replies[1].codes), "pcmu")
     assert after[:len(answer.pcm)] == answer.pcm[:len(after)]

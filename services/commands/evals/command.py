@@ -27,6 +27,7 @@ from services.commands.evals.run import (
     EvalError,
     Pipeline,
     Settings,
+    call_by_phone,
     check_target_up,
     converse,
     evaluate,
@@ -124,9 +125,13 @@ def _run(files: list[Path], settings: Settings, staging: Path, run_id: str) -> d
         for repeat in range(1, settings.repeat + 1):
             for number, item in enumerate(planned, 1):  # numbered: two files may use one scenario name
                 session = f"{run_id}-{number:02d}-{slug(item.scenario.name)}-{repeat}"
-                click.echo(f"  {item.scenario.name} ({repeat}/{settings.repeat}): {len(item.scenario.turns)} turn(s)")
+                click.echo(f"  {item.scenario.name} ({repeat}/{settings.repeat}): {len(item.scenario.turns)} turn(s)"
+                           + (" over the phone" if settings.phone else ""))
                 scenario_started_ns = time.time_ns()
-                observed = converse(pipeline, item, session)
+                if settings.phone:  # the phone stage names each call's session
+                    session, observed = call_by_phone(pipeline, item)
+                else:
+                    observed = converse(pipeline, item, session)
                 scenario_ended_ns = time.time_ns()
                 turns = evaluate(item, observed, pipeline.sessions_dir / session, transcriber)
                 scenarios.append({"file": str(item.file), "name": item.scenario.name, "repeat": repeat,
@@ -139,7 +144,7 @@ def _run(files: list[Path], settings: Settings, staging: Path, run_id: str) -> d
             "target": "simulator" if target.is_simulator else target.base_url,
             "settings": {"instructions": str(settings.instructions) if settings.instructions else None,
                          "tools": settings.tool_modules, "mcp": settings.mcp_commands, "repeat": settings.repeat,
-                         "rules": str(settings.rules) if settings.rules else None},
+                         "rules": str(settings.rules) if settings.rules else None, "phone": settings.phone},
             "scenarios": scenarios,
             "summary": {"scenarios": len(scenarios), "passed": sum(s["passed"] for s in scenarios),
                         "checks": len(checks), "failed_checks": sum(c["passed"] is False for c in checks),

@@ -7,12 +7,18 @@ and a player that records into a WAV. Each scenario gets its own session on the 
 What is checked is what the logger stored of each turn: the user's words, the reply as heard, the
 tools called, the latency at the ear, and for a barge-in the player's own played position.
 
+With `--phone` each scenario is a phone call instead: a fake carrier (Twilio Media Streams, μ-law
+8 kHz, paced in real time) calls a phone stage whose gateway session is `audio/pcmu`; it speaks the
+turns, presses the keys of `dtmf:` turns, and barges in by what it has played. The played position
+is then the last mark the carrier echoed, as on a real line.
+
 Everything goes into a staging directory that becomes the run's directory only when the run is
 complete; a run that cannot start (bad file, target down, unknown tool) leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -20,6 +26,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +77,7 @@ class Settings:
     repeat: int = 1
     rules: Path | None = None
     sessions_root: Path | None = None  # where `session:` turns are read from
+    phone: bool = False  # each scenario a call over the fake carrier into a phone stage
 
 
 @dataclass
@@ -78,7 +86,7 @@ class Planned:
 
     file: Path
     scenario: Scenario
-    audio: list[Path]
+    audio: list[Path | None]  # None: a turn that presses keys
 
 
 @dataclass
@@ -107,6 +115,15 @@ def plan(files: list[Path], staging_audio: Path, settings: Settings) -> list[Pla
             audio = []
             for index, turn in enumerate(scenario.turns, 1):
                 where = f"{path}: scenario {scenario.name!r} turn {index}"
+                if turn.dtmf is not None and not settings.phone:
+                    raise ScenarioError(f"{where}: presses keys (dtmf), which only a phone line carries: run "
+                                        "`voicebus eval --phone`")
+                if turn.barge_in_after is not None and settings.phone:
+                    raise ScenarioError(f"{where}: barge_in_after times from a bus topic; over the phone a barge-in "
+                                        "is timed by what the caller has heard: use barge_in_ms")
+                if turn.dtmf is not None:
+                    audio.append(None)
+                    continue
                 source = resolve_audio(turn, path, sessions_root, staging_audio)
                 if source is None:
                     out = staging_audio / f"{slug(path.stem)}-{slug(scenario.name)}-{index}.wav"
@@ -163,13 +180,20 @@ class Pipeline:
         modules = [a for m in settings.tool_modules or [str(EXAMPLE_TOOLS)] for a in ("--module", m)]
         mcp = [a for command in settings.mcp_commands for a in ("--mcp", command)]
         instructions = ["--instructions", settings.instructions.read_text()] if settings.instructions else []
-        specs += [ProcessSpec("gateway", ["gateway", *instructions, *quiet]),
-                  ProcessSpec("resample", ["resample", *quiet]),
-                  ProcessSpec("tools", ["tools", *modules, *mcp, *quiet]),
-                  ProcessSpec("player", ["player", "--wav", str(staging / "played.wav"), *quiet]),
-                  ProcessSpec("mic", ["mic", "--cued", "--rate", str(MIC_RATE), *quiet]),
+        if settings.phone:  # the caller's line: μ-law to the server and back untouched
+            # voice ash: one OpenAI has, which the simulator speaks as flite's rms, a voice the offline
+            # recogniser still reads through 8 kHz (its slt, alloy's, it mostly does not)
+            line = [ProcessSpec("gateway", ["gateway", "--audio-format", "pcmu", "--voice", "ash", *instructions,
+                                            *quiet]),
+                    ProcessSpec("phone", ["phone", "--port", "0", *quiet])]
+        else:
+            line = [ProcessSpec("gateway", ["gateway", *instructions, *quiet]),
+                    ProcessSpec("resample", ["resample", *quiet]),
+                    ProcessSpec("player", ["player", "--wav", str(staging / "played.wav"), *quiet]),
+                    ProcessSpec("mic", ["mic", "--cued", "--rate", str(MIC_RATE), *quiet])]
+        specs += [*line, ProcessSpec("tools", ["tools", *modules, *mcp, *quiet]),
                   ProcessSpec("logger", ["logger", "--root", str(self.sessions_dir), "--no-upload", "--no-report",
-                                            *quiet])]
+                                         *quiet])]
         self.stage_names = {spec.name for spec in specs if spec.heartbeat}
         self.supervisor = Supervisor(self.cfg, specs, f"eval-{run_id}", env, zygote=default_zygote())
         self.ctx = zmq.Context()
@@ -177,7 +201,8 @@ class Pipeline:
         self.publisher: Publisher | None = None
         self.stamper = Stamper("eval", f"eval-{run_id}")
         self.barge_topics = set(topics or ())  # what `barge_in_after` times from: noted as it passes
-        self.topics = sorted({"rt.", "player.state", "health.", CUE_STATE_TOPIC, *self.barge_topics})
+        self.topics = sorted({"rt.", "player.state", "health.", "phone.", CUE_STATE_TOPIC, *self.barge_topics})
+        self.phone_url = ""  # the phone stage's Media Streams socket, as its heartbeat says
 
     def start(self) -> set[str]:
         """Start everything; the names of the tools the conversation offers."""
@@ -199,6 +224,8 @@ class Pipeline:
                 seen.add(message.topic.removeprefix("health."))
             if message.topic == "health.gateway":
                 tools = list(message.data.get("session_tools") or [])
+            if message.topic == "health.phone":
+                self.phone_url = str(message.data.get("url") or "")
             # the tools stage always offers at least one (the example module by default)
             if tools and self.stage_names <= seen:
                 # the launch session ends unused: each scenario then begins on a server session of its own
@@ -341,7 +368,10 @@ class Conversation:
 
     def end(self, store_dir: Path, replies: int) -> None:
         self.pipeline.send(SESSION_END, {"session": self.session, "reason": "eval scenario over"})
+        self.wait_stored(store_dir, replies)
 
+    def wait_stored(self, store_dir: Path, replies: int) -> None:
+        """Until the logger has closed the session and stored a turn for each reply (or a while has passed)."""
         def stored() -> bool:
             meta = load_json(store_dir / "meta.json") or {}
             return bool(meta.get("ended_ns")) and len(load_turns(store_dir)) >= replies
@@ -363,6 +393,75 @@ def converse(pipeline: Pipeline, planned: Planned, session: str) -> Observed:
     replies = len(conversation.spoken_items)
     conversation.end(pipeline.sessions_dir / session, replies)
     return conversation.observed
+
+
+# --- one conversation over the phone ---------------------------------------------------------------
+def line_pcm(wav: Path) -> bytes:
+    """A turn's audio as a phone line carries it: 8 kHz mono s16le (the carrier encodes it μ-law)."""
+    from common import g711
+    from common.resample import float_to_pcm, resample_oneshot
+    from common.speech import read_wav_mono
+
+    samples, rate = read_wav_mono(wav)
+    return float_to_pcm(resample_oneshot(samples, rate, g711.RATE))
+
+
+class PhoneCall(Conversation):
+    """A scenario as one phone call: the fake carrier (its own thread and 20 ms clock) speaks the turns,
+    presses the keys and barges in by what it has played; the bus shows the call's session (the phone
+    stage makes one per call), the played positions and the replies, as it does for the mic."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__(pipeline, session="")  # known once the phone stage has taken the call
+        self.call_sid = ""
+
+    def _pump(self, timeout_ms: int = 50) -> Message | None:
+        message = super()._pump(timeout_ms)
+        if message is not None and message.topic == "phone.started" and message.data.get("call_sid") == self.call_sid:
+            self.session = message.header.session
+        return message
+
+    def run(self, planned: Planned) -> None:
+        from services.serving.call.carrier import CarrierRefused, FakeCarrier, Turn
+
+        turns = [Turn(b"" if wav is None else line_pcm(wav), turn.barge_in_ms, turn.dtmf or "")
+                 for turn, wav in zip(planned.scenario.turns, planned.audio, strict=True)]
+        carrier = FakeCarrier(self.pipeline.phone_url, turns, timeout_s=TURN_TIMEOUT_S * len(turns))
+        self.call_sid = carrier.result.call_sid
+        outcome: dict[str, BaseException] = {}
+
+        def call() -> None:
+            try:
+                asyncio.run(carrier.run())
+            except (TimeoutError, CarrierRefused, OSError, ValueError) as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=call, name="fake-carrier", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            self._pump()
+        error = outcome.get("error")
+        if error is not None and not isinstance(error, TimeoutError):
+            raise EvalError(f"the fake carrier's call to {self.pipeline.phone_url} failed: {error}")
+        if not self.session:
+            raise EvalError(f"the phone stage at {self.pipeline.phone_url} never took the call")
+        result = carrier.result
+        for index, start in enumerate(result.turn_starts_frame, 1):
+            ends = result.turn_ends_frame
+            self.observed.cues[f"{self.session}/{index}"] = {
+                "started": result.frame_ns(start), **({"ended": result.frame_ns(ends[index - 1])}
+                                                      if index <= len(ends) else {})}
+        if error is not None:  # the call ran out of time: the turn it was in, and those never spoken
+            self.observed.timeouts += list(range(max(1, len(result.turn_ends_frame) + 1), len(turns) + 1))
+        # the phone stage ended the session at the hang-up; the logger stores it
+        self.wait_stored(self.pipeline.sessions_dir / self.session, len(self.spoken_items))
+
+
+def call_by_phone(pipeline: Pipeline, planned: Planned) -> tuple[str, Observed]:
+    """The scenario as a phone call; the session the phone stage gave it, and what the bus showed."""
+    call = PhoneCall(pipeline)
+    call.run(planned)
+    return call.session, call.observed
 
 
 # --- matching stored turns to the scenario's turns and checking them -------------------------------

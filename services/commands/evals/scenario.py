@@ -14,7 +14,9 @@
             barge_in_ms: 800        # spoken 800 ms into the previous reply: it must be cut where it was heard
 
 A turn speaks `say` (flite), a `wav`, or the user's audio of a stored conversation (`session` +
-`turn`). Errors name the file and line; everything is checked before anything runs.
+`turn`); over the phone (`voicebus eval --phone`) it may press keys instead (`dtmf: "1#"`), and a
+`barge_in_ms` then presses them that far into the reply. Errors name the file and line; everything
+is checked before anything runs.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class UserTurn(_Strict):
     session: str | None = None
     turn: int | None = Field(None, ge=1)
     capture: str | None = Field(None, description="a `voicebus capture` file: its user audio is spoken")
+    dtmf: str | None = Field(None, pattern=r"^[0-9*#A-D]{1,32}$", description="over the phone: keys to press, "
+                             "e.g. \"1#\" (told to the model as the caller's turn)")
     topic: str = Field("audio.user", description="with capture: the audio topic to take")
     from_s: float = Field(0.0, ge=0, description="with capture: where the turn starts in that audio")
     to_s: float | None = Field(None, gt=0, description="with capture: where it ends (default: the end)")
@@ -111,9 +115,10 @@ class UserTurn(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> UserTurn:
-        sources = [name for name in ("say", "wav", "session", "capture") if getattr(self, name) is not None]
+        sources = [name for name in ("say", "wav", "session", "capture", "dtmf") if getattr(self, name) is not None]
         if len(sources) != 1:
-            raise ValueError(f"a turn speaks exactly one of say, wav, session+turn or capture (got {sources or 'none'})")
+            raise ValueError("a turn speaks exactly one of say, wav, session+turn or capture, or presses dtmf "
+                             f"(got {sources or 'none'})")
         if self.to_s is not None and self.to_s <= self.from_s:
             raise ValueError(f"to_s ({self.to_s}) must come after from_s ({self.from_s})")
         if self.barge_in_after is not None and self.barge_in_ms is None:
@@ -126,6 +131,7 @@ class UserTurn(_Strict):
 
     @property
     def expected_words(self) -> str | None:
+        """What the user's transcript should say (None: nothing to check it against, e.g. keys pressed)."""
         return self.expect.transcript if self.expect.transcript is not None else self.say
 
 

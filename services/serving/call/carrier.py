@@ -11,7 +11,8 @@ codes it played, on the call's timeline), sends DTMF, and says `stop` when it ha
 
 Turns are taken by ear: a sentence is spoken once the reply before it has played out (quiet for
 `REPLY_QUIET_S`) and `pause_s` more; a turn with `barge_in_ms` is spoken that far into the reply
-instead, over it.
+instead, over it. Keys pressed are answered or not (a door may not tell the model): the next turn
+waits for a reply to them at most `KEYS_REPLY_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ FRAME = ms.FRAME_BYTES
 SILENT_FRAME = bytes([g711.SILENCE["pcmu"]]) * FRAME
 REPLY_QUIET_S = 1.5  # nothing held and nothing received this long: the reply has played out
 LEAD_IN_S = 0.5  # silence before the first words: the line is up, the caller has not spoken yet
+KEYS_REPLY_WAIT_S = 8.0  # keys may be answered (a voicebus gateway tells the model) or not: wait this long
 
 
 class CarrierRefused(RuntimeError):
@@ -78,12 +80,14 @@ class CarrierResult:
     marks_echoed: int = 0
     marks_echoed_on_clear: int = 0
     frames_received: int = 0
+    turn_starts_frame: list[int] = field(default_factory=list)  # when each turn's first frame (or key) went
     turn_ends_frame: list[int] = field(default_factory=list)  # when each spoken turn's last frame went
     bad_messages: list[str] = field(default_factory=list)
     closed_by: str = ""
     parameters: dict[str, str] = field(default_factory=dict)  # the TwiML's (a voicebus serve's: its session)
     connect_ms: float = 0.0  # dialled (the webhook posted, or the socket opened) -> `start` sent: the line is live
     started_at: float = 0.0  # monotonic, when frame 0 was due
+    started_ns: int = 0  # the same moment on the wall clock (the bus's clock)
 
     def heard_ms(self) -> list[float]:
         """Per spoken turn: its last frame sent -> the first sample of the next reply played."""
@@ -94,6 +98,10 @@ class CarrierResult:
             if reply is not None:
                 out.append(round(1000 * (reply.first_heard_at - ended), 1))
         return out
+
+    def frame_ns(self, frame: int) -> int:
+        """When frame `frame` was sent, on the wall clock."""
+        return self.started_ns + frame * ms.FRAME_MS * 1_000_000
 
     def heard_pcm(self) -> bytes:
         return g711.decode(bytes(self.heard), "pcmu")
@@ -111,6 +119,7 @@ class FakeCarrier:
         self._short_ms = 0.0  # the last frame played was this much short of 20 ms (it ran dry in it)  # marks after the frame playing now: echoed once it has played out
         self.frame = 0  # frames played (and sent: both run on the one 20 ms clock)
         self.last_audio_at = 0.0  # monotonic: the last frame of reply audio received or played
+        self.said_at = 0.0  # monotonic: when the last turn began to be said (or its keys pressed)
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._sequence = 0
 
@@ -170,6 +179,7 @@ class FakeCarrier:
         quiet_since: float | None = None
         replies_at_turn = 0
         start = self.result.started_at = time.monotonic()
+        self.result.started_ns = time.time_ns()
         while not ws.closed and not receiving.done():
             due = start + self.frame * ms.FRAME_MS / 1000
             if due > time.monotonic():
@@ -193,9 +203,10 @@ class FakeCarrier:
                         outgoing.extend([SILENT_FRAME] * int(LEAD_IN_S * 1000 / ms.FRAME_MS))
                         await self._say(turn, outgoing)
             elif waiting_for in ("reply_end", "hang_up"):
-                # hanging up after the last turn's reply too (a key press expects none)
-                heard_reply = len(self.result.replies) > replies_at_turn or \
-                    (waiting_for == "hang_up" and (not self.turns or bool(self.turns[-1].dtmf)))
+                # hanging up after the last turn's reply too
+                pressed = self.turns[turn_index - 1].dtmf if 0 < turn_index <= len(self.turns) else ""
+                unanswered_keys = bool(pressed) and now - self.said_at >= KEYS_REPLY_WAIT_S
+                heard_reply = len(self.result.replies) > replies_at_turn or not self.turns or unanswered_keys
                 quiet = not self.held and now - self.last_audio_at >= REPLY_QUIET_S
                 if heard_reply and quiet:
                     quiet_since = quiet_since or now
@@ -222,6 +233,8 @@ class FakeCarrier:
             self.frame += 1
 
     async def _say(self, turn: Turn, outgoing: deque[bytes]) -> None:
+        self.said_at = time.monotonic()
+        self.result.turn_starts_frame.append(self.frame if turn.dtmf else self.frame + len(outgoing))  # keys: now
         if turn.dtmf:
             for digit in turn.dtmf:
                 await self._send({"event": "dtmf", "dtmf": {"track": "inbound_track", "digit": digit}})

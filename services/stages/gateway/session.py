@@ -46,6 +46,8 @@ class SessionSettings:
     # speech over a reply pauses it, and what was said decides (interruptions.py); the server then neither
     # cancels nor answers on its own: create_response and interrupt_response are off, the gateway decides
     false_interruptions: bool = False
+    # keys a caller pressed (phone.dtmf) are told to the model as a user turn (keypad.py); None: not told
+    keys_wait_s: float | None = 1.5
 
 
 def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from services.stages.gateway.events import parse_server_event, strip_audio
 from services.stages.gateway.function_calls import FunctionCalls, error_output, output_item
 from services.stages.gateway.idle import IdleWatch
 from services.stages.gateway.interruptions import InterruptionPolicy
+from services.stages.gateway.keypad import KeyPad, keys_text
 from services.stages.gateway.session import AUDIO_FORMATS, SessionSettings, replay_item, session_update
 from services.stages.gateway.socket import PAUSED_REASON, RealtimeSocket, SocketEvent
 
@@ -52,13 +53,13 @@ log = logging.getLogger("voicebus.gateway")
 
 class GatewayStage(Stage):
     name = "gateway"
-    subscriptions = ["audio.user", "player.state", "gateway.send", "tools.available", "tool.result"]
+    subscriptions = ["audio.user", "player.state", "gateway.send", "tools.available", "tool.result", "phone.dtmf"]
     deadline_tick_s = 0.05
 
     @property
     def tick_interval_s(self) -> float | None:  # type: ignore[override]
         """Tick at 20 Hz only while a deadline runs (a tool call, a cut waiting on the player): idle, none."""
-        if self.calls.pending or self.pending_truncate is not None or self.held is not None:
+        if self.calls.pending or self.pending_truncate is not None or self.held is not None or self.keypad.keys:
             return self.deadline_tick_s
         return IDLE_TICK_S if self.idle is not None and not self.idle.ended else None
 
@@ -89,6 +90,7 @@ class GatewayStage(Stage):
         self.user_speaking = False
         self.policy = InterruptionPolicy() if settings.false_interruptions else None
         self.held: dict[str, Any] | None = None  # a reply paused while the user speaks over it (policy on)
+        self.keypad = KeyPad(settings.keys_wait_s or 0.0)
         self.create_after_done = False  # the user's turn wants a response once the one running is done
         self.line_heard_at = 0.0  # the last user audio: a line with nobody on it (a web stage between callers) is not idle
         self.ws_log_path = ws_log
@@ -101,7 +103,8 @@ class GatewayStage(Stage):
         self.counts = {"appended": 0, "dropped_disconnected": 0, "unknown_events": 0, "server_errors": 0,
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
                        "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0, "conversations": 1,
-                       "played_to_end": 0, "audio_converted": 0}
+                       "played_to_end": 0, "audio_converted": 0,
+                       "key_turns": 0, "keys_refused": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,6 +137,7 @@ class GatewayStage(Stage):
         """A conversation ended: close the server session (nothing of it may reach the next caller).
         One began: connect afresh; a new session on a server session already used is renewed."""
         self.held, self.create_after_done = None, False
+        self.keypad.take()  # keys of the last caller are not the next one's
         if self.idle is not None:  # a new conversation, or none: nothing asked yet
             self.idle = IdleWatch(self.idle.timeout_s, self.idle.prompt, self.idle.max_prompts)
         if topic == SESSION_END:
@@ -217,6 +221,8 @@ class GatewayStage(Stage):
             self._tools_available(message.data.get("tools") or [], str(message.data.get("instance", "")))
         elif message.topic == "tool.result":
             self._tool_result(message.data)
+        elif message.topic == "phone.dtmf":
+            self._key(message.data.get("digit"), message.header.t_ns)
         elif message.topic == "player.state":
             self.tracker.on_player_state(message.data, time.monotonic())
             if self.pending_truncate is not None and message.data.get("flushed"):
@@ -465,15 +471,47 @@ class GatewayStage(Stage):
             log.info(kv("no_follow_up", response_id=response_id, reason=repr(why)))
             self._publish_event("rt.gateway.follow_up_skipped", {"response_id": response_id, "reason": why})
 
+    # --- keys pressed on a phone ---------------------------------------------------------------
+    def _key(self, digit: Any, t_ns: int) -> None:
+        if self.settings.keys_wait_s is None:
+            return
+        if not isinstance(digit, str) or len(digit) != 1 or digit not in "0123456789*#ABCD":
+            self.counts["keys_refused"] += 1
+            self._warn.warning("key", kv("key_refused", digit=repr(digit)[:20], reason="not a DTMF key"))
+            return
+        if not self.keypad.keys:  # the first key of a turn: the caller has taken the turn, as speech does
+            if self.idle is not None:
+                self.idle.heard_user()
+            self._barge_in(by_keys=True)
+        keys = self.keypad.press(digit, time.monotonic(), t_ns)
+        if keys:
+            self._keys_turn(keys)
+
+    def _keys_turn(self, keys: str) -> None:
+        """The keys typed, as the user's turn: a text item, and a response to it (after the running one)."""
+        text = keys_text(keys)
+        self.counts["key_turns"] += 1
+        log.info(kv("keys", keys=keys))
+        self._publish_event("rt.gateway.keys", {"keys": keys, "text": text, "last_key_ns": self.keypad.last_t_ns})
+        self.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                                "content": [{"type": "input_text", "text": text}]}})
+        if self.response_active is None:
+            self.send({"type": "response.create"})
+        else:
+            self.create_after_done = True
+
     # --- barge-in --------------------------------------------------------------------------
-    def _barge_in(self) -> None:
+    def _barge_in(self, by_keys: bool = False) -> None:
+        if by_keys and self.response_active is not None and self.tracker.audible_item() is None:
+            self.send({"type": "response.cancel"})  # made, not heard yet: the keys replace what it answers
         item = self.tracker.audible_item()
         if item is None or item.truncated:
             return
         self.counts["barge_ins"] += 1
-        self._publish_event("player.flush", {"reason": "barge_in", "item_id": item.item_id})
-        # with interrupt_response the server has cancelled already (as the Agents SDK assumes too)
-        server_cancels = self.settings.interrupt_response and self.policy is None  # else: the gateway decides
+        self._publish_event("player.flush", {"reason": "keys" if by_keys else "barge_in", "item_id": item.item_id})
+        # with interrupt_response the server has cancelled already (as the Agents SDK assumes too); it
+        # never does for keys, which it does not hear
+        server_cancels = self.settings.interrupt_response and self.policy is None and not by_keys
         cancel = self.response_active is not None and not server_cancels
         if cancel:
             self.send({"type": "response.cancel"})
@@ -563,6 +601,9 @@ class GatewayStage(Stage):
 
     def tick(self) -> None:
         self._check_idle()
+        keys = self.keypad.due(time.monotonic())
+        if keys:
+            self._keys_turn(keys)
         held = self.held
         # still talking past the longest backchannel (and the silence the server waits before it says stopped)
         if held is not None and self.policy is not None and held.get("speech_s") is None and self.policy.too_long(

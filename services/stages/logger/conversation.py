@@ -32,6 +32,7 @@ DEFAULT_PRICES = {"audio_in": 32.0, "audio_in_cached": 0.40, "text_in": 4.0, "te
 class Turn:
     user_item_id: str = ""
     user_transcript: str | None = None
+    keys: str = ""  # a caller's turn typed on the phone keypad (DTMF), not spoken
     audio_start_ms: int | None = None
     audio_end_ms: int | None = None
     user_pcm: bytes = b""
@@ -167,6 +168,10 @@ class ConversationBuilder:
             session = event.get("session", {})
             self.session_facts.update(model=session.get("model"), protocol=data.get("protocol"),
                                       server_session_id=session.get("id"))
+        elif kind == "gateway.keys":  # keys typed on a phone, told to the model as the caller's turn
+            turn = Turn(user_transcript=str(data.get("text") or ""), keys=str(data.get("keys") or ""),
+                        speech_end_ns=data.get("last_key_ns") or t_ns)
+            self.turns.append(turn)
         elif kind == "input_audio_buffer.speech_started":
             turn = Turn(user_item_id=event.get("item_id", ""), audio_start_ms=event.get("audio_start_ms"))
             self.turns.append(turn)
@@ -371,7 +376,7 @@ class ConversationBuilder:
         usage = add_usage(turn.usage, turn.tool_usage)
         record = {
             "key": turn.response_id or f"user:{turn.user_item_id}", "audio_rate": self.rate,
-            "user": {"item_id": turn.user_item_id, "transcript": turn.user_transcript,
+            "user": {"item_id": turn.user_item_id, "transcript": turn.user_transcript, **({"keys": turn.keys} if turn.keys else {}),
                      "audio_start_ms": turn.audio_start_ms, "audio_end_ms": turn.audio_end_ms,
                      "audio_ms": round(len(turn.user_pcm) / self.bytes_per_ms, 1)},
             "assistant": {"response_id": turn.response_id, "item_id": turn.item_id,

@@ -113,7 +113,6 @@ class PhoneLine(LoopServer, RemoteOutput):
             asyncio.run_coroutine_threadsafe(self._hang_up(self.call, reason), self.loop)
 
     # --- the loop's thread -------------------------------------------------------------------------
-    # --- the loop's thread -------------------------------------------------------------------------
     async def _serve(self) -> None:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get(MEDIA_PATH, self._media)

@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from common import g711
 from common.audio_devices import prioritize_audio_process
-from common.config import new_session_id
 from common.envelope import AudioHeader, Message
 from common.log import kv
 from common.stage import SESSION_BEGIN, SESSION_END
+from services.stages.caller import CallerStage
 from services.stages.phone.line import LEAD_MS, PhoneLine
 from services.stages.playback import PlaybackBuffer, Segment
-from services.stages.player import PlayerStage
 
 if TYPE_CHECKING:
     from services.stages.resampler import ResampleStage
@@ -38,28 +37,24 @@ MAX_GAP_FILL_MS = 1000  # frames the carrier never sent: filled with silence up 
 DTMF_TOPIC = "phone.dtmf"
 
 
-class PhoneStage(PlayerStage):
+class PhoneStage(CallerStage):
     name = "phone"
     subscriptions = ["audio.assistant", "player.flush", "player.hold", "rt.gateway.idle_end"]
     publishes_from_thread = True  # caller audio goes out from the phone loop's thread
 
     def __init__(self, host: str, port: int, session_format: str = "pcmu", jitter_ms: int = 40,
                  lead_ms: int = LEAD_MS, token: str = "", public_url: str = "") -> None:
-        super().__init__(sink=None, rate=g711.RATE, jitter_ms=jitter_ms)  # type: ignore[arg-type]
+        super().__init__(sink=None, rate=g711.RATE, jitter_ms=jitter_ms)
         self.buffer = PlaybackBuffer(g711.RATE, jitter_ms, sample_bytes=1)  # the carrier's μ-law codes
         self.session_format = session_format  # the gateway's --audio-format: pcmu passes through, pcm16 converts
         self.sink = self.line = PhoneLine(host, port, self.buffer, on_audio=self._caller_audio,
                                           on_call=self._call_event, on_dtmf=self._dtmf, token=token,
                                           public_url=public_url, lead_ms=lead_ms)
         self.resampler: ResampleStage | None = None  # pcm16 session: the caller's 8 kHz -> 24 kHz
-        self.conversations = 0
         self.mic_pts = 0
         self._next_pts: int | None = None  # the next frame's first sample, if none is lost
         self._clock_offset_ns: int | None = None  # arrival - carrier time, least delayed frame so far
         self.converted_in = self.converted_out = self.passed_in = self.passed_out = 0
-        self.other_session_dropped = 0
-        self.unheard_dropped = 0
-        self._on_line = False
         self._reported_played = 0.0  # the played position the last player.state said
 
     # --- runner thread --------------------------------------------------------------------------
@@ -76,14 +71,9 @@ class PhoneStage(PlayerStage):
         log.info(kv("serving", url=self.line.url, session_format=self.session_format, **priority))
 
     def handle(self, message: Message) -> None:
-        topic = message.topic
-        if message.header.session != self.out.stamper.session:
-            self.other_session_dropped += 1  # the last call's reply still arriving: not for this one
+        if self.not_for_this_caller(message):
             return
-        if topic == "audio.assistant" and not self._on_line:
-            self.unheard_dropped += 1
-            return
-        if topic == "rt.gateway.idle_end":
+        if message.topic == "rt.gateway.idle_end":
             self.line.hang_up(str(message.data.get("reason") or "nobody spoke"))
             return
         super().handle(message)
@@ -134,28 +124,25 @@ class PhoneStage(PlayerStage):
             self.resampler.stop()
 
     def counters(self) -> dict[str, Any]:
-        return {**super().counters(), **self.line.counts, "on_line": self._on_line, "conversations": self.conversations,
+        return {**super().counters(), **self.line.counts, **self.caller_counters(), "url": self.line.url,
+                "on_line": self.caller_on_line,
                 "audio_passed_in": self.passed_in, "audio_passed_out": self.passed_out,
-                "audio_converted_in": self.converted_in, "audio_converted_out": self.converted_out,
-                "other_session_dropped": self.other_session_dropped, "unheard_dropped": self.unheard_dropped}
+                "audio_converted_in": self.converted_in, "audio_converted_out": self.converted_out}
 
     # --- phone loop thread ------------------------------------------------------------------------
     def _call_event(self, kind: str, data: dict[str, Any]) -> None:
         assert self.thread_out is not None
         if kind == "started":
             self._next_pts, self._clock_offset_ns = None, None
-            session = self.out.stamper.session if self.conversations == 0 else new_session_id()
-            self.conversations += 1
-            self.adopt_session(session)
-            self._on_line = True
+            session = self.caller_arrived()
             self.thread_out.event("phone.started", data)
             self.thread_out.event(SESSION_BEGIN, {"session": session, "reason": "phone call connected"})
             log.info(kv("call_begins", session=session, call_sid=data.get("call_sid"), remote=data.get("remote")))
         else:
-            self._on_line = False
+            session = self.caller_left()
             self.thread_out.event("phone.ended", data)
-            self.thread_out.event(SESSION_END, {"session": self.out.stamper.session, "reason": data.get("reason")})
-            log.info(kv("call_ended", session=self.out.stamper.session, reason=repr(data.get("reason")),
+            self.thread_out.event(SESSION_END, {"session": session, "reason": data.get("reason")})
+            log.info(kv("call_ended", session=session, reason=repr(data.get("reason")),
                         duration_s=data.get("duration_s")))
 
     def _dtmf(self, digit: str) -> None:

@@ -33,12 +33,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from common.audio_devices import prioritize_audio_process
-from common.config import new_session_id
 from common.envelope import Message
 from common.log import kv
 from common.silence import SilenceBatcher
 from common.stage import SESSION_BEGIN, SESSION_END
-from services.stages.player import PlayerStage
+from services.stages.caller import CallerStage
 from services.stages.resampler import ResampleStage
 from services.stages.web import reports
 from services.stages.web.opus import MicFrame, RtpTimeline, as_mic_frame
@@ -65,7 +64,7 @@ PAGE_EVENTS = {
 }
 
 
-class WebStage(PlayerStage):
+class WebStage(CallerStage):
     name = "web"
     subscriptions = ["audio.assistant", "player.flush", "player.hold", "rt.", "health.logger", "tool.call", "tool.result"]
     publishes_from_thread = True  # mic frames go out from the web loop's thread
@@ -74,7 +73,7 @@ class WebStage(PlayerStage):
                  jitter_ms: int = 40, rx_prefetch: int = RX_PREFETCH_FRAMES, via_resampler: bool = False,
                  aiortc_encoder: bool = False, aiortc_decoder: bool = False,
                  silence: dict[str, Any] | None = None) -> None:
-        super().__init__(sink=None, rate=rate, jitter_ms=jitter_ms)  # type: ignore[arg-type]
+        super().__init__(sink=None, rate=rate, jitter_ms=jitter_ms)
         self.silence_settings = silence or {}  # SilenceBatcher's keyword arguments; {"batch_ms": 0}: off
         self.batcher: SilenceBatcher | None = None  # for the caller's current rate and channels (web loop)
         # converts the browser's mic to `audio.user` in this process (None: `audio.mic` for a resample stage)
@@ -91,12 +90,6 @@ class WebStage(PlayerStage):
         self._clock_offset_ns: int | None = None  # arrival - RTP time, least delayed frame so far
         self._speech_end_ns: int | None = None
         self._latency_item: str | None = None
-        self.conversations = 0
-        self.other_session_dropped = 0  # messages of a conversation that is over, kept from the page
-        self.unheard_dropped = 0  # assistant audio that arrived while no caller was on the line
-        # set (web loop's thread) once the caller's session is adopted, cleared when it is gone; not
-        # `link.client`, which is set at the offer, while the last caller's session is still this one
-        self._caller_on_line = False
         self._reply_done_item: str | None = None  # the last reply the server finished, until it has all been sent
 
     # --- runner thread --------------------------------------------------------------------------
@@ -114,14 +107,8 @@ class WebStage(PlayerStage):
 
     def handle(self, message: Message) -> None:
         topic = message.topic
-        if message.header.session != self.out.stamper.session and not topic.startswith("health."):
-            self.other_session_dropped += 1  # the last caller's reply still arriving: not for this one
-            return
-        if topic == "audio.assistant" and not self._caller_on_line:
-            # the rest of a reply to a caller who vanished (its session is still this one until the next
-            # caller): nobody hears it, so it is not played, nor reported ten times a second
-            self.unheard_dropped += 1
-            return
+        if self.not_for_this_caller(message):  # the caller on the line is `caller_on_line`, not `link.client`,
+            return  # which is set at the offer, while the last caller's session is still this one
         if topic in ("audio.assistant", "player.flush", "player.hold"):
             super().handle(message)
             if topic == "player.flush":
@@ -210,8 +197,7 @@ class WebStage(PlayerStage):
         return {**super().counters(), **self.link.counts, **resampled, **batched,
                 "connected": self.link.client is not None, "mic_frames": self.mic_frames, "mic_gap_fills": self.mic_gap_fills,
                 "mic_decode_errors": self.link.decode_errors,
-                "conversations": self.conversations, "other_session_dropped": self.other_session_dropped,
-                "unheard_dropped": self.unheard_dropped,
+                **self.caller_counters(),
                 "browser_delay_ms": round(self.link.stats.delay_ms, 1),
                 "late_frames": track.late_frames if track else 0,
                 "opus_frames_encoded": track.encoder.frames_encoded if track and track.encoder else 0,
@@ -229,21 +215,18 @@ class WebStage(PlayerStage):
                 self.batcher.reset()
             self.buffer.reset()  # nothing of a previous browser's reply is left to send to this one
             self._reply_done_item = None
-            session = self.out.stamper.session if self.conversations == 0 else new_session_id()
-            self.conversations += 1
-            self.adopt_session(session)  # at once: this thread publishes the new caller's mic frames
-            self._caller_on_line = True
+            session = self.caller_arrived()  # adopted at once: this thread publishes the caller's mic frames
             self.link.hello = self._hello(session)
             self.thread_out.event(f"web.{kind}", data)
             self.thread_out.event(SESSION_BEGIN, {"session": session, "reason": "browser connected"})
             log.info(kv("conversation_begins", session=session, remote=data.get("remote")))
         else:
-            self._caller_on_line = False
+            session = self.caller_left()
             self._flush_mic()  # the caller's last silence belongs to their conversation
             self.buffer.reset()  # no more state reports about an item nobody is listening to
             self.thread_out.event(f"web.{kind}", data)
-            self.thread_out.event(SESSION_END, {"session": self.out.stamper.session, "reason": data.get("reason")})
-            log.info(kv("conversation_ended", session=self.out.stamper.session, reason=repr(data.get("reason"))))
+            self.thread_out.event(SESSION_END, {"session": session, "reason": data.get("reason")})
+            log.info(kv("conversation_ended", session=session, reason=repr(data.get("reason"))))
 
     def _mic_frame(self, frame: AudioFrame | MicFrame, arrival_ns: int, settings: dict[str, Any]) -> None:
         """One decoded frame -> `audio.user` (or `audio.mic`), timed from RTP, lost packets filled."""
