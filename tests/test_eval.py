@@ -254,3 +254,25 @@ def test_a_phone_scenario_presses_keys_and_a_key_cuts_a_reply_where_the_carrier_
         assert {t["audio_rate"] for t in stored} == {8000}
         assert [t["user"].get("keys") for t in stored][-1] in ("2#", "0")
     assert len({s["session"] for s in run["scenarios"]}) == 2
+
+
+def test_a_backchannel_scenario_is_not_interrupted_with_the_policy_and_is_without_it(tmp_path):
+    """`settings: {false_interruptions: true}` is the gateway's for that scenario alone: "yeah" over the story
+    leaves it going (resumed, never cut, played to its end); the same turn in a scenario without it is cut,
+    and `not_interrupted` says so."""
+    without = tmp_path / "without.yaml"
+    without.write_text("scenarios:\n  - name: no policy\n    turns:\n      - say: please tell me a long story about "
+                       "a little robot who lived in a quiet town by the sea\n      - say: yeah\n        barge_in_ms: "
+                       "1000\n        expect: {not_interrupted: true}\n")
+    env = _env(tmp_path / "home")
+    result = _eval(env, str(EXAMPLES / "turn-taking.yaml"), str(without), "--no-upload")
+    assert result.returncode == 1, result.stdout + result.stderr
+    run = json.loads(next((tmp_path / "home" / "voicebus" / "evals").glob("*/run.json")).read_text())
+    outcome = {s["name"]: s for s in run["scenarios"]}
+    assert outcome["a backchannel does not stop the story"]["passed"]
+    assert outcome["stop please still stops it"]["passed"]
+    checks = {c["name"]: c for c in outcome["a backchannel does not stop the story"]["turns"][1]["checks"]}
+    assert checks["reply resumed"]["detail"].endswith("paused, resumed")
+    failed = {c["name"]: c for c in outcome["no policy"]["turns"][1]["checks"]}
+    assert failed["reply not interrupted"]["passed"] is False and failed["reply resumed"]["passed"] is False
+    assert "x reply not interrupted: cut at" in result.stdout

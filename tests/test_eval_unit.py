@@ -272,3 +272,19 @@ def test_a_keys_turn_is_a_phone_turn_with_nothing_to_transcribe(tmp_path):
                     "        barge_in_after: rt.response.created\n")
     with pytest.raises(ScenarioError, match="over the phone a barge-in is timed by what the caller has heard"):
         plan([path], tmp_path, Settings(phone=True))
+
+
+def test_scenario_settings_and_not_interrupted_are_checked_before_anything_runs(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("scenarios:\n  - name: a\n    settings: {false_interruptions: true, eagerness: low}\n"
+                    "    turns:\n      - say: hi\n      - say: yeah\n        barge_in_ms: 900\n"
+                    "        expect: {not_interrupted: true}\n")
+    scenario = load_scenarios(path).scenarios[0]
+    assert scenario.settings.overrides() == {"false_interruptions": True, "eagerness": "low"}
+    path.write_text("scenarios:\n  - name: a\n    settings: {audio_format: pcmu}\n    turns:\n      - say: hi\n")
+    with pytest.raises(ScenarioError, match=r"s.yaml:3: scenarios\[0\].settings.audio_format: Extra inputs"):
+        load_scenarios(path)
+    path.write_text("scenarios:\n  - name: a\n    turns:\n      - say: hi\n      - say: yeah\n"
+                    "        expect: {not_interrupted: true}\n")
+    with pytest.raises(ScenarioError, match="turn 2: not_interrupted is about a reply spoken over: give barge_in_ms"):
+        load_scenarios(path)

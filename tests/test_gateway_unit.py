@@ -408,3 +408,24 @@ def test_keys_pressed_on_a_phone_cut_the_reply_and_become_one_user_turn_for_the_
     stage.keypad.last_at -= 10
     stage.tick()
     assert not sent and stage.counts["key_turns"] == 0
+
+
+def test_a_conversation_may_be_given_its_own_turn_taking_and_a_bad_setting_is_refused():
+    from common.envelope import Stamper
+    from common.stage import SESSION_BEGIN, SESSION_END
+
+    stage, published, sent = _gateway(interrupt_response=True)
+    eval_ = Stamper("eval", "s0")
+    stage.handle(eval_.event("gateway.configure", {"session": "s1", "settings": {
+        "false_interruptions": True, "vad_type": "semantic_vad", "eagerness": "low", "idle_timeout_s": 5}}, 1))
+    stage.handle(eval_.event("gateway.configure", {"settings": {"audio_format": "pcmu"}}, 2))  # not a conversation's
+    stage.handle(eval_.event("gateway.configure", {"settings": {"eagerness": "sometimes"}}, 3))
+    assert stage.counts["configurations_refused"] == 2
+    stage.on_session(SESSION_BEGIN, "s1", "s0")  # the same server session, set anew
+    assert stage.policy is not None and stage.idle is not None and stage.settings.eagerness == "low"
+    update = [e for e in sent if e["type"] == "session.update"][-1]["session"]["audio"]["input"]["turn_detection"]
+    assert update == {"type": "semantic_vad", "eagerness": "low", "create_response": False,
+                      "interrupt_response": False}
+    stage.on_session(SESSION_END, "s1", "s1")
+    stage.on_session(SESSION_BEGIN, "s2", "s1")  # given nothing: the command line's settings again
+    assert stage.policy is None and stage.idle is None and stage.settings == stage.base_settings

@@ -732,3 +732,40 @@ def test_between_replies_the_track_repeats_the_settled_silence_packet_and_the_br
     silent_frames = sum(pcm == bytes(len(pcm)) for pcm in frames)
     assert skipping.silent_frames_repeated >= silent_frames - 60  # a few dozen frames to settle, each time
     assert skipping.frames_encoded + skipping.silent_frames_repeated == len(frames)
+
+
+def test_a_backchannel_in_the_browser_resumes_the_reply_and_stop_please_cuts_it(procs, client_factory, simulator,
+                                                                                  tmp_path):
+    """gateway --false-interruptions through Chromium: "yeah" over the story pauses it at the page and
+    resumes it where it paused (nothing truncated); "stop please" later pauses it, is judged an
+    interruption, and cuts it at the played position the web stage reported at the flush."""
+    sim = _story_sim(simulator, tmp_path)
+    client = client_factory([*PREFIXES, "player.hold"])
+    url = start_web_pipeline(procs, client, sim, tmp_path / "traces", gateway_args=("--false-interruptions",))
+    speech = compose([("silence", LEAD_S), ("say", QUESTION), ("silence", 5.0), ("say", "yeah"), ("silence", 3.0),
+                      ("say", "stop please"), ("silence", 6.0)], 48000)
+    wav = write_wav(tmp_path / "mic.wav", speech, 48000)
+    with Chromium(url, fake_mic_wav=wav, log_path=tmp_path / "chromium.log") as page:
+        page.evaluate("voicebus.connect()")
+        cut = client.wait_for(lambda m: m.topic == "rt.gateway.interruption" and m.data["decision"] == "interrupted",
+                              timeout_s=60)
+        truncate = client.wait_for(lambda m: m.topic == "rt.sent.conversation.item.truncate", timeout_s=10)
+        flushed = client.wait_for(lambda m: m.topic == "player.state" and m.data.get("flushed"), timeout_s=10)
+        error = page.evaluate("voicebus.error")
+
+    assert error == ""
+    reply = truncate.data["event"]["item_id"]
+    decisions = [(m.data["decision"], m.data["item_id"]) for m in _of(client, "rt.gateway.interruption")]
+    assert decisions == [("paused", reply), ("resumed", reply), ("paused", reply), ("interrupted", reply)], decisions
+    resumed = next(m for m in _of(client, "rt.gateway.interruption") if m.data["decision"] == "resumed")
+    assert "stop" in cut.data["transcript"], cut.data
+    # nothing was cut for the backchannel: the one truncate came after the interruption
+    assert len(_of(client, "rt.sent.conversation.item.truncate")) == 1 and truncate.header.t_ns > cut.header.t_ns
+    assert flushed.header.src == "web" and abs(truncate.data["event"]["audio_end_ms"] - flushed.data["played_ms"]) <= 40
+    # while held the page's position stood still; after "resumed" the reply played on from there
+    states = [m for m in _of(client, "player.state") if m.header.src == "web" and m.data.get("item_id") == reply]
+    held = [m.data["played_ms"] for m in states if m.data.get("held") and m.header.t_ns < resumed.header.t_ns]
+    after = [m.data["played_ms"] for m in states if not m.data.get("held")
+             and resumed.header.t_ns < m.header.t_ns < cut.header.t_ns]
+    assert held and max(held) - min(held) <= 150, held  # at most what the browser held already drains
+    assert after and max(after) > max(held) + 500, (held, after)

@@ -75,7 +75,9 @@ def check_turn(turn: UserTurn, stored: dict[str, Any] | None, interruption: Inte
                judge=None) -> list[Check]:
     """Every expectation of `turn` against its stored record (None: no turn was heard for it)."""
     if stored is None:
-        return [Check("turn heard", False, "the server heard no turn for this speech (no transcript, no reply)")]
+        missing = Check("turn heard", False, "the server heard no turn for this speech (no transcript, no reply)")
+        # what it did to the reply spoken over is known all the same
+        return [missing, *(_not_interrupted_checks(interruption) if turn.expect.not_interrupted else [])]
     expect = turn.expect
     heard = stored["assistant"].get("transcript_heard") or ""
     tools = stored.get("tools") or []
@@ -103,12 +105,34 @@ def check_turn(turn: UserTurn, stored: dict[str, Any] | None, interruption: Inte
                             and latency <= expect.latency_ms,
                             f"{latency:.0f} ms speech end -> first reply sample played" if latency is not None
                             else "no reply was played", latency))
-    if turn.barge_in_ms is not None:
+    if turn.barge_in_ms is not None and turn.expect.not_interrupted:
+        checks += _not_interrupted_checks(interruption)
+    elif turn.barge_in_ms is not None:
         checks += _barge_in_checks(turn, interruption)
     if expect.judge is not None:
         checks.append(judge(expect.judge, stored) if judge is not None else
                       Check(f"judge: {expect.judge}", None, "not run: no judge model (offline)"))
     return checks
+
+
+PLAYED_OUT_MS = 60.0  # a reply played to within this of its end was heard to its end
+
+
+def _not_interrupted_checks(interruption: Interruption | None) -> list[Check]:
+    """Speech over the reply before this turn (a backchannel) left it going: not cut, weighed and resumed
+    (the gateway's decision, in the trace), and played to its end."""
+    spoken_over = interruption.turn if interruption is not None else None
+    if spoken_over is None:
+        return [Check("reply not interrupted", False, "no reply before this turn was stored")]
+    assistant = spoken_over["assistant"]
+    played, generated = assistant.get("played_ms") or 0.0, assistant.get("generated_ms") or 0.0
+    decisions = [e.get("decision") for e in spoken_over.get("events") or [] if e.get("kind") == "interruption"]
+    return [Check("reply not interrupted", not assistant.get("barge_in") and interruption.played_ms_at_flush is None,
+                  f"cut at {played:.0f} of {generated:.0f} ms" if assistant.get("barge_in") else "not cut"),
+            Check("reply resumed", "resumed" in decisions and "interrupted" not in decisions,
+                  f"the gateway's decisions on it: {', '.join(map(str, decisions)) or 'none'}"),
+            Check("reply played to its end", played >= generated - PLAYED_OUT_MS,
+                  f"played {played:.0f} of {generated:.0f} ms", round(generated - played, 1))]
 
 
 def _barge_in_checks(turn: UserTurn, interruption: Interruption | None) -> list[Check]:

@@ -53,6 +53,7 @@ from services.commands.evals.scenario import (
 )
 from services.launcher import LauncherError, ProcessSpec, Supervisor, default_zygote
 from services.pipeline import EXAMPLE_TOOLS, simulator_spec
+from services.stages.gateway.session import ConversationSettings
 from services.stages.logger.store import load_json, load_turns
 from services.stages.mic import CUE_STATE_TOPIC, CUE_TOPIC
 
@@ -61,6 +62,7 @@ READY_TIMEOUT_S = 60.0
 TURN_TIMEOUT_S = 60.0
 STORE_TIMEOUT_S = 15.0
 CUE_LEAD_NS = 20_000_000  # a cue takes effect at the next 20 ms frame
+NO_REPLY_WAIT_NS = 3_000_000_000  # a turn that expects no reply: an answer that comes anyway begins within this
 
 
 class EvalError(click.ClickException):
@@ -118,6 +120,9 @@ def plan(files: list[Path], staging_audio: Path, settings: Settings) -> list[Pla
                 if turn.dtmf is not None and not settings.phone:
                     raise ScenarioError(f"{where}: presses keys (dtmf), which only a phone line carries: run "
                                         "`voicebus eval --phone`")
+                if turn.expect.not_interrupted and settings.phone:
+                    raise ScenarioError(f"{where}: not_interrupted is not for a phone call yet: a held reply is not "
+                                        "paused on the line (what was sent plays on); run it without --phone")
                 if turn.barge_in_after is not None and settings.phone:
                     raise ScenarioError(f"{where}: barge_in_after times from a bus topic; over the phone a barge-in "
                                         "is timed by what the caller has heard: use barge_in_ms")
@@ -307,7 +312,9 @@ class Conversation:
             self._pump()
         return done()
 
-    def begin(self) -> None:
+    def begin(self, settings: ConversationSettings | None = None) -> None:
+        if settings is not None:
+            self.pipeline.send("gateway.configure", {"session": self.session, "settings": settings.overrides()})
         self.pipeline.send(SESSION_BEGIN, {"session": self.session, "reason": "eval scenario"})
         if not self._until(lambda: self.session_ready, 30):
             raise EvalError(f"{self.session}: no Realtime session within 30 s of session.begin")
@@ -355,12 +362,17 @@ class Conversation:
         while time.time_ns() < due_ns:
             self._pump(max(1, min(50, (due_ns - time.time_ns()) // 1_000_000)))
 
-    def wait_reply_done(self, cue: str, index: int) -> None:
-        """Until the reply to `cue` has been played out (a tool call's follow-up answer included)."""
+    def wait_reply_done(self, cue: str, index: int, reply_expected: bool = True) -> None:
+        """Until the reply to `cue` has been played out (a tool call's follow-up answer included). A turn
+        that expects none of its own (a backchannel): until every reply begun has played out or been cut."""
         def done() -> bool:
             started = self.observed.cues.get(cue, {}).get("started", 0)
             replies = {item for item in self.spoken_items if self.first_delta_ns.get(item, 0) > started}
             over = self.finished_items | set(self.observed.played_at_flush)  # played out, or cut by a barge-in
+            if not reply_expected:  # and long enough after it for an answer it should not get to begin
+                ended = self.observed.cues.get(cue, {}).get("ended")
+                return ended is not None and time.time_ns() - ended >= NO_REPLY_WAIT_NS \
+                    and set(self.items_started) <= over and replies <= over
             return "ended" in self.observed.cues.get(cue, {}) and bool(replies) and replies <= over
 
         if not self._until(done, TURN_TIMEOUT_S):
@@ -381,15 +393,16 @@ class Conversation:
 
 def converse(pipeline: Pipeline, planned: Planned, session: str) -> Observed:
     conversation = Conversation(pipeline, session)
-    conversation.begin()
+    conversation.begin(planned.scenario.settings)
     turns = planned.scenario.turns
     for index, wav in enumerate(planned.audio, 1):
+        assert wav is not None  # keys (dtmf) are refused without --phone
         cue = conversation.speak(index, wav)
         following = turns[index] if index < len(turns) else None
         if following is not None and following.barge_in_ms is not None:
             conversation.wait_reply_started(cue, following.barge_in_ms, following.barge_in_after, index)
         else:
-            conversation.wait_reply_done(cue, index)
+            conversation.wait_reply_done(cue, index, reply_expected=not turns[index - 1].expect.not_interrupted)
     replies = len(conversation.spoken_items)
     conversation.end(pipeline.sessions_dir / session, replies)
     return conversation.observed
@@ -428,6 +441,8 @@ class PhoneCall(Conversation):
                  for turn, wav in zip(planned.scenario.turns, planned.audio, strict=True)]
         carrier = FakeCarrier(self.pipeline.phone_url, turns, timeout_s=TURN_TIMEOUT_S * len(turns))
         self.call_sid = carrier.result.call_sid
+        if planned.scenario.settings is not None:  # for the conversation the call is about to begin
+            self.pipeline.send("gateway.configure", {"settings": planned.scenario.settings.overrides()})
         outcome: dict[str, BaseException] = {}
 
         def call() -> None:

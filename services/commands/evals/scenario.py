@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.speech import FLITE_VOICES
+from services.stages.gateway.session import ConversationSettings
 
 MAX_SCENARIO_FILE_BYTES = 1024 * 1024  # scenario files are hand-written: a megabyte is far past any
 
@@ -74,6 +75,8 @@ class Expect(_Strict):
     latency_ms: float | None = Field(None, gt=0, description="speech end -> first reply sample played, at most")
     truncation_tolerance_ms: float = Field(60.0, ge=0, description="barge-in: |cut - played| at most")
     heard_wer: float = Field(0.5, ge=0, description="barge-in: kept transcript vs the played audio, at most")
+    not_interrupted: bool = Field(False, description="barge-in: the reply spoken over goes on (a backchannel, "
+                                  "with settings: {false_interruptions: true}): not cut, played to its end")
     judge: str | None = Field(None, description="a rubric for an LLM judge (online only)")
 
     _list = field_validator("reply_contains", "reply_not_contains", "tool", mode="before")(_as_list)
@@ -137,12 +140,17 @@ class UserTurn(_Strict):
 
 class Scenario(_Strict):
     name: str
+    settings: ConversationSettings | None = Field(None, description="the gateway's settings for this conversation "
+                                                  "(turn detection, eagerness, false interruptions, idle prompts)")
     turns: list[UserTurn] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _barge_in_needs_a_reply(self) -> Scenario:
         if self.turns[0].barge_in_ms is not None:  # barge_in_after sets it too
             raise ValueError("the first turn has no reply to barge in on")
+        for index, turn in enumerate(self.turns, 1):
+            if turn.expect.not_interrupted and turn.barge_in_ms is None:
+                raise ValueError(f"turn {index}: not_interrupted is about a reply spoken over: give barge_in_ms")
         return self
 
 

@@ -6,7 +6,9 @@ Built as the openai SDK's client-event param types (TypedDicts), GA or beta shap
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 PCM = {"type": "audio/pcm", "rate": 24000}
 # --audio-format -> (GA format object, beta name, the bus's fmt, sample rate): G.711 as a phone line carries it
@@ -48,6 +50,27 @@ class SessionSettings:
     false_interruptions: bool = False
     # keys a caller pressed (phone.dtmf) are told to the model as a user turn (keypad.py); None: not told
     keys_wait_s: float | None = 1.5
+
+
+class ConversationSettings(BaseModel):
+    """What one conversation may set apart from the gateway's command line (`gateway.configure` on the bus
+    before its `session.begin`: an eval scenario's `settings:`): turn-taking and what is said, never the
+    audio format or the server."""
+
+    model_config = ConfigDict(extra="forbid")
+    instructions: str | None = Field(None, max_length=20_000)
+    vad_type: Literal["server_vad", "semantic_vad"] | None = None
+    eagerness: Literal["auto", "low", "medium", "high"] | None = None
+    vad_threshold: float | None = Field(None, ge=0, le=1)
+    vad_prefix_padding_ms: int | None = Field(None, ge=0, le=5000)
+    vad_silence_duration_ms: int | None = Field(None, ge=0, le=10_000)
+    false_interruptions: bool | None = None
+    idle_timeout_s: float | None = Field(None, ge=1)
+    idle_prompt: str | None = Field(None, max_length=500)
+    idle_prompts: int | None = Field(None, ge=0, le=10)
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:

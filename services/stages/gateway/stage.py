@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import msgpack
+from pydantic import ValidationError
 
 from common import g711
 from common.envelope import SAMPLE_BYTES, AudioHeader, Message
@@ -20,7 +22,7 @@ from common.realtime_types import (
     build_validators,
     validate_client_event,
 )
-from common.stage import SESSION_END, Stage
+from common.stage import SESSION_BEGIN, SESSION_END, Stage
 from common.transcripts import cut_transcript
 from services.stages.gateway.bargein import AudibleTracker, EchoGuard
 from services.stages.gateway.events import parse_server_event, strip_audio
@@ -28,7 +30,13 @@ from services.stages.gateway.function_calls import FunctionCalls, error_output, 
 from services.stages.gateway.idle import IdleWatch
 from services.stages.gateway.interruptions import InterruptionPolicy
 from services.stages.gateway.keypad import KeyPad, keys_text
-from services.stages.gateway.session import AUDIO_FORMATS, SessionSettings, replay_item, session_update
+from services.stages.gateway.session import (
+    AUDIO_FORMATS,
+    ConversationSettings,
+    SessionSettings,
+    replay_item,
+    session_update,
+)
 from services.stages.gateway.socket import PAUSED_REASON, RealtimeSocket, SocketEvent
 
 FLUSH_WAIT_S = 0.3  # how long to wait for the player's flushed position before truncating with the last one
@@ -53,7 +61,8 @@ log = logging.getLogger("voicebus.gateway")
 
 class GatewayStage(Stage):
     name = "gateway"
-    subscriptions = ["audio.user", "player.state", "gateway.send", "tools.available", "tool.result", "phone.dtmf"]
+    subscriptions = ["audio.user", "player.state", "gateway.send", "gateway.configure", "tools.available",
+                     "tool.result", "phone.dtmf"]
     deadline_tick_s = 0.05
 
     @property
@@ -68,6 +77,8 @@ class GatewayStage(Stage):
                  target_label: str = "", tool_timeout_s: float = 15.0) -> None:
         super().__init__()
         self.protocol, self.settings, self.echo_guard = protocol, settings, echo_guard
+        self.base_settings = settings  # the command line's; a conversation may set some apart (gateway.configure)
+        self.configured: OrderedDict[str, dict[str, Any]] = OrderedDict()  # session ("" = the next) -> overrides
         # the session's audio both ways: its bus format, its rate, its bytes per sample (s16le at 24 kHz,
         # or a phone line's G.711 at 8 kHz, whose codes go to the server and back as they are)
         _, _, self.audio_fmt, self.rate = AUDIO_FORMATS[settings.audio_format]
@@ -85,10 +96,10 @@ class GatewayStage(Stage):
         self.session_tools: list[str] | None = None
         self.tools_instance = ""
         self.calls = FunctionCalls(tool_timeout_s)
-        self.idle = IdleWatch(settings.idle_timeout_s, settings.idle_prompt, settings.idle_prompts) \
-            if settings.idle_timeout_s else None
+        self.idle: IdleWatch | None = None
+        self.policy: InterruptionPolicy | None = None
+        self._use_settings(settings)
         self.user_speaking = False
-        self.policy = InterruptionPolicy() if settings.false_interruptions else None
         self.held: dict[str, Any] | None = None  # a reply paused while the user speaks over it (policy on)
         self.keypad = KeyPad(settings.keys_wait_s or 0.0)
         self.create_after_done = False  # the user's turn wants a response once the one running is done
@@ -104,7 +115,7 @@ class GatewayStage(Stage):
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
                        "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0, "conversations": 1,
                        "played_to_end": 0, "audio_converted": 0,
-                       "key_turns": 0, "keys_refused": 0}
+                       "key_turns": 0, "keys_refused": 0, "configurations_refused": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,8 +149,14 @@ class GatewayStage(Stage):
         One began: connect afresh; a new session on a server session already used is renewed."""
         self.held, self.create_after_done = None, False
         self.keypad.take()  # keys of the last caller are not the next one's
-        if self.idle is not None:  # a new conversation, or none: nothing asked yet
-            self.idle = IdleWatch(self.idle.timeout_s, self.idle.prompt, self.idle.max_prompts)
+        configured = self.settings
+        if topic == SESSION_BEGIN:  # its own settings, if it was given any, else the command line's
+            overrides = self.configured.pop(session, None) or self.configured.pop("", None) or {}
+            self._use_settings(dataclasses.replace(self.base_settings, **overrides))
+            if overrides:
+                log.info(kv("conversation_settings", session=session, **overrides))
+        else:
+            self._use_settings(self.settings)  # nothing asked yet of whoever comes next
         if topic == SESSION_END:
             self._forget_conversation()
             self.socket.pause()
@@ -153,6 +170,27 @@ class GatewayStage(Stage):
             self._forget_conversation()
             self.socket.renew()
             log.info(kv("conversation_begins", session=session, server_session="renewed"))
+        elif self.settings != configured and self.socket.connected:  # the same server session, set anew
+            self.send(session_update(self.settings, self.protocol, self.tools))
+
+    def _use_settings(self, settings: SessionSettings) -> None:
+        """The session's settings, and what follows from them (idle watch, interruption policy), fresh."""
+        self.settings = settings
+        self.idle = IdleWatch(settings.idle_timeout_s, settings.idle_prompt, settings.idle_prompts) \
+            if settings.idle_timeout_s else None
+        self.policy = InterruptionPolicy() if settings.false_interruptions else None
+
+    def _configure(self, data: dict[str, Any]) -> None:
+        """`gateway.configure` {session?, settings}: settings for a conversation about to begin (none: the next)."""
+        try:
+            overrides = ConversationSettings.model_validate(data.get("settings") or {}).overrides()
+        except ValidationError as exc:
+            self.counts["configurations_refused"] += 1
+            self._warn.warning("configure", kv("configuration_refused", reason=repr(str(exc).splitlines()[0:3])))
+            return
+        self.configured[str(data.get("session") or "")] = overrides
+        while len(self.configured) > 16:  # never begun: forgotten
+            self.configured.popitem(last=False)
 
     def _forget_conversation(self) -> None:
         if self.append_run is not None:
@@ -217,6 +255,8 @@ class GatewayStage(Stage):
             self._forward_audio(message)
         elif message.topic == "gateway.send":
             self._send_command(message.data.get("event"))
+        elif message.topic == "gateway.configure":
+            self._configure(message.data if isinstance(message.data, dict) else {})
         elif message.topic == "tools.available":
             self._tools_available(message.data.get("tools") or [], str(message.data.get("instance", "")))
         elif message.topic == "tool.result":
