@@ -134,3 +134,19 @@ def test_an_interruption_weighed_and_resumed_is_in_the_turn_and_the_session_even
     kept = [(e["kind"], e["decision"], e["transcript"]) for e in record["events"] if e["kind"] == "interruption"]
     assert kept == [("interruption", "paused", ""), ("interruption", "resumed", "yeah")]
     assert [e["decision"] for e in builder.session_events if e["kind"] == "interruption"] == ["paused", "resumed"]
+
+
+def test_an_idle_prompt_and_keys_pressed_are_turns_of_their_own():
+    builder, gateway = ConversationBuilder(), Stamper("gateway", "s")
+    _feed(builder, gateway, "rt.gateway.idle_prompt", {"count": 1, "prompt": "Are you still there?", "after_s": 5})
+    _feed(builder, gateway, "rt.response.created", {"event": {"response": RESPONSE}})
+    _feed(builder, gateway, "rt.gateway.keys", {"keys": "1#", "text": "The caller pressed 1 # on the phone keypad.",
+                                                 "last_key_ns": 123})
+    _feed(builder, gateway, "rt.response.created", {"event": {"response": {**RESPONSE, "id": "resp_2"}}})
+    records = [record for record, _audio in builder.tick(time.monotonic(), final=True)]
+    prompt, keys = sorted(records, key=lambda r: r["assistant"]["response_id"])
+    assert prompt["assistant"]["response_id"] == "resp_1" and not prompt["user"]["transcript"]
+    assert [e["kind"] for e in prompt["events"]] == ["idle_prompt"]
+    assert keys["assistant"]["response_id"] == "resp_2" and keys["user"]["keys"] == "1#"
+    assert keys["user"]["transcript"] == "The caller pressed 1 # on the phone keypad."
+    assert keys["timing"]["speech_end_ns"] == 123

@@ -288,3 +288,26 @@ def test_scenario_settings_and_not_interrupted_are_checked_before_anything_runs(
                     "        expect: {not_interrupted: true}\n")
     with pytest.raises(ScenarioError, match="turn 2: not_interrupted is about a reply spoken over: give barge_in_ms"):
         load_scenarios(path)
+
+
+def test_pauses_within_a_turn_and_quiet_turns_are_checked_before_anything_runs(tmp_path):
+    from services.commands.evals.checks import check_turn as check
+
+    path = tmp_path / "s.yaml"
+    path.write_text("scenarios:\n  - name: a\n    turns:\n      - say: [i would like a pizza and, 3, a salad]\n"
+                    "        expect: {user_turns: 1}\n      - wait_s: 5\n        expect: {idle_prompt: true}\n")
+    first, quiet = load_scenarios(path).scenarios[0].turns
+    assert first.expected_words == "i would like a pizza and a salad"
+    assert first.speech_parts() == [("say", "i would like a pizza and"), ("silence", 3.0), ("say", "a salad")]
+    checks = check(first, _stored(user="i would like a pizza and a salad"), user_turns=2)
+    assert [(c.name, c.passed) for c in checks if c.name.startswith("heard as")] == [("heard as 1 turn", False)]
+    prompt = _stored(reply="Are you still there?", user="")
+    assert [c.passed for c in check(quiet, {**prompt, "events": [{"kind": "idle_prompt"}]})] == [True]
+    assert [c.passed for c in check(quiet, None)] == [False]  # nothing was said into the quiet
+    for bad, why in (("[3]", "needs words"), ("[hi, 40]", "at most 30")):
+        path.write_text(f"scenarios:\n  - name: a\n    turns:\n      - say: {bad}\n")
+        with pytest.raises(ScenarioError, match=why):
+            load_scenarios(path)
+    path.write_text("scenarios:\n  - name: a\n    turns:\n      - say: hi\n        expect: {idle_prompt: true}\n")
+    with pytest.raises(ScenarioError, match="idle_prompt is what a quiet turn gets: give wait_s"):
+        load_scenarios(path)

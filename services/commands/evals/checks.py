@@ -72,8 +72,11 @@ def _tool_check(expected: ToolExpectation, tools: list[dict[str, Any]]) -> Check
 
 
 def check_turn(turn: UserTurn, stored: dict[str, Any] | None, interruption: Interruption | None = None,
-               judge=None) -> list[Check]:
-    """Every expectation of `turn` against its stored record (None: no turn was heard for it)."""
+               judge=None, user_turns: int | None = None) -> list[Check]:
+    """Every expectation of `turn` against its stored record (None: no turn was heard for it);
+    `user_turns`: how many turns the server made of the turn's speech."""
+    if turn.wait_s is not None:
+        return _quiet_checks(turn, stored)
     if stored is None:
         missing = Check("turn heard", False, "the server heard no turn for this speech (no transcript, no reply)")
         # what it did to the reply spoken over is known all the same
@@ -82,6 +85,10 @@ def check_turn(turn: UserTurn, stored: dict[str, Any] | None, interruption: Inte
     heard = stored["assistant"].get("transcript_heard") or ""
     tools = stored.get("tools") or []
     checks = [Check("turn heard", True, f"user: {stored['user'].get('transcript')!r}")]
+    if expect.user_turns is not None:
+        checks.append(Check(f"heard as {expect.user_turns} turn{'s' if expect.user_turns > 1 else ''}",
+                            user_turns == expect.user_turns, f"the server made {user_turns} turn(s) of it; the "
+                            f"last: {stored['user'].get('transcript')!r}", user_turns))
     for text in expect.reply_contains:
         checks.append(Check(f"reply contains {text!r}", text.lower() in heard.lower(), f"heard: {heard!r}"))
     for text in expect.reply_not_contains:
@@ -112,6 +119,25 @@ def check_turn(turn: UserTurn, stored: dict[str, Any] | None, interruption: Inte
     if expect.judge is not None:
         checks.append(judge(expect.judge, stored) if judge is not None else
                       Check(f"judge: {expect.judge}", None, "not run: no judge model (offline)"))
+    return checks
+
+
+def _quiet_checks(turn: UserTurn, stored: dict[str, Any] | None) -> list[Check]:
+    """A `wait_s` turn: what the assistant said into the quiet (an idle prompt), if it was to say anything."""
+    expect = turn.expect
+    said = (stored or {}).get("assistant", {}).get("transcript_heard") or ""
+    checks = []
+    if expect.idle_prompt:
+        asked = [e for e in (stored or {}).get("events") or [] if e.get("kind") == "idle_prompt"]
+        detail = f"after {turn.wait_s:g} s of quiet: {said!r}" if stored else \
+            f"nothing was said in {turn.wait_s:g} s of quiet"
+        checks.append(Check("idle prompt", bool(asked) and bool(said), detail))
+    for text in expect.reply_contains:
+        checks.append(Check(f"reply contains {text!r}", text.lower() in said.lower(), f"heard: {said!r}"))
+    for text in expect.reply_not_contains:
+        checks.append(Check(f"reply does not contain {text!r}", text.lower() not in said.lower(), f"heard: {said!r}"))
+    if not checks:  # a pause and nothing asked of it: it held if nothing was said
+        checks.append(Check("quiet", stored is None, f"the assistant said {said!r}" if stored else "nothing was said"))
     return checks
 
 

@@ -126,14 +126,19 @@ def plan(files: list[Path], staging_audio: Path, settings: Settings) -> list[Pla
                 if turn.barge_in_after is not None and settings.phone:
                     raise ScenarioError(f"{where}: barge_in_after times from a bus topic; over the phone a barge-in "
                                         "is timed by what the caller has heard: use barge_in_ms")
-                if turn.dtmf is not None:
+                out = staging_audio / f"{slug(path.stem)}-{slug(scenario.name)}-{index}.wav"
+                if turn.wait_s is not None and settings.phone:  # a line is never silent: it carries silence
+                    audio.append(write_wav(out, bytes(int(turn.wait_s * MIC_RATE) * 2), MIC_RATE))
+                    continue
+                if turn.dtmf is not None or turn.wait_s is not None:
                     audio.append(None)
                     continue
                 source = resolve_audio(turn, path, sessions_root, staging_audio)
                 if source is None:
-                    out = staging_audio / f"{slug(path.stem)}-{slug(scenario.name)}-{index}.wav"
                     try:
-                        pcm = synthesize(turn.say or "", turn.voice or parsed.voice, MIC_RATE)
+                        pcm = b"".join(synthesize(str(value), turn.voice or parsed.voice, MIC_RATE) if kind == "say"
+                                       else bytes(int(float(value) * MIC_RATE) * 2)
+                                       for kind, value in turn.speech_parts())
                     except SpeechError as exc:
                         raise ScenarioError(f"{where}: cannot speak it: {exc}") from exc
                     source = write_wav(out, pcm, MIC_RATE)
@@ -326,6 +331,15 @@ class Conversation:
             raise EvalError(f"the mic did not start speaking {cue} within 10 s")
         return cue
 
+    def stay_quiet(self, index: int, wait_s: float) -> str:
+        """A `wait_s` turn: the mic goes on sending silence; its cue is the quiet's start and end."""
+        cue = f"{self.session}/{index}"
+        started = time.time_ns()
+        self.observed.cues[cue] = {"started": started}
+        self._until(lambda: False, wait_s)
+        self.observed.cues[cue]["ended"] = started + int(wait_s * 1e9)
+        return cue
+
     def wait_reply_started(self, cue: str, after_ms: int, after_topic: str | None, index: int) -> None:
         """For a barge-in (turn `index` + 1): return `after_ms` after the reply to `cue` started playing, or
         after the first `after_topic` message since `cue` started.
@@ -373,7 +387,14 @@ class Conversation:
                 ended = self.observed.cues.get(cue, {}).get("ended")
                 return ended is not None and time.time_ns() - ended >= NO_REPLY_WAIT_NS \
                     and set(self.items_started) <= over and replies <= over
-            return "ended" in self.observed.cues.get(cue, {}) and bool(replies) and replies <= over
+            if "ended" not in self.observed.cues.get(cue, {}) or not replies or not replies <= over:
+                return False
+            # the last reply was cut: the speech went on after the server ended a turn (it split it), and the
+            # rest is answered too; unless nothing more comes (the cut was the scenario's own barge-in)
+            latest = max(replies, key=lambda item: self.first_delta_ns.get(item, 0))
+            ended = self.observed.cues[cue]["ended"]
+            return latest in self.finished_items or (time.time_ns() - ended >= NO_REPLY_WAIT_NS
+                                                     and set(self.items_started) <= over)
 
         if not self._until(done, TURN_TIMEOUT_S):
             self.observed.timeouts.append(index)
@@ -396,13 +417,16 @@ def converse(pipeline: Pipeline, planned: Planned, session: str) -> Observed:
     conversation.begin(planned.scenario.settings)
     turns = planned.scenario.turns
     for index, wav in enumerate(planned.audio, 1):
-        assert wav is not None  # keys (dtmf) are refused without --phone
-        cue = conversation.speak(index, wav)
+        wait_s = turns[index - 1].wait_s
+        cue = conversation.speak(index, wav) if wav is not None else conversation.stay_quiet(index, wait_s or 0.0)
         following = turns[index] if index < len(turns) else None
         if following is not None and following.barge_in_ms is not None:
             conversation.wait_reply_started(cue, following.barge_in_ms, following.barge_in_after, index)
         else:
-            conversation.wait_reply_done(cue, index, reply_expected=not turns[index - 1].expect.not_interrupted)
+            expect = turns[index - 1].expect
+            reply_expected = expect.idle_prompt or bool(expect.reply_contains) if wait_s is not None \
+                else not expect.not_interrupted
+            conversation.wait_reply_done(cue, index, reply_expected=reply_expected)
     replies = len(conversation.spoken_items)
     conversation.end(pipeline.sessions_dir / session, replies)
     return conversation.observed
@@ -480,6 +504,27 @@ def call_by_phone(pipeline: Pipeline, planned: Planned) -> tuple[str, Observed]:
 
 
 # --- matching stored turns to the scenario's turns and checking them -------------------------------
+def _window(cues: list[dict[str, int]], index: int) -> tuple[int, float]:
+    end = cues[index + 1].get("started", 0) if index + 1 < len(cues) else float("inf")
+    return cues[index].get("started", 0), end
+
+
+def user_turns_in(stored: list[dict[str, Any]], cues: list[dict[str, int]]) -> list[int]:
+    """How many turns the server made of each cue's speech (more than one: it ended a turn early)."""
+    out = []
+    for index in range(len(cues)):
+        start, end = _window(cues, index)
+        out.append(sum(1 for t in stored if start <= ((t.get("timing") or {}).get("speech_end_ns") or 0) < end))
+    return out
+
+
+def spoken_unasked(stored: list[dict[str, Any]], cues: list[dict[str, int]], index: int) -> dict[str, Any] | None:
+    """For a `wait_s` turn: the first reply nobody spoke for (an idle prompt) begun within its window."""
+    start, end = _window(cues, index)
+    return next((t for t in sorted(stored, key=lambda t: t["turn"]) if not (t.get("user") or {}).get("transcript")
+                 and start <= (t.get("started_ns") or 0) < end), None)
+
+
 def match_turns(stored: list[dict[str, Any]], cues: list[dict[str, int]]) -> list[dict[str, Any] | None]:
     """The stored turn of each spoken cue: the last one whose speech ended within that cue's window
     (from its start to the next cue's start); a turn the server split in two keeps its last part."""
@@ -529,6 +574,10 @@ def evaluate(planned: Planned, observed: Observed, store_dir: Path, transcriber:
     stored = sorted(load_turns(store_dir), key=lambda t: t["turn"])
     cues = [observed.cues.get(f"{store_dir.name}/{i}", {}) for i in range(1, len(planned.scenario.turns) + 1)]
     matched = match_turns(stored, cues)
+    counts = user_turns_in(stored, cues)
+    for index, turn in enumerate(planned.scenario.turns):
+        if turn.wait_s is not None:  # nothing was said: what the assistant said in the quiet is its turn
+            matched[index] = spoken_unasked(stored, cues, index)
     judge = judge_turn if not openai_target().is_simulator else None
     results = []
     for index, (turn, record) in enumerate(zip(planned.scenario.turns, matched, strict=True)):
@@ -538,7 +587,7 @@ def evaluate(planned: Planned, observed: Observed, store_dir: Path, transcriber:
             item = (before or {}).get("assistant", {}).get("item_id", "")
             interruption = Interruption(before, observed.played_at_flush.get(item),
                                         _asr_of_played(store_dir, before, transcriber))
-        checks = check_turn(turn, record, interruption, judge)
+        checks = check_turn(turn, record, interruption, judge, user_turns=counts[index])
         if index + 1 in observed.unbargeable:
             checks.append(Check("barge-in timing", False, observed.unbargeable[index + 1]))
         if index + 1 in observed.timeouts:
@@ -551,7 +600,8 @@ def turn_result(index: int, turn: UserTurn, record: dict[str, Any] | None, check
                 store_dir: Path) -> dict[str, Any]:
     files = (record or {}).get("audio_files", {})
     return {
-        "turn": index, "say": turn.say, "wav": turn.wav or turn.capture or (
+        "turn": index, "say": turn.expected_words if turn.say is not None else None,
+        "dtmf": turn.dtmf, "wait_s": turn.wait_s, "wav": turn.wav or turn.capture or (
             f"{turn.session} turn {turn.turn}" if turn.session else None),
         "barge_in_ms": turn.barge_in_ms, "barge_in_after": turn.barge_in_after,
         "expect": turn.expect.model_dump(exclude_defaults=True),

@@ -75,6 +75,9 @@ class Expect(_Strict):
     latency_ms: float | None = Field(None, gt=0, description="speech end -> first reply sample played, at most")
     truncation_tolerance_ms: float = Field(60.0, ge=0, description="barge-in: |cut - played| at most")
     heard_wer: float = Field(0.5, ge=0, description="barge-in: kept transcript vs the played audio, at most")
+    user_turns: int | None = Field(None, ge=1, description="how many turns the server made of this speech "
+                                   "(1: heard whole; more: it ended the turn early, split it)")
+    idle_prompt: bool = Field(False, description="a `wait_s` turn: the assistant asked whether anyone was there")
     not_interrupted: bool = Field(False, description="barge-in: the reply spoken over goes on (a backchannel, "
                                   "with settings: {false_interruptions: true}): not cut, played to its end")
     judge: str | None = Field(None, description="a rubric for an LLM judge (online only)")
@@ -99,12 +102,14 @@ class Expect(_Strict):
 
 
 class UserTurn(_Strict):
-    say: str | None = None
+    say: str | list[str | float] | None = Field(None, description="words, or a list of words and pauses (seconds): "
+                                                 "[\"i would like a pizza and\", 3, \"a salad please\"]")
     voice: str | None = None
     wav: str | None = None
     session: str | None = None
     turn: int | None = Field(None, ge=1)
     capture: str | None = Field(None, description="a `voicebus capture` file: its user audio is spoken")
+    wait_s: float | None = Field(None, gt=0, le=120, description="say nothing this long (an idle prompt may come)")
     dtmf: str | None = Field(None, pattern=r"^[0-9*#A-D]{1,32}$", description="over the phone: keys to press, "
                              "e.g. \"1#\" (told to the model as the caller's turn)")
     topic: str = Field("audio.user", description="with capture: the audio topic to take")
@@ -118,10 +123,19 @@ class UserTurn(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> UserTurn:
-        sources = [name for name in ("say", "wav", "session", "capture", "dtmf") if getattr(self, name) is not None]
+        sources = [name for name in ("say", "wav", "session", "capture", "dtmf", "wait_s")
+                   if getattr(self, name) is not None]
         if len(sources) != 1:
-            raise ValueError("a turn speaks exactly one of say, wav, session+turn or capture, or presses dtmf "
-                             f"(got {sources or 'none'})")
+            raise ValueError("a turn speaks exactly one of say, wav, session+turn or capture, presses dtmf, or "
+                             f"waits (wait_s) (got {sources or 'none'})")
+        if isinstance(self.say, list) and not any(isinstance(part, str) for part in self.say):
+            raise ValueError("say as a list needs words (strings) beside its pauses (seconds)")
+        if isinstance(self.say, list) and any(not isinstance(part, str) and not 0 < part <= 30 for part in self.say):
+            raise ValueError("a pause in say is a number of seconds, more than 0 and at most 30")
+        if self.wait_s is not None and self.barge_in_ms is not None:
+            raise ValueError("a wait_s turn says nothing: it cannot barge in")
+        if self.expect.idle_prompt and self.wait_s is None:
+            raise ValueError("idle_prompt is what a quiet turn gets: give wait_s")
         if self.to_s is not None and self.to_s <= self.from_s:
             raise ValueError(f"to_s ({self.to_s}) must come after from_s ({self.from_s})")
         if self.barge_in_after is not None and self.barge_in_ms is None:
@@ -135,7 +149,16 @@ class UserTurn(_Strict):
     @property
     def expected_words(self) -> str | None:
         """What the user's transcript should say (None: nothing to check it against, e.g. keys pressed)."""
-        return self.expect.transcript if self.expect.transcript is not None else self.say
+        if self.expect.transcript is not None:
+            return self.expect.transcript
+        if isinstance(self.say, list):
+            return " ".join(part for part in self.say if isinstance(part, str))
+        return self.say
+
+    def speech_parts(self) -> list[tuple[str, str | float]]:
+        """A `say` turn as ("say", words) and ("silence", seconds) parts."""
+        parts = self.say if isinstance(self.say, list) else [self.say or ""]
+        return [("say", part) if isinstance(part, str) else ("silence", float(part)) for part in parts]
 
 
 class Scenario(_Strict):

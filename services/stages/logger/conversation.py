@@ -226,6 +226,8 @@ class ConversationBuilder:
                       **{k: v for k, v in data.items() if k not in ("event", "protocol", "t_recv_ns")}}
             turn = self.by_item.get(str(data.get("item_id") or ""))
             self.note(record)  # the session's, and the open turn's
+            if kind == "gateway.idle_prompt":  # the assistant takes a turn nobody spoke for: the prompt is its reply
+                self.turns.append(Turn(events=[record]))
             if turn is not None and record not in turn.events:  # the reply it concerns, if that turn is closed
                 turn.events.append(record)
         elif kind == "gateway.truncated":
