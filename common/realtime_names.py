@@ -17,7 +17,11 @@ BETA_TO_GA = {
 }
 GA_TO_BETA = {ga: beta for beta, ga in BETA_TO_GA.items()}
 GA_ONLY = {"conversation.item.done", "input_audio_buffer.timeout_triggered",
-           "conversation.item.input_audio_transcription.segment"}
+           "conversation.item.input_audio_transcription.segment",
+           # server-side MCP tools came with GA
+           "mcp_list_tools.in_progress", "mcp_list_tools.completed", "mcp_list_tools.failed",
+           "response.mcp_call_arguments.delta", "response.mcp_call_arguments.done",
+           "response.mcp_call.in_progress", "response.mcp_call.completed", "response.mcp_call.failed"}
 
 
 def to_ga(event_type: str) -> str:

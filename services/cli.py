@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -582,6 +583,12 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "pressed 1 #\"), and the first one cuts a reply that is playing, as speech does.")
 @click.option("--dtmf-wait-ms", "keys_wait_ms", type=click.IntRange(100, 10_000), default=1500, show_default=True,
               help="Keys are gathered until # or this long without one, then told as one turn.")
+@click.option("--server-mcp", "server_mcp", multiple=True, metavar="LABEL=URL",
+              help="A remote MCP server (streamable HTTP) the Realtime server lists and calls itself (GA; repeatable). "
+              "It asks before each call: see --mcp-approve. Its calls are traced with the turn.")
+@click.option("--mcp-approve", "mcp_approve", multiple=True, metavar="TOOL",
+              help="A server-side MCP tool whose calls are approved ('*': all; repeatable). Any other is refused, "
+              "and the model is told so.")
 @click.option("--vad-threshold", type=float, default=0.3, show_default=True)
 @click.option("--vad-prefix-ms", type=int, default=300, show_default=True)
 @click.option("--vad-silence-ms", type=int, default=600, show_default=True)
@@ -601,7 +608,8 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "the gateway answers the call with an error itself.")
 def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transcription_model, vad_type, eagerness, noise_reduction,
             transcription_logprobs, truncation_retention, prompt_id, prompt_version, prompt_vars, max_output_tokens,
-            speed, idle_timeout_s, idle_prompt, idle_prompts, false_interruptions, keys_to_model, keys_wait_ms, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
+            speed, idle_timeout_s, idle_prompt, idle_prompts, false_interruptions, keys_to_model, keys_wait_ms,
+            server_mcp, mcp_approve, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -625,7 +633,8 @@ def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transc
                                max_output_tokens=max_output_tokens, speed=speed, idle_timeout_s=idle_timeout_s,
                                idle_prompt=idle_prompt, idle_prompts=idle_prompts,
                                false_interruptions=false_interruptions,
-                               keys_wait_s=keys_wait_ms / 1000 if keys_to_model else None)
+                               keys_wait_s=keys_wait_ms / 1000 if keys_to_model else None,
+                               server_mcp=_server_mcp(server_mcp, protocol), mcp_approve=frozenset(mcp_approve))
     if instructions:
         settings.instructions = instructions
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,
@@ -690,6 +699,22 @@ def demo(questions, out_dir, voice, root, tool_modules, rules, log_level):
     setup_logging(log_level)
     sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice, _trace_root(root),
                       list(tool_modules), Path(rules) if rules else None))
+
+
+def _server_mcp(values: tuple[str, ...], protocol: str) -> tuple[tuple[str, str], ...]:
+    """--server-mcp LABEL=URL values, checked: a label each (OpenAI's rule: letters, digits, _ and -), http(s)."""
+    servers = []
+    for value in values:
+        label, _, url = value.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", label) or not url.startswith(("http://", "https://")):
+            raise click.BadParameter(f"{value!r}: give LABEL=URL, e.g. docs=https://mcp.example.com/mcp",
+                                     param_hint="--server-mcp")
+        servers.append((label, url))
+    if servers and protocol != "ga":
+        raise click.BadParameter("server-side MCP tools are GA only (drop --protocol beta)", param_hint="--server-mcp")
+    if len({label for label, _ in servers}) != len(servers):
+        raise click.BadParameter("each server needs a label of its own", param_hint="--server-mcp")
+    return tuple(servers)
 
 
 @main.command("eval")

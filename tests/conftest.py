@@ -98,6 +98,24 @@ def simulator(procs):
     return start
 
 
+@pytest.fixture
+def remote_mcp(procs):
+    """examples/mcp_http_server.py, a real MCP server over streamable HTTP; returns its URL (…/mcp)."""
+    import time
+
+    from common.ports import free_port, port_listening
+
+    for _attempt in range(3):  # a port free a moment ago may be taken by the time the server binds it
+        port = free_port()
+        proc = procs.python("examples/mcp_http_server.py", "--port", str(port), name="mcp-http")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None and not port_listening(port):
+            time.sleep(0.1)
+        if proc.poll() is None and port_listening(port):
+            return f"http://127.0.0.1:{port}/mcp"
+    raise AssertionError(f"the MCP server did not start:\n{procs.log_of(proc)}")
+
+
 @pytest.fixture(scope="session")
 def pulse_rig():
     """The virtual PulseAudio rig (scripts/pulse-up.sh) in a private runtime dir; torn down after.

@@ -31,9 +31,14 @@ class Procs:
     def voicebus(self, *args: str, env: dict[str, str] | None = None, name: str | None = None,
                  stdout: int | None = None, sigint_ignored: bool = False) -> subprocess.Popen:
         """`voicebus ARGS`; `sigint_ignored`: started as a shell starts a background job (SIGINT ignored)."""
-        name = name or args[0]
+        return self.python("-m", "services.cli", *args, env=env, name=name or args[0], stdout=stdout,
+                           sigint_ignored=sigint_ignored)
+
+    def python(self, *args: str, name: str, env: dict[str, str] | None = None, stdout: int | None = None,
+               sigint_ignored: bool = False) -> subprocess.Popen:
+        """`python ARGS` with the project's interpreter, logged as `name`."""
         log_file = open(self.log_dir / f"{name}-{len(self.started)}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO,
                                 env={**self.env, **(env or {})}, stdout=stdout if stdout is not None else log_file,
                                 stderr=log_file,
                                 preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -238,3 +239,61 @@ def test_a_backchannel_over_a_reply_resumes_it_and_stop_please_cuts_it_at_the_pl
     assert _of(client, "rt.sent.response.cancel") or \
         _of(client, "rt.response.done")[0].data["event"]["response"]["status"] != "cancelled"
 
+
+
+MCP_RULES = [{"match": r"forecast for (?P<city>\w+)", "call": {"name": "get_forecast", "arguments": {"city": "{city}"}},
+              "after_call": "Tomorrow in {city}: {output}."},
+             {"match": r"table for (?P<people>\w+)", "call": {"name": "book_table", "arguments": {
+                 "restaurant": "Luigi", "people": "{people}"}}, "after_call": "Done: {output}."},
+             {"match": ".*", "reply": "I heard: {transcript}"}]
+
+
+def test_server_side_mcp_tools_are_called_by_the_server_after_the_allow_list_approves(procs, client_factory, simulator,
+                                                                                        tmp_path, remote_mcp):
+    """gateway --server-mcp demo=URL --mcp-approve get_forecast: the Realtime server (the simulator, as OpenAI
+    does) lists the remote MCP server's tools and asks before each call; the gateway approves get_forecast and
+    refuses book_table, the spoken answers say so, and the logger stores the call with the turn that made it."""
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(MCP_RULES))
+    traces = tmp_path / "traces"
+    client = client_factory([*PREFIXES, "session."])
+    procs.voicebus("logger", "--root", str(traces), "--no-upload", "--no-report")
+    start_stages(procs, client, simulator("--rules", str(rules)),
+                 gateway_args=("--server-mcp", f"demo={remote_mcp}", "--mcp-approve", "get_forecast"),
+                 player_args=("--wav", str(tmp_path / "played.wav")))
+    listed = client.wait_for(lambda m: m.topic == "rt.conversation.item.done"
+                             and m.data["event"]["item"]["type"] == "mcp_list_tools", timeout_s=30)
+    assert {t["name"] for t in listed.data["event"]["item"]["tools"]} == {"get_forecast", "book_table"}
+    speak(procs, speech_pcm("what is the forecast for paris", rate=48000), 48000, tmp_path)
+    approved = client.wait_for(lambda m: m.topic == "rt.gateway.mcp_approval", timeout_s=60)
+    answer = client.wait_for(lambda m: m.topic == "rt.response.output_audio_transcript.done", timeout_s=60)
+    assert approved.data["name"] == "get_forecast" and approved.data["approve"]
+    assert answer.data["event"]["transcript"] == "Tomorrow in paris: light rain, 14 degrees."
+    client.collect(4.0)  # the answer plays out
+    client.send_event("gateway.send", {"event": {"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "a table for 4 please"}]}}})
+    client.send_event("gateway.send", {"event": {"type": "response.create"}})
+    refused = client.wait_for(lambda m: m.topic == "rt.gateway.mcp_approval" and m.data["name"] == "book_table",
+                              timeout_s=30)
+    said = client.wait_for(lambda m: m.topic == "rt.response.output_audio_transcript.done"
+                           and m.header.t_ns > refused.header.t_ns, timeout_s=60)
+    assert not refused.data["approve"] and "--mcp-approve" in refused.data["reason"]
+    assert said.data["event"]["transcript"] == "I was not allowed to use book_table, so I cannot do that."
+    sent = [m.data["event"] for m in client.seen if m.topic == "rt.sent.conversation.item.create"
+            and m.data["event"]["item"]["type"] == "mcp_approval_response"]
+    assert [e["item"]["approve"] for e in sent] == [True, False]
+    health = client.wait_for(lambda m: m.topic == "health.gateway" and m.data.get("mcp_refused") == 1, timeout_s=10)
+    assert health.data["mcp_approved"] == 1
+    client.collect(4.0)
+    client.send_event("session.end", {"session": "test-mcp-over", "reason": "test over"})
+    turns = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(turns) < 2:
+        turns = [json.loads(line) for path in traces.glob("*/turns.jsonl") for line in path.read_text().splitlines()]
+        time.sleep(0.5)
+    forecast = next(t for t in turns if t["tools"])
+    [call] = forecast["tools"]
+    assert call["name"] == "get_forecast" and call["source"] == "server-mcp:demo"
+    assert call["output"] == "light rain, 14 degrees" and call["approval_request_id"]
+    assert forecast["assistant"]["transcript_heard"] == "Tomorrow in paris: light rain, 14 degrees."
+    assert any(e["kind"] == "mcp_approval" and e["approve"] for e in forecast["events"]), forecast["events"]

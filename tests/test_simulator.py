@@ -83,7 +83,68 @@ TIME_TOOL = {"type": "function", "name": "get_current_time", "description": "The
 TOOL_RULES = [{"match": r"time in (?P<city>\w+)", "call": {"name": "get_current_time",
                                                             "arguments": {"timezone": "Asia/{city}"}},
                "after_call": "It is {datetime:%H} hours in {city}."},
+              # server-side MCP tools (examples/mcp_http_server.py)
+              {"match": r"forecast for (?P<city>\w+)", "call": {"name": "get_forecast", "arguments": {"city": "{city}"}},
+               "after_call": "Tomorrow in {city}: {output}.", "after_error": "No forecast: {error}"},
+              {"match": r"table for (?P<people>\w+)", "call": {"name": "book_table", "arguments": {
+                  "restaurant": "Luigi", "people": "{people}"}}, "after_call": "Done: {output}.",
+               "after_error": "I could not book it: {error}"},
               {"match": ".*", "reply": "I heard: {transcript}"}]
+
+
+def _say_text(conn: RawRealtime, text: str) -> dict:
+    """A typed user turn and a response to it; the response.done."""
+    conn.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                            "content": [{"type": "input_text", "text": text}]}})
+    conn.send({"type": "response.create"})
+    return conn.until("response.done", 60)
+
+
+def _remote_mcp_rounds(conn: RawRealtime, mcp_url: str) -> None:
+    """Server-side MCP (GA): two servers listed (one unreachable: failed), a call that needs no approval, one
+    approved, one denied, and one the tool itself fails."""
+    conn.send({"type": "session.update", "session": {"type": "realtime", "tools": [
+        {"type": "mcp", "server_label": "demo", "server_url": mcp_url,
+         "require_approval": {"never": {"tool_names": ["get_forecast"]}}},
+        {"type": "mcp", "server_label": "gone", "server_url": "http://127.0.0.1:9/mcp", "require_approval": "never"}]}})
+    conn.until("session.updated")
+    deadline = time.monotonic() + 30  # the two listings end in either order
+
+    def listed() -> list[dict]:
+        return [e["item"] for e in conn.of_type("conversation.item.done") if e["item"]["type"] == "mcp_list_tools"]
+
+    while len(listed()) < 2:
+        assert time.monotonic() < deadline, "the MCP servers were not listed within 30 s"
+        conn.recv(1.0)
+    assert conn.of_type("mcp_list_tools.completed") and conn.of_type("mcp_list_tools.failed")
+    demo = next(item for item in listed() if item["server_label"] == "demo")
+    assert {t["name"] for t in demo["tools"]} == {"get_forecast", "book_table"}
+    forecast = _say_text(conn, "what is the forecast for paris")["response"]["output"]
+    assert [o["type"] for o in forecast] == ["mcp_call", "message"]
+    assert forecast[0]["output"] == "light rain, 14 degrees" and forecast[0]["approval_request_id"] is None
+    assert forecast[1]["content"][0]["text"] == "Tomorrow in paris: light rain, 14 degrees."
+    [asking] = _say_text(conn, "a table for 4 please")["response"]["output"]
+    assert asking["type"] == "mcp_approval_request" and json.loads(asking["arguments"])["people"] == "4"
+    conn.send({"type": "conversation.item.create", "item": {"type": "mcp_approval_response", "id": f"mcpresp_{asking['id'][-8:]}",
+                                                            "approval_request_id": asking["id"], "approve": True}})
+    conn.send({"type": "response.create"})
+    booked = conn.until("response.done", 60)["response"]["output"]
+    assert booked[0].get("approval_request_id") == asking["id"], booked
+    assert booked[0]["approval_request_id"] == asking["id"] and booked[0]["output"] == "booked a table for 4 at Luigi"
+    [asking] = _say_text(conn, "a table for many please")["response"]["output"]
+    conn.send({"type": "conversation.item.create", "item": {"type": "mcp_approval_response", "id": f"mcpresp_{asking['id'][-8:]}",
+                                                            "approval_request_id": asking["id"], "approve": True}})
+    conn.send({"type": "response.create"})
+    failed = conn.until("response.done", 60)["response"]["output"]
+    assert failed[0]["error"]["type"] == "tool_execution_error" and failed[0]["output"] is None
+    [asking] = _say_text(conn, "a table for 2 please")["response"]["output"]
+    conn.send({"type": "conversation.item.create", "item": {"type": "mcp_approval_response", "id": f"mcpresp_{asking['id'][-8:]}",
+                                                            "approval_request_id": asking["id"], "approve": False,
+                                                            "reason": "not allowed"}})
+    conn.send({"type": "response.create"})
+    denied = conn.until("response.done", 60)["response"]["output"]
+    assert [o["type"] for o in denied] == ["message"]
+    assert denied[0]["content"][0]["text"] == "I was not allowed to use book_table, so I cannot do that."
 
 
 def _function_call_round(conn: RawRealtime, beta: bool) -> dict:
@@ -108,7 +169,7 @@ def _function_call_round(conn: RawRealtime, beta: bool) -> dict:
     return conn.until("response.done")
 
 
-def _walk(conn: RawRealtime, beta: bool) -> None:
+def _walk(conn: RawRealtime, beta: bool, mcp_url: str | None = None) -> None:
     """Drive every behaviour once: spoken turn, truncate, clear, text turn, function call, retrieve/delete,
     errors, cancel."""
     conn.until("session.created")
@@ -131,6 +192,8 @@ def _walk(conn: RawRealtime, beta: bool) -> None:
     conn.until("response.done")
     answer = _function_call_round(conn, beta)
     assert answer["response"]["output"][0]["content"][0]["text"] == "It is 13 hours in Tokyo."
+    if mcp_url is not None:
+        _remote_mcp_rounds(conn, mcp_url)
     conn.send({"type": "conversation.item.retrieve", "item_id": text_item})
     conn.until("conversation.item.retrieved")
     conn.send({"type": "conversation.item.delete", "item_id": text_item})
@@ -152,13 +215,13 @@ def _walk(conn: RawRealtime, beta: bool) -> None:
 
 
 @pytest.mark.parametrize("beta", [False, True], ids=["ga", "beta"])
-def test_every_emitted_event_validates_against_sdk_union(simulator, tmp_path, beta):
+def test_every_emitted_event_validates_against_sdk_union(simulator, tmp_path, beta, remote_mcp):
     rules = tmp_path / "rules.json"
     rules.write_text(json.dumps(TOOL_RULES))
     base_url = simulator("--pace", "fast", "--rules", str(rules))
     conn = RawRealtime(base_url, model="gpt-4o-realtime-preview" if beta else "gpt-realtime", beta=beta)
     try:
-        _walk(conn, beta)
+        _walk(conn, beta, None if beta else remote_mcp)
     finally:
         conn.close()
     adapter = _server_event_adapter(beta)

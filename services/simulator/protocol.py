@@ -51,7 +51,8 @@ class SessionConfig:
     output_modalities: list[str] = field(default_factory=lambda: ["audio"])
     transcription_model: str | None = None
     vad: VadConfig | None = field(default_factory=VadConfig)
-    tools: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] = field(default_factory=list)  # function tools
+    mcp: list[dict[str, Any]] = field(default_factory=list)  # server-side MCP tools (GA), as the client gave them
     tool_choice: str = "auto"
     id: str = field(default_factory=lambda: new_id("sess_voicebus_sim"))
     # the rest of the session, as the client set it: echoed back; max_output_tokens caps replies (a word a
@@ -96,6 +97,10 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
         config.instructions = session["instructions"] or ""
     if "tools" in session:
         config.tools = [dict(t) for t in session["tools"] or [] if t.get("type") == "function"]
+        config.mcp = [dict(t) for t in session["tools"] or [] if t.get("type") == "mcp"] if protocol == "ga" else []
+        labels = [t.get("server_label") for t in config.mcp]
+        if len(set(labels)) != len(labels):
+            raise ClientEventError("Each MCP tool needs a server_label of its own.", "session.tools")
     if isinstance(session.get("tool_choice"), str):
         config.tool_choice = session["tool_choice"]
     if protocol == "ga":
@@ -179,7 +184,8 @@ def render_session(config: SessionConfig, protocol: Protocol) -> dict[str, Any]:
                                     "turn_detection": _vad_dict(config.vad), "noise_reduction": config.noise_reduction},
                           "output": {"format": AUDIO_FORMATS[config.output_format][0], "voice": config.voice,
                                      "speed": config.speed}},
-                "tools": config.tools, "tool_choice": config.tool_choice, "include": config.include or None,
+                "tools": [*config.tools, *config.mcp], "tool_choice": config.tool_choice,
+                "include": config.include or None,
                 "truncation": config.truncation or "auto", "prompt": config.prompt,
                 "max_output_tokens": config.max_output_tokens}
     modalities = ["audio", "text"] if "audio" in config.output_modalities else ["text"]

@@ -24,7 +24,7 @@ from common.realtime_names import to_beta
 from common.resample import pcm_to_mono_float
 from common.speech import Transcriber, TranscriberPool, synthesize
 from common.transcripts import cut_transcript
-from services.simulator import semantic
+from services.simulator import remote_mcp, semantic
 from services.simulator.faults import Fault, FaultBudget
 from services.simulator.markers import StreamFinder, chirp_pcm
 from services.simulator.protocol import (
@@ -135,6 +135,8 @@ class RealtimeConnection:
         self.arrivals: deque[tuple[int, int]] = deque(maxlen=ARRIVALS_KEPT)  # (audio ms received, t_ns)
         self.user_audio_ms = 0.0  # all user audio committed in this session (for usage)
         self.call_plans: dict[str, Plan] = {}  # call_id -> the plan that made the call (for what to say after)
+        self.mcp_servers: dict[str, remote_mcp.RemoteServer] = {}  # server_label -> the session's MCP server
+        self.approvals: dict[str, dict[str, Any]] = {}  # mcp_approval_request id -> name, plan, approve
         self.markers = StreamFinder(RATE) if options.markers else None
         # semantic_vad: the open turn's first sample, and a candidate end being judged (see semantic.py)
         self.turn_start_ms = 0
@@ -220,6 +222,7 @@ class RealtimeConnection:
         if self.config.vad is not None:
             self.vad.configure(self.config.vad.threshold, self.config.vad.prefix_padding_ms, self._pause_ms())
         await self.send("session.updated", session=render_session(self.config, self.protocol))
+        self._sync_mcp()
 
     async def on_append(self, event: dict[str, Any]) -> None:
         try:
@@ -394,6 +397,9 @@ class RealtimeConnection:
         if raw.get("type") == "function_call_output":
             await self._function_output(raw)
             return
+        if raw.get("type") == "mcp_approval_response":
+            await self._approval_response(raw)
+            return
         if raw.get("type") != "message" or raw.get("role") not in ("user", "assistant", "system"):
             raise ClientEventError("The simulator accepts message and function_call_output items only.", "item.type")
         texts = [part.get("text") or part.get("transcript") or "" for part in raw.get("content") or []]
@@ -540,7 +546,15 @@ class RealtimeConnection:
         if last is not None and last.kind == "function_call_output":
             plan = self.call_plans.get(last.call_id)
             return Plan(self.options.replies.after_call(plan, last.output))
-        tools = {t.get("name") for t in self.config.tools}
+        if last is not None and last.kind == "mcp_approval_response":
+            asked = self.approvals[last.call_id]
+            if not asked["approve"]:
+                return Plan(f"I was not allowed to use {asked['name']}, so I cannot do that.")
+            plan = asked["plan"]
+            return Plan(call_name=plan.call_name, arguments=plan.arguments, rule=plan.rule, groups=plan.groups,
+                        approval_request_id=last.call_id)
+        tools = {t.get("name") for t in self.config.tools} | {
+            t["name"] for server in self.mcp_servers.values() for t in server.tools}
         plan = self.options.replies.plan(self._last_user_words(), tools)
         if plan.call_name is not None and plan.call_name not in tools:
             return Plan(f"I cannot do that: no tool called {plan.call_name} is available.")
@@ -555,9 +569,18 @@ class RealtimeConnection:
         base = {"id": response.id, "object": "realtime.response", "conversation_id": "conv_sim",
                 "output_modalities": ["audio"] if audio_out else ["text"], "metadata": response.metadata}
         await self.send("response.created", response={**base, "status": "in_progress", "output": []})
+        if plan.call_name is not None and self._mcp_server_of(plan.call_name) is not None:
+            await self._mcp_call(response, plan, base, audio_out)
+            return
         if plan.call_name is not None:
             await self._call_function(response, plan, base)
             return
+        await self._speak(response, base, audio_out, reply, capped)
+
+    async def _speak(self, response: Response, base: dict[str, Any], audio_out: bool, reply: str, capped: bool,
+                     earlier: list[dict[str, Any]] | None = None) -> None:
+        """The response's spoken (or written) message, after what it put out already (an MCP call), then done."""
+        earlier = earlier or []
         if await self._fault("error_event"):
             await self.error("The simulator was asked to fail here.", code="simulated_error", kind="server_error")
         if await self._fault("unknown_event"):
@@ -568,8 +591,8 @@ class RealtimeConnection:
         previous = self.order[-1] if self.order else None
         self.items[item.id] = item
         self.order.append(item.id)
-        ids = {"response_id": response.id, "item_id": item.id, "output_index": 0, "content_index": 0}
-        await self.send("response.output_item.added", response_id=response.id, output_index=0,
+        ids = {"response_id": response.id, "item_id": item.id, "output_index": len(earlier), "content_index": 0}
+        await self.send("response.output_item.added", response_id=response.id, output_index=len(earlier),
                         item=assistant_item(item.id, None, "in_progress", self.protocol, audio_out))
         await self.send("conversation.item.added", item=assistant_item(item.id, None, "in_progress", self.protocol,
                                                                        audio_out), previous_item_id=previous)
@@ -580,13 +603,106 @@ class RealtimeConnection:
         status = "cancelled" if cancelled else "incomplete" if capped else "completed"
         done_item = assistant_item(item.id, item.transcript, "incomplete" if cancelled or capped else "completed",
                                    self.protocol, audio_out)
-        await self.send("response.output_item.done", response_id=response.id, output_index=0, item=done_item)
+        await self.send("response.output_item.done", response_id=response.id, output_index=len(earlier),
+                        item=done_item)
         await self.send("conversation.item.done", item=done_item, previous_item_id=previous)
         details = {"type": "cancelled", "reason": response.reason} if cancelled else \
             {"type": "incomplete", "reason": "max_output_tokens"} if capped else None
         await self.send("response.done", response={**base, "status": status, "status_details": details,
-                                                   "output": [done_item], "usage": self._usage(item)})
+                                                   "output": [*earlier, done_item], "usage": self._usage(item)})
         self.response = None
+
+    # --- server-side MCP tools (remote_mcp.py) ----------------------------------------------------
+    def _sync_mcp(self) -> None:
+        """The session's MCP servers: each new (or moved) one is listed, as OpenAI's server does."""
+        wanted: dict[str, remote_mcp.RemoteServer] = {}
+        for tool in self.config.mcp:
+            server = remote_mcp.RemoteServer.from_tool(tool)
+            known = self.mcp_servers.get(server.label)
+            if known is not None and known.url == server.url:
+                server.tools = known.tools
+            else:
+                self._spawn(self._list_mcp(server))
+            wanted[server.label] = server
+        self.mcp_servers = wanted
+
+    def _mcp_server_of(self, name: str) -> remote_mcp.RemoteServer | None:
+        return next((server for server in self.mcp_servers.values() if server.offers(name)), None)
+
+    async def _add_item(self, item: Item, rendered: dict[str, Any]) -> str | None:
+        previous = self.order[-1] if self.order else None
+        self.items[item.id] = item
+        self.order.append(item.id)
+        await self.send("conversation.item.added", item=rendered, previous_item_id=previous)
+        return previous
+
+    async def _list_mcp(self, server: remote_mcp.RemoteServer) -> None:
+        item_id = new_id("mcpl")
+        previous = await self._add_item(Item(item_id, "tool", kind="mcp_list_tools", name=server.label),
+                                        remote_mcp.list_item(item_id, server))
+        await self.send("mcp_list_tools.in_progress", item_id=item_id)
+        try:
+            server.tools = await remote_mcp.list_tools(server)
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused, not MCP: the session says it failed
+            log.warning(kv("mcp_list_failed", server_label=server.label, error=repr(exc)[:200]))
+            await self.send("mcp_list_tools.failed", item_id=item_id)
+        else:
+            log.info(kv("mcp_listed", server_label=server.label, tools=",".join(t["name"] for t in server.tools)))
+            await self.send("mcp_list_tools.completed", item_id=item_id)
+        await self.send("conversation.item.done", item=remote_mcp.list_item(item_id, server), previous_item_id=previous)
+
+    async def _approval_response(self, raw: dict[str, Any]) -> None:
+        request_id = raw.get("approval_request_id")
+        if request_id not in self.approvals:
+            raise ClientEventError(f"No MCP approval request with id {request_id!r} in the conversation.",
+                                   "item.approval_request_id")
+        self.approvals[request_id]["approve"] = bool(raw.get("approve"))
+        item_id = raw.get("id") or new_id("mcpr")
+        rendered = {"id": item_id, "type": "mcp_approval_response", "approval_request_id": request_id,
+                    "approve": bool(raw.get("approve")), "reason": raw.get("reason")}
+        previous = await self._add_item(Item(item_id, "user", kind="mcp_approval_response", call_id=request_id),
+                                        rendered)
+        await self.send("conversation.item.done", item=rendered, previous_item_id=previous)
+
+    async def _mcp_call(self, response: Response, plan: Plan, base: dict[str, Any], audio_out: bool) -> None:
+        """Ask for approval (the response ends with the request), or make the call and speak about its output."""
+        name, arguments = plan.call_name or "", plan.arguments
+        server = self._mcp_server_of(name)
+        assert server is not None
+        if plan.approval_request_id is None and server.needs_approval(name):
+            item_id = new_id("mcpr")
+            asking = remote_mcp.approval_request_item(item_id, server, name, arguments)
+            self.approvals[item_id] = {"name": name, "plan": plan, "approve": None}
+            await self.send("response.output_item.added", response_id=response.id, output_index=0, item=asking)
+            previous = await self._add_item(Item(item_id, "tool", kind="mcp_approval_request", name=name), asking)
+            await self.send("response.output_item.done", response_id=response.id, output_index=0, item=asking)
+            await self.send("conversation.item.done", item=asking, previous_item_id=previous)
+            log.info(kv("mcp_approval_requested", server_label=server.label, name=name))
+            await self.send("response.done", response={**base, "status": "completed", "status_details": None,
+                                                       "output": [asking], "usage": self._usage(Item("", ""))})
+            self.response = None
+            return
+        item_id = new_id("mcp")
+        started = remote_mcp.call_item(item_id, server, name, "", plan.approval_request_id)
+        ids = {"response_id": response.id, "item_id": item_id, "output_index": 0}
+        await self.send("response.output_item.added", response_id=response.id, output_index=0, item=started)
+        item = Item(item_id, "tool", kind="mcp_call", name=name, arguments=arguments)
+        previous = await self._add_item(item, started)
+        for offset in range(0, len(arguments), ARGUMENT_CHUNK_CHARS):
+            await self.send("response.mcp_call_arguments.delta", **ids,
+                            delta=arguments[offset:offset + ARGUMENT_CHUNK_CHARS])
+        await self.send("response.mcp_call_arguments.done", **ids, arguments=arguments)
+        await self.send("response.mcp_call.in_progress", item_id=item_id, output_index=0)
+        output, error = await remote_mcp.call_tool(server, name, arguments)
+        await self.send("response.mcp_call.failed" if error else "response.mcp_call.completed", item_id=item_id,
+                        output_index=0)
+        done_item = remote_mcp.call_item(item_id, server, name, arguments, plan.approval_request_id, output, error)
+        item.output = output if output is not None else json.dumps({"error": (error or {}).get("message")})
+        await self.send("response.output_item.done", response_id=response.id, output_index=0, item=done_item)
+        await self.send("conversation.item.done", item=done_item, previous_item_id=previous)
+        log.info(kv("mcp_call", server_label=server.label, name=name, ok=error is None))
+        reply, capped = capped_reply(self.options.replies.after_call(plan, item.output), self.config.max_output_tokens)
+        await self._speak(response, base, audio_out, reply, capped, earlier=[done_item])
 
     async def _call_function(self, response: Response, plan: Plan, base: dict[str, Any]) -> None:
         """A response whose output is one function_call item, its arguments streamed as the API does."""

@@ -49,6 +49,7 @@ class Plan:
     arguments: str = "{}"
     rule: Rule | None = None
     groups: dict[str, str] = field(default_factory=dict)
+    approval_request_id: str | None = None  # a server-side MCP call the client approved
 
 
 class _Lenient(string.Formatter):

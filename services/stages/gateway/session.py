@@ -50,6 +50,10 @@ class SessionSettings:
     false_interruptions: bool = False
     # keys a caller pressed (phone.dtmf) are told to the model as a user turn (keypad.py); None: not told
     keys_wait_s: float | None = 1.5
+    # remote MCP servers the Realtime server itself lists and calls (GA): (server_label, server_url); it asks
+    # before each call, and the gateway approves the tools named in mcp_approve ("*": all), refuses the rest
+    server_mcp: tuple[tuple[str, str], ...] = ()
+    mcp_approve: frozenset[str] = frozenset()
 
 
 class ConversationSettings(BaseModel):
@@ -79,6 +83,12 @@ def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "parameters": t.get("parameters") or {"type": "object", "properties": {}}} for t in listing]
 
 
+def mcp_tools(settings: SessionSettings) -> list[dict[str, Any]]:
+    """The remote MCP servers as GA session tools: the server asks before every call (the gateway's policy answers)."""
+    return [{"type": "mcp", "server_label": label, "server_url": url, "require_approval": "always"}
+            for label, url in settings.server_mcp]
+
+
 def session_update(settings: SessionSettings, protocol: str, tools: list[dict[str, Any]] | None = None
                    ) -> dict[str, Any]:
     vad: dict[str, Any] = {"type": settings.vad_type, "create_response": not settings.false_interruptions,
@@ -97,7 +107,7 @@ def session_update(settings: SessionSettings, protocol: str, tools: list[dict[st
             "type": "realtime", "instructions": settings.instructions, "output_modalities": ["audio"],
             "audio": {"input": {"format": audio_format, "transcription": transcription, "turn_detection": vad},
                       "output": {"format": audio_format, "voice": settings.voice}},
-            "tools": function_tools(tools or []), "tool_choice": "auto"}}
+            "tools": [*function_tools(tools or []), *mcp_tools(settings)], "tool_choice": "auto"}}
         session = event["session"]
         if settings.noise_reduction:
             session["audio"]["input"]["noise_reduction"] = {"type": settings.noise_reduction}

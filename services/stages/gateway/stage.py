@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import logging
+import secrets
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -115,7 +116,8 @@ class GatewayStage(Stage):
                        "reconnects": 0, "barge_ins": 0, "truncations": 0, "events_in": 0,
                        "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0, "conversations": 1,
                        "played_to_end": 0, "audio_converted": 0,
-                       "key_turns": 0, "keys_refused": 0, "configurations_refused": 0}
+                       "key_turns": 0, "keys_refused": 0, "configurations_refused": 0, "mcp_approved": 0,
+                       "mcp_refused": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -369,7 +371,8 @@ class GatewayStage(Stage):
         if kind == "response.output_audio.delta":
             self._on_audio_delta(data, parsed.audio, t_recv_ns)
         elif kind == "session.updated":
-            self.session_tools = [str(tool.get("name")) for tool in data.get("session", {}).get("tools") or []]
+            self.session_tools = [str(tool.get("name")) for tool in data.get("session", {}).get("tools") or []
+                                  if tool.get("type", "function") == "function"]
         benign = kind == "error" and data.get("error", {}).get("code") in BENIGN_ERRORS
         self._publish_event(f"rt.{kind}", {"event": data, "protocol": self.protocol, "t_recv_ns": t_recv_ns,
                                            **({"benign": True} if benign else {})})
@@ -387,6 +390,8 @@ class GatewayStage(Stage):
                 log.info(kv("orphan_cancelled", response_id=self.response_active))
         elif kind == "response.output_item.done" and data.get("item", {}).get("type") == "function_call":
             self._function_call(data["item"], data.get("response_id", ""))
+        elif kind == "response.output_item.done" and data.get("item", {}).get("type") == "mcp_approval_request":
+            self._approve(data["item"])
         elif kind == "response.done":
             self.response_active = None
             if self.create_after_done:  # the user's turn, held back while the cut reply was ending
@@ -536,6 +541,25 @@ class GatewayStage(Stage):
         self.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
                                                                 "content": [{"type": "input_text", "text": text}]}})
         if self.response_active is None:
+            self.send({"type": "response.create"})
+        else:
+            self.create_after_done = True
+
+    # --- server-side MCP: the server asks before a call, the allow-list answers ------------------------
+    def _approve(self, request: dict[str, Any]) -> None:
+        name, allowed = str(request.get("name", "")), self.settings.mcp_approve
+        approve = "*" in allowed or name in allowed
+        reason = "on the allow-list" if approve else "not on the gateway's --mcp-approve list"
+        self.counts["mcp_approved" if approve else "mcp_refused"] += 1
+        log.info(kv("mcp_approval", server_label=request.get("server_label"), name=name, approve=approve))
+        self._publish_event("rt.gateway.mcp_approval", {"approval_request_id": request.get("id"), "name": name,
+                                                        "server_label": request.get("server_label"),
+                                                        "arguments": request.get("arguments"), "approve": approve,
+                                                        "reason": reason})
+        self.send({"type": "conversation.item.create", "item": {
+            "type": "mcp_approval_response", "id": f"mcpresp_{secrets.token_hex(8)}",
+            "approval_request_id": request.get("id"), "approve": approve, "reason": reason}})
+        if self.response_active is None:  # the call is made (or refused aloud) in a response of its own
             self.send({"type": "response.create"})
         else:
             self.create_after_done = True

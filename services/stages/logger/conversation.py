@@ -213,6 +213,11 @@ class ConversationBuilder:
             if turn is not None and not turn.item_id and event.get("item", {}).get("type", "message") == "message":
                 turn.item_id = event.get("item", {}).get("id", "")
                 self.by_item[turn.item_id] = turn
+        elif kind == "response.output_item.done" and event.get("item", {}).get("type", "").startswith("mcp_"):
+            self._server_mcp(event["item"], event.get("response_id", ""), t_ns)
+        elif kind == "gateway.mcp_approval":
+            self.note({"kind": "mcp_approval", "t_ns": t_ns, **{k: data.get(k) for k in (
+                "name", "server_label", "approve", "reason", "approval_request_id")}})
         elif kind == "response.output_audio_transcript.delta":
             turn = self.by_item.get(event.get("item_id", ""))
             if turn is not None:
@@ -245,6 +250,23 @@ class ConversationBuilder:
                     details = response.get("status_details") or {}
                     entry.update(done_ns=t_ns, status=turn.status, usage=turn.usage, reason=details.get("reason"),
                                  output=[o.get("type") for o in response.get("output") or []])
+
+    def _server_mcp(self, item: dict[str, Any], response_id: str, t_ns: int) -> None:
+        """A tool the Realtime server called on a remote MCP server (or asked leave to): the turn's, as its tool calls
+        are; a request for approval means the turn's answer comes in a next response."""
+        turn = self.by_response.get(response_id)
+        if turn is None:
+            return
+        if item.get("type") == "mcp_approval_request":
+            turn.awaiting_follow_up = True
+            turn.events.append({"kind": "mcp_approval_request", "name": item.get("name"), "t_ns": t_ns,
+                                "server_label": item.get("server_label"), "approval_request_id": item.get("id")})
+        elif item.get("type") == "mcp_call":
+            error = item.get("error") or None
+            turn.tools.append({"call_id": item.get("id"), "name": item.get("name"), "arguments": item.get("arguments"),
+                               "output": item.get("output"), "error": (error or {}).get("message") if error else None,
+                               "source": f"server-mcp:{item.get('server_label')}", "called_ns": t_ns,
+                               "answered_ns": t_ns, "approval_request_id": item.get("approval_request_id")})
 
     def _tool_call(self, call: dict[str, Any], t_ns: int) -> None:
         turn = self.by_response.get(call.get("response_id", ""))
