@@ -574,10 +574,19 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "--idle-prompt; after --idle-prompts unanswered asks the call ends (a web page is hung up). Off by default.")
 @click.option("--idle-prompt", default="Are you still there?", show_default=True)
 @click.option("--idle-prompts", type=click.IntRange(0), default=2, show_default=True)
+@click.option("--greeting", default=None, metavar="TEXT",
+              help="Said as each conversation's line goes live (its first audio), before the caller speaks.")
+@click.option("--greeting-uninterruptible", is_flag=True,
+              help="The greeting is heard whole (a disclaimer): while it plays the caller's audio reaches the server "
+              "as silence (counted: muted_frames). Any reply asked for with metadata interruptible=false is too.")
 @click.option("--false-interruptions", is_flag=True,
               help="Speech over a reply pauses it; a backchannel (mhmm, yeah, ok; or nothing recognisable, short) "
               "resumes it where it paused, anything else cuts it at the played position. The server's own "
               "interrupt_response and create_response are then off: the gateway decides and answers.")
+@click.option("--min-interruption-s", type=click.FloatRange(0, 10), default=0.0, show_default=True,
+              help="With --false-interruptions: speech over a reply shorter than this (a cough) never cuts it.")
+@click.option("--min-interruption-words", type=click.IntRange(0, 20), default=0, show_default=True,
+              help="With --false-interruptions: nor fewer words than this (0: the backchannel list decides).")
 @click.option("--dtmf/--no-dtmf", "keys_to_model", default=True, show_default=True,
               help="Keys a phone caller presses (phone.dtmf) are told to the model as their turn (\"The caller "
               "pressed 1 #\"), and the first one cuts a reply that is playing, as speech does.")
@@ -608,7 +617,9 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
               "the gateway answers the call with an error itself.")
 def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transcription_model, vad_type, eagerness, noise_reduction,
             transcription_logprobs, truncation_retention, prompt_id, prompt_version, prompt_vars, max_output_tokens,
-            speed, idle_timeout_s, idle_prompt, idle_prompts, false_interruptions, keys_to_model, keys_wait_ms,
+            speed, idle_timeout_s, idle_prompt, idle_prompts, greeting, greeting_uninterruptible, false_interruptions,
+            min_interruption_s,
+            min_interruption_words, keys_to_model, keys_wait_ms,
             server_mcp, mcp_approve, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
@@ -631,8 +642,10 @@ def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transc
                                truncation_retention=truncation_retention,
                                prompt=_prompt(prompt_id, prompt_version, prompt_vars),
                                max_output_tokens=max_output_tokens, speed=speed, idle_timeout_s=idle_timeout_s,
-                               idle_prompt=idle_prompt, idle_prompts=idle_prompts,
-                               false_interruptions=false_interruptions,
+                               idle_prompt=idle_prompt, idle_prompts=idle_prompts, greeting=greeting,
+                               greeting_interruptible=not greeting_uninterruptible,
+                               false_interruptions=false_interruptions, min_interruption_s=min_interruption_s,
+                               min_interruption_words=min_interruption_words,
                                keys_wait_s=keys_wait_ms / 1000 if keys_to_model else None,
                                server_mcp=_server_mcp(server_mcp, protocol), mcp_approve=frozenset(mcp_approve))
     if instructions:

@@ -297,3 +297,32 @@ def test_server_side_mcp_tools_are_called_by_the_server_after_the_allow_list_app
     assert call["output"] == "light rain, 14 degrees" and call["approval_request_id"]
     assert forecast["assistant"]["transcript_heard"] == "Tomorrow in paris: light rain, 14 degrees."
     assert any(e["kind"] == "mcp_approval" and e["approve"] for e in forecast["events"]), forecast["events"]
+
+
+def test_an_uninterruptible_greeting_is_heard_whole_while_the_caller_talks_over_it(procs, client_factory, simulator,
+                                                                                    tmp_path):
+    """gateway --greeting TEXT --greeting-uninterruptible: the line goes live (the mic's first audio) and the
+    greeting is said; "stop please" spoken over it reaches the server as silence, so nothing is cut and the
+    greeting plays to its end; the caller's next words, after it, are heard and answered."""
+    greeting = "Thank you for calling. This call may be recorded for quality and training."
+    client = client_factory(PREFIXES)
+    start_stages(procs, client, simulator(), gateway_args=("--greeting", greeting, "--greeting-uninterruptible"),
+                 player_args=("--wav", str(tmp_path / "played.wav")))
+    speech = compose([("silence", 1.5), ("say", "stop please"), ("silence", 6.0), ("say", QUESTION)], 48000)
+    speak(procs, speech, 48000, tmp_path)
+    said = client.wait_for(lambda m: m.topic == "rt.response.output_audio_transcript.done", timeout_s=60)
+    answer = client.wait_for(lambda m: m.topic == "rt.conversation.item.input_audio_transcription.completed",
+                             timeout_s=60)
+    assert said.data["event"]["transcript"] == greeting
+    assert answer.data["event"]["transcript"] == QUESTION, "the words after the greeting are heard"
+    greeting_item = said.data["event"]["item_id"]
+    played = client.wait_for(lambda m: m.topic == "player.state" and m.data.get("item_id") == greeting_item
+                             and not m.data.get("playing") and m.data["played_ms"] >= m.data["received_ms"] - 1,
+                             timeout_s=30)
+    assert played.data["played_ms"] > 3000
+    transcribed = [m.data["event"]["transcript"] for m in client.seen
+                   if m.topic == "rt.conversation.item.input_audio_transcription.completed"]
+    assert transcribed == [QUESTION], transcribed  # "stop please" never reached the server
+    assert not [m for m in client.seen if m.topic in ("player.flush", "rt.sent.conversation.item.truncate")]
+    health = client.wait_for(lambda m: m.topic == "health.gateway" and m.data.get("muted_frames", 0) > 0, timeout_s=10)
+    assert health.data["barge_ins"] == 0

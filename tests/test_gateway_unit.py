@@ -429,3 +429,52 @@ def test_a_conversation_may_be_given_its_own_turn_taking_and_a_bad_setting_is_re
     stage.on_session(SESSION_END, "s1", "s1")
     stage.on_session(SESSION_BEGIN, "s2", "s1")  # given nothing: the command line's settings again
     assert stage.policy is None and stage.idle is None and stage.settings == stage.base_settings
+
+
+def test_minimum_speech_and_word_gates_come_before_the_backchannel_list():
+    from services.stages.gateway.interruptions import InterruptionPolicy
+
+    gated = InterruptionPolicy(min_speech_s=0.4, min_words=2)
+    assert gated.judge("stop", 0.9) == (True, "fewer than 2 words")  # one word: the reply goes on
+    assert gated.judge("stop now please", 0.3) == (True, "shorter than 0.4 s")  # a cough's length
+    assert gated.judge("stop now please", 0.9) == (False, "not a backchannel")
+    assert gated.judge("yeah ok", 0.9) == (True, "backchannel")
+    plain = InterruptionPolicy()
+    assert plain.judge("stop", 0.5) == (False, "not a backchannel") and plain.judge("", 0.2) == (True, "nothing recognisable")
+
+
+def test_an_uninterruptible_greeting_is_said_once_when_the_line_goes_live_and_heard_whole():
+    from common.envelope import Stamper
+    from common.stage import SESSION_BEGIN
+
+    stage, published, sent = _gateway(interrupt_response=True)
+    stage.settings = stage.base_settings = SessionSettings(greeting="This call may be recorded.",
+                                                           greeting_interruptible=False)
+    mic = Stamper("resample", "s1")
+    speech = tone(300, 0.02, 24000, amplitude=0.5)
+
+    def frame(pts: int) -> None:
+        stage.handle(mic.audio("audio.user", speech, rate=24000, channels=1, pts=pts, t_capture_ns=pts, t_ns=pts))
+
+    frame(0)  # the session is not configured yet: no greeting
+    assert not [e for e in sent if e["type"] == "response.create"]
+    _server(stage, type="session.updated", session={"type": "realtime", "tools": []})
+    frame(480)
+    frame(960)
+    [greet] = [e for e in sent if e["type"] == "response.create"]
+    assert greet["response"]["instructions"] == "Say exactly: This call may be recorded."
+    assert greet["response"]["metadata"] == {"voicebus": "greeting", "interruptible": "false"}
+    _server(stage, type="response.created", response={"id": "resp_g", "object": "realtime.response",
+                                                       "status": "in_progress", "output": [],
+                                                       "metadata": greet["response"]["metadata"]})
+    _server(stage, type="response.output_audio.delta", response_id="resp_g", item_id="item_g", output_index=0,
+            content_index=0, delta=base64.b64encode(tone(300, 1.0, 24000)).decode())
+    stage.tracker.on_player_state({"item_id": "item_g", "played_ms": 200, "playing": True, "buffered_ms": 100}, 0.0)
+    before = len(sent)
+    frame(1440)  # the caller talks over it: the server hears silence, and nothing is cut
+    _server(stage, type="input_audio_buffer.speech_started", audio_start_ms=60, item_id="item_u")
+    [append] = [e for e in sent[before:] if e["type"] == "input_audio_buffer.append"]
+    assert base64.b64decode(append["audio"]) == bytes(len(speech)) and stage.counts["muted_frames"] == 1
+    assert not [m for m in published if m.topic == "player.flush"] and stage.counts["barge_ins"] == 0
+    stage.on_session(SESSION_BEGIN, "s2", "s1")  # the next conversation is greeted again
+    assert not stage.greeted

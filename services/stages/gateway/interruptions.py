@@ -5,6 +5,9 @@ interruption, cut at the played position as a barge-in always is.
 
 LiveKit's `resume_false_interruption` resumes on a timer alone (a cough and "stop" look the same until
 the timer runs out); here the words decide, and speech too long to be a backchannel decides at once.
+Two gates come first, as pipecat's interruption strategies have them: speech shorter than
+`min_speech_s` (a cough, a chair) and fewer than `min_words` words ("wait" alone, when 2 are asked
+for) never cut the reply.
 """
 
 from __future__ import annotations
@@ -26,9 +29,22 @@ class InterruptionPolicy:
     backchannels: frozenset[str] = field(default_factory=lambda: BACKCHANNELS)
     max_speech_s: float = MAX_BACKCHANNEL_S
     max_words: int = MAX_BACKCHANNEL_WORDS
+    min_speech_s: float = 0.0  # shorter speech never interrupts
+    min_words: int = 0  # fewer words never interrupt (0: the backchannel list alone decides)
 
     def too_long(self, speech_s: float) -> bool:
         return speech_s > self.max_speech_s
+
+    def judge(self, transcript: str, speech_s: float | None) -> tuple[bool, str]:
+        """(resume, why): whether the paused reply goes on, and the reason the trace gives for it."""
+        if speech_s is not None and speech_s < self.min_speech_s:
+            return True, f"shorter than {self.min_speech_s:g} s"
+        words = re.findall(r"[a-z']+", transcript.lower())
+        if len(words) < self.min_words:
+            return True, f"fewer than {self.min_words} word{'s' if self.min_words > 1 else ''}"
+        if self.is_backchannel(transcript):
+            return True, "backchannel" if words else "nothing recognisable"
+        return False, "not a backchannel"
 
     def is_backchannel(self, transcript: str) -> bool:
         """Nothing recognisable, or only backchannel words (each, or the whole phrase, in the list)."""

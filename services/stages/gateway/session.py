@@ -48,6 +48,12 @@ class SessionSettings:
     # speech over a reply pauses it, and what was said decides (interruptions.py); the server then neither
     # cancels nor answers on its own: create_response and interrupt_response are off, the gateway decides
     false_interruptions: bool = False
+    min_interruption_s: float = 0.0  # with false_interruptions: speech shorter than this never cuts a reply
+    # said as each conversation's line goes live (its first user audio); not interruptible: the caller's
+    # audio is not forwarded while it plays (a disclaimer heard whole)
+    greeting: str | None = None
+    greeting_interruptible: bool = True
+    min_interruption_words: int = 0  # ... nor fewer words than this
     # keys a caller pressed (phone.dtmf) are told to the model as a user turn (keypad.py); None: not told
     keys_wait_s: float | None = 1.5
     # remote MCP servers the Realtime server itself lists and calls (GA): (server_label, server_url); it asks
@@ -69,6 +75,10 @@ class ConversationSettings(BaseModel):
     vad_prefix_padding_ms: int | None = Field(None, ge=0, le=5000)
     vad_silence_duration_ms: int | None = Field(None, ge=0, le=10_000)
     false_interruptions: bool | None = None
+    greeting: str | None = Field(None, max_length=1000)
+    greeting_interruptible: bool | None = None
+    min_interruption_s: float | None = Field(None, ge=0, le=10)
+    min_interruption_words: int | None = Field(None, ge=0, le=20)
     idle_timeout_s: float | None = Field(None, ge=1)
     idle_prompt: str | None = Field(None, max_length=500)
     idle_prompts: int | None = Field(None, ge=0, le=10)

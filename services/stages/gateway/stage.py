@@ -103,6 +103,10 @@ class GatewayStage(Stage):
         self.user_speaking = False
         self.held: dict[str, Any] | None = None  # a reply paused while the user speaks over it (policy on)
         self.keypad = KeyPad(settings.keys_wait_s or 0.0)
+        self.greeted = False  # this conversation's greeting was asked for
+        # responses the caller cannot interrupt (metadata interruptible=false: the greeting, or any reply a
+        # client asks for so): while one plays, the caller's audio goes to the server as silence
+        self.uninterruptible: set[str] = set()
         self.create_after_done = False  # the user's turn wants a response once the one running is done
         self.line_heard_at = 0.0  # the last user audio: a line with nobody on it (a web stage between callers) is not idle
         self.ws_log_path = ws_log
@@ -117,7 +121,7 @@ class GatewayStage(Stage):
                        "rejected_commands": 0, "benign_errors": 0, "late_tool_results": 0, "conversations": 1,
                        "played_to_end": 0, "audio_converted": 0,
                        "key_turns": 0, "keys_refused": 0, "configurations_refused": 0, "mcp_approved": 0,
-                       "mcp_refused": 0}
+                       "mcp_refused": 0, "muted_frames": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -149,7 +153,7 @@ class GatewayStage(Stage):
     def on_session(self, topic: str, session: str, previous: str) -> None:
         """A conversation ended: close the server session (nothing of it may reach the next caller).
         One began: connect afresh; a new session on a server session already used is renewed."""
-        self.held, self.create_after_done = None, False
+        self.held, self.create_after_done, self.greeted = None, False, False
         self.keypad.take()  # keys of the last caller are not the next one's
         configured = self.settings
         if topic == SESSION_BEGIN:  # its own settings, if it was given any, else the command line's
@@ -180,7 +184,9 @@ class GatewayStage(Stage):
         self.settings = settings
         self.idle = IdleWatch(settings.idle_timeout_s, settings.idle_prompt, settings.idle_prompts) \
             if settings.idle_timeout_s else None
-        self.policy = InterruptionPolicy() if settings.false_interruptions else None
+        self.policy = InterruptionPolicy(min_speech_s=settings.min_interruption_s,
+                                         min_words=settings.min_interruption_words) \
+            if settings.false_interruptions else None
 
     def _configure(self, data: dict[str, Any]) -> None:
         """`gateway.configure` {session?, settings}: settings for a conversation about to begin (none: the next)."""
@@ -199,6 +205,7 @@ class GatewayStage(Stage):
             self._publish_append_run()
         self.conversation.clear()
         self.tracker = AudibleTracker()
+        self.uninterruptible.clear()
         self.response_active = None
         self.pending_truncate = None
         self.calls.reset()
@@ -285,7 +292,14 @@ class GatewayStage(Stage):
             pcm = g711.encode(g711.as_s16(pcm, header.fmt), self.audio_fmt) if self.audio_fmt != "s16le" \
                 else g711.as_s16(pcm, header.fmt)
             self.counts["audio_converted"] += 1
-        if self.echo_guard is not None and not self.echo_guard.admit(self._s16(pcm), self.tracker, time.monotonic()):
+        if self.settings.greeting and not self.greeted and self.session_tools is not None:
+            self._greet()  # someone is on the line
+        audible = self.tracker.audible_item()
+        muted = audible is not None and audible.response_id in self.uninterruptible
+        if muted:
+            self.counts["muted_frames"] += 1
+        if muted or (self.echo_guard is not None and
+                     not self.echo_guard.admit(self._s16(pcm), self.tracker, time.monotonic())):
             # silence keeps the server's audio clock in step with capture
             pcm = bytes(len(pcm)) if self.audio_fmt == "s16le" else bytes([g711.SILENCE[self.audio_fmt]]) * len(pcm)
         if self.socket.send(json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})):
@@ -384,6 +398,8 @@ class GatewayStage(Stage):
                        message=repr(str(error.get("message"))[:200])))
         elif kind == "response.created":
             self.response_active = data["response"].get("id")
+            if (data["response"].get("metadata") or {}).get("interruptible") == "false":
+                self.uninterruptible.add(self.response_active or "")
             if self.calls.on_response_created(data["response"]):
                 # a follow-up asked for before the user spoke, created after: it would talk over them
                 self.send({"type": "response.cancel", "response_id": self.response_active})
@@ -545,6 +561,16 @@ class GatewayStage(Stage):
         else:
             self.create_after_done = True
 
+    def _greet(self) -> None:
+        """The conversation's first words, the gateway's own (not the model's): once per conversation."""
+        self.greeted = True
+        metadata = {"voicebus": "greeting", **({} if self.settings.greeting_interruptible else {"interruptible": "false"})}
+        self.send({"type": "response.create", "response": {"instructions": f"Say exactly: {self.settings.greeting}",
+                                                           "metadata": metadata}})
+        log.info(kv("greeting", interruptible=self.settings.greeting_interruptible))
+        self._publish_event("rt.gateway.greeting", {"text": self.settings.greeting,
+                                                    "interruptible": self.settings.greeting_interruptible})
+
     # --- server-side MCP: the server asks before a call, the allow-list answers ------------------------
     def _approve(self, request: dict[str, Any]) -> None:
         name, allowed = str(request.get("name", "")), self.settings.mcp_approve
@@ -569,7 +595,7 @@ class GatewayStage(Stage):
         if by_keys and self.response_active is not None and self.tracker.audible_item() is None:
             self.send({"type": "response.cancel"})  # made, not heard yet: the keys replace what it answers
         item = self.tracker.audible_item()
-        if item is None or item.truncated:
+        if item is None or item.truncated or item.response_id in self.uninterruptible:
             return
         self.counts["barge_ins"] += 1
         self._publish_event("player.flush", {"reason": "keys" if by_keys else "barge_in", "item_id": item.item_id})
@@ -586,7 +612,7 @@ class GatewayStage(Stage):
     def _hold(self, user_item: str | None, audio_start_ms: int | None) -> bool:
         """The user speaks over a reply: pause it where it is (not cut) until what they said is known."""
         item = self.tracker.audible_item()
-        if item is None or item.truncated or self.held is not None:
+        if item is None or item.truncated or self.held is not None or item.response_id in self.uninterruptible:
             return False
         self.held = {"item_id": item.item_id, "since": time.monotonic(), "user_item": user_item, "speech_s": None,
                      "audio_start_ms": audio_start_ms}
@@ -621,11 +647,13 @@ class GatewayStage(Stage):
         held, self.held = self.held, None
         if held is None or self.policy is None:
             return
-        if not too_long and self.policy.is_backchannel(transcript):
-            self._publish_event("player.hold", {"hold": False, "item_id": held["item_id"], "reason": "backchannel"})
-            self._interruption("resumed", held["item_id"], transcript, held.get("speech_s"))
+        resume, why = (False, "too long for a backchannel") if too_long else \
+            self.policy.judge(transcript, held.get("speech_s"))
+        if resume:
+            self._publish_event("player.hold", {"hold": False, "item_id": held["item_id"], "reason": why})
+            self._interruption("resumed", held["item_id"], transcript, held.get("speech_s"), why)
             return
-        self._interruption("interrupted", held["item_id"], transcript, held.get("speech_s"))
+        self._interruption("interrupted", held["item_id"], transcript, held.get("speech_s"), why)
         self._barge_in()  # flush, cancel (interrupt_response is off), truncate at the played position
         self._answer_user(cancel_running=False)
 
@@ -638,10 +666,12 @@ class GatewayStage(Stage):
             self.send({"type": "response.cancel"})
         self.create_after_done = True
 
-    def _interruption(self, decision: str, item_id: str, transcript: str = "", speech_s: float | None = None) -> None:
-        log.info(kv("interruption", decision=decision, item_id=item_id, transcript=repr(transcript), speech_s=speech_s))
+    def _interruption(self, decision: str, item_id: str, transcript: str = "", speech_s: float | None = None,
+                      why: str = "") -> None:
+        log.info(kv("interruption", decision=decision, item_id=item_id, transcript=repr(transcript), speech_s=speech_s,
+                    why=repr(why)))
         self._publish_event("rt.gateway.interruption", {"decision": decision, "item_id": item_id,
-                                                        "transcript": transcript, "speech_s": speech_s})
+                                                        "transcript": transcript, "speech_s": speech_s, "why": why})
 
     def _check_idle(self) -> None:
         """Quiet on the line for the idle timeout: ask whether they are there; after the last ask, end."""
