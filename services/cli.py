@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -609,6 +610,9 @@ def _prompt(prompt_id: str | None, version: str | None, variables: tuple[str, ..
 @click.option("--interrupt-response/--no-interrupt-response", default=True, show_default=True,
               help="The server cancels its response when the user speaks (the gateway then only flushes and "
               "truncates); off: the gateway sends response.cancel itself.")
+@click.option("--session-file", type=click.Path(exists=True, dir_okay=False),
+              help="Session settings from a YAML or JSON file (the fields of an eval scenario's `settings:`: vad_type, "
+              "eagerness, false_interruptions, idle_timeout_s, greeting, voice, ...); flags given here win over it.")
 @click.option("--ws-log", type=click.Path(dir_okay=False), help="Websocket traffic log (JSON lines, audio elided).")
 @click.option("--max-session-min", type=float, default=55.0, show_default=True,
               help="Reconnect before the server's 60-minute session limit.")
@@ -620,7 +624,8 @@ def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transc
             speed, idle_timeout_s, idle_prompt, idle_prompts, greeting, greeting_uninterruptible, false_interruptions,
             min_interruption_s,
             min_interruption_words, keys_to_model, keys_wait_ms,
-            server_mcp, mcp_approve, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio, interrupt_response, ws_log, max_session_min, tool_timeout):
+            server_mcp, mcp_approve, vad_threshold, vad_prefix_ms, vad_silence_ms, echo_guard, echo_guard_ratio,
+            interrupt_response, session_file, ws_log, max_session_min, tool_timeout):
     """Stage: audio.user -> OpenAI Realtime websocket -> rt.* events, audio.assistant; barge-in."""
     from common.config import openai_target, realtime_ws_url
     from common.runner import run_stage
@@ -650,6 +655,8 @@ def gateway(cfg, url, model, protocol, instructions, voice, audio_format, transc
                                server_mcp=_server_mcp(server_mcp, protocol), mcp_approve=frozenset(mcp_approve))
     if instructions:
         settings.instructions = instructions
+    if session_file:
+        settings = dataclasses.replace(settings, **_session_file_settings(Path(session_file)))
     stage = GatewayStage(url or realtime_ws_url(target.base_url, model), headers, protocol, settings,
                          EchoGuard(echo_guard_ratio) if echo_guard else None, Path(ws_log) if ws_log else None,
                          max_session_min * 60, "simulator" if target.is_simulator else "openai", tool_timeout)
@@ -712,6 +719,27 @@ def demo(questions, out_dir, voice, root, tool_modules, rules, log_level):
     setup_logging(log_level)
     sys.exit(run_demo(list(questions) or DEFAULT_QUESTIONS, Path(out_dir), voice, _trace_root(root),
                       list(tool_modules), Path(rules) if rules else None))
+
+
+# a session file's field -> the gateway flag that sets it (where the names differ)
+SESSION_FIELD_FLAGS = {"vad_prefix_padding_ms": "vad_prefix_ms", "vad_silence_duration_ms": "vad_silence_ms",
+                       "greeting_interruptible": "greeting_uninterruptible"}
+
+
+def _session_file_settings(path: Path) -> dict[str, object]:
+    """The file's settings that no flag on the command line (or in the environment) contradicts."""
+    from click.core import ParameterSource
+
+    from services.stages.gateway.session import load_session_file
+
+    try:
+        settings = load_session_file(path)
+    except ValueError as exc:
+        raise SetupError(str(exc)) from exc
+    ctx = click.get_current_context()
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    return {field: value for field, value in settings.items() if SESSION_FIELD_FLAGS.get(field, field) not in given}
 
 
 def _server_mcp(values: tuple[str, ...], protocol: str) -> tuple[tuple[str, str], ...]:

@@ -326,3 +326,22 @@ def test_an_uninterruptible_greeting_is_heard_whole_while_the_caller_talks_over_
     assert not [m for m in client.seen if m.topic in ("player.flush", "rt.sent.conversation.item.truncate")]
     health = client.wait_for(lambda m: m.topic == "health.gateway" and m.data.get("muted_frames", 0) > 0, timeout_s=10)
     assert health.data["barge_ins"] == 0
+
+
+def test_a_session_file_sets_the_session_and_a_flag_on_the_command_line_wins_over_it(procs, client_factory, simulator,
+                                                                                     tmp_path):
+    session_file = tmp_path / "session.yaml"
+    session_file.write_text("vad_type: semantic_vad\neagerness: low\nfalse_interruptions: true\nvoice: ash\n"
+                            "noise_reduction: far_field\n")
+    client = client_factory(PREFIXES)
+    start_stages(procs, client, simulator(), gateway_args=("--session-file", str(session_file), "--eagerness", "high"),
+                 stages=("gateway",))
+    update = client.wait_for(lambda m: m.topic == "rt.sent.session.update", timeout_s=10).data["event"]["session"]
+    assert update["audio"]["input"]["turn_detection"] == {"type": "semantic_vad", "eagerness": "high",
+                                                          "create_response": False, "interrupt_response": False}
+    assert update["audio"]["output"]["voice"] == "ash" and update["audio"]["input"]["noise_reduction"] == {
+        "type": "far_field"}
+    session_file.write_text("eagerness: sometimes\n")
+    bad = procs.voicebus("gateway", "--session-file", str(session_file), name="gateway-bad")
+    assert bad.wait(timeout=30) == 2
+    assert f"{session_file}: eagerness: Input should be 'auto', 'low', 'medium' or 'high'" in procs.log_of(bad)

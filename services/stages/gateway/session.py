@@ -6,9 +6,10 @@ Built as the openai SDK's client-event param types (TypedDicts), GA or beta shap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PCM = {"type": "audio/pcm", "rate": 24000}
 # --audio-format -> (GA format object, beta name, the bus's fmt, sample rate): G.711 as a phone line carries it
@@ -64,11 +65,17 @@ class SessionSettings:
 
 class ConversationSettings(BaseModel):
     """What one conversation may set apart from the gateway's command line (`gateway.configure` on the bus
-    before its `session.begin`: an eval scenario's `settings:`): turn-taking and what is said, never the
-    audio format or the server."""
+    before its `session.begin`: an eval scenario's `settings:`), and what a session file sets
+    (`gateway --session-file`): turn-taking, the voice and what is said, never the audio format or the
+    server."""
 
     model_config = ConfigDict(extra="forbid")
     instructions: str | None = Field(None, max_length=20_000)
+    voice: str | None = Field(None, max_length=40)
+    speed: float | None = Field(None, ge=0.25, le=1.5)
+    noise_reduction: Literal["near_field", "far_field"] | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=4096)
+    interrupt_response: bool | None = None
     vad_type: Literal["server_vad", "semantic_vad"] | None = None
     eagerness: Literal["auto", "low", "medium", "high"] | None = None
     vad_threshold: float | None = Field(None, ge=0, le=1)
@@ -85,6 +92,24 @@ class ConversationSettings(BaseModel):
 
     def overrides(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+def load_session_file(path: Path) -> dict[str, Any]:
+    """A session file's settings (YAML or JSON, the fields of ConversationSettings); ValueError says what is wrong."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read it ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (e.g. `vad_type: semantic_vad`)")
+    try:
+        return ConversationSettings.model_validate(raw).overrides()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(k) for k in first["loc"]) or "file"
+        raise ValueError(f"{path}: {where}: {first['msg']}") from exc
 
 
 def function_tools(listing: list[dict[str, Any]]) -> list[dict[str, Any]]:
