@@ -99,6 +99,62 @@ def test_a_mulaw_session_update_is_valid_for_the_sdk(protocol):
         assert event["session"]["input_audio_format"] == event["session"]["output_audio_format"] == "g711_ulaw"
 
 
+def test_a_hold_clears_the_carrier_and_sends_again_what_it_had_not_played():
+    """player.hold on a phone line: `clear`, and the frames sent but not yet played (no mark echoed) go back
+    to the buffer, so that on resuming the caller hears the reply from where it was heard, nothing skipped."""
+    from services.stages.phone.line import PhoneLine
+    from services.stages.playback import PlaybackBuffer, Segment
+
+    buffer = PlaybackBuffer(g711.RATE, jitter_ms=0, sample_bytes=1)
+    line = PhoneLine("127.0.0.1", 0, buffer, on_audio=lambda *a: None, on_call=lambda *a: None,
+                     on_dtmf=lambda d: None, lead_ms=200)
+    line.start()
+    reply = bytes(i % 200 + 20 for i in range(8000))  # 1 s of distinct codes: where each frame came from shows
+
+    async def carrier() -> tuple[list[bytes], list[str], list[bytes]]:
+        async with aiohttp.ClientSession() as session, session.ws_connect(line.url) as ws:
+            await ws.send_json({"event": "start", "streamSid": "MZ1", "start": {
+                "streamSid": "MZ1", "callSid": "CA1", "tracks": ["inbound"], "customParameters": {},
+                "mediaFormat": dict(ms.MULAW)}})
+            for _ in range(500):  # once the call has started (a new call empties the buffer), the reply arrives
+                if line.call is not None:
+                    break
+                await asyncio.sleep(0.01)
+            buffer.push(Segment("item_1", 0, "resp_1", reply))
+            frames: list[bytes] = []
+            while len(frames) < 8:  # 160 ms sent; the carrier has played 3 frames of it
+                message = json.loads((await ws.receive(timeout=5)).data)
+                if message["event"] == "media":
+                    frames.append(ms.payload_codes(message["media"]["payload"]))
+                elif message["event"] == "mark" and message["mark"]["name"] == "3":
+                    await ws.send_json({"event": "mark", "streamSid": "MZ1", "mark": {"name": "3"}})
+            await asyncio.sleep(0.1)
+            buffer.hold(True)
+            taken_ms = line.take_back_unplayed()
+            after_hold = []
+            while True:
+                message = json.loads((await ws.receive(timeout=5)).data)
+                after_hold.append(message["event"])
+                if message["event"] == "clear":
+                    break
+            buffer.hold(False)
+            resent: list[bytes] = []
+            while not resent:
+                message = json.loads((await ws.receive(timeout=5)).data)
+                if message["event"] == "media":
+                    resent.append(ms.payload_codes(message["media"]["payload"]))
+            return frames, after_hold, resent, taken_ms
+
+    try:
+        frames, after_hold, resent, taken_ms = asyncio.run(carrier())
+    finally:
+        line.stop()
+    assert frames[:3] == [reply[i * FRAME:(i + 1) * FRAME] for i in range(3)]
+    assert after_hold[-1] == "clear" and line.counts["hold_clears"] == 1
+    assert taken_ms >= 5 * ms.FRAME_MS  # at least the 5 frames sent after the last echoed mark
+    assert resent[0] == reply[3 * FRAME:4 * FRAME], "resumed from the first frame the carrier had not played"
+
+
 # --- end to end ----------------------------------------------------------------------------------
 def _start_phone_pipeline(procs, tmp_path: Path, *args: str) -> tuple[object, int, Path, Path]:
     port = free_port()

@@ -111,6 +111,15 @@ class PlaybackBuffer:
         with self._lock:
             self.held = held
 
+    def unread(self, segment: Segment) -> None:
+        """Put audio handed to the output back at the front (an output that dropped it unplayed, to play it
+        again): it counts as not played."""
+        with self._lock:
+            self._segments.appendleft(segment)
+            self._buffered += len(segment.pcm) - segment.offset
+            samples = (len(segment.pcm) - segment.offset) // self.sample_bytes
+            self.played[segment.item_id] = max(0, self.played.get(segment.item_id, 0) - samples)
+
     def idle_for(self) -> float:
         """Seconds since anything was playable (0 while playing or holding audio)."""
         with self._lock:

@@ -121,8 +121,9 @@ def plan(files: list[Path], staging_audio: Path, settings: Settings) -> list[Pla
                     raise ScenarioError(f"{where}: presses keys (dtmf), which only a phone line carries: run "
                                         "`voicebus eval --phone`")
                 if turn.expect.not_interrupted and settings.phone:
-                    raise ScenarioError(f"{where}: not_interrupted is not for a phone call yet: a held reply is not "
-                                        "paused on the line (what was sent plays on); run it without --phone")
+                    raise ScenarioError(f"{where}: not_interrupted is not for a phone call yet: the fake carrier takes "
+                                        "its turns by the replies it hears, and a backchannel gets none; run it "
+                                        "without --phone")
                 if turn.barge_in_after is not None and settings.phone:
                     raise ScenarioError(f"{where}: barge_in_after times from a bus topic; over the phone a barge-in "
                                         "is timed by what the caller has heard: use barge_in_ms")

@@ -29,7 +29,7 @@ from common.log import RateLimitedLog, kv
 from services.stages.loop_server import LoopServer, RemoteOutput
 from services.stages.phone import media_streams as ms
 from services.stages.phone import twiml
-from services.stages.playback import PlaybackBuffer
+from services.stages.playback import PlaybackBuffer, Segment
 from services.stages.web.connections import guarded_runner
 
 log = logging.getLogger("voicebus.phone")
@@ -52,7 +52,8 @@ class Call:
     sent_ms: float = 0.0  # audio sent to the carrier in this call
     clock_base: float = 0.0  # monotonic time at which sent_ms 0 would have been played
     next_mark: int = 1
-    marks: OrderedDict[int, tuple[str, float]] = field(default_factory=OrderedDict)  # name -> (item, its ms sent)
+    # name -> (item, its ms sent, the frame's audio): what a hold takes back if the carrier has not played it
+    marks: OrderedDict[int, tuple[str, float, bytes]] = field(default_factory=OrderedDict)
     cleared_below: int = 1  # marks named below this were sent before the last clear
     echoed: dict[str, float] = field(default_factory=dict)  # item -> ms played, by the last echoed mark
     sender: asyncio.Task | None = None
@@ -77,7 +78,7 @@ class PhoneLine(LoopServer, RemoteOutput):
         self.counts = {"calls": 0, "busy_refused": 0, "unplaced_refused": 0, "bad_messages": 0,
                        "media_before_start": 0, "unknown_stream": 0, "bad_format_refused": 0, "start_timeouts": 0,
                        "frames_in": 0, "frames_out": 0, "marks_echoed": 0, "marks_stale": 0, "clears": 0,
-                       "dtmf": 0, "gap_fills": 0, "handler_errors": 0}
+                       "dtmf": 0, "gap_fills": 0, "handler_errors": 0, "hold_clears": 0}
         self.refusals = RateLimitedLog(log)
         self.url = ""
         self._runner: web.AppRunner | None = None
@@ -101,6 +102,24 @@ class PhoneLine(LoopServer, RemoteOutput):
         self.counts["clears"] += 1
         self.loop.call_soon_threadsafe(self._send, call, ms.clear(call.stream_sid))
         return unheard_ms / 1000
+
+    def take_back_unplayed(self) -> float:
+        """A hold (the caller may have interrupted): the carrier drops what it holds (`clear`), and what it had
+        not played goes back to the front of the buffer, to be sent again on resuming; returns its ms. (Without
+        this the carrier plays on what was sent, up to `lead_ms`, while the reply is meant to be paused.)"""
+        call = self.call
+        current = self.buffer.current
+        if call is None or current is None:
+            return 0.0
+        with self.lock:
+            unplayed = b"".join(audio for item, _ms, audio in call.marks.values() if item == current.item_id)
+            call.cleared_below = call.next_mark
+            call.marks.clear()
+        self.counts["hold_clears"] += 1
+        self.loop.call_soon_threadsafe(self._send, call, ms.clear(call.stream_sid))
+        if unplayed:
+            self.buffer.unread(Segment(current.item_id, current.content_index, current.response_id, unplayed))
+        return 1000 * len(unplayed) / self.buffer.rate
 
     def played_ms(self, item_id: str | None) -> float:
         call = self.call
@@ -253,7 +272,7 @@ class PhoneLine(LoopServer, RemoteOutput):
             if number not in call.marks:
                 return
             while call.marks:  # the carrier plays in order: every mark up to this one has played
-                oldest, (item, item_ms) = call.marks.popitem(last=False)
+                oldest, (item, item_ms, _audio) = call.marks.popitem(last=False)
                 call.echoed[item] = max(call.echoed.get(item, 0.0), item_ms)
                 if oldest == number:
                     break
@@ -278,7 +297,8 @@ class PhoneLine(LoopServer, RemoteOutput):
                 with self.lock:
                     number = call.next_mark
                     call.next_mark += 1
-                    call.marks[number] = (item, 1000 * self.buffer.played.get(item, 0) / self.buffer.rate)
+                    call.marks[number] = (item, 1000 * self.buffer.played.get(item, 0) / self.buffer.rate,
+                                          codes[:audio])
                     while len(call.marks) > MARKS_KEPT:
                         call.marks.popitem(last=False)
                 await call.ws.send_str(ms.media(call.stream_sid, frame))

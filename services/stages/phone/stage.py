@@ -9,7 +9,8 @@ pcm16 session (`--session-format pcm16`) the resample stage's code converts on t
 
 Under the player's contract: `player.flush` sends `clear`; `player.state` reports `played_ms` as the
 last mark the carrier echoed (services/stages/phone/line.py), so the gateway's truncate is at what
-the phone played, and none when nothing has; `sent_ms` beside it. DTMF digits go on the bus as
+the phone played, and none when nothing has; `sent_ms` beside it. `player.hold` sends `clear` too, and
+takes back what the carrier had not played, to send again on resuming. DTMF digits go on the bus as
 `phone.dtmf`. Each call is a conversation of its own (`session.begin`/`session.end`), as each browser
 is for the web stage.
 """
@@ -76,6 +77,9 @@ class PhoneStage(CallerStage):
         if message.topic == "rt.gateway.idle_end":
             self.line.hang_up(str(message.data.get("reason") or "nobody spoke"))
             return
+        if message.topic == "player.hold" and message.data.get("hold"):
+            self.buffer.hold(True)  # first: the line's sender takes nothing more, then what the carrier holds comes back
+            self.line.take_back_unplayed()
         super().handle(message)
 
     def enqueue(self, message: Message) -> None:
