@@ -195,7 +195,8 @@ def turn_spans(session: str, meta: dict[str, Any], turn: dict[str, Any], audio_r
         attrs = execute_tool_attributes(
             tool_name=tool.get("name") or "", conversation_id=session, tool_call_id=tool.get("call_id") or "",
             tool_call_arguments=json.dumps(tool.get("arguments")), tool_call_result=tool.get("output") or "",
-            tool_type="function")
+            # the Realtime server's own call on a remote MCP server is an extension of the model, not our function
+            tool_type="extension" if str(tool.get("source") or "").startswith("server-mcp:") else "function")
         attrs.update({"voicebus.tool.source": tool.get("source"), "voicebus.tool.error": tool.get("error"),
                       "voicebus.tool.duration_ms": tool.get("tool_ms"),
                       "voicebus.tool.round_trip_ms": tool.get("round_trip_ms")})
