@@ -96,11 +96,15 @@ def apply_session_update(config: SessionConfig, session: dict[str, Any], protoco
     if "instructions" in session:
         config.instructions = session["instructions"] or ""
     if "tools" in session:
-        config.tools = [dict(t) for t in session["tools"] or [] if t.get("type") == "function"]
-        config.mcp = [dict(t) for t in session["tools"] or [] if t.get("type") == "mcp"] if protocol == "ga" else []
-        labels = [t.get("server_label") for t in config.mcp]
+        mcp = [dict(t) for t in session["tools"] or [] if t.get("type") == "mcp"] if protocol == "ga" else []
+        labels = [t.get("server_label") for t in mcp]
         if len(set(labels)) != len(labels):
             raise ClientEventError("Each MCP tool needs a server_label of its own.", "session.tools")
+        if any(not t.get("server_url") for t in mcp):
+            raise ClientEventError("The simulator reaches MCP servers by server_url only (no connector_id, "
+                                   "no tunnel_id).", "session.tools")
+        config.tools = [dict(t) for t in session["tools"] or [] if t.get("type") == "function"]
+        config.mcp = mcp
     if isinstance(session.get("tool_choice"), str):
         config.tool_choice = session["tool_choice"]
     if protocol == "ga":

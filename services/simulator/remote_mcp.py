@@ -17,8 +17,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.simulator.protocol import ClientEventError
-
 LIST_TIMEOUT_S = 15.0
 CALL_TIMEOUT_S = 30.0
 
@@ -33,10 +31,7 @@ class RemoteServer:
 
     @classmethod
     def from_tool(cls, tool: dict[str, Any]) -> RemoteServer:
-        """A session's mcp tool entry; a ClientEventError for what the simulator cannot serve."""
-        if not tool.get("server_url"):
-            raise ClientEventError("The simulator reaches MCP servers by server_url only (no connector_id, "
-                                   "no tunnel_id).", "session.tools")
+        """A session's mcp tool entry (checked by apply_session_update: it has a server_url)."""
         allowed = tool.get("allowed_tools")
         if isinstance(allowed, dict):
             allowed = allowed.get("tool_names")

@@ -88,7 +88,7 @@ class Planned:
 
     file: Path
     scenario: Scenario
-    audio: list[Path | None]  # None: a turn that presses keys
+    audio: list[Path | None]  # None: a turn that presses keys (dtmf) or stays quiet (wait_s), off the phone
 
 
 @dataclass

@@ -592,7 +592,8 @@ class GatewayStage(Stage):
 
     # --- barge-in --------------------------------------------------------------------------
     def _barge_in(self, by_keys: bool = False) -> None:
-        if by_keys and self.response_active is not None and self.tracker.audible_item() is None:
+        if by_keys and self.response_active is not None and self.tracker.audible_item() is None \
+                and self.response_active not in self.uninterruptible:
             self.send({"type": "response.cancel"})  # made, not heard yet: the keys replace what it answers
         item = self.tracker.audible_item()
         if item is None or item.truncated or item.response_id in self.uninterruptible:
