@@ -327,3 +327,26 @@ def test_the_phone_stage_answers_a_voice_webhook_with_twiml(procs, bus, client_f
 
     status, body = asyncio.run(post())
     assert status == 200 and '<Connect><Stream url="wss://phone.example/media">' in body
+
+
+@pytest.mark.timeout(180)
+def test_a_caller_who_goes_quiet_is_asked_then_hung_up_on_and_the_line_is_free(procs, tmp_path, client_factory_no_bus):
+    """gateway --idle-timeout 2 --idle-prompts 1 on a phone line: after the answer and 2 s of quiet the caller
+    hears the prompt; 2 s more and the phone stage hangs up (`stop` never came from the carrier); the session
+    ends, and the next call is taken."""
+    up, port, traces, _ = _start_phone_pipeline(
+        procs, tmp_path, "--arg", "gateway=--idle-timeout 2 --idle-prompts 1 --idle-prompt 'Are you still there?'")
+    _wait_ready(client_factory_no_bus, up, procs)
+    url = f"ws://127.0.0.1:{port}/media"
+    question = speech_pcm("what is the weather like today", "rms", g711.RATE)
+    quiet = asyncio.run(FakeCarrier(url, [Turn(question)], timeout_s=60, tail_s=30).run())
+    assert quiet.closed_by == "stage", quiet.closed_by  # hung up on, long before its own 30 s
+    assert len(quiet.replies) == 2, [len(r.codes) for r in quiet.replies]  # the answer, then the prompt
+    again = asyncio.run(FakeCarrier(url, [Turn(question)], timeout_s=60).run())
+    assert again.replies and not again.bad_messages  # the line was free, and the next caller was answered
+    _stop(up)
+    sessions = sorted(path for path in traces.iterdir() if (path / "turns.jsonl").exists())
+    first = [json.loads(line) for line in (sessions[0] / "turns.jsonl").read_text().splitlines()]
+    assert [t["assistant"]["transcript_heard"] for t in first][-1] == "Are you still there?"
+    events = [json.loads(line) for line in (sessions[0] / "events.jsonl").read_text().splitlines()]
+    assert any(e.get("kind") == "idle_end" for e in events), events

@@ -169,7 +169,11 @@ class FakeCarrier:
     async def _send(self, message: dict[str, Any]) -> None:
         assert self._ws is not None
         self._sequence += 1
-        await self._ws.send_json({**message, "sequenceNumber": str(self._sequence), "streamSid": self.result.stream_sid})
+        try:
+            await self._ws.send_json({**message, "sequenceNumber": str(self._sequence),
+                                      "streamSid": self.result.stream_sid})
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            self.result.closed_by = "stage"  # it hung up while we spoke: the call is over, as on a phone
 
     # --- the call's 20 ms clock: send a frame, play a frame ----------------------------------------
     async def _talk(self, ws: aiohttp.ClientWebSocketResponse, receiving: asyncio.Future) -> None:
@@ -180,7 +184,7 @@ class FakeCarrier:
         replies_at_turn = 0
         start = self.result.started_at = time.monotonic()
         self.result.started_ns = time.time_ns()
-        while not ws.closed and not receiving.done():
+        while not ws.closed and not receiving.done() and not self.result.closed_by:
             due = start + self.frame * ms.FRAME_MS / 1000
             if due > time.monotonic():
                 await asyncio.sleep(due - time.monotonic())
