@@ -596,6 +596,10 @@ def test_two_phone_calls_and_a_browser_page_at_once_each_hear_their_own_answer(p
     phone_turns = [turns for session, turns in stored.items() if session != browser_session]
     assert sorted(turns[0]["audio_rate"] for turns in phone_turns) == [8000, 8000]
     assert sum(1 for turns in phone_turns if turns[0]["tools"]) == 1, phone_turns
+    # the front door learns of each end from its stage set, a moment after the caller has gone
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_status(url)["ended"]) < 3:
+        time.sleep(0.5)
     ended = _status(url)["ended"]
     assert sorted(e["kind"] for e in ended) == ["browser", "phone", "phone"], ended
     assert _status(url)["counts"]["phone_placed"] == 2 and serve.poll() is None
