@@ -790,9 +790,11 @@ def eval_cmd(scenarios, instructions, tool_modules, mcp_commands, repeat, baseli
     """Spoken regression tests: run YAML scenarios through the real pipeline and check every turn.
 
     Each scenario is a conversation of user turns (spoken by flite, a WAV, or a stored session's
-    audio), each with expectations: what the reply contains or matches, the tools called, the user's
-    transcript within a WER, the latency at the ear, and after a barge-in that the reply was cut
-    where the player had played it. Offline on the simulator by default; on OpenAI with a key.
+    audio; keys pressed over --phone; a quiet wait), each with expectations: what the reply contains
+    or matches, the tools called, the user's transcript within a WER, the latency at the ear, after a
+    barge-in that the reply was cut where the player had played it (or, for a backchannel, that it
+    was not), how many turns the server made of it, an idle prompt. A scenario's `settings:` are the
+    gateway's for it alone (turn detection, eagerness, false interruptions, idle prompts). Offline on the simulator by default; on OpenAI with a key.
     Prints a table, stores the run (run.json, report.html, audio), uploads it as a Weave
     Evaluation when WANDB_API_KEY is set. Exit 0: every check held; 1: a check failed or a
     regression against --baseline; 2: the run could not start (nothing is stored).

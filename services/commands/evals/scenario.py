@@ -3,6 +3,7 @@
     voice: slt                      # flite voice for `say` turns (default)
     scenarios:
       - name: time in tokyo
+        settings: {false_interruptions: true}   # the gateway's, for this conversation alone
         turns:
           - say: what time is it in tokyo
             expect:
