@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from common.config import BusConfig
+from common.ports import free_port
 from common.processes import command_words, memory_kb, parent_pid
 from common.signals import StopFlag
 from common.utterances import compose
@@ -137,7 +138,7 @@ def test_every_process_up_starts_takes_arg(procs, client_factory_no_bus, tmp_pat
     rules = tmp_path / "r.json"
     rules.write_text('[{"match": ".*", "reply": "ok"}]')
     up = procs.voicebus("up", "--stages", "gateway", "--arg", f"simulate=--rules {rules}",
-                        "--arg", "bus=--log-level DEBUG", env={"VOICEBUS_SIM_PORT": str(18900 + os.getpid() % 90)})
+                        "--arg", "bus=--log-level DEBUG", env={"VOICEBUS_SIM_PORT": str(free_port())})
     client = client_factory_no_bus(["health.gateway", "rt.gateway."])
     client.wait_for(lambda m: m.topic == "health.gateway", timeout_s=30)
     client.wait_for(lambda m: m.topic == "rt.gateway.connected", timeout_s=30)

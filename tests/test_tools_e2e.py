@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.ports import free_port
 from common.speech import Transcriber, synthesize, word_error_rate
 from common.utterances import compose, speech_pcm
 from common.wavio import read_wav
@@ -201,7 +202,7 @@ def test_each_tool_fault_gets_an_error_output_a_spoken_reply_and_a_next_turn(pro
 def test_tools_stage_killed_mid_call_is_restarted_and_the_gateway_answers_in_time(procs, client_factory_no_bus,
                                                                                   tmp_path):
     rules = _rules(tmp_path, FAULT_RULES)
-    env = {"VOICEBUS_SIM_PORT": str(18600 + os.getpid() % 300)}
+    env = {"VOICEBUS_SIM_PORT": str(free_port())}
     procs.voicebus("up", "--stages", "resample,gateway,player,tools", "--arg", f"simulator=--pace fast --rules {rules}",
                    "--arg", f"player=--wav {tmp_path / 'p.wav'}", "--arg", f"tools=--module {FIXTURES} --timeout 20",
                    env=env)

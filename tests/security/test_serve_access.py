@@ -35,13 +35,16 @@ def _status(url: str) -> dict:
     return json.loads(text)
 
 
-def _web_stage_ports() -> list[int]:
+def _web_stage_ports(serve_pid: int) -> list[int]:
     """The ports the stage sets' web stages listen on, found as an attacker on this machine would: by
-    their command lines (`voicebus web ... --port N`)."""
+    their command lines (`voicebus web ... --port N`). Only this serve's (its embedded Ray runs under
+    it): a web stage another test runs meanwhile is no stage set's."""
+    from common.processes import descendants
+
     ports = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for pid in descendants(serve_pid):
         try:
-            args = cmdline.read_bytes().split(b"\0")
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         text = b" ".join(args).decode(errors="replace")
@@ -119,7 +122,7 @@ def test_control_endpoints_answer_only_the_operator_and_nothing_is_done_for_anyo
 
 def test_a_stage_set_refuses_offers_that_did_not_come_through_its_front_door_and_still_serves_a_caller(serving):
     url, procs = serving["url"], serving["procs"]
-    ports = _web_stage_ports()
+    ports = _web_stage_ports(serving["serve"].pid)
     assert ports, "no web stage found listening"
     offer = json.dumps({"type": "offer", "sdp": "v=0\r\n"}).encode()
     for port in ports:
