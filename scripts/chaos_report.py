@@ -28,7 +28,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "chaos.jsonl"
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/chaos"],
+        # -n 0: one case at a time, as the figures before were measured (not beside another case)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                                 "tests/chaos"],
                                 cwd=REPO, env={**os.environ, "VOICEBUS_CHAOS_REPORT": str(report)},
                                 capture_output=True, text=True)
         rows = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
