@@ -105,6 +105,7 @@ class TranscriberPool:
     def __init__(self, workers: int = 2) -> None:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._broken: list[ProcessPoolExecutor] = []  # replaced after a worker died: reaped by close()
         self._lock = threading.Lock()
 
     def warm(self) -> None:
@@ -142,15 +143,19 @@ class TranscriberPool:
                 with self._lock:
                     if self._pool is pool:
                         self._pool = None
+                        self._broken.append(pool)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """Stops every worker, those of a pool broken earlier too: its executor ends its surviving
+        workers from a thread of its own, which may not have finished yet (seen on a loaded machine)."""
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            broken, self._broken = self._broken, []
+        for each in [*broken, *([pool] if pool is not None else [])]:
+            each.shutdown(wait=True, cancel_futures=True)
 
 
 _worker_transcriber: Transcriber | None = None  # loaded before the fork (shared), or in a spawned worker

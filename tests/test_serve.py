@@ -554,28 +554,36 @@ def test_two_phone_calls_and_a_browser_page_at_once_each_hear_their_own_answer(p
     status, _text, _ = _http(url + "twilio/voice", b"CallSid=CAforged&From=%2B15005550006")
     assert status == 403
     phone_questions = [QUESTIONS[2], FOUR_QUESTIONS[3]]  # the moon; the time in Tokyo (a tool call)
-    # flite's rms voice: the one whose words the offline recogniser still reads through a phone line's 8 kHz
-    phones = [procs.voicebus("call", "--carrier", "twilio", url + "twilio/voice", "--say", question, "--json",
-                             "--voice", "rms",
-                             "--timeout", "120", stdout=subprocess.PIPE, name=f"phone-{index}",
-                             env={"TWILIO_AUTH_TOKEN": TWILIO_TOKEN})
-              for index, question in enumerate(phone_questions)]
     speech = compose([("silence", 1.0), ("say", QUESTIONS[0]), ("silence", 8.0)], 48000)
     wav = write_wav(tmp_path / "mic.wav", speech, 48000)
+    at_once: list[list[str]] = []  # the kinds /status listed, sampled while the phones were on the line
     with Chromium(url, fake_mic_wav=wav, log_path=tmp_path / "chromium.log") as page:
         page.evaluate("voicebus.connect()")
+        # the page is on the line before the phones ring and stays on until they hang up: the three overlap
+        # however slowly a loaded machine starts Chromium or a cold stage set (the order used to be left to it)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any(c["kind"] == "browser" for c in _status(url)["conversations"]):
+            time.sleep(0.2)
+        # flite's rms voice: the one whose words the offline recogniser still reads through a phone line's 8 kHz
+        phones = [procs.voicebus("call", "--carrier", "twilio", url + "twilio/voice", "--say", question, "--json",
+                                 "--voice", "rms", "--timeout", "120", stdout=subprocess.PIPE, name=f"phone-{index}",
+                                 env={"TWILIO_AUTH_TOKEN": TWILIO_TOKEN})
+                  for index, question in enumerate(phone_questions)]
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and any(phone.poll() is None for phone in phones):
+            at_once.append(sorted(c["kind"] for c in _status(url)["conversations"]))
+            time.sleep(0.3)
         page.wait_for("Object.values(voicebus.turns).some(t => t.role === 'assistant' && t.text.endsWith('today'))",
                       90)
-        kinds = sorted(c["kind"] for c in _status(url)["conversations"])
         browser_session = page.evaluate("voicebus.session")
         turns = page.evaluate("Object.values(voicebus.turns).map(t => ({role: t.role, text: t.text}))")
         page.evaluate("voicebus.hangUp()")
     results = []
     for phone in phones:
-        out, _ = phone.communicate(timeout=180)
+        out, _ = phone.communicate(timeout=60)
         assert phone.returncode == 0, procs.log_of(phone)
         results.append(json.loads(out))
-    assert "phone" in kinds and "browser" in kinds, kinds
+    assert any("phone" in kinds and "browser" in kinds for kinds in at_once), at_once
     assert [t["text"] for t in turns if t["role"] == "assistant"][0] == f"I heard: {QUESTIONS[0]}", turns
     # each phone caller heard (recognised at 8 kHz from what the carrier played) their own answer
     candidates = [f"i heard {q}" for q in QUESTIONS] + ["the time in tokyo is"]
