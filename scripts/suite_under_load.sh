@@ -15,8 +15,10 @@ stress=$!
 trap 'kill $stress 2>/dev/null || true' EXIT
 started=$(date +%s)
 set +e
-CI=true .venv/bin/python -m pytest -q -p no:cacheprovider 2>&1 | tail -40
-code=${PIPESTATUS[0]}
+CI=true .venv/bin/python -m pytest -q -p no:cacheprovider >"$clone/suite.log" 2>&1
+code=$?
+tail -40 "$clone/suite.log"
+echo "suite_under_load: the whole output is in $clone/suite.log"
 set -e
 echo "suite_under_load: exit $code after $(( $(date +%s) - started )) s"
 exit "$code"

@@ -227,12 +227,14 @@ def test_a_phone_calls_mulaw_goes_to_the_server_and_back_untouched(procs, tmp_pa
 @pytest.mark.timeout(300)
 def test_a_barge_in_over_the_phone_cuts_where_the_carrier_had_played(procs, tmp_path, client_factory_no_bus):
     up, port, traces, _ = _start_phone_pipeline(procs, tmp_path)
-    _wait_ready(client_factory_no_bus, up, procs)
+    health = _wait_ready(client_factory_no_bus, up, procs)
     turns_said = [Turn(speech_pcm("tell me a story about dragons", "slt", g711.RATE)),
                   Turn(speech_pcm("stop please", "rms", g711.RATE), barge_in_ms=1500),
                   Turn(b"", dtmf="7")]
     result = asyncio.run(FakeCarrier(f"ws://127.0.0.1:{port}/media", turns_said, timeout_s=120).run())
     time.sleep(1.0)
+    ended_ns = time.time_ns()
+    phone = health.wait_for(lambda m: m.topic == "health.phone" and m.header.t_ns > ended_ns, timeout_s=30)
     _stop(up)
     turns, session = _turns(traces)
 
@@ -241,15 +243,23 @@ def test_a_barge_in_over_the_phone_cuts_where_the_carrier_had_played(procs, tmp_
     story = turns[0]["assistant"]
     assert story["barge_in"] and story["status"] == "cancelled", story
     cut_ms = story["played_ms"]
+    # the cut is the last mark the stage had back when it cleared. Marks the carrier echoed as played that
+    # were still on their way then (a loaded machine: the stage read them late) come back after the clear,
+    # as Twilio's marks of dropped audio do, so they cannot count: the cut is that much short of the
+    # carrier's last, never beyond it, and every mark is accounted for
     last_mark_ms = max(ms_ for ms_ in cut_reply.marks_played_ms)
-    assert abs(cut_ms - last_mark_ms) <= ms.FRAME_MS, (cut_ms, last_mark_ms)
+    in_flight = sum(1 for ms_ in cut_reply.marks_played_ms if ms_ > cut_ms + ms.FRAME_MS / 2)
+    print(f"cut {cut_ms} ms; the carrier's last echoed mark {last_mark_ms} ms; {in_flight} mark(s) in flight")
+    assert cut_ms in cut_reply.marks_played_ms, (cut_ms, cut_reply.marks_played_ms[-5:])
+    assert phone.data["marks_stale"] == result.marks_echoed_on_clear + in_flight, (phone.data, in_flight)
+    assert abs(cut_ms + in_flight * ms.FRAME_MS - last_mark_ms) <= ms.FRAME_MS / 2, (cut_ms, last_mark_ms)
     # stored as heard: the carrier's codes up to the cut, sample for sample (it heard at most the frame
     # that was playing when the clear came beyond the last mark it echoed)
     stored = read_wav(session / story_file(turns[0], "assistant-played"))
     heard = g711.decode(bytes(cut_reply.codes), "pcmu")
     assert stored.rate == 8000
     assert stored.pcm == heard[:len(stored.pcm)]
-    assert 0 <= len(heard) - len(stored.pcm) <= 2 * 2 * FRAME, (len(heard), len(stored.pcm))
+    assert 0 <= len(heard) - len(stored.pcm) <= (2 + in_flight) * 2 * FRAME, (len(heard), len(stored.pcm))
     # after the clear the caller heard only the answer to "stop please", from its first sample; then the key
     # pressed was told to the model as the caller's turn, and answered
     assert len(turns) == 3 and turns[1]["user"]["audio_start_ms"] > turns[0]["user"]["audio_end_ms"], turns
