@@ -39,15 +39,14 @@ def _web_stage_ports(serve_pid: int) -> list[int]:
     """The ports the stage sets' web stages listen on, found as an attacker on this machine would: by
     their command lines (`voicebus web ... --port N`). Only this serve's (its embedded Ray runs under
     it): a web stage another test runs meanwhile is no stage set's."""
-    from common.processes import descendants
+    from common.processes import command_words, descendants
 
     ports = []
     for pid in descendants(serve_pid):
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            text = " ".join(command_words(pid))
         except OSError:
             continue
-        text = b" ".join(args).decode(errors="replace")
         match = re.search(r"\bweb\b.*--port (\d+)", text)
         if match:
             ports.append(int(match.group(1)))
